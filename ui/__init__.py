@@ -1,0 +1,1 @@
+"""Streamlit UI: pages only render; logic lives in orchestrator and launcher."""
