@@ -38,3 +38,89 @@ class GGUFError(ChorusError):
         super().__init__(f"{path}: {message}", hint="Check that the file is a complete .gguf model.")
         self.path = path
         self.offset = offset
+
+
+BUILD_COMMAND = "scripts/build_llama_server.sh"
+
+
+class BinaryNotFound(ChorusError):
+    """No llama-server binary where we looked."""
+
+    def __init__(self, searched: list[str], problem: str = "not found") -> None:
+        super().__init__(f"llama-server {problem} (looked in: {', '.join(searched)})",
+                         hint=f"Build it with `{BUILD_COMMAND}` (about 9 minutes on 2 cores), or set "
+                              "`llama_server:` in app.yaml or $LLAMA_SERVER to an existing binary.")
+        self.searched = list(searched)
+
+
+class ServerError(ChorusError):
+    """A llama-server failed; carries what a user needs to see why."""
+
+    kind = "server error"
+
+    def __init__(self, model: str, message: str, *, command: list[str] | None = None,
+                 log_tail: str = "", exit_code: int | None = None, log_path: str | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(f"model '{model}': {self.kind}: {message}", hint=hint)
+        self.model = model
+        self.detail = message
+        self.command = list(command or [])
+        self.log_tail = log_tail
+        self.exit_code = exit_code
+        self.log_path = log_path
+
+
+class ServerStartError(ServerError):
+    kind = "server failed to start"
+
+
+class ServerOutOfMemory(ServerStartError):
+    kind = "out of memory"
+    hint = "Use a smaller n_ctx, fewer GPU layers (n_gpu_layers), or stop other models first."
+
+
+class InvalidModelFile(ServerStartError):
+    kind = "invalid model file"
+    hint = "Check that the .gguf file is complete and was made for this llama.cpp version."
+
+
+class PortInUse(ServerStartError):
+    kind = "port in use"
+
+
+class ServerStartTimeout(ServerStartError):
+    kind = "server did not become ready in time"
+    hint = "Raise server.startup_timeout_s in app.yaml, or check the server log."
+
+
+class ServerCrashed(ServerError):
+    kind = "server crashed"
+    hint = "The server is restarted on the next request; its log may say why it died."
+
+
+class RequestTimeout(ServerError):
+    kind = "request timed out"
+    hint = "Raise server.request_timeout_s in app.yaml, or lower max_tokens."
+
+
+class RequestFailed(ServerError):
+    kind = "request failed"
+
+
+class InsufficientMemory(ChorusError):
+    """A model does not fit in what is free. `need` and `have` map device ('ram', 'gpu0'...) to bytes."""
+
+    def __init__(self, model: str, need: dict[str, int], have: dict[str, int],
+                 suggestions: list[str] | None = None) -> None:
+        short = [d for d in need if need[d] > have.get(d, 0)]
+        parts = ", ".join(f"{d}: needs {_fmt(need[d])}, {_fmt(have.get(d, 0))} free" for d in short or need)
+        self.suggestions = list(suggestions or [])
+        super().__init__(f"model '{model}' does not fit in memory ({parts})",
+                         hint="; ".join(self.suggestions) or None)
+        self.model = model
+        self.need = dict(need)
+        self.have = dict(have)
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"

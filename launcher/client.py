@@ -1,0 +1,235 @@
+"""Streaming generation over HTTP: a local llama-server, or any OpenAI-compatible endpoint.
+
+Chat-mode models use /v1/chat/completions; base models without a chat template use llama-server's
+native /completion (or /v1/completions on a remote endpoint). Both stream tokens over SSE.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from launcher.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
+
+Mode = Literal["chat", "completion"]
+TokenCallback = Callable[[str], None]
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    system_prompt: str = ""
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    finish_reason: str | None = None
+    server_timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        if not self.completion_tokens or self.total_s <= 0:
+            return None
+        gen_s = self.total_s - (self.first_token_s or 0.0)
+        return self.completion_tokens / gen_s if gen_s > 0 else None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to send requests: a local llama-server's root URL, or a remote OpenAI base URL (…/v1)."""
+
+    model: str
+    base_url: str
+    mode: Mode = "chat"
+    api_key: str | None = None
+    remote: bool = False
+    model_id: str | None = None  # the `model` field remote servers (vLLM, Ollama) need
+
+    def url_and_body(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        params: dict[str, Any] = {"stream": True}
+        for key in ("temperature", "top_p", "seed"):
+            value = getattr(req, key)
+            if value is not None:
+                params[key] = value
+        if req.stop:
+            params["stop"] = list(req.stop)
+        root = self.base_url.rstrip("/")
+        if self.mode == "chat":
+            messages = ([{"role": "system", "content": req.system_prompt}] if req.system_prompt else [])
+            messages.append({"role": "user", "content": req.prompt})
+            body = {**params, "messages": messages}
+            if req.max_tokens is not None:
+                body["max_tokens"] = req.max_tokens
+            body["stream_options"] = {"include_usage": True}
+            if self.remote:
+                body["model"] = self.model_id or self.model
+                return f"{root}/chat/completions", body
+            return f"{root}/v1/chat/completions", body
+        prompt = f"{req.system_prompt}\n\n{req.prompt}" if req.system_prompt else req.prompt
+        if self.remote:
+            body = {**params, "prompt": prompt, "model": self.model_id or self.model}
+            if req.max_tokens is not None:
+                body["max_tokens"] = req.max_tokens
+            return f"{root}/completions", body
+        body = {**params, "prompt": prompt, "cache_prompt": True}
+        if req.max_tokens is not None:
+            body["n_predict"] = req.max_tokens
+        return f"{root}/completion", body
+
+
+def _parse_chunk(data: dict[str, Any], result: GenerationResult) -> str:
+    """Pull the new text out of one SSE chunk (chat, OpenAI completion or native format)."""
+    if "choices" in data:
+        piece = ""
+        for choice in data.get("choices") or []:
+            delta = choice.get("delta") or {}
+            piece += delta.get("content") or choice.get("text") or ""
+            if choice.get("finish_reason"):
+                result.finish_reason = choice["finish_reason"]
+        usage = data.get("usage") or {}
+        if usage:
+            result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+            result.completion_tokens = usage.get("completion_tokens", result.completion_tokens)
+        if data.get("timings"):
+            result.server_timings = data["timings"]
+        return piece
+    piece = data.get("content") or ""
+    if data.get("stop"):
+        result.finish_reason = data.get("stop_type") or "stop"
+        result.prompt_tokens = data.get("tokens_evaluated", result.prompt_tokens)
+        result.completion_tokens = data.get("tokens_predicted", result.completion_tokens)
+        result.server_timings = data.get("timings") or {}
+    return piece
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        try:
+            yield json.loads(payload)
+        except json.JSONDecodeError:
+            continue
+
+
+class GenerationClient:
+    """One async httpx client shared by all requests (connection reuse keeps per-request cost low)."""
+
+    def __init__(self, *, timeout_s: float = 600.0, connect_timeout_s: float = 10.0) -> None:
+        self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> GenerationClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout,
+                                             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def generate(self, endpoint: Endpoint, req: GenerationRequest,
+                       on_token: TokenCallback | None = None, *, timeout_s: float | None = None) -> GenerationResult:
+        """Stream one generation; raise RequestTimeout / ServerCrashed / RequestFailed on failure.
+
+        A request that got no byte back on a reused keep-alive connection (the server closed it
+        between requests) is sent once more on a fresh one; a dead server then fails for real.
+        """
+        for attempt in (1, 2):
+            result = GenerationResult(text="")
+            try:
+                return await self._generate_once(endpoint, req, on_token, timeout_s, result)
+            except _StaleConnection as exc:
+                if attempt == 2:
+                    raise ServerCrashed(endpoint.model, f"connection lost: {exc.__cause__}",
+                                        hint="The server may have crashed; it is restarted on the next request."
+                                        ) from None
+        raise AssertionError("unreachable")
+
+    async def _generate_once(self, endpoint: Endpoint, req: GenerationRequest, on_token: TokenCallback | None,
+                             timeout_s: float | None, result: GenerationResult) -> GenerationResult:
+        url, body = endpoint.url_and_body(req)
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        pieces: list[str] = []
+        got_response = False
+        start = time.perf_counter()
+        timeout = httpx.Timeout(timeout_s, connect=self.timeout.connect) if timeout_s else self.timeout
+        try:
+            async with self.http.stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
+                got_response = True
+                if response.status_code != 200:
+                    text = (await response.aread()).decode("utf-8", errors="replace")[:500]
+                    raise RequestFailed(endpoint.model, f"HTTP {response.status_code} from {url}: {text}",
+                                        hint=_status_hint(response.status_code))
+                async for data in _sse_events(response):
+                    if "error" in data:
+                        raise RequestFailed(endpoint.model, f"server error: {data['error']}")
+                    piece = _parse_chunk(data, result)
+                    if piece:
+                        if result.first_token_s is None:
+                            result.first_token_s = time.perf_counter() - start
+                        pieces.append(piece)
+                        if on_token is not None:
+                            on_token(piece)
+        except httpx.TimeoutException as exc:
+            raise RequestTimeout(endpoint.model, f"no answer from {url} in time ({type(exc).__name__})") from None
+        except httpx.RemoteProtocolError as exc:
+            if not got_response:
+                raise _StaleConnection() from exc
+            raise ServerCrashed(endpoint.model, f"connection to {url} lost mid-answer: {exc}",
+                                hint="The server may have crashed; it is restarted on the next request.") from None
+        except (httpx.ConnectError, httpx.ReadError, httpx.WriteError) as exc:
+            raise ServerCrashed(endpoint.model, f"connection to {url} lost: {exc or type(exc).__name__}",
+                                hint="The server may have crashed; it is restarted on the next request."
+                                ) from None
+        except httpx.HTTPError as exc:
+            raise RequestFailed(endpoint.model, f"{type(exc).__name__}: {exc}") from None
+        result.text = "".join(pieces)
+        result.total_s = time.perf_counter() - start
+        if result.completion_tokens is None and pieces:
+            result.completion_tokens = len(pieces)
+        return result
+
+
+class _StaleConnection(Exception):
+    """No response at all on a connection the server may have closed between requests."""
+
+
+def _status_hint(status: int) -> str | None:
+    if status in (401, 403):
+        return "Check the API key (api_key_env in models.yaml names the environment variable)."
+    if status == 404:
+        return "Check the endpoint URL; remote urls must be the OpenAI base URL, e.g. http://host:8080/v1."
+    if status == 503:
+        return "The server is still loading or overloaded; try again."
+    return None
+
+
+__all__ = ["Endpoint", "GenerationClient", "GenerationRequest", "GenerationResult", "ServerError"]

@@ -1,0 +1,192 @@
+"""A pool of warm llama-servers, one per (file, n_ctx, n_gpu_layers, slots), shared across runs.
+
+Servers stay up between stages and runs so nothing reloads; the least recently used idle one is
+stopped when room is needed, and any idle past the timeout. Thread-safe; `aacquire` for asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.errors import InsufficientMemory
+from launcher.server import ModelServer, ServerOptions, ServerSpec
+
+log = logging.getLogger("chorus.pool")
+
+# Raises InsufficientMemory when `spec` cannot start next to the `running` servers.
+FitCheck = Callable[[ServerSpec, list[ModelServer]], None]
+
+
+@dataclass
+class _Entry:
+    server: ModelServer
+    in_use: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def file_size_estimate(spec: ServerSpec) -> int:
+    """Crude need of a server (its weights), used until the memory estimator is plugged in."""
+    try:
+        return Path(spec.model_path).stat().st_size
+    except OSError:
+        return 0
+
+
+def budget_fit_check(budget_bytes: int | None,
+                     estimate: Callable[[ServerSpec], int] = file_size_estimate) -> FitCheck:
+    """A fit check that only enforces a fixed cap on what all servers may hold together."""
+    def check(spec: ServerSpec, running: list[ModelServer]) -> None:
+        if budget_bytes is None:
+            return
+        used = sum(estimate(s.spec) for s in running)
+        need = estimate(spec)
+        if used + need > budget_bytes:
+            raise InsufficientMemory(spec.model, {"budget": need}, {"budget": max(0, budget_bytes - used)},
+                                     ["stop other models", "raise server.memory_budget_mib in app.yaml"])
+    return check
+
+
+class ServerPool:
+    def __init__(self, binary: Path, logs_dir: Path, *, options: ServerOptions | None = None,
+                 idle_timeout_s: float | None = 900.0, fit_check: FitCheck | None = None) -> None:
+        self.binary = Path(binary)
+        self.logs_dir = Path(logs_dir)
+        self.options = options or ServerOptions()
+        self.idle_timeout_s = idle_timeout_s
+        self.fit_check: FitCheck = fit_check or budget_fit_check(None)
+        self.starts = 0  # servers started over the pool's life (tests and `chorus ps` read it)
+        self._entries: dict[tuple, _Entry] = {}
+        self._lock = threading.RLock()
+        self._key_locks: dict[tuple, threading.Lock] = {}
+        self._reaper: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    # -- lookup
+    def servers(self) -> list[ModelServer]:
+        with self._lock:
+            return [e.server for e in self._entries.values()]
+
+    def _find(self, spec: ServerSpec) -> tuple | None:
+        """An existing key that can serve `spec`: same file, n_ctx and layers, at least as many slots."""
+        path, n_ctx, ngl, slots = spec.key
+        best = None
+        for key in self._entries:
+            if key[:3] == (path, n_ctx, ngl) and key[3] >= slots and (best is None or key[3] < best[3]):
+                best = key
+        return best
+
+    # -- acquire / release
+    def acquire(self, spec: ServerSpec) -> ModelServer:
+        """A running server for `spec` (started if needed), marked in use until `release`."""
+        self._ensure_reaper()
+        with self._lock:
+            key_lock = self._key_locks.setdefault(spec.key[:3], threading.Lock())
+        with key_lock:  # one start per key even when many threads ask at once
+            with self._lock:
+                key = self._find(spec)
+                entry = self._entries.get(key) if key else None
+                if entry is not None and not entry.server.is_alive():
+                    log.warning("server for '%s' died (%s); starting a new one", spec.model,
+                                entry.server.failure() if not entry.server.stopped_by_us else "stopped")
+                    del self._entries[key]
+                    entry = None
+                if entry is not None:
+                    entry.in_use += 1
+                    entry.last_used = time.monotonic()
+                    return entry.server
+            server = self._start(spec)
+            with self._lock:
+                self._entries[spec.key] = _Entry(server, in_use=1)
+            return server
+
+    async def aacquire(self, spec: ServerSpec) -> ModelServer:
+        return await asyncio.to_thread(self.acquire, spec)
+
+    def release(self, server: ModelServer) -> None:
+        with self._lock:
+            for entry in self._entries.values():
+                if entry.server is server:
+                    entry.in_use = max(0, entry.in_use - 1)
+                    entry.last_used = time.monotonic()
+
+    @contextlib.contextmanager
+    def lease(self, spec: ServerSpec) -> Iterator[ModelServer]:
+        server = self.acquire(spec)
+        try:
+            yield server
+        finally:
+            self.release(server)
+
+    def _start(self, spec: ServerSpec) -> ModelServer:
+        self._make_room(spec)
+        server = ModelServer(spec, self.binary, self.logs_dir, self.options)
+        with self._lock:
+            self.starts += 1
+        log.info("starting llama-server for '%s' (n_ctx=%d, ngl=%d, slots=%d)", spec.model, spec.n_ctx,
+                 spec.n_gpu_layers, spec.slots)
+        return server.start()
+
+    def _make_room(self, spec: ServerSpec) -> None:
+        """Run the fit check; on refusal stop idle servers, least recently used first, and retry."""
+        while True:
+            with self._lock:
+                running = [e.server for e in self._entries.values()]
+            try:
+                self.fit_check(spec, running)
+                return
+            except InsufficientMemory:
+                victim = self._lru_idle()
+                if victim is None:
+                    raise
+                log.info("stopping idle '%s' to make room for '%s'", victim.model, spec.model)
+                self.stop(victim)
+
+    def _lru_idle(self) -> ModelServer | None:
+        with self._lock:
+            idle = [e for e in self._entries.values() if e.in_use == 0]
+            return min(idle, key=lambda e: e.last_used).server if idle else None
+
+    # -- stopping
+    def stop(self, server: ModelServer) -> None:
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                if entry.server is server:
+                    del self._entries[key]
+        server.stop()
+
+    def evict_idle(self, now: float | None = None) -> list[ModelServer]:
+        if self.idle_timeout_s is None:
+            return []
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            stale = [e.server for e in self._entries.values()
+                     if e.in_use == 0 and now - e.last_used > self.idle_timeout_s]
+        for server in stale:
+            log.info("stopping '%s': idle for more than %.0fs", server.model, self.idle_timeout_s)
+            self.stop(server)
+        return stale
+
+    def shutdown(self) -> None:
+        self._closed.set()
+        for server in self.servers():
+            self.stop(server)
+
+    def _ensure_reaper(self) -> None:
+        if self.idle_timeout_s is None or self._reaper is not None:
+            return
+        interval = max(1.0, min(30.0, self.idle_timeout_s / 4))
+
+        def reap() -> None:
+            while not self._closed.wait(interval):
+                with contextlib.suppress(Exception):
+                    self.evict_idle()
+
+        self._reaper = threading.Thread(target=reap, name="chorus-pool-reaper", daemon=True)
+        self._reaper.start()

@@ -1,0 +1,208 @@
+"""The `chorus` command line. Each subcommand is one small function; errors print as one paragraph."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from launcher.errors import ChorusError
+from launcher.memory import SystemProbe
+from launcher.server import install_signal_cleanup
+from launcher.state import list_running
+from orchestrator.config import ChorusConfig, load_config
+from orchestrator.registry import Registry
+from orchestrator.runtime import Runtime
+
+log = logging.getLogger("chorus")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str], out=sys.stdout) -> None:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def _config(args: argparse.Namespace) -> ChorusConfig:
+    return load_config(args.config_dir)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_models(args: argparse.Namespace) -> int:
+    registry = Registry(_config(args))
+    records = [r.to_dict() for r in registry.records.values()]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    print_table(
+        [(r["name"], r["file"] or r["url"], _mib(r["size_bytes"]), r["architecture"], r["size_label"],
+          r["quantization"], r["context_length"], r["status"], r["reason"]) for r in records],
+        ["NAME", "FILE", "SIZE", "ARCH", "PARAMS", "QUANT", "MAX CTX", "STATUS", "REASON"])
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    registry = Registry(config)
+    status = registry.base_pipeline_status()
+    mem = SystemProbe().snapshot()
+    report = {
+        "config_dir": str(config.paths.config_dir),
+        "models_dir": str(config.models_dir),
+        "models_dir_exists": config.models_dir.is_dir(),
+        "models": [r.to_dict() for r in registry.records.values()],
+        "base_pipeline": {"available": status.available, "missing": status.missing},
+        "memory": {
+            "ram_total_bytes": mem.ram_total_bytes,
+            "ram_available_bytes": mem.ram_available_bytes,
+            "gpus": [vars(g) for g in mem.gpus],
+            "gpu_note": mem.gpu_note,
+        },
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"config:     {config.paths.config_dir}")
+    print(f"models dir: {config.models_dir}" + ("" if report["models_dir_exists"] else "  (NOT FOUND)"))
+    print()
+    print_table([(r.name, r.status, r.mode, r.reason or r.entry.description) for r in registry.records.values()],
+                ["MODEL", "STATUS", "MODE", "NOTE"])
+    print()
+    if status.available:
+        print("base pipeline: available")
+    else:
+        print("base pipeline: BLOCKED (manual mode still works)")
+        for model, reason in status.missing.items():
+            print(f"  - {model}: {reason}")
+    print()
+    print(f"RAM:  {_gib(mem.ram_available_bytes)} free of {_gib(mem.ram_total_bytes)}")
+    if mem.gpus:
+        for g in mem.gpus:
+            print(f"VRAM: GPU {g.index} {g.name}: {_gib(g.free_bytes)} free of {_gib(g.total_bytes)}")
+    else:
+        print(f"VRAM: {mem.gpu_note or 'no GPU'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    runtime = Runtime(_config(args))
+    spec = runtime.server_spec(args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
+                               slots=args.slots)
+    install_signal_cleanup()
+    print(f"starting llama-server for '{spec.model}' (n_ctx={spec.n_ctx}, n_gpu_layers={spec.n_gpu_layers}, "
+          f"slots={spec.slots})...", file=sys.stderr)
+    server = runtime.start_server(spec)
+    print(f"ready in {server.ready_s:.1f}s: {server.base_url}  (OpenAI base: {server.base_url}/v1)")
+    print(f"pid {server.pid}, api key {server.api_key}, log {server.log_path}")
+    print("Ctrl-C stops it.", file=sys.stderr, flush=True)
+    try:
+        while server.is_alive():
+            time.sleep(0.5)
+        raise server.failure()
+    except KeyboardInterrupt:
+        print("stopping...", file=sys.stderr)
+        return 0
+    finally:
+        server.stop()
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    config = _config(args)
+    records = list_running(config.app.logs_dir / "running")
+    if args.json:
+        print(json.dumps([{**vars(r), "rss_bytes": r.rss_bytes()} for r in records], indent=2))
+        return 0
+    if not records:
+        print("no llama-server running")
+        return 0
+    print_table([(r.pid, r.port, r.model, r.n_ctx, r.n_gpu_layers, r.slots, _mib(r.rss_bytes()), r.owner_pid)
+                 for r in records], ["PID", "PORT", "MODEL", "N_CTX", "NGL", "SLOTS", "RSS", "OWNER"])
+    return 0
+
+
+# ---------------------------------------------------------------- wiring
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config-dir", type=Path, default=None,
+                        help="folder with app.yaml, models.yaml, pipeline.yaml "
+                             "(default: $CHORUS_CONFIG_DIR, ./config, or the shipped config)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+
+    parser = argparse.ArgumentParser(prog="chorus", parents=[common],
+                                     description="Run several local GGUF models together in pipelines.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("models", parents=[common], help="list configured models and whether they are usable")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("check", parents=[common],
+                       help="show the registry, the base pipeline's status and free RAM/VRAM")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("serve", parents=[common], help="run one model's llama-server in the foreground")
+    p.add_argument("model", help="a model name from models.yaml")
+    p.add_argument("--n-ctx", type=int, default=None, help="context per slot (default: the model's)")
+    p.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (default: the model's)")
+    p.add_argument("--slots", type=int, default=1, help="parallel request slots")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ps", parents=[common], help="list running llama-server processes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_ps)
+
+    for register in EXTRA_COMMANDS:
+        register(sub, common)
+    return parser
+
+
+# Later modules add their subcommands here: (subparsers, common parent) -> None.
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = []
+
+
+def format_error(exc: ChorusError) -> str:
+    text = f"chorus: error: {exc.message}"
+    if exc.hint:
+        text += f" {exc.hint}"
+    return textwrap.fill(text, width=100, break_on_hyphens=False, break_long_words=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="chorus: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except ChorusError as exc:
+        print(format_error(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chorus: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

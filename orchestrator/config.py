@@ -1,0 +1,308 @@
+"""The config boundary: app.yaml, models.yaml and pipeline.yaml as strict pydantic models.
+
+Unknown keys are rejected everywhere so a typo is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from orchestrator.errors import ConfigError
+from orchestrator.yamlio import load_model
+
+MiB = 1024 * 1024
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_TEMPLATE_CHECKER = ImmutableSandboxedEnvironment()
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+def _check_template(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            _TEMPLATE_CHECKER.parse(value)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"template syntax error on its line {exc.lineno}: {exc.message}") from None
+    return value
+
+
+# ---------------------------------------------------------------- app.yaml
+
+class ResourceMargins(Strict):
+    """Memory kept free when deciding what fits: fraction of the total plus a fixed amount."""
+
+    fraction: float = Field(0.10, ge=0, lt=1)
+    fixed_mib: int = Field(512, ge=0)
+
+    def bytes_for(self, total: int) -> int:
+        return int(total * self.fraction) + self.fixed_mib * MiB
+
+
+class ServerSettings(Strict):
+    startup_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    idle_timeout_s: float = Field(900.0, gt=0)
+    stop_grace_s: float = Field(5.0, ge=0)
+    memory_budget_mib: int | None = Field(None, gt=0)
+
+
+class AppConfig(Strict):
+    models_dir: Path = Path("../models")
+    sessions_dir: Path = Path("../sessions")
+    logs_dir: Path = Path("../logs")
+    llama_server: Path | None = None
+    resources: ResourceMargins = ResourceMargins()
+    server: ServerSettings = ServerSettings()
+
+
+# ---------------------------------------------------------------- models.yaml
+
+class ModelEntry(Strict):
+    file: str | None = None
+    default_n_ctx: int = Field(4096, ge=64, le=4_194_304)
+    default_gpu_layers: int = Field(0, ge=-1)
+    description: str = ""
+    mode: Literal["chat", "completion"] | None = None
+    chat_template: str | None = None
+    threads: int | None = Field(None, ge=1)
+    parallel: int = Field(1, ge=1, le=64)
+    url: str | None = None
+    api_key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _file_or_url(self) -> ModelEntry:
+        if not self.file and not self.url:
+            raise ValueError("give either 'file' (a .gguf in models_dir) or 'url' (a remote endpoint)")
+        if self.file and self.url:
+            raise ValueError("give 'file' or 'url', not both")
+        if self.url and not re.match(r"^https?://", self.url):
+            raise ValueError("'url' must start with http:// or https://")
+        return self
+
+
+class ModelsFile(Strict):
+    models: dict[Annotated[str, Field(pattern=NAME_PATTERN)], ModelEntry] = Field(default_factory=dict)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+# ---------------------------------------------------------------- pipeline.yaml
+
+class GenerationParams(Strict):
+    temperature: float | None = Field(None, ge=0, le=5)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+class LoadParams(Strict):
+    n_ctx: int | None = Field(None, ge=64, le=4_194_304)
+    n_gpu_layers: int | None = Field(None, ge=-1)
+
+
+class ModelSlot(GenerationParams):
+    """One model call in a stage; the same model may appear several times with its own overrides."""
+
+    model: Annotated[str, Field(pattern=NAME_PATTERN)]
+    label: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    system_prompt: str | None = None
+
+
+class VoteOptions(Strict):
+    extract: Literal["whole", "last_line", "regex"] = "last_line"
+    pattern: str | None = None
+    similarity: float = Field(0.85, ge=0, le=1)
+    tie_break: Literal["first", "synthesis"] = "first"
+
+    @model_validator(mode="after")
+    def _pattern_for_regex(self) -> VoteOptions:
+        if self.extract == "regex":
+            if not self.pattern:
+                raise ValueError("extract: regex needs a 'pattern'")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"'pattern' is not a valid regex: {exc}") from None
+        return self
+
+
+AggregationType = Literal["concat", "majority_vote", "synthesis", "custom_template", "custom"]
+
+
+class AggregationSpec(Strict):
+    type: AggregationType = "concat"
+    separator: str = "\n\n"
+    label_format: str = "### {label}"
+    synthesis_model: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    synthesis_prompt: str | None = None
+    template: str | None = None
+    function: str | None = None
+    vote: VoteOptions = VoteOptions()
+
+    _check_templates = field_validator("synthesis_prompt", "template")(_check_template)
+
+    @model_validator(mode="after")
+    def _needs(self) -> AggregationSpec:
+        if self.type == "synthesis" and not self.synthesis_model:
+            raise ValueError("aggregation 'synthesis' needs 'synthesis_model'")
+        if self.type == "majority_vote" and self.vote.tie_break == "synthesis" and not self.synthesis_model:
+            raise ValueError("vote tie_break 'synthesis' needs 'synthesis_model'")
+        if self.type == "custom_template" and not self.template:
+            raise ValueError("aggregation 'custom_template' needs 'template'")
+        if self.type == "custom" and not (self.function and re.match(r"^[\w.]+:[\w]+$", self.function)):
+            raise ValueError("aggregation 'custom' needs 'function' as 'module:function'")
+        return self
+
+
+class StageSpec(GenerationParams, LoadParams):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    models: list[ModelSlot] = Field(min_length=1)
+    system_prompt: str = ""
+    prompt: str = "{{ previous if previous else question }}"
+    execution: Literal["auto", "parallel", "sequential"] = "auto"
+    aggregation: AggregationSpec = AggregationSpec()
+    on_error: Literal["continue", "stop"] = "continue"
+
+    _check_prompt = field_validator("prompt")(_check_template)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names_to_slots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _labels(self) -> StageSpec:
+        seen: set[str] = set()
+        for slot in self.models:
+            if slot.label is None:
+                repeats = sum(s.model == slot.model for s in self.models) > 1
+                base = slot.model
+                slot.label = base if not repeats else next(
+                    f"{base}-{i}" for i in range(1, 1000) if f"{base}-{i}" not in seen)
+            if slot.label in seen:
+                raise ValueError(f"two models in stage '{self.name}' share the label '{slot.label}'")
+            seen.add(slot.label)
+        return self
+
+
+class PipelineDefaults(GenerationParams, LoadParams):
+    pass
+
+
+class PipelineSpec(Strict):
+    name: str = "pipeline"
+    description: str = ""
+    defaults: PipelineDefaults = PipelineDefaults()
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> PipelineSpec:
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def model_names(self) -> list[str]:
+        """Every model the pipeline needs, in first-use order (synthesis models included)."""
+        out: list[str] = []
+        for stage in self.stages:
+            names = [s.model for s in stage.models] + [stage.aggregation.synthesis_model or ""]
+            out.extend(n for n in names if n and n not in out)
+        return out
+
+
+# ---------------------------------------------------------------- loading
+
+@dataclass(frozen=True)
+class ConfigPaths:
+    config_dir: Path
+    app: Path
+    models: Path
+    pipeline: Path
+
+
+@dataclass
+class ChorusConfig:
+    """Everything loaded from one config dir, paths already resolved."""
+
+    paths: ConfigPaths
+    app: AppConfig
+    models: dict[str, ModelEntry]
+
+    @property
+    def models_dir(self) -> Path:
+        return self.app.models_dir
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.app.sessions_dir
+
+    def load_pipeline(self, path: Path | None = None) -> PipelineSpec:
+        return load_pipeline(path or self.paths.pipeline)
+
+
+def default_config_dir() -> Path:
+    """CHORUS_CONFIG_DIR, else ./config when it has app.yaml or models.yaml, else the repo's config/."""
+    env = os.environ.get("CHORUS_CONFIG_DIR")
+    if env:
+        return Path(env).expanduser()
+    local = Path.cwd() / "config"
+    if (local / "models.yaml").exists() or (local / "app.yaml").exists():
+        return local
+    return Path(__file__).resolve().parent.parent / "config"
+
+
+def _resolve(base: Path, value: Path) -> Path:
+    value = Path(os.path.expandvars(str(value))).expanduser()
+    return value if value.is_absolute() else (base / value).resolve()
+
+
+def load_app_config(config_dir: Path) -> AppConfig:
+    path = config_dir / "app.yaml"
+    app = load_model(AppConfig, path) if path.exists() else AppConfig()
+    env_models = os.environ.get("CHORUS_MODELS_DIR")
+    env_sessions = os.environ.get("CHORUS_SESSIONS_DIR")
+    app.models_dir = _resolve(Path.cwd(), Path(env_models)) if env_models else _resolve(config_dir, app.models_dir)
+    app.sessions_dir = (_resolve(Path.cwd(), Path(env_sessions)) if env_sessions
+                        else _resolve(config_dir, app.sessions_dir))
+    app.logs_dir = _resolve(config_dir, app.logs_dir)
+    if app.llama_server is not None:
+        app.llama_server = _resolve(config_dir, app.llama_server)
+    return app
+
+
+def load_models_file(path: Path) -> dict[str, ModelEntry]:
+    return load_model(ModelsFile, path).models
+
+
+def load_pipeline(path: Path) -> PipelineSpec:
+    return load_model(PipelineSpec, path)
+
+
+def load_config(config_dir: Path | str | None = None) -> ChorusConfig:
+    """Load app.yaml and models.yaml; pipeline.yaml is loaded on demand (base mode may be unused)."""
+    cdir = Path(config_dir).expanduser().resolve() if config_dir else default_config_dir().resolve()
+    if not cdir.is_dir():
+        raise ConfigError(str(cdir), "config directory not found",
+                          hint="Pass --config-dir or set CHORUS_CONFIG_DIR to a folder with models.yaml.")
+    paths = ConfigPaths(cdir, cdir / "app.yaml", cdir / "models.yaml", cdir / "pipeline.yaml")
+    return ChorusConfig(paths=paths, app=load_app_config(cdir), models=load_models_file(paths.models))

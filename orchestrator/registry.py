@@ -1,0 +1,172 @@
+"""The model registry: which configured models can actually be used right now, and why not.
+
+A missing models dir (an unplugged removable disk), a missing file or an unreadable GGUF never
+raise: the model is kept apart as unavailable with its reason and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from launcher.errors import GGUFError
+from launcher.gguf import GGUFMetadata, read_gguf
+from orchestrator.config import ChorusConfig, ModelEntry, PipelineSpec
+from orchestrator.errors import ConfigError, ModelUnavailable, PipelineBlocked
+
+log = logging.getLogger("chorus.registry")
+
+Status = Literal["available", "missing", "invalid"]
+
+
+@dataclass
+class ModelRecord:
+    """One models.yaml entry and what the registry found for it."""
+
+    name: str
+    entry: ModelEntry
+    status: Status
+    reason: str | None = None
+    path: Path | None = None
+    size_bytes: int | None = None
+    mtime_ns: int | None = None
+    metadata: GGUFMetadata | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.status == "available"
+
+    @property
+    def is_remote(self) -> bool:
+        return self.entry.url is not None
+
+    @property
+    def mode(self) -> str:
+        """chat or completion: the config wins, else a GGUF without a chat template means completion."""
+        if self.entry.mode:
+            return self.entry.mode
+        if self.entry.chat_template or self.is_remote:
+            return "chat"
+        if self.metadata is not None and not self.metadata.has_chat_template:
+            return "completion"
+        return "chat"
+
+    def to_dict(self) -> dict[str, object]:
+        meta = self.metadata
+        return {
+            "name": self.name,
+            "file": self.entry.file,
+            "url": self.entry.url,
+            "path": str(self.path) if self.path else None,
+            "status": self.status,
+            "reason": self.reason,
+            "description": self.entry.description,
+            "mode": self.mode,
+            "size_bytes": self.size_bytes,
+            "architecture": meta.architecture if meta else None,
+            "size_label": meta.size_label if meta else None,
+            "quantization": meta.quantization if meta else None,
+            "context_length": meta.context_length if meta else None,
+            "block_count": meta.block_count if meta else None,
+            "default_n_ctx": self.entry.default_n_ctx,
+            "default_gpu_layers": self.entry.default_gpu_layers,
+            "has_chat_template": meta.has_chat_template if meta else None,
+        }
+
+
+@dataclass(frozen=True)
+class PipelineStatus:
+    """Whether a pipeline can run on the registered models; `missing` maps model -> reason."""
+
+    available: bool
+    missing: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str | None:
+        if self.available:
+            return None
+        return "; ".join(f"{m}: {r}" for m, r in self.missing.items())
+
+    def raise_if_blocked(self) -> None:
+        if not self.available:
+            raise PipelineBlocked(self.missing)
+
+
+class Registry:
+    """Registered vs. unavailable models, built once at start (and again on `refresh()`)."""
+
+    def __init__(self, config: ChorusConfig) -> None:
+        self.config = config
+        self.records: dict[str, ModelRecord] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        models_dir = self.config.models_dir
+        dir_ok = models_dir.is_dir()
+        if not dir_ok and any(e.file for e in self.config.models.values()):
+            log.warning("models directory %s is not there (removable disk unplugged?): "
+                        "every file model is unavailable", models_dir)
+        self.records = {name: self._check(name, entry, models_dir, dir_ok)
+                        for name, entry in self.config.models.items()}
+        for rec in self.records.values():
+            if not rec.available and dir_ok:
+                log.warning("model '%s' is not registered: %s", rec.name, rec.reason)
+
+    @staticmethod
+    def _check(name: str, entry: ModelEntry, models_dir: Path, dir_ok: bool) -> ModelRecord:
+        if entry.url:
+            return ModelRecord(name, entry, "available")
+        assert entry.file is not None
+        given = Path(entry.file).expanduser()
+        path = given if given.is_absolute() else models_dir / given
+        if not dir_ok and not given.is_absolute():
+            return ModelRecord(name, entry, "missing", f"models directory {models_dir} not found", path)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return ModelRecord(name, entry, "missing", f"file not found: {path}", path)
+        except OSError as exc:
+            return ModelRecord(name, entry, "missing", f"cannot access {path}: {exc.strerror}", path)
+        try:
+            meta = read_gguf(path)
+        except GGUFError as exc:
+            return ModelRecord(name, entry, "invalid", f"not a valid GGUF file: {exc.message}", path,
+                               st.st_size, st.st_mtime_ns)
+        return ModelRecord(name, entry, "available", None, path, st.st_size, st.st_mtime_ns, meta)
+
+    @property
+    def available(self) -> dict[str, ModelRecord]:
+        return {n: r for n, r in self.records.items() if r.available}
+
+    @property
+    def unavailable(self) -> dict[str, ModelRecord]:
+        return {n: r for n, r in self.records.items() if not r.available}
+
+    def get(self, name: str) -> ModelRecord:
+        """The record of a usable model, or ModelUnavailable with the reason."""
+        rec = self.records.get(name)
+        if rec is None:
+            raise ModelUnavailable(name, "not defined in models.yaml")
+        if not rec.available:
+            raise ModelUnavailable(name, rec.reason or rec.status)
+        return rec
+
+    def pipeline_status(self, pipeline: PipelineSpec) -> PipelineStatus:
+        missing: dict[str, str] = {}
+        for name in pipeline.model_names():
+            rec = self.records.get(name)
+            if rec is None:
+                missing[name] = "not defined in models.yaml"
+            elif not rec.available:
+                missing[name] = rec.reason or rec.status
+        return PipelineStatus(not missing, missing)
+
+    def base_pipeline_status(self) -> PipelineStatus:
+        """Base mode's status; a broken pipeline.yaml blocks base mode instead of raising."""
+        try:
+            pipeline = self.config.load_pipeline()
+        except ConfigError as exc:
+            return PipelineStatus(False, {"pipeline.yaml": str(exc)})
+        return self.pipeline_status(pipeline)

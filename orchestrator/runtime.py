@@ -1,0 +1,81 @@
+"""The long-lived objects of one chorus process: config, registry, and a pool of warm servers.
+
+The CLI makes one per command; the UI keeps one in st.cache_resource so a page rerun reloads nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+from launcher.binary import find_llama_server
+from launcher.client import Endpoint
+from launcher.pool import ServerPool, budget_fit_check
+from launcher.server import ModelServer, ServerOptions, ServerSpec
+from orchestrator.config import ChorusConfig, MiB, load_config
+from orchestrator.registry import ModelRecord, Registry
+
+
+class Runtime:
+    def __init__(self, config: ChorusConfig, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry or Registry(config)
+
+    @classmethod
+    def from_config_dir(cls, config_dir: Path | str | None = None) -> Runtime:
+        return cls(load_config(config_dir))
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.app.logs_dir / "running"
+
+    @cached_property
+    def binary(self) -> Path:
+        return find_llama_server(self.config.app.llama_server)
+
+    def server_options(self) -> ServerOptions:
+        s = self.config.app.server
+        return ServerOptions(startup_timeout_s=s.startup_timeout_s, stop_grace_s=s.stop_grace_s,
+                             state_dir=self.state_dir)
+
+    @cached_property
+    def pool(self) -> ServerPool:
+        s = self.config.app.server
+        budget = s.memory_budget_mib * MiB if s.memory_budget_mib else None
+        return ServerPool(self.binary, self.config.app.logs_dir, options=self.server_options(),
+                          idle_timeout_s=s.idle_timeout_s, fit_check=budget_fit_check(budget))
+
+    def server_spec(self, model: str | ModelRecord, *, n_ctx: int | None = None,
+                    n_gpu_layers: int | None = None, slots: int = 1) -> ServerSpec:
+        rec = model if isinstance(model, ModelRecord) else self.registry.get(model)
+        assert rec.path is not None, "remote models have no server"
+        entry = rec.entry
+        return ServerSpec(
+            model=rec.name, model_path=rec.path,
+            n_ctx=n_ctx or entry.default_n_ctx,
+            n_gpu_layers=entry.default_gpu_layers if n_gpu_layers is None else n_gpu_layers,
+            slots=max(slots, entry.parallel), threads=entry.threads, chat_template=entry.chat_template)
+
+    def start_server(self, spec: ServerSpec) -> ModelServer:
+        """A standalone server outside the pool (for `chorus serve`)."""
+        return ModelServer(spec, self.binary, self.config.app.logs_dir, self.server_options()).start()
+
+    @contextlib.contextmanager
+    def endpoint(self, model: str, *, n_ctx: int | None = None, n_gpu_layers: int | None = None,
+                 slots: int = 1) -> Iterator[Endpoint]:
+        """Where to send requests for `model`: a warm local server (leased from the pool) or its URL."""
+        rec = self.registry.get(model)
+        if rec.is_remote:
+            key = os.environ.get(rec.entry.api_key_env) if rec.entry.api_key_env else None
+            yield Endpoint(rec.name, rec.entry.url or "", rec.mode, key, remote=True)  # type: ignore[arg-type]
+            return
+        spec = self.server_spec(rec, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, slots=slots)
+        with self.pool.lease(spec) as server:
+            yield Endpoint(rec.name, server.base_url, rec.mode, server.api_key)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if "pool" in self.__dict__:
+            self.pool.shutdown()

@@ -1,0 +1,114 @@
+"""Load YAML into pydantic models, turning every failure into a ConfigError with file, line and field.
+
+PyYAML gives a line for syntax errors; for schema errors we walk the composed node tree along the
+pydantic error's location to find the line of the offending key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Parse a YAML file; return the data and its node tree (for line lookups)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file not found", hint="Create it, or point CHORUS_CONFIG_DIR / "
+                          "--config-dir at a folder that has it.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc})", hint="Check the file's permissions "
+                          "and that it is UTF-8 text.") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(str(path), f"invalid YAML: {problem}",
+                          line=mark.line + 1 if mark else None,
+                          hint="Check indentation, colons and quotes on that line.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"invalid YAML: {exc}", hint="Check the file's syntax.") from None
+    except RecursionError:
+        raise ConfigError(str(path), "YAML nests too deeply", hint="Flatten the file.") from None
+    return data, node
+
+
+def line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
+    """1-based line of the deepest node reachable along `loc` (a pydantic error location)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+            if found is None:
+                return line
+            key, node = found
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """'stages[2].aggregation.type' from ('stages', 2, 'aggregation', 'type'); drops pydantic's tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "tagged-union", "union[")) or part in {"str", "ModelSlot"}:
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+_HINTS = {
+    "extra_forbidden": "Remove the key or check its spelling; unknown keys are rejected.",
+    "missing": "Add the required key.",
+    "literal_error": "Use one of the allowed values.",
+    "int_parsing": "Use a whole number.",
+    "float_parsing": "Use a number.",
+    "bool_parsing": "Use true or false.",
+    "string_type": "Use a string (quote it if needed).",
+    "dict_type": "Use a mapping (key: value lines).",
+    "model_type": "Use a mapping (key: value lines).",
+    "list_type": "Use a list (lines starting with '- ').",
+}
+
+
+def validate(model: type[M], data: Any, path: Path, node: yaml.Node | None,
+             context: dict[str, Any] | None = None) -> M:
+    """Validate parsed YAML against a schema; the first error becomes a ConfigError."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = tuple(err.get("loc", ()))
+        msg = err.get("msg", "invalid value")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        line = line_of(node, loc[:-1] if err.get("type") == "missing" else loc)
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        raise ConfigError(str(path), msg + more, line=line, field=field_path(loc) or None,
+                          hint=_HINTS.get(err.get("type", ""), "See the configuration reference in README.md.")
+                          ) from None
+
+
+def load_model(model: type[M], path: Path, context: dict[str, Any] | None = None) -> M:
+    data, node = read_yaml(path)
+    if data is None:
+        data = {}
+    return validate(model, data, path, node, context)

@@ -1,0 +1,85 @@
+"""Shared fixtures: the demo model, and throwaway config dirs built from the shipped ones."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+
+def demo_model_path() -> Path:
+    return Path(os.environ.get("CHORUS_DEMO_MODEL", REPO / "models" / DEMO_MODEL_NAME))
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    path = demo_model_path()
+    if not path.is_file():
+        pytest.skip(f"demo model not found at {path}: run scripts/setup.sh")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("CHORUS_CONFIG_DIR", "CHORUS_MODELS_DIR", "CHORUS_SESSIONS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+class ConfigDir:
+    """A copy of the shipped config in tmp, with models_dir pointing at a folder we control."""
+
+    def __init__(self, root: Path, models_dir: Path) -> None:
+        self.path = root / "config"
+        shutil.copytree(REPO / "config", self.path)
+        self.models_dir = models_dir
+        self.sessions_dir = root / "sessions"
+        self.write_app(models_dir=str(models_dir), sessions_dir=str(self.sessions_dir),
+                       logs_dir=str(root / "logs"))
+
+    def write_app(self, **values: object) -> None:
+        app = yaml.safe_load((self.path / "app.yaml").read_text()) or {}
+        app.update(values)
+        (self.path / "app.yaml").write_text(yaml.safe_dump(app))
+
+    def models(self) -> dict:
+        return yaml.safe_load((self.path / "models.yaml").read_text())
+
+    def write_models(self, data: dict | str) -> None:
+        text = data if isinstance(data, str) else yaml.safe_dump(data)
+        (self.path / "models.yaml").write_text(text)
+
+    def pipeline(self) -> dict:
+        return yaml.safe_load((self.path / "pipeline.yaml").read_text())
+
+    def write_pipeline(self, data: dict | str) -> None:
+        text = data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False)
+        (self.path / "pipeline.yaml").write_text(text)
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, demo_model: Path) -> ConfigDir:
+    """Shipped config whose models_dir holds (a link to) the demo model."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / DEMO_MODEL_NAME).symlink_to(demo_model)
+    return ConfigDir(tmp_path, models)
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    """The real llama-server. Missing in CI is a failure (setup builds it); locally a skip."""
+    from launcher.binary import find_llama_server
+    from launcher.errors import BinaryNotFound
+
+    try:
+        return find_llama_server()
+    except BinaryNotFound as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"llama-server is required in CI: {exc}")
+        pytest.skip(f"llama-server not built: {exc}")

@@ -1,0 +1,154 @@
+"""Config loading: the shipped files validate, and bad input names the file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import PipelineSpec, load_config, load_pipeline
+from orchestrator.errors import ConfigError
+from tests.conftest import REPO, ConfigDir
+
+
+def test_shipped_config_loads_and_resolves_paths_relative_to_config_dir() -> None:
+    cfg = load_config(REPO / "config")
+    assert cfg.models_dir == (REPO / "models").resolve()
+    assert cfg.sessions_dir == (REPO / "sessions").resolve()
+    assert "gemma3-270m" in cfg.models
+
+
+def test_shipped_pipeline_has_the_seed_shape_with_six_distinct_system_prompts() -> None:
+    pipeline = load_pipeline(REPO / "config" / "pipeline.yaml")
+    assert [len(s.models) for s in pipeline.stages] == [1, 1, 3]
+    assert pipeline.stages[-1].aggregation.type == "synthesis"
+    prompts = [pipeline.stages[0].system_prompt, pipeline.stages[1].system_prompt]
+    prompts += [slot.system_prompt for slot in pipeline.stages[2].models]
+    prompts.append(pipeline.stages[2].aggregation.synthesis_prompt)
+    assert len(set(prompts)) == 6 and all(prompts)
+
+
+def test_stage_order_follows_the_file(tmp_path: Path) -> None:
+    data = (REPO / "config" / "pipeline.yaml").read_text()
+    spec = load_pipeline(REPO / "config" / "pipeline.yaml")
+    import yaml
+
+    raw = yaml.safe_load(data)
+    raw["stages"].reverse()
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert [s.name for s in load_pipeline(path).stages] == [s.name for s in reversed(spec.stages)]
+
+
+def test_environment_overrides_models_and_sessions_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CHORUS_MODELS_DIR", str(tmp_path / "m"))
+    monkeypatch.setenv("CHORUS_SESSIONS_DIR", str(tmp_path / "s"))
+    monkeypatch.setenv("CHORUS_CONFIG_DIR", str(REPO / "config"))
+    cfg = load_config()
+    assert cfg.models_dir == tmp_path / "m"
+    assert cfg.sessions_dir == tmp_path / "s"
+
+
+def test_models_dir_accepts_home_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cdir = tmp_path / "cfg"
+    cdir.mkdir()
+    (cdir / "app.yaml").write_text("models_dir: ~/gguf\n")
+    (cdir / "models.yaml").write_text("models: {}\n")
+    assert load_config(cdir).models_dir == tmp_path / "gguf"
+
+
+def test_malformed_models_yaml_names_the_file_and_line(tmp_path: Path) -> None:
+    cdir = tmp_path / "cfg"
+    cdir.mkdir()
+    (cdir / "models.yaml").write_text("models:\n  a:\n    file: a.gguf\n   bad: [\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cdir)
+    assert err.value.file.endswith("models.yaml")
+    assert err.value.line == 4
+    assert "line 4" in str(err.value)
+
+
+def test_unknown_key_is_rejected_with_its_field_and_line(tmp_path: Path) -> None:
+    cdir = tmp_path / "cfg"
+    cdir.mkdir()
+    (cdir / "models.yaml").write_text(
+        "models:\n  a:\n    file: a.gguf\n    default_n_ctx: 2048\n    n_gpu_layer: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cdir)
+    assert err.value.field == "models.a.n_gpu_layer"
+    assert err.value.line == 5
+    assert err.value.hint and "unknown keys" in err.value.hint
+
+
+def test_wrong_type_names_the_field(tmp_path: Path) -> None:
+    cdir = tmp_path / "cfg"
+    cdir.mkdir()
+    (cdir / "models.yaml").write_text("models:\n  a:\n    file: a.gguf\n    default_n_ctx: lots\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cdir)
+    assert err.value.field == "models.a.default_n_ctx" and err.value.line == 4
+
+
+def test_model_needs_a_file_or_a_url(tmp_path: Path) -> None:
+    cdir = tmp_path / "cfg"
+    cdir.mkdir()
+    (cdir / "models.yaml").write_text("models:\n  a:\n    description: nothing\n")
+    with pytest.raises(ConfigError, match="either 'file'"):
+        load_config(cdir)
+
+
+@pytest.mark.parametrize(
+    ("stage_patch", "field", "message"),
+    [
+        ({"aggregation": {"type": "synthesis"}}, "stages[0].aggregation", "synthesis_model"),
+        ({"aggregation": {"type": "custom"}}, "stages[0].aggregation", "module:function"),
+        ({"aggregation": {"type": "vote"}}, "stages[0].aggregation.type", "concat"),
+        ({"execution": "sometimes"}, "stages[0].execution", "auto"),
+        ({"temperature": -1}, "stages[0].temperature", "greater than or equal"),
+        ({"prompt": "{{ question "}, "stages[0].prompt", "template syntax error"),
+        ({"models": []}, "stages[0].models", "at least 1"),
+    ],
+)
+def test_pipeline_schema_errors_name_the_field(tmp_path: Path, stage_patch: dict, field: str,
+                                                message: str) -> None:
+    import yaml
+
+    stage = {"name": "s", "models": ["m"], **stage_patch}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": [stage]}, sort_keys=False))
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    assert err.value.field == field
+    assert message in err.value.detail
+    assert err.value.line is not None
+
+
+def test_repeated_model_in_a_stage_gets_distinct_labels() -> None:
+    spec = PipelineSpec.model_validate({"stages": [{"name": "s", "models": ["m", "m", "x"]}]})
+    assert [slot.label for slot in spec.stages[0].models] == ["m-1", "m-2", "x"]
+
+
+def test_duplicate_stage_names_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("stages:\n  - {name: a, models: [m]}\n  - {name: a, models: [m]}\n")
+    with pytest.raises(ConfigError, match="repeated: a"):
+        load_pipeline(path)
+
+
+def test_empty_yaml_file_is_a_schema_error_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    assert err.value.field == "stages"
+
+
+def test_missing_config_dir_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config directory not found"):
+        load_config(tmp_path / "nope")
+
+
+def test_config_dir_fixture_points_at_demo_model(config_dir: ConfigDir) -> None:
+    cfg = load_config(config_dir.path)
+    assert cfg.models_dir == config_dir.models_dir
