@@ -15,6 +15,7 @@ from launcher.errors import ChorusError
 from launcher.memory import SystemProbe
 from launcher.server import install_signal_cleanup
 from launcher.state import list_running
+from orchestrator import cli_run
 from orchestrator.config import ChorusConfig, load_config
 from orchestrator.registry import Registry
 from orchestrator.runtime import Runtime
@@ -173,13 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_ps)
 
-    for register in EXTRA_COMMANDS:
-        register(sub, common)
+    cli_run.register(sub, common)
     return parser
-
-
-# Later modules add their subcommands here: (subparsers, common parent) -> None.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = []
 
 
 def format_error(exc: ChorusError) -> str:

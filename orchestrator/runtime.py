@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -75,6 +75,30 @@ class Runtime:
         spec = self.server_spec(rec, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, slots=slots)
         with self.pool.lease(spec) as server:
             yield Endpoint(rec.name, server.base_url, rec.mode, server.api_key)  # type: ignore[arg-type]
+
+    @contextlib.asynccontextmanager
+    async def aendpoint(self, model: str, *, n_ctx: int | None = None, n_gpu_layers: int | None = None,
+                        slots: int = 1) -> AsyncIterator[Endpoint]:
+        """`endpoint` for asyncio: starting a server runs in a worker thread, not on the event loop."""
+        rec = self.registry.get(model)
+        if rec.is_remote:
+            with self.endpoint(model) as ep:
+                yield ep
+            return
+        spec = self.server_spec(rec, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, slots=slots)
+        server = await self.pool.aacquire(spec)
+        try:
+            yield Endpoint(rec.name, server.base_url, rec.mode, server.api_key)  # type: ignore[arg-type]
+        finally:
+            self.pool.release(server)
+
+    def discard_server(self, endpoint: Endpoint) -> None:
+        """Stop the pool's server behind `endpoint` (a hung one); the next request starts a fresh one."""
+        if endpoint.remote or "pool" not in self.__dict__:
+            return
+        for server in self.pool.servers():
+            if server.base_url == endpoint.base_url:
+                self.pool.stop(server)
 
     def close(self) -> None:
         if "pool" in self.__dict__:

@@ -83,3 +83,24 @@ def llama_server_bin() -> Path:
         if os.environ.get("CI"):
             pytest.fail(f"llama-server is required in CI: {exc}")
         pytest.skip(f"llama-server not built: {exc}")
+
+
+@pytest.fixture
+def runtime(config_dir: ConfigDir, llama_server_bin: Path):
+    """A Runtime on the shipped config (demo model), its servers stopped at the end."""
+    from orchestrator.config import load_config
+    from orchestrator.runtime import Runtime
+
+    rt = Runtime(load_config(config_dir.path))
+    yield rt
+    rt.close()
+
+
+def small_pipeline(**overrides: object):
+    """The shipped base pipeline with short answers, for fast integration tests."""
+    from orchestrator.config import load_pipeline
+    from orchestrator.overrides import apply_overrides
+
+    spec = load_pipeline(REPO / "config" / "pipeline.yaml")
+    sets = [f"defaults.{k}={v}" for k, v in {"max_tokens": 12, "n_ctx": 1024, **overrides}.items()]
+    return apply_overrides(spec, sets)

@@ -1,0 +1,480 @@
+"""The merge step of a stage: turn the answers of a stage's models into one output.
+
+`aggregate` is the single entry point. It always returns a complete AggregationRecord or raises
+AggregationError; whatever users supply (templates, regex, custom functions) fails as a ChorusError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import re
+import string
+import sys
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from launcher.errors import ChorusError
+from orchestrator.config import AggregationSpec, VoteOptions
+from orchestrator.records import AggregationRecord, error_dict
+from orchestrator.templates import TemplateError, render
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model's successful answer, as the merge step sees it."""
+
+    label: str
+    model: str
+    text: str
+
+
+SynthesizeFn = Callable[[str, str], Awaitable[str]]
+"""(model_name, prompt) -> generated text; supplied by the engine, may raise ChorusError."""
+
+
+class AggregationError(ChorusError):
+    """A stage's answers could not be merged; `kind` is the aggregation type, `reason` says why."""
+
+    def __init__(self, kind: str, reason: str, *, hint: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"aggregation '{kind}' failed: {reason}", hint=hint)
+        self.kind = kind
+        self.reason = reason
+        self.details = dict(details or {})
+
+
+DEFAULT_SYNTHESIS_PROMPT = """\
+You are given a question and several answers to it from different assistants.
+Write one answer that combines them: keep what they agree on, settle disagreements in favour of the \
+most accurate and best-supported information, and drop mistakes and repetition.
+Reply with the final answer only.
+
+Question:
+{{ question }}
+
+{% for r in responses %}Answer {{ loop.index }} ({{ r.label }}):
+{{ r.text }}
+
+{% endfor %}Final answer:
+"""
+
+TIE_BREAK_PROMPT = """\
+Several answers to the question below received the same number of votes.
+Pick the one that is most likely correct. Reply with that answer exactly as written and nothing else.
+
+Question:
+{{ question }}
+
+Tied answers:
+{% for answer in answers %}- {{ answer }}
+{% endfor %}"""
+
+
+async def aggregate(spec: AggregationSpec, question: str, candidates: list[Candidate], *,
+                    synthesize: SynthesizeFn | None = None,
+                    config_dir: Path | None = None,
+                    context: dict[str, Any] | None = None) -> AggregationRecord:
+    """Merge a stage's answers as `spec` says; raises AggregationError rather than returning a half record."""
+    kind = spec.type
+    inputs = [{"label": c.label, "model": c.model, "text": c.text} for c in candidates]
+    if not candidates:
+        raise AggregationError(kind, "no model answered",
+                               hint="Every model of the stage failed; see the stage's responses for why.")
+    if kind == "concat":
+        output, details = _concat(spec, candidates), {}
+    elif kind == "majority_vote":
+        output, details = await _majority_vote(spec, question, candidates, synthesize)
+    elif kind == "synthesis":
+        output, details = await _synthesis(spec, question, inputs, synthesize, context)
+    elif kind == "custom_template":
+        output, details = _custom_template(spec, question, inputs, context)
+    elif kind == "custom":
+        output, details = await _custom(spec, question, inputs, config_dir)
+    else:
+        raise AggregationError(kind, f"unknown aggregation type {kind!r}")
+    return AggregationRecord(kind=kind, inputs=inputs, output=output, details=details)
+
+
+# ---------------------------------------------------------------- concat
+
+def _concat(spec: AggregationSpec, candidates: Sequence[Candidate]) -> str:
+    """Labelled blocks joined by the separator; a single answer is passed through unlabelled."""
+    if len(candidates) == 1:
+        return candidates[0].text
+    pieces = _parse_label_format(spec.label_format)
+    blocks = []
+    for c in candidates:
+        heading = "".join(text if name is None else getattr(c, name) for text, name in pieces)
+        blocks.append(f"{heading}\n{c.text}" if heading else c.text)
+    return spec.separator.join(blocks)
+
+
+def _parse_label_format(fmt: str) -> list[tuple[str, str | None]]:
+    """Split `label_format` into literal text and {label}/{model} fields; anything fancier is refused.
+
+    Only the two plain names are allowed (no attribute access, indexing, conversions or format specs),
+    so a label format cannot reach object internals or build huge padded strings.
+    """
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as exc:
+        raise AggregationError("concat", f"label_format {fmt!r} is malformed: {exc}",
+                               hint="Use {label} and {model}; write {{ and }} for literal braces.") from None
+    pieces: list[tuple[str, str | None]] = []
+    for literal, name, spec, conversion in parsed:
+        if literal:
+            pieces.append((literal, None))
+        if name is None:
+            continue
+        if name not in ("label", "model") or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise AggregationError("concat", f"label_format field {shown} is not allowed",
+                                   hint="Only {label} and {model} may appear in label_format.")
+        pieces.append(("", name))
+    return pieces
+
+
+# ---------------------------------------------------------------- majority vote
+
+_NUMBER_JOINERS = ".,"  # kept between digits: 3.14, 1,000
+
+
+def normalise(answer: str) -> str:
+    """Comparable form of an answer: casefolded, punctuation dropped, whitespace collapsed.
+
+    Apostrophes vanish (don't -> dont), other punctuation becomes a space, except '.'/',' between
+    digits and a '-' sign before a number. Symbols such as '$' or '+' are kept.
+    """
+    text = unicodedata.normalize("NFKC", answer).casefold()
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if not unicodedata.category(ch).startswith("P"):
+            out.append(ch)
+        elif ch in "'’":
+            continue
+        elif _kept_in_number(text, i):
+            out.append(ch)
+        else:
+            out.append(" ")
+    return " ".join("".join(out).split())
+
+
+def _kept_in_number(text: str, i: int) -> bool:
+    """'.' or ',' between digits (3.14, 1,000), or a minus sign starting a number (-5)."""
+    ch, before, after = text[i], text[i - 1] if i else " ", text[i + 1] if i + 1 < len(text) else " "
+    if ch in _NUMBER_JOINERS:
+        return before.isdigit() and after.isdigit()
+    return ch == "-" and after.isdigit() and before.isspace()
+
+
+def similarity(a: str, b: str) -> float:
+    """Character-level similarity of two normalised answers: difflib's ratio, 1.0 only when equal.
+
+    Character level suits short extracted answers (numbers, names, one-liners), where one typo or a
+    plural should still count as the same answer. The cheap upper bounds are tried first.
+    """
+    if a == b:
+        return 1.0
+    matcher = SequenceMatcher(None, a, b, autojunk=False)
+    if matcher.real_quick_ratio() == 0 or matcher.quick_ratio() == 0:
+        return 0.0
+    return matcher.ratio()
+
+
+def extract_answer(text: str, vote: VoteOptions) -> tuple[str | None, str | None]:
+    """The part of a reply that votes, and why it abstains when there is none: (answer, abstain_reason).
+
+    `regex` uses the *last* match, since models tend to state their final answer last, and its first
+    capture group that took part in the match (the whole match when the pattern has no groups).
+    """
+    if vote.extract == "whole":
+        answer = text.strip()
+    elif vote.extract == "last_line":
+        answer = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+    else:
+        answer_or_none = _regex_answer(text, vote.pattern or "")
+        if answer_or_none is None:
+            return None, "the pattern did not match"
+        answer = answer_or_none.strip()
+    if not normalise(answer):
+        return None, "empty answer"
+    return answer, None
+
+
+def _regex_answer(text: str, pattern: str) -> str | None:
+    try:
+        matches = list(re.finditer(pattern, text))
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise AggregationError("majority_vote", f"vote pattern {pattern!r} failed: {exc}",
+                               hint="Fix vote.pattern in the stage's aggregation.") from None
+    if not matches:
+        return None
+    last = matches[-1]
+    groups = [g for g in last.groups() if g is not None]
+    if last.re.groups:
+        return groups[0] if groups else None
+    return last.group(0)
+
+
+@dataclass
+class _Group:
+    """Answers counted as one: founded by the earliest voter, compared by its normalised answer."""
+
+    normalised: str
+    members: list[int] = field(default_factory=list)  # candidate indices, ascending
+
+    @property
+    def first(self) -> int:
+        return self.members[0]
+
+
+def group_answers(normalised: Sequence[str | None], threshold: float) -> list[_Group]:
+    """Group votes: exact normalised matches first, then near-equal groups merged into larger ones.
+
+    Deterministic: exact groups are visited largest first (earliest member breaks ties); each joins
+    the first already-kept group whose founding answer has similarity >= threshold, else is kept.
+    Comparing with founding answers only stops chains of small edits from drifting. The result is
+    ordered by earliest member.
+    """
+    exact: dict[str, _Group] = {}
+    for index, norm in enumerate(normalised):
+        if norm is not None:
+            exact.setdefault(norm, _Group(norm)).members.append(index)
+    kept: list[_Group] = []
+    for group in sorted(exact.values(), key=lambda g: (-len(g.members), g.first)):
+        target = next((k for k in kept if similarity(k.normalised, group.normalised) >= threshold), None)
+        if target is None:
+            kept.append(group)
+        else:
+            target.members = sorted(target.members + group.members)
+    return sorted(kept, key=lambda g: g.first)
+
+
+async def _majority_vote(spec: AggregationSpec, question: str, candidates: Sequence[Candidate],
+                         synthesize: SynthesizeFn | None) -> tuple[str, dict[str, Any]]:
+    vote = spec.vote
+    extracted = [extract_answer(c.text, vote) for c in candidates]
+    norms = [normalise(answer) if answer is not None else None for answer, _ in extracted]
+    groups = group_answers(norms, vote.similarity)
+    group_of = {i: gid for gid, g in enumerate(groups, 1) for i in g.members}
+    votes = [{"label": c.label, "model": c.model, "extracted": answer, "normalised": norms[i],
+              "group": group_of.get(i), "abstained": reason}
+             for i, (c, (answer, reason)) in enumerate(zip(candidates, extracted, strict=True))]
+    details: dict[str, Any] = {
+        "extract": vote.extract, "similarity": vote.similarity, "votes": votes,
+        "groups": [{"id": gid, "answer": extracted[g.first][0], "normalised": g.normalised,
+                    "members": [candidates[i].label for i in g.members], "size": len(g.members)}
+                   for gid, g in enumerate(groups, 1)],
+    }
+    if not groups:
+        raise AggregationError("majority_vote", "every model abstained: no answer could be extracted",
+                               hint="Check vote.extract / vote.pattern against what the models write.",
+                               details=details)
+    top = max(len(g.members) for g in groups)
+    tied = [g for g in groups if len(g.members) == top]
+    winner = tied[0]
+    details.update(tie=len(tied) > 1, tie_break=None)
+    if len(tied) > 1:
+        winner = await _break_tie(spec, question, tied, [a for a, _ in extracted], synthesize, details)
+    voters = sum(1 for n in norms if n is not None)
+    winner_id = next(gid for gid, g in enumerate(groups, 1) if g is winner)
+    details.update(winner_group=winner_id, winner_answer=extracted[winner.first][0],
+                   winner_label=candidates[winner.first].label, voters=voters,
+                   abstained=len(candidates) - voters, agreement=len(winner.members) / voters)
+    return candidates[winner.first].text, details
+
+
+async def _break_tie(spec: AggregationSpec, question: str, tied: list[_Group], answers: Sequence[str | None],
+                     synthesize: SynthesizeFn | None, details: dict[str, Any]) -> _Group:
+    """`first`: the tied group with the earliest voter. `synthesis`: ask a model, falling back to first."""
+    if spec.vote.tie_break == "first":
+        details["tie_break"] = "first"
+        return tied[0]
+    if synthesize is None or not spec.synthesis_model:
+        raise AggregationError("majority_vote", "tie_break 'synthesis' needs a synthesis model and a "
+                                                "synthesize function", details=details)
+    options = [answers[g.first] or "" for g in tied]
+    prompt = _render("majority_vote", TIE_BREAK_PROMPT, {"question": question, "answers": options},
+                     "tie-break prompt")
+    details.update(tie_break_model=spec.synthesis_model, tie_break_prompt=prompt)
+    try:
+        reply = await synthesize(spec.synthesis_model, prompt)
+    except Exception as exc:
+        details.update(tie_break="first", tie_break_fallback=f"the tie-break model failed: {exc}",
+                       tie_break_error=error_dict(exc))
+        return tied[0]
+    details["tie_break_reply"] = reply
+    chosen = match_reply(reply, [g.normalised for g in tied], spec.vote.similarity)
+    if chosen is None:
+        details.update(tie_break="first", tie_break_fallback="the tie-break reply matched none of the tied answers")
+        return tied[0]
+    details["tie_break"] = "synthesis"
+    return tied[chosen]
+
+
+def match_reply(reply: str, options: Sequence[str], threshold: float) -> int | None:
+    """Which normalised option a model's free-text reply names, or None.
+
+    Tried in order: an exact match of the reply or its last line; the best similarity >= threshold;
+    exactly one option appearing as whole words inside the reply.
+    """
+    lines = [line for line in reply.splitlines() if line.strip()]
+    tries = [normalise(reply)] + ([normalise(lines[-1])] if lines else [])
+    for text in tries:
+        if text in options:
+            return options.index(text)
+    best = max(((similarity(t, o), -i, i) for t in tries for i, o in enumerate(options)), default=None)
+    if best is not None and best[0] >= threshold and best[0] > 0:
+        return best[2]
+    inside = [i for i, o in enumerate(options) if re.search(rf"(?<!\w){re.escape(o)}(?!\w)", tries[0])]
+    return inside[0] if len(inside) == 1 else None
+
+
+# ---------------------------------------------------------------- synthesis and templates
+
+def _render(kind: str, template: str, context: dict[str, Any], where: str) -> str:
+    try:
+        return render(template, context, where=where)
+    except TemplateError as exc:
+        raise AggregationError(kind, str(exc), details={"template_error": exc.to_dict()}) from exc
+
+
+def _template_context(question: str, inputs: list[dict[str, str]], context: dict[str, Any] | None) -> dict[str, Any]:
+    return {**(context or {}), "question": question, "responses": inputs}
+
+
+async def _synthesis(spec: AggregationSpec, question: str, inputs: list[dict[str, str]],
+                     synthesize: SynthesizeFn | None, context: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """Ask the synthesis model to write one answer from all of them."""
+    model = spec.synthesis_model
+    if synthesize is None or not model:
+        raise AggregationError("synthesis", "needs a synthesis_model and a synthesize function")
+    template = spec.synthesis_prompt or DEFAULT_SYNTHESIS_PROMPT
+    prompt = _render("synthesis", template, _template_context(question, inputs, context), "synthesis prompt")
+    details: dict[str, Any] = {"synthesis_model": model, "synthesis_prompt": prompt}
+    try:
+        reply = await synthesize(model, prompt)
+    except Exception as exc:
+        raise AggregationError("synthesis", f"synthesis model '{model}' failed: {exc}",
+                               details={**details, "synthesis_error": error_dict(exc)}) from exc
+    details["synthesis_output"] = reply
+    if not reply.strip():
+        raise AggregationError("synthesis", f"synthesis model '{model}' returned an empty answer", details=details,
+                               hint="Raise max_tokens or check the synthesis prompt.")
+    return reply.strip(), details
+
+
+def _custom_template(spec: AggregationSpec, question: str, inputs: list[dict[str, str]],
+                     context: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    template = spec.template or ""
+    output = _render("custom_template", template, _template_context(question, inputs, context),
+                     "aggregation template")
+    return output.strip(), {"template": template}
+
+
+# ---------------------------------------------------------------- custom functions
+
+_loaded: dict[Path, tuple[tuple[int, int], ModuleType]] = {}
+"""Config-dir modules by path, with the (mtime_ns, size) they were loaded at."""
+
+
+async def _custom(spec: AggregationSpec, question: str, inputs: list[dict[str, str]],
+                  config_dir: Path | None) -> tuple[str, dict[str, Any]]:
+    """Call the user's `module:function` with question= and responses=; it may be sync or async."""
+    name = spec.function or ""
+    fn, source = _load_function(name, config_dir)
+    try:
+        if inspect.iscoroutinefunction(fn):
+            result = await fn(question=question, responses=[dict(r) for r in inputs])
+        else:
+            result = await asyncio.to_thread(fn, question=question, responses=[dict(r) for r in inputs])
+            if inspect.isawaitable(result):
+                result = await result
+    except (Exception, SystemExit) as exc:
+        raise AggregationError("custom", f"function '{name}' raised {type(exc).__name__}: {exc}",
+                               details={"function": name, "source": source}) from exc
+    output, extra = _custom_result(name, result)
+    details: dict[str, Any] = {"function": name, "source": source}
+    if extra is not None:
+        details["function_details"] = extra
+    return output, details
+
+
+def _custom_result(name: str, result: Any) -> tuple[str, dict[str, Any] | None]:
+    """A str, or {"output": str, "details": dict}; details must be JSON-safe because sessions store them."""
+    if isinstance(result, str):
+        return result, None
+    if isinstance(result, dict) and isinstance(result.get("output"), str):
+        extra = result.get("details")
+        if extra is not None and not isinstance(extra, dict):
+            raise AggregationError("custom", f"function '{name}' returned details of type {type(extra).__name__}, "
+                                             "not a dict")
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as exc:
+            raise AggregationError("custom", f"function '{name}' returned details that are not JSON-safe: "
+                                             f"{exc}") from None
+        return result["output"], extra
+    raise AggregationError("custom", f"function '{name}' returned {type(result).__name__}, not a str",
+                           hint='Return the merged text, or {"output": text, "details": {...}}.')
+
+
+def _load_function(name: str, config_dir: Path | None) -> tuple[Callable[..., Any], str]:
+    """Find `module:function`: a .py file in the config dir (or its aggregators/), else an installed module."""
+    module_name, _, attr = name.partition(":")
+    parts = module_name.split(".")
+    if not attr or not all(p.isidentifier() for p in parts) or not attr.isidentifier():
+        raise AggregationError("custom", f"function {name!r} is not 'module:function'")
+    try:
+        path = _module_file(parts, config_dir)
+        module = _load_file(path) if path else importlib.import_module(module_name)
+        fn = getattr(module, attr)
+    except (Exception, SystemExit) as exc:
+        raise AggregationError("custom", f"could not load function '{name}': {type(exc).__name__}: {exc}",
+                               hint="Put <module>.py in the config folder (or its aggregators/), or install "
+                                    "the module.") from exc
+    if not callable(fn):
+        raise AggregationError("custom", f"'{name}' is a {type(fn).__name__}, not a function")
+    return fn, str(path) if path else f"module {module_name}"
+
+
+def _module_file(parts: list[str], config_dir: Path | None) -> Path | None:
+    if config_dir is None:
+        return None
+    relative = Path(*parts[:-1], parts[-1] + ".py")
+    for base in (config_dir, config_dir / "aggregators"):
+        if (base / relative).is_file():
+            return (base / relative).resolve()
+    return None
+
+
+def _load_file(path: Path) -> ModuleType:
+    """Load a config-dir module under a private name; reloaded when the file changes."""
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _loaded.get(path)
+    if cached and cached[0] == version:
+        return cached[1]
+    private = "_chorus_aggregator_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(private, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[private] = module  # dataclasses and pickling look a module up while it executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(private, None)
+        raise
+    _loaded[path] = (version, module)
+    return module

@@ -1,0 +1,270 @@
+"""`chorus run` and `chorus history ...`: progress to stderr, the answer (or JSON) to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from launcher.server import install_signal_cleanup
+from orchestrator.config import load_config, load_pipeline
+from orchestrator.overrides import apply_overrides
+from orchestrator.pipeline import CancelToken, Event, SequentialQuestion
+from orchestrator.runs import Runner, RunOutcome
+from orchestrator.runtime import Runtime
+from orchestrator.sessions import SessionStore
+
+
+class ProgressPrinter:
+    """Short progress lines on stderr; with --verbose the tokens stream too."""
+
+    def __init__(self, out: TextIO = sys.stderr, *, stream_tokens: bool = False) -> None:
+        self.out = out
+        self.stream_tokens = stream_tokens
+        self.total = 0
+
+    def __call__(self, event: Event) -> None:
+        d = event.data
+        if event.type == "run_started":
+            self.total = len(d["run"].pipeline.get("stages", []))
+        elif event.type == "stage_started":
+            self._line(f"[{d['index']}/{self.total}] {event.stage}: {', '.join(d['models'])}")
+        elif event.type == "notice":
+            self._line(f"  note: {d['message']}")
+        elif event.type == "token" and self.stream_tokens:
+            self.out.write(d["text"])
+            self.out.flush()
+        elif event.type == "model_finished":
+            r = d["response"]
+            if r.ok:
+                rate = f", {r.tokens_per_s:.1f} tok/s" if r.tokens_per_s else ""
+                self._line(f"  {r.label}: {r.completion_tokens or 0} tokens in {r.total_s or 0:.1f}s{rate}")
+            else:
+                self._line(f"  {r.label}: {r.status.upper()}: {(r.error or {}).get('message', '')}")
+        elif event.type == "aggregation_done":
+            agg = d["aggregation"]
+            extra = f" (agreement {agg.details['agreement']:.0%})" if "agreement" in agg.details else ""
+            self._line(f"  merged by {agg.kind}{extra}")
+        elif event.type == "stage_finished" and d["status"] not in ("ok",):
+            err = (d["stage"].error or {}).get("message", "")
+            self._line(f"  stage {event.stage}: {d['status']}" + (f": {err}" if err else ""))
+
+    def _line(self, text: str) -> None:
+        if self.stream_tokens:
+            self.out.write("\n")
+        print(text, file=self.out, flush=True)
+
+
+def ask_sequential_on_tty(question: SequentialQuestion) -> bool:
+    waves = " then ".join("+".join(w) for w in question.waves)
+    print(f"\nStage '{question.stage}': its models do not fit in memory together ({question.reason}).\n"
+          f"Run them sequentially ({waves})? [y/N] ", end="", file=sys.stderr, flush=True)
+    try:
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+    except (OSError, ValueError):
+        return False
+
+
+def sequential_policy(args: argparse.Namespace, manual: bool) -> bool | Callable[[SequentialQuestion], bool]:
+    if args.allow_sequential or not manual:
+        return True
+    return ask_sequential_on_tty if sys.stdin.isatty() else False
+
+
+@contextmanager
+def ctrl_c_cancels(cancel: CancelToken):
+    """First Ctrl-C cancels the run cleanly (the session is kept as cancelled); a second one aborts."""
+    def handler(_signum: int, _frame: Any) -> None:
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        print("\ncancelling... (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        cancel.cancel()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def emit_outcome(outcome: RunOutcome, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(outcome.to_dict(), indent=2, ensure_ascii=False, default=str))
+    else:
+        if outcome.run.status == "completed":
+            print(outcome.run.final.strip())
+        err = (outcome.run.error or {}).get("message")
+        print(f"\nstatus: {outcome.run.status}" + (f" ({err})" if err else ""), file=sys.stderr)
+        if outcome.session_dir:
+            print(f"session: {outcome.session_id} ({outcome.session_dir})", file=sys.stderr)
+        if outcome.history_error:
+            print(f"warning: {outcome.history_error}", file=sys.stderr)
+    return 0 if outcome.run.status == "completed" else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config_dir)
+    manual = args.manual is not None
+    pipeline = load_pipeline(args.manual or args.pipeline or config.paths.pipeline)
+    if args.set:
+        pipeline = apply_overrides(pipeline, args.set)
+    runtime = Runtime(config)
+    if not manual:
+        runtime.registry.pipeline_status(pipeline).raise_if_blocked()
+    install_signal_cleanup()
+    cancel = CancelToken()
+    try:
+        with ctrl_c_cancels(cancel):
+            outcome = Runner(runtime).run(
+                pipeline, args.question, mode="manual" if manual else "base", cancel=cancel,
+                on_event=ProgressPrinter(stream_tokens=args.verbose),
+                allow_sequential=sequential_policy(args, manual))
+    finally:
+        runtime.close()
+    return emit_outcome(outcome, args.json)
+
+
+# ---------------------------------------------------------------- history
+
+
+def _store(args: argparse.Namespace) -> SessionStore:
+    return SessionStore(load_config(args.config_dir).sessions_dir)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def _short(text: str | None, n: int = 60) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def cmd_history_list(args: argparse.Namespace) -> int:
+    from orchestrator.cli import print_table
+
+    rows = _store(args).index.list(limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("no sessions yet")
+        return 0
+    print_table([(r["id"], _when(r["created_at"]), r["mode"], r["status"], _short(r["question"]),
+                  r["parent_session"] or "") for r in rows], ["ID", "CREATED", "MODE", "STATUS", "QUESTION", "PARENT"])
+    return 0
+
+
+def cmd_history_show(args: argparse.Namespace) -> int:
+    session = _store(args).load(args.id)
+    if args.json:
+        print(json.dumps(session.to_dict(), indent=2, ensure_ascii=False, default=str))
+        return 0
+    m = session.meta
+    print(f"{session.id}  {m.get('mode')}  {m.get('status')}  {_when(m.get('created_at'))}")
+    if m.get("parent_session"):
+        print(f"rerun of {m['parent_session']} from stage {m.get('rerun_from_stage')}")
+    print(f"question: {m.get('question')}\n")
+    for stage in session.stages:
+        print(f"== step {stage.index}: {stage.name} [{stage.status}]")
+        for r in stage.responses:
+            head = f"-- {r.label} ({r.model})" + (f" {r.status}: {(r.error or {}).get('message')}" if not r.ok else "")
+            print(head)
+            if r.text:
+                print(r.text.strip())
+        if stage.aggregation and len(stage.responses) > 1:
+            print(f"-- merged by {stage.aggregation.kind}:\n{stage.output.strip()}")
+        print()
+    if session.final is not None:
+        print(f"== final\n{session.final.strip()}")
+    return 0
+
+
+def cmd_history_search(args: argparse.Namespace) -> int:
+    from orchestrator.cli import print_table
+
+    hits = _store(args).index.search(args.text, limit=args.limit)
+    if args.json:
+        print(json.dumps(hits, indent=2, ensure_ascii=False))
+        return 0
+    if not hits:
+        print("no match")
+        return 0
+    print_table([(h["id"], h["status"], _short(h["question"], 40), h["field"], _short(h["snippet"], 70))
+                 for h in hits], ["ID", "STATUS", "QUESTION", "FOUND IN", "SNIPPET"])
+    return 0
+
+
+def cmd_history_rerun(args: argparse.Namespace) -> int:
+    config = load_config(args.config_dir)
+    runtime = Runtime(config)
+    install_signal_cleanup()
+    cancel = CancelToken()
+    try:
+        with ctrl_c_cancels(cancel):
+            outcome = Runner(runtime).rerun(args.id, args.stage, overrides=args.set, cancel=cancel,
+                                            on_event=ProgressPrinter(stream_tokens=args.verbose),
+                                            allow_sequential=sequential_policy(args, manual=True))
+    finally:
+        runtime.close()
+    return emit_outcome(outcome, args.json)
+
+
+def cmd_history_reindex(args: argparse.Namespace) -> int:
+    store = _store(args)
+    db = store.index.rebuild()
+    count = db["sessions"].count
+    db.conn.close()
+    print(f"reindexed {count} session(s) from {store.dir}")
+    return 0
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("run", parents=[common], help="run the base pipeline (or a manual one) for a question")
+    p.add_argument("question")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pipeline", type=Path, help="a base-mode pipeline file instead of config/pipeline.yaml")
+    src.add_argument("--manual", type=Path, help="a manual pipeline file (runs with whatever models are available)")
+    _run_options(p)
+    p.set_defaults(func=cmd_run)
+
+    h = sub.add_parser("history", parents=[common], help="list, show, search and rerun saved sessions")
+    hs = h.add_subparsers(dest="history_command", metavar="ACTION")
+    hs.required = True
+    p = hs.add_parser("list", parents=[common], help="saved sessions, newest first")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_history_list)
+    p = hs.add_parser("show", parents=[common], help="every step of one session")
+    p.add_argument("id", help="e.g. 7 or session_007")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_history_show)
+    p = hs.add_parser("search", parents=[common], help="full-text search in questions, answers and steps")
+    p.add_argument("text")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_history_search)
+    p = hs.add_parser("rerun", parents=[common], help="run a session again from stage N (a new linked session)")
+    p.add_argument("id")
+    p.add_argument("--stage", type=int, required=True, help="first stage to run again (1-based)")
+    _run_options(p)
+    p.set_defaults(func=cmd_history_rerun)
+    p = hs.add_parser("reindex", parents=[common], help="rebuild the SQLite index from the session files")
+    p.set_defaults(func=cmd_history_reindex)
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE",
+                   help="override a stage parameter, e.g. review.temperature=0.2 (repeatable; 'defaults.' for all)")
+    p.add_argument("--json", action="store_true", help="print the run as JSON")
+    p.add_argument("--allow-sequential", action="store_true",
+                   help="in manual mode, run a stage's models one after another when they do not fit together")

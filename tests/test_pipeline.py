@@ -1,0 +1,169 @@
+"""The engine on the real llama-server and demo model: stages, parallel calls, failures, events."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from orchestrator.config import PipelineSpec, load_config
+from orchestrator.overrides import apply_overrides
+from orchestrator.pipeline import CancelToken, Engine, Event, run_sync
+from orchestrator.runtime import Runtime
+from tests.conftest import ConfigDir, small_pipeline
+
+pytestmark = pytest.mark.integration
+
+
+def manual(stages: list[dict], **defaults: object) -> PipelineSpec:
+    return PipelineSpec.model_validate({"name": "manual", "defaults": {"max_tokens": 8, "n_ctx": 1024, **defaults},
+                                        "stages": stages})
+
+
+def run(runtime: Runtime, spec: PipelineSpec, question: str = "Why is the sky blue?", **kw):
+    events: list[Event] = []
+    record = run_sync(Engine(runtime, **kw.pop("engine", {})), spec, question, on_event=events.append, **kw)
+    return record, events
+
+
+def test_base_pipeline_runs_all_stages_on_one_warm_server(runtime: Runtime) -> None:
+    record, events = run(runtime, small_pipeline(), mode="base")
+    assert record.status == "completed", record.error
+    assert [s.name for s in record.stages] == ["analyse", "draft", "review"]
+    review = record.stages[2]
+    assert [r.label for r in review.responses] == ["reviewer-facts", "reviewer-clarity", "reviewer-skeptic"]
+    assert all(r.ok and r.text for r in review.responses)
+    assert review.execution == "parallel"
+    assert review.aggregation and review.aggregation.kind == "synthesis"
+    assert review.aggregation.details["synthesis_prompt"].startswith("Combine the answers")
+    assert record.final == review.output and record.final
+    assert runtime.pool.starts == 1  # every stage asks for the pipeline-wide slot count of the one model
+    types = [e.type for e in events]
+    assert types[0] == "run_started" and types[-1] == "run_finished"
+    assert "token" in types and "aggregation_done" in types
+    assert types.index("stage_started") < types.index("model_finished")
+
+
+def test_second_run_starts_no_server(runtime: Runtime) -> None:
+    run(runtime, small_pipeline(), mode="base")
+    starts = runtime.pool.starts
+    record, _ = run(runtime, small_pipeline(), mode="base")
+    assert record.status == "completed" and runtime.pool.starts == starts
+
+
+def test_prompt_templates_see_previous_and_named_stages(runtime: Runtime) -> None:
+    spec = manual([
+        {"name": "one", "models": ["gemma3-270m"], "prompt": "Q: {{ question }}"},
+        {"name": "two", "models": ["gemma3-270m"],
+         "prompt": "prev={{ previous }}|named={{ stages.one.output }}|n={{ stages.one.responses | length }}"},
+    ])
+    record, _ = run(runtime, spec, "colour of grass")
+    assert record.stages[0].prompt == "Q: colour of grass"
+    first = record.stages[0].output
+    assert record.stages[1].prompt == f"prev={first}|named={first}|n=1"
+
+
+def test_missing_model_fails_its_step_and_the_stage_goes_on(runtime: Runtime) -> None:
+    spec = manual([{"name": "s", "models": ["gemma3-270m", "ghost"], "aggregation": {"type": "concat"}}])
+    record, _ = run(runtime, spec)
+    stage = record.stages[0]
+    assert record.status == "completed" and stage.status == "partial"
+    ghost = stage.response("ghost")
+    assert ghost and ghost.status == "failed" and ghost.error and ghost.error["type"] == "ModelUnavailable"
+    assert stage.output == stage.response("gemma3-270m").text  # type: ignore[union-attr]
+
+
+def test_on_error_stop_fails_the_stage_and_ends_the_run(runtime: Runtime) -> None:
+    spec = manual([{"name": "s", "models": ["gemma3-270m", "ghost"], "on_error": "stop"},
+                   {"name": "never", "models": ["gemma3-270m"]}])
+    record, _ = run(runtime, spec)
+    assert record.status == "failed" and len(record.stages) == 1
+    assert record.error and record.error["type"] == "ModelUnavailable"
+
+
+def test_base_mode_refuses_a_blocked_pipeline_without_raising(runtime: Runtime) -> None:
+    spec = manual([{"name": "s", "models": ["ghost"]}])
+    record, _ = run(runtime, spec, mode="base")
+    assert record.status == "failed" and record.error and record.error["type"] == "PipelineBlocked"
+    assert record.stages == []
+
+
+def test_majority_vote_of_identical_deterministic_answers_is_unanimous(runtime: Runtime) -> None:
+    spec = manual([{"name": "vote", "models": ["gemma3-270m", "gemma3-270m", "gemma3-270m"],
+                    "prompt": "The capital of France is", "temperature": 0, "seed": 5,
+                    "aggregation": {"type": "majority_vote", "vote": {"extract": "whole"}}}])
+    record, _ = run(runtime, spec)
+    agg = record.stages[0].aggregation
+    assert agg is not None and agg.details["agreement"] == 1.0
+    assert record.final == record.stages[0].responses[0].text
+
+
+def test_custom_template_merges_the_answers(runtime: Runtime) -> None:
+    spec = manual([{"name": "s", "models": [{"model": "gemma3-270m", "label": "a"},
+                                            {"model": "gemma3-270m", "label": "b"}],
+                    "aggregation": {"type": "custom_template",
+                                    "template": "{% for r in responses %}<{{ r.label }}>{% endfor %}"}}])
+    record, _ = run(runtime, spec)
+    assert record.final == "<a><b>"
+
+
+def test_template_reaching_python_internals_fails_the_stage_not_the_app(runtime: Runtime) -> None:
+    spec = manual([{"name": "s", "models": ["gemma3-270m"], "prompt": "{{ ''.__class__.__mro__ }}"}])
+    record, _ = run(runtime, spec)
+    assert record.status == "failed"
+    assert record.error and "sandbox" in record.error["message"].lower()
+
+
+def test_set_override_changes_generation(runtime: Runtime) -> None:
+    spec = apply_overrides(manual([{"name": "s", "models": ["gemma3-270m"]}]), ["s.max_tokens=3"])
+    record, _ = run(runtime, spec)
+    assert record.stages[0].responses[0].completion_tokens <= 3  # type: ignore[operator]
+
+
+def test_sequential_execution_runs_one_model_per_wave(config_dir: ConfigDir, llama_server_bin) -> None:
+    models = config_dir.models()
+    models["models"]["gemma-b"] = {**models["models"]["gemma3-270m"]}
+    config_dir.write_models(models)
+    rt = Runtime(load_config(config_dir.path))
+    try:
+        spec = manual([{"name": "s", "execution": "sequential", "models": ["gemma3-270m", "gemma-b"]}])
+        record, events = run(rt, spec)
+    finally:
+        rt.close()
+    stage = record.stages[0]
+    assert record.status == "completed" and stage.execution == "sequential"
+    assert stage.waves == [["gemma3-270m"], ["gemma-b"]]
+    finished = [e.label for e in events if e.type == "model_finished"]
+    started = [e.label for e in events if e.type == "model_started"]
+    assert started == finished == ["gemma3-270m", "gemma-b"]
+    first_done = next(i for i, e in enumerate(events) if e.type == "model_finished")
+    second_start = next(i for i, e in enumerate(events) if e.type == "model_started" and e.label == "gemma-b")
+    assert first_done < second_start
+
+
+def test_cancel_stops_the_run_in_flight(runtime: Runtime) -> None:
+    spec = manual([{"name": "long", "models": ["gemma3-270m"], "max_tokens": 2000, "prompt": "Count: 1, 2, 3,"},
+                   {"name": "never", "models": ["gemma3-270m"]}])
+    cancel = CancelToken()
+    seen: list[Event] = []
+
+    def on_event(event: Event) -> None:
+        seen.append(event)
+        if event.type == "token" and sum(e.type == "token" for e in seen) == 3:
+            threading.Timer(0.01, cancel.cancel).start()  # from another thread, like a UI button
+
+    record = run_sync(Engine(runtime), spec, "q", on_event=on_event, cancel=cancel)
+    assert record.status == "cancelled"
+    assert record.stages[0].responses[0].status == "cancelled"
+    assert sum(e.type == "token" for e in seen) < 500
+
+
+def test_rerun_from_stage_keeps_earlier_stages_and_reuses_servers(runtime: Runtime) -> None:
+    spec = small_pipeline()
+    first, _ = run(runtime, spec, mode="base")
+    starts = runtime.pool.starts
+    again = run_sync(Engine(runtime), spec, first.question, prior_stages=first.stages[:2], mode="base")
+    assert again.status == "completed" and again.rerun_from_stage == 3
+    assert [s.status for s in again.stages[:2]] == ["copied", "copied"]
+    assert [s.output for s in again.stages[:2]] == [s.output for s in first.stages[:2]]
+    assert runtime.pool.starts == starts

@@ -1,0 +1,150 @@
+"""History on disk and in SQLite, after real runs on the demo model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import PipelineSpec
+from orchestrator.runs import Runner
+from orchestrator.runtime import Runtime
+from orchestrator.sessions import SessionStore, normalise_id
+from tests.conftest import REPO, ConfigDir, small_pipeline
+
+pytestmark = pytest.mark.integration
+
+
+def tiny(question_tokens: int = 6) -> PipelineSpec:
+    return PipelineSpec.model_validate({"stages": [{"name": "answer", "models": ["gemma3-270m"],
+                                                    "max_tokens": question_tokens, "n_ctx": 512}]})
+
+
+def test_a_real_run_writes_the_seed_layout(runtime: Runtime) -> None:
+    outcome = Runner(runtime).run(small_pipeline(), "Why is the sky blue?", mode="base")
+    assert outcome.run.status == "completed" and outcome.session_dir
+    d = outcome.session_dir
+    names = sorted(p.name for p in d.iterdir())
+    assert names == sorted(["config_snapshot.json", "session.json", "step1.json", "step2.json", "step3.json",
+                            "step3_reviewer-facts.json", "step3_reviewer-clarity.json",
+                            "step3_reviewer-skeptic.json", "aggregation.json", "final.txt"])
+    snap = json.loads((d / "config_snapshot.json").read_text())
+    assert snap["mode"] == "base" and snap["pipeline"]["stages"][0]["name"] == "analyse"
+    model = snap["models"]["gemma3-270m"]
+    assert model["size_bytes"] > 0 and model["mtime_ns"] > 0
+    assert "chorus-lcp" in snap["versions"]["llama_server"] and snap["versions"]["chorus"]
+    step1 = json.loads((d / "step1.json").read_text())
+    assert step1["prompt"].startswith("Question: Why is the sky blue?")
+    assert step1["system_prompt"] and step1["response"]["text"] == step1["output"]
+    assert step1["params"]["models"][0]["generation"]["temperature"] == 0.3
+    assert step1["status"] == "ok" and step1["duration_s"] > 0
+    one = json.loads((d / "step3_reviewer-facts.json").read_text())
+    assert one["text"] and one["completion_tokens"] and one["total_s"] and one["error"] is None
+    aggs = json.loads((d / "aggregation.json").read_text())
+    syn = next(a for a in aggs if a["kind"] == "synthesis")
+    assert syn["step"] == 3 and len(syn["inputs"]) == 3 and syn["details"]["synthesis_prompt"]
+    assert (d / "final.txt").read_text() == outcome.run.final
+    meta = json.loads((d / "session.json").read_text())
+    assert meta["status"] == "completed" and meta["mode"] == "base" and meta["question"] == "Why is the sky blue?"
+
+
+def test_eight_parallel_runs_get_eight_distinct_complete_sessions(runtime: Runtime) -> None:
+    runner = Runner(runtime)
+    with ThreadPoolExecutor(8) as ex:
+        outcomes = list(ex.map(lambda i: runner.run(tiny(), f"question number {i}"), range(8)))
+    ids = {o.session_id for o in outcomes}
+    assert len(ids) == 8
+    for o in outcomes:
+        assert o.run.status == "completed"
+        meta = json.loads((o.session_dir / "session.json").read_text())  # type: ignore[operator]
+        assert meta["status"] == "completed" and (o.session_dir / "final.txt").exists()  # type: ignore[operator]
+    assert runner.store.index.count() == 8
+    assert runtime.pool.starts == 1
+
+
+def test_a_run_killed_mid_stage_leaves_valid_json(config_dir: ConfigDir, llama_server_bin: Path,
+                                                 tmp_path: Path) -> None:
+    spec = tmp_path / "manual.yaml"
+    spec.write_text("stages:\n  - {name: quick, models: [gemma3-270m], max_tokens: 4, n_ctx: 1024}\n"
+                    "  - {name: slow, models: [gemma3-270m], max_tokens: 3000, n_ctx: 4096,"
+                    " prompt: 'Count: 1, 2, 3,'}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "q", "--manual", str(spec),
+                             "--config-dir", str(config_dir.path)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    session = config_dir.sessions_dir / "session_001"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (session / "step1.json").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # into stage 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for f in session.glob("*.json"):
+        json.loads(f.read_text())  # every file is whole
+    assert not list(session.glob(".*tmp"))
+    meta = json.loads((session / "session.json").read_text())
+    assert meta["status"] == "running" and meta["stages"] == ["quick"]
+    loaded = SessionStore(config_dir.sessions_dir).load("1")
+    assert [s.name for s in loaded.stages] == ["quick"] and loaded.final is None
+
+
+def test_reindex_after_deleting_the_database_finds_the_same_sessions(runtime: Runtime) -> None:
+    runner = Runner(runtime)
+    for q in ("alpha question", "beta question"):
+        runner.run(tiny(), q)
+    before = runner.store.index.list()
+    db = runner.store.dir / "index.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    runner.store.index.rebuild()
+    after = runner.store.index.list()
+    assert [r["id"] for r in after] == [r["id"] for r in before]
+    assert [r["question"] for r in after] == [r["question"] for r in before]
+
+
+def test_a_corrupt_database_is_rebuilt_not_fatal(runtime: Runtime) -> None:
+    runner = Runner(runtime)
+    runner.run(tiny(), "gamma question")
+    (runner.store.dir / "index.db").write_bytes(b"this is not sqlite" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{runner.store.dir / 'index.db'}{suffix}").unlink(missing_ok=True)
+    assert [r["question"] for r in runner.store.index.list()] == ["gamma question"]
+
+
+def test_search_finds_a_question_by_a_word_of_its_final_answer(runtime: Runtime) -> None:
+    runner = Runner(runtime)
+    outcome = runner.run(tiny(12), "Tell me about the ocean")
+    runner.run(tiny(), "something unrelated")
+    words = [w for w in outcome.run.final.split() if w.isalpha() and len(w) > 3]
+    assert words, f"need a word in the answer: {outcome.run.final!r}"
+    hits = runner.store.index.search(words[0])
+    assert outcome.session_id in [h["id"] for h in hits]
+    hit = next(h for h in hits if h["id"] == outcome.session_id)
+    assert hit["question"] == "Tell me about the ocean" and "[" in hit["snippet"]
+
+
+def test_rerun_changes_only_the_stages_from_n_on(runtime: Runtime) -> None:
+    runner = Runner(runtime)
+    first = runner.run(small_pipeline(), "What is rain?", mode="base")
+    starts = runtime.pool.starts
+    again = runner.rerun(first.session_id, 2, overrides=["draft.seed=99", "draft.temperature=1.2"])  # type: ignore
+    assert again.run.status == "completed" and again.session_id != first.session_id
+    meta = json.loads((again.session_dir / "session.json").read_text())  # type: ignore[operator]
+    assert meta["parent_session"] == first.session_id and meta["rerun_from_stage"] == 2
+    parent = runner.store.load(first.session_id)  # type: ignore[arg-type]
+    child = runner.store.load(again.session_id)  # type: ignore[arg-type]
+    assert child.stages[0].output == parent.stages[0].output and child.stages[0].status == "copied"
+    assert child.stages[1].status == "ok" and child.stages[1].responses[0].params["seed"] == 99
+    assert json.loads((again.session_dir / "config_snapshot.json").read_text())[  # type: ignore[operator]
+        "pipeline"]["stages"][1]["seed"] == 99
+    assert runtime.pool.starts == starts  # servers stayed warm
+
+
+def test_session_ids_are_flexible() -> None:
+    assert normalise_id("7") == normalise_id("session_007") == normalise_id(7) == "session_007"
