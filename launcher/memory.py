@@ -1,11 +1,20 @@
 """What memory the machine has free: RAM from psutil, VRAM per GPU from pynvml.
 
-Probes are objects so tests can simulate a machine of any size.
+Probes are objects so tests can simulate a machine of any size. A real machine (`SystemProbe`) is
+*live*: what running servers hold is already out of its free figures. A simulated one (`FixedProbe`)
+is static: the admission check subtracts what our running servers hold itself.
+
+RAM "available" from the kernel counts page cache as reclaimable, and the weights our servers map
+from their .gguf files are page cache. They are in use, so `SystemProbe.snapshot(own_pids)` takes
+the file-backed resident memory of our own servers (RssFile) out of the available figure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +37,7 @@ class SystemMemory:
     ram_available_bytes: int
     gpus: tuple[GpuMemory, ...] = field(default_factory=tuple)
     gpu_note: str | None = None  # why there is no GPU, when there is none
+    own_page_cache_bytes: int = 0  # our servers' mapped weights, already taken out of ram_available_bytes
 
     @property
     def vram_total_bytes(self) -> int:
@@ -37,60 +47,175 @@ class SystemMemory:
     def vram_free_bytes(self) -> int:
         return sum(g.free_bytes for g in self.gpus)
 
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    def free(self) -> dict[str, int]:
+        """Free bytes per device: 'ram', 'gpu0', 'gpu1'..."""
+        return {"ram": self.ram_available_bytes, **{f"gpu{g.index}": g.free_bytes for g in self.gpus}}
+
+    def total(self) -> dict[str, int]:
+        return {"ram": self.ram_total_bytes, **{f"gpu{g.index}": g.total_bytes for g in self.gpus}}
+
 
 class MemoryProbe(Protocol):
-    def snapshot(self) -> SystemMemory: ...
+    """Where free memory comes from. `live`: whether running processes' memory is already out of it."""
+
+    live: bool
+
+    def snapshot(self, own_pids: Collection[int] = ()) -> SystemMemory: ...
 
 
 class SystemProbe:
     """The real machine. pynvml is optional at run time: no driver or no GPU means CPU-only."""
 
-    def snapshot(self) -> SystemMemory:
+    live = True
+
+    def snapshot(self, own_pids: Collection[int] = ()) -> SystemMemory:
         vm = psutil.virtual_memory()
         gpus, note = _nvml_gpus()
-        return SystemMemory(vm.total, vm.available, gpus, note)
+        cached = own_page_cache_bytes(own_pids)
+        return SystemMemory(vm.total, max(0, vm.available - cached), gpus, note, cached)
+
+
+@dataclass
+class FixedProbe:
+    """A simulated machine, for tests and `what if` planning: these figures with none of our servers up."""
+
+    ram_total_bytes: int
+    ram_available_bytes: int
+    gpus: tuple[GpuMemory, ...] = ()
+    live = False
+
+    def snapshot(self, own_pids: Collection[int] = ()) -> SystemMemory:
+        note = None if self.gpus else "no GPU (simulated)"
+        return SystemMemory(self.ram_total_bytes, self.ram_available_bytes, tuple(self.gpus), note)
+
+
+# ---------------------------------------------------------------- per-process figures
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """One process's resident memory: anonymous (its own) and file-backed (mapped weights, libraries)."""
+
+    pid: int
+    rss_bytes: int
+    rss_anon_bytes: int
+    rss_file_bytes: int
+    pss_bytes: int | None = None
+
+
+def process_memory(pid: int, *, pss: bool = False) -> ProcessMemory | None:
+    """RSS split from /proc/PID/status (RssAnon/RssFile); None when the process is gone."""
+    try:
+        proc = psutil.Process(pid)
+        rss = int(proc.memory_info().rss)
+    except psutil.Error:
+        return None
+    pss_bytes = None
+    if pss:
+        with contextlib.suppress(psutil.Error, AttributeError):
+            pss_bytes = int(proc.memory_full_info().pss)
+    anon = file = None
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) * 1024
+            elif line.startswith("RssFile:"):
+                file = int(line.split()[1]) * 1024
+    if anon is None or file is None:  # not Linux: psutil's `shared` is the closest to file-backed
+        with contextlib.suppress(psutil.Error, AttributeError):
+            file = int(getattr(psutil.Process(pid).memory_info(), "shared", 0))
+        file = file or 0
+        anon = max(0, rss - file)
+    return ProcessMemory(pid, rss, anon, file, pss_bytes)
+
+
+def own_page_cache_bytes(pids: Collection[int]) -> int:
+    """File-backed resident memory of our servers: page cache the kernel calls free, but that we use.
+
+    Servers of one model file share its pages, so each file counts once (the largest RssFile of the
+    processes that map it, grouped by their `-m` argument).
+    """
+    by_file: dict[str, int] = {}
+    for pid in set(pids):
+        mem = process_memory(pid)
+        if mem is None:
+            continue
+        key = _model_arg(pid) or f"pid:{pid}"
+        by_file[key] = max(by_file.get(key, 0), mem.rss_file_bytes)
+    return sum(by_file.values())
+
+
+def _model_arg(pid: int) -> str | None:
+    try:
+        cmd = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return None
+    for flag in ("-m", "--model"):
+        if flag in cmd[:-1]:
+            return cmd[cmd.index(flag) + 1]
+    return None
+
+
+# ---------------------------------------------------------------- NVML
+
+_nvml_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _nvml() -> Iterator[object]:
+    """pynvml, initialised for the block; raises ImportError or an NVMLError when there is none."""
+    import pynvml
+
+    with _nvml_lock:
+        pynvml.nvmlInit()
+        try:
+            yield pynvml
+        finally:
+            try:
+                pynvml.nvmlShutdown()
+            except Exception:
+                log.debug("nvmlShutdown failed", exc_info=True)
 
 
 def _nvml_gpus() -> tuple[tuple[GpuMemory, ...], str | None]:
     try:
-        import pynvml
+        with _nvml() as nvml:
+            out = []
+            for i in range(nvml.nvmlDeviceGetCount()):  # type: ignore[attr-defined]
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)  # type: ignore[attr-defined]
+                info = nvml.nvmlDeviceGetMemoryInfo(handle)  # type: ignore[attr-defined]
+                name = nvml.nvmlDeviceGetName(handle)  # type: ignore[attr-defined]
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                out.append(GpuMemory(i, name, int(info.total), int(info.free)))
     except ImportError:
         return (), "no GPU (pynvml not installed)"
-    try:
-        pynvml.nvmlInit()
     except Exception as exc:  # NVMLError has many subclasses; any of them means no usable GPU
         return (), f"no GPU ({_nvml_reason(exc)})"
+    return tuple(out), None if out else "no GPU (driver found, no devices)"
+
+
+def process_vram(pids: Collection[int]) -> dict[int, dict[int, int]]:
+    """VRAM per process per GPU index from NVML ({} without a GPU, or when the driver hides the pids)."""
+    wanted = set(pids)
+    out: dict[int, dict[int, int]] = {}
+    if not wanted:
+        return out
     try:
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            out.append(GpuMemory(i, name, int(info.total), int(info.free)))
-        return tuple(out), None if out else "no GPU (driver found, no devices)"
-    except Exception as exc:
-        return (), f"no GPU ({_nvml_reason(exc)})"
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            log.debug("nvmlShutdown failed", exc_info=True)
+        with _nvml() as nvml:
+            for i in range(nvml.nvmlDeviceGetCount()):  # type: ignore[attr-defined]
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)  # type: ignore[attr-defined]
+                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):  # type: ignore[attr-defined]
+                    used = getattr(proc, "usedGpuMemory", None)
+                    if proc.pid in wanted and isinstance(used, int):
+                        out.setdefault(proc.pid, {})[i] = out.get(proc.pid, {}).get(i, 0) + used
+    except Exception:  # ImportError or any NVMLError: no per-process figures
+        log.debug("no per-process VRAM from NVML", exc_info=True)
+    return out
 
 
 def _nvml_reason(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return "NVIDIA driver not found" if "Driver Not Loaded" in text or "not found" in text.lower() else text
-
-
-@dataclass
-class FixedProbe:
-    """A simulated machine, for tests and `what if` planning."""
-
-    ram_total_bytes: int
-    ram_available_bytes: int
-    gpus: tuple[GpuMemory, ...] = ()
-
-    def snapshot(self) -> SystemMemory:
-        note = None if self.gpus else "no GPU (simulated)"
-        return SystemMemory(self.ram_total_bytes, self.ram_available_bytes, tuple(self.gpus), note)

@@ -224,7 +224,8 @@ class ModelServer:
         s = self.spec
         cmd = [str(self.binary), "-m", str(s.model_path), "-c", str(s.n_ctx * s.slots),
                "-ngl", str(s.n_gpu_layers), "-np", str(s.slots), "--host", self.options.host,
-               "--port", str(port), "--no-webui", "--api-key", self.api_key, "--metrics", "--fit", "off"]
+               "--port", str(port), "--no-webui", "--api-key", self.api_key, "--metrics", "--fit", "off",
+               "--cache-ram", "0"]  # no host prompt cache: it grows outside what the fit check admitted
         if s.threads:
             cmd += ["-t", str(s.threads)]
         if s.chat_template:

@@ -15,7 +15,7 @@ from launcher.errors import ChorusError
 from launcher.memory import SystemProbe
 from launcher.server import install_signal_cleanup
 from launcher.state import list_running
-from orchestrator import cli_run
+from orchestrator import cli_run, cli_ui
 from orchestrator.config import ChorusConfig, load_config
 from orchestrator.registry import Registry
 from orchestrator.runtime import Runtime
@@ -140,6 +140,43 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from orchestrator.planning import plan_pipeline
+
+    runtime = Runtime(_config(args))
+    pipeline = runtime.config.load_pipeline(args.pipeline)
+    plan = plan_pipeline(runtime, pipeline)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    avail = plan.available
+    vram = f", VRAM {_gib(avail.vram_bytes)}" if avail.vram_bytes else f" ({plan.gpu_note or 'no GPU'})"
+    print(f"pipeline '{plan.pipeline}': usable now RAM {_gib(avail.ram_bytes)}{vram} "
+          f"(free minus the margin of {runtime.config.app.resources.fraction:.0%} + "
+          f"{runtime.config.app.resources.fixed_mib} MiB)")
+    for stage in plan.stages:
+        print()
+        together = "fits together" if stage.fits_together else f"does NOT fit together: {len(stage.waves)} waves"
+        print(f"stage '{stage.stage}': {together}")
+        models = stage.models + ([stage.synthesis] if stage.synthesis else [])
+        print_table([(("synthesis: " if m is stage.synthesis else "") + m.name, ", ".join(m.labels),
+                      m.n_ctx, m.n_gpu_layers, m.slots or None,
+                      "remote" if m.remote else _gib(m.ram_bytes), "-" if m.remote else _gib(m.vram_bytes),
+                      m.reason or m.source) for m in models],
+                    ["MODEL", "LABELS", "N_CTX", "NGL", "SLOTS", "RAM", "VRAM", "FIGURE"])
+        if not stage.fits_together:
+            for i, wave in enumerate(stage.waves, 1):
+                print(f"  wave {i}: {', '.join(wave)}")
+        if stage.synthesis:
+            print(f"  then: {', '.join(stage.synthesis.labels)}"
+                  + ("" if stage.synthesis.fits_alone else "  (does NOT fit)"))
+        if stage.evict:
+            print(f"  stops first: {', '.join(stage.evict)}")
+        if stage.unfit:
+            print(f"  does not fit even alone: {', '.join(stage.unfit)}")
+    return 0 if plan.fits else 1
+
+
 # ---------------------------------------------------------------- wiring
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_ps)
 
+    p = sub.add_parser("plan", parents=[common],
+                       help="per stage: each model's RAM/VRAM estimate, whether the stage fits, else its waves")
+    p.add_argument("--pipeline", type=Path, default=None, help="a pipeline file (default: the base pipeline.yaml)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
+
     cli_run.register(sub, common)
+    cli_ui.register(sub, common)
     return parser
 
 

@@ -6,23 +6,49 @@ The CLI makes one per command; the UI keeps one in st.cache_resource so a page r
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from functools import cached_property
 from pathlib import Path
 
+from launcher.admission import MemoryGuard
 from launcher.binary import find_llama_server
+from launcher.calibration import CalibrationCache
 from launcher.client import Endpoint
-from launcher.pool import ServerPool, budget_fit_check
+from launcher.memory import MemoryProbe, SystemProbe
+from launcher.pool import ServerPool
 from launcher.server import ModelServer, ServerOptions, ServerSpec
 from orchestrator.config import ChorusConfig, MiB, load_config
 from orchestrator.registry import ModelRecord, Registry
 
+log = logging.getLogger("chorus.runtime")
+
+
+class CalibratingPool(ServerPool):
+    """The server pool, measuring each new server once (calibration) the first time it is handed out."""
+
+    def __init__(self, *args: object, guard: MemoryGuard, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.guard = guard
+
+    def acquire(self, spec: ServerSpec) -> ModelServer:
+        try:
+            server = super().acquire(spec)
+        finally:
+            self.guard.forget(spec)  # started or failed: no longer a pending start
+        self.guard.observe([server])  # once per process: /proc, NVML and the log head
+        return server
+
 
 class Runtime:
-    def __init__(self, config: ChorusConfig, registry: Registry | None = None) -> None:
+    def __init__(self, config: ChorusConfig, registry: Registry | None = None, *,
+                 probe: MemoryProbe | None = None, calibration: CalibrationCache | None = None) -> None:
         self.config = config
         self.registry = registry or Registry(config)
+        self._probe = probe
+        self._calibration = calibration
+        self._warned_no_gpu = False
 
     @classmethod
     def from_config_dir(cls, config_dir: Path | str | None = None) -> Runtime:
@@ -42,26 +68,49 @@ class Runtime:
                              state_dir=self.state_dir)
 
     @cached_property
+    def memory_guard(self) -> MemoryGuard:
+        """The memory fit check: app.yaml's resources margin, calibration, memory_budget_mib as a cap."""
+        r, s = self.config.app.resources, self.config.app.server
+        probe = self._probe if self._probe is not None else SystemProbe()
+        return MemoryGuard(probe, r.fraction, r.fixed_mib * MiB,
+                           self._calibration if self._calibration is not None else CalibrationCache(),
+                           budget_bytes=s.memory_budget_mib * MiB if s.memory_budget_mib else None)
+
+    @cached_property
     def pool(self) -> ServerPool:
         s = self.config.app.server
-        budget = s.memory_budget_mib * MiB if s.memory_budget_mib else None
-        return ServerPool(self.binary, self.config.app.logs_dir, options=self.server_options(),
-                          idle_timeout_s=s.idle_timeout_s, fit_check=budget_fit_check(budget))
+        return CalibratingPool(self.binary, self.config.app.logs_dir, options=self.server_options(),
+                               idle_timeout_s=s.idle_timeout_s, fit_check=self.memory_guard.check_fit,
+                               guard=self.memory_guard)
 
     def server_spec(self, model: str | ModelRecord, *, n_ctx: int | None = None,
                     n_gpu_layers: int | None = None, slots: int = 1) -> ServerSpec:
         rec = model if isinstance(model, ModelRecord) else self.registry.get(model)
         assert rec.path is not None, "remote models have no server"
         entry = rec.entry
+        ngl = entry.default_gpu_layers if n_gpu_layers is None else n_gpu_layers
+        if ngl != 0 and not self.memory_guard.has_gpu():
+            if not self._warned_no_gpu:
+                self._warned_no_gpu = True
+                log.warning("%s: running on the CPU, n_gpu_layers forced to 0",
+                            self.memory_guard.gpu_note or "no GPU")
+            ngl = 0
         return ServerSpec(
             model=rec.name, model_path=rec.path,
             n_ctx=n_ctx or entry.default_n_ctx,
-            n_gpu_layers=entry.default_gpu_layers if n_gpu_layers is None else n_gpu_layers,
+            n_gpu_layers=ngl,
             slots=max(slots, entry.parallel), threads=entry.threads, chat_template=entry.chat_template)
 
     def start_server(self, spec: ServerSpec) -> ModelServer:
-        """A standalone server outside the pool (for `chorus serve`)."""
-        return ModelServer(spec, self.binary, self.config.app.logs_dir, self.server_options()).start()
+        """A standalone server outside the pool (for `chorus serve`), after the memory fit check."""
+        running = self.pool.servers() if "pool" in self.__dict__ else []
+        self.memory_guard.check_fit(spec, running)
+        try:
+            server = ModelServer(spec, self.binary, self.config.app.logs_dir, self.server_options()).start()
+        finally:
+            self.memory_guard.forget(spec)
+        self.memory_guard.observe([server])
+        return server
 
     @contextlib.contextmanager
     def endpoint(self, model: str, *, n_ctx: int | None = None, n_gpu_layers: int | None = None,

@@ -1,0 +1,341 @@
+"""How much RAM and VRAM one llama-server will hold, from the GGUF header alone (nothing is loaded).
+
+The figures follow the pinned llama.cpp (src/llama-model.cpp, llama-context.cpp, llama-kv-cache*.cpp):
+
+- **Weights.** Layer ``il`` of ``n_layer`` is on the GPU when ``il >= n_layer + 1 - n_gpu_layers``; the
+  output layer counts as layer ``n_layer``, so it is the first one offloaded. ``token_embd`` (the input
+  layer) always stays on the CPU. A model without ``output.weight`` ties the output to ``token_embd``:
+  when the output layer is on a GPU, llama.cpp loads a second copy of it there. Several GPUs split the
+  offloaded layers in proportion to their free memory. CPU weights are memory-mapped from the file;
+  on x86 with AVX2 the Q4_0/Q4_K/IQ4_NL/MXFP4 matrices are also repacked into anonymous memory.
+- **KV cache**, per layer on that layer's device: ``cells x streams x (K row + V row)`` where the cache
+  type sets the bytes per element. ``n_ctx`` (per slot) is padded to 256; with the server's default
+  ``kv_unified = false`` every slot is its own stream. Sliding-window layers keep only
+  ``pad256(min(n_ctx, n_swa + n_ubatch))`` cells.
+- **Compute buffer**, per backend: ``n_ubatch`` tokens of activations plus the attention mask
+  (``n_ubatch x n_ctx`` f16 with flash attention) and one row of logits.
+- **Output buffer** (host): ``slots x n_vocab`` floats of logits.
+- **Overheads**: the process itself and the tokenizer tables (host), and per GPU a CUDA context.
+
+Everything here is an estimate; `launcher.calibration` replaces it with what a running server really
+holds, per configuration. llama.cpp prints its own buffer sizes at ``-lv 4``; the constants below were
+tuned against those lines and the RSS of the demo model (see bench/memory_accuracy.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from launcher.gguf import GGUFMetadata, TensorInfo
+from launcher.memory import GpuMemory
+from launcher.server import ServerSpec
+
+MiB = 1 << 20
+KV_PAD = 256  # llama-context.cpp pads n_ctx and n_ctx_seq to 256; the SWA cache is padded to 256 too
+
+# KV cache types (-ctk / -ctv): (block size in elements, bytes per block)
+CACHE_TYPES: dict[str, tuple[int, int]] = {
+    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
+    "iq4_nl": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24),
+}
+
+# ggml-cpu/repack.cpp: which weight types the CPU backend repacks into a second (anonymous) buffer.
+_REPACK_X86_AVX2 = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})
+_REPACK_X86_AVX512 = frozenset({"Q2_K"})
+_REPACK_ARM_DOTPROD = frozenset({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"})
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """llama.cpp context settings the estimate depends on, and the overhead constants."""
+
+    n_ubatch: int = 512
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: bool = True          # llama.cpp's default "auto" enables it on CPU and CUDA
+    kv_unified: bool = False         # llama-server's default
+    swa_full: bool = False
+    offload_kqv: bool = True
+    host_base_bytes: int = 24 * MiB  # the llama-server process: code, libraries, HTTP server, slots
+    host_per_vocab_bytes: int = 72   # tokenizer tables and the token-to-piece cache, per vocab entry
+    host_per_slot_bytes: int = 1 * MiB
+    gpu_context_bytes: int = 400 * MiB  # CUDA context + cuBLAS workspace, per GPU a process uses
+    gpu_host_bytes: int = 256 * MiB     # the CUDA runtime's libraries and pinned buffers in RAM
+    repack_types: frozenset[str] | None = None  # None: what this CPU repacks (x86 AVX2/AVX512, ARM)
+
+    def for_args(self, args: Sequence[str]) -> EstimatorSettings:
+        """These settings with a server's extra command-line flags applied (-ub, -ctk, -ctv, -fa...)."""
+        changes: dict[str, object] = {}
+        it = iter(args)
+        for arg in it:
+            name, _, inline = arg.partition("=")
+
+            def value(inline: str = inline) -> str:
+                return inline or next(it, "")
+
+            if name in ("-ub", "--ubatch-size"):
+                changes["n_ubatch"] = int(value())
+            elif name in ("-ctk", "--cache-type-k"):
+                changes["cache_type_k"] = value().lower()
+            elif name in ("-ctv", "--cache-type-v"):
+                changes["cache_type_v"] = value().lower()
+            elif name in ("-fa", "--flash-attn"):
+                changes["flash_attn"] = value().lower() not in ("off", "0", "false")
+            elif name in ("-kvu", "--kv-unified"):
+                changes["kv_unified"] = True
+            elif name == "--no-kv-unified":
+                changes["kv_unified"] = False
+            elif name == "--swa-full":
+                changes["swa_full"] = True
+            elif name in ("-nkvo", "--no-kv-offload"):
+                changes["offload_kqv"] = False
+        return replace(self, **changes) if changes else self
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What one server holds, per device ('ram', 'gpu0'...) and per kind (weights, kv, compute...).
+
+    ``mapped_bytes`` is the part of RAM that is the model file's memory-mapped weights: page cache that
+    servers of the same file share. ``source`` is "estimate", or "calibrated" for a measured figure.
+    """
+
+    model: str
+    model_path: str
+    n_ctx: int
+    slots: int
+    n_gpu_layers: int          # as asked for
+    gpu_layers_used: int       # what llama.cpp will really offload (0 without a GPU)
+    breakdown: dict[str, dict[str, int]]
+    mapped_bytes: int = 0
+    source: str = "estimate"
+    estimate: MemoryEstimate | None = field(default=None, repr=False)  # the formula's figure, when calibrated
+
+    def need(self) -> dict[str, int]:
+        """Bytes per device."""
+        return {dev: sum(kinds.values()) for dev, kinds in self.breakdown.items()}
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(self.breakdown.get("ram", {}).values())
+
+    @property
+    def vram_bytes(self) -> int:
+        return sum(v for dev, v in self.need().items() if dev != "ram")
+
+    @property
+    def anon_ram_bytes(self) -> int:
+        """RAM that is this server's alone (not shared page cache)."""
+        return max(0, self.ram_bytes - self.mapped_bytes)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"model": self.model, "model_path": self.model_path, "n_ctx": self.n_ctx, "slots": self.slots,
+                "n_gpu_layers": self.n_gpu_layers, "gpu_layers_used": self.gpu_layers_used,
+                "ram_bytes": self.ram_bytes, "vram_bytes": self.vram_bytes, "need": self.need(),
+                "mapped_bytes": self.mapped_bytes, "breakdown": self.breakdown, "source": self.source}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def pad(n: int, to: int = KV_PAD) -> int:
+    return (n + to - 1) // to * to
+
+
+def cache_row_bytes(cache_type: str, n_elements: int) -> int:
+    block, size = CACHE_TYPES.get(cache_type, CACHE_TYPES["f16"])
+    return (n_elements + block - 1) // block * size
+
+
+def kv_cells(meta: GGUFMetadata, n_ctx: int, slots: int, settings: EstimatorSettings) -> tuple[int, int, int]:
+    """(cells per stream for full layers, cells per stream for SWA layers, streams), as llama.cpp sizes them."""
+    slots = max(1, slots)
+    total = pad(n_ctx * slots)
+    if settings.kv_unified:
+        kv_size, streams = total, 1
+    else:
+        kv_size, streams = pad(total // slots), slots
+    window = meta.sliding_window or 0
+    swa_cells = kv_size
+    if window > 0 and not settings.swa_full:
+        swa_cells = pad(min(kv_size, window * (slots if settings.kv_unified else 1) + settings.n_ubatch))
+    return kv_size, swa_cells, streams
+
+
+def kv_bytes_per_layer(meta: GGUFMetadata, n_ctx: int, slots: int,
+                       settings: EstimatorSettings = EstimatorSettings()) -> list[int]:
+    """KV cache bytes of each layer (0 for layers without attention KV)."""
+    n_layer = meta.block_count or 0
+    kv_size, swa_cells, streams = kv_cells(meta, n_ctx, slots, settings)
+    key_len = meta.key_length or 0
+    value_len = meta.value_length or 0
+    has_swa = bool(meta.sliding_window)
+    out = []
+    for il in range(n_layer):
+        heads = meta.head_count_kv_at(il)
+        if heads <= 0:
+            out.append(0)
+            continue
+        cells = swa_cells if has_swa and meta.is_swa_layer(il) else kv_size
+        row = (cache_row_bytes(settings.cache_type_k, key_len * heads)
+               + cache_row_bytes(settings.cache_type_v, value_len * heads))
+        out.append(cells * streams * row)
+    return out
+
+
+def compute_buffer_bytes(meta: GGUFMetadata, n_ctx: int, slots: int, settings: EstimatorSettings) -> int:
+    """One backend's compute buffer (graph intermediates for one ubatch), for the whole graph."""
+    kv_size, _, _ = kv_cells(meta, n_ctx, slots, settings)
+    n_embd = meta.embedding_length or 0
+    n_ff = meta.feed_forward_length or 0
+    heads = meta.head_count if isinstance(meta.head_count, int) else max(meta.head_count or (0,))
+    heads_kv = meta.head_count_kv if isinstance(meta.head_count_kv, int) else max(meta.head_count_kv or (heads,))
+    d_k = meta.key_length or 0
+    ub = settings.n_ubatch
+    per_token = 4 * (2 * n_embd + 3 * n_ff + heads * d_k + 2 * heads_kv * d_k)
+    # flash attention: the f16 KQ mask; without it: an f32 mask and the f32 KQ matrix per head
+    attention = ub * kv_size * 2 if settings.flash_attn else ub * kv_size * 4 * (1 + heads)
+    logits = (meta.vocab_size or 0) * 4
+    return ub * per_token + attention + logits
+
+
+def host_compute_bytes(meta: GGUFMetadata, settings: EstimatorSettings, slots: int) -> int:
+    """The small host-side compute buffer when every layer runs on a GPU (inputs and outputs)."""
+    return 3 * settings.n_ubatch * (meta.embedding_length or 0) * 4 + slots * (meta.vocab_size or 0) * 4
+
+
+@functools.cache
+def detect_repack_types() -> frozenset[str]:
+    """The weight types this CPU's ggml backend repacks (ggml-cpu/repack.cpp), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+            break
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686"):
+        types = set(_REPACK_X86_AVX2) if "avx2" in flags else set()
+        if "avx512f" in flags:
+            types |= _REPACK_X86_AVX512
+        return frozenset(types)
+    if machine in ("aarch64", "arm64") and ("asimddp" in flags or "i8mm" in flags):
+        return _REPACK_ARM_DOTPROD
+    return frozenset()
+
+
+def _layer_of(tensor: TensorInfo, n_layer: int) -> int | None:
+    """Layer index: blk.N -> N, the output layer -> n_layer, the input layer (token_embd...) -> None."""
+    m = _LAYER.match(tensor.name)
+    if m:
+        return int(m.group(1))
+    if tensor.name.startswith(("output.", "output_norm", "cls.", "cls_out")):
+        return n_layer
+    return None
+
+
+def layer_devices(n_layer: int, n_gpu_layers: int, gpus: Sequence[GpuMemory]) -> list[str]:
+    """Device of layers 0..n_layer (the last entry is the output layer): 'ram' or 'gpuN'."""
+    if not gpus or n_gpu_layers == 0:
+        return ["ram"] * (n_layer + 1)
+    ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    start = max(n_layer + 1 - ngl, 0)
+    act = min(ngl, n_layer + 1)
+    weights = [max(g.free_bytes, 0) for g in gpus]
+    if sum(weights) == 0:
+        weights = [1] * len(gpus)
+    total = float(sum(weights))
+    bounds, acc = [], 0.0
+    for w in weights:
+        acc += w
+        bounds.append(acc / total)
+    out = []
+    for il in range(n_layer + 1):
+        if il < start or il - start >= act:
+            out.append("ram")
+            continue
+        frac = (il - start) / act
+        index = next((i for i, b in enumerate(bounds) if frac < b), len(gpus) - 1)  # std::upper_bound
+        out.append(f"gpu{gpus[index].index}")
+    return out
+
+
+def _add(breakdown: dict[str, dict[str, int]], device: str, kind: str, n: int) -> None:
+    if n:
+        kinds = breakdown.setdefault(device, {})
+        kinds[kind] = kinds.get(kind, 0) + int(n)
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def estimate_memory(meta: GGUFMetadata, spec: ServerSpec, gpus: Sequence[GpuMemory] = (),
+                    settings: EstimatorSettings | None = None) -> MemoryEstimate:
+    """RAM and VRAM per device for `spec` on a machine with these GPUs (none: CPU only)."""
+    settings = (settings or EstimatorSettings()).for_args(spec.extra_args)
+    repack = settings.repack_types if settings.repack_types is not None else detect_repack_types()
+    n_layer = meta.block_count or 0
+    slots = max(1, spec.slots)
+    devices = layer_devices(n_layer, spec.n_gpu_layers, gpus)
+    used = sum(d != "ram" for d in devices)
+    breakdown: dict[str, dict[str, int]] = {"ram": {}}
+
+    # weights
+    mapped = 0
+    has_output = any(t.name == "output.weight" for t in meta.tensors)
+    for t in meta.tensors:
+        layer = _layer_of(t, n_layer)
+        device = "ram" if layer is None else devices[layer]
+        if device == "ram":
+            mapped += t.n_bytes
+            if (layer is not None and t.type_name in repack and len(t.shape) == 2
+                    and t.shape[1] % 8 == 0 and not t.name.endswith("norm.weight")):
+                _add(breakdown, "ram", "weights_repacked", t.n_bytes)
+        else:
+            _add(breakdown, device, "weights", t.n_bytes)
+        if t.name == "token_embd.weight" and not has_output and devices[n_layer] != "ram":
+            _add(breakdown, devices[n_layer], "weights", t.n_bytes)  # tied output: a copy on the GPU
+    _add(breakdown, "ram", "weights", mapped)
+
+    # KV cache, on each layer's device
+    for il, n in enumerate(kv_bytes_per_layer(meta, spec.n_ctx, slots, settings)):
+        device = devices[il] if settings.offload_kqv else "ram"
+        _add(breakdown, device, "kv", n)
+
+    # compute buffers: one per backend that runs part of the graph
+    compute = compute_buffer_bytes(meta, spec.n_ctx, slots, settings)
+    gpu_devices = sorted({d for d in devices if d != "ram"})
+    for device in gpu_devices:
+        _add(breakdown, device, "compute", compute)
+        _add(breakdown, device, "overhead", settings.gpu_context_bytes)
+    all_on_gpu = all(d != "ram" for d in devices)
+    _add(breakdown, "ram", "compute", host_compute_bytes(meta, settings, slots) if all_on_gpu else compute)
+
+    # host: logits, process and tokenizer, CUDA runtime
+    _add(breakdown, "ram", "output", slots * (meta.vocab_size or 0) * 4)
+    overhead = (settings.host_base_bytes + settings.host_per_vocab_bytes * (meta.vocab_size or 0)
+                + settings.host_per_slot_bytes * slots + (settings.gpu_host_bytes if gpu_devices else 0))
+    _add(breakdown, "ram", "overhead", overhead)
+
+    return MemoryEstimate(model=spec.model, model_path=_resolved(spec.model_path), n_ctx=spec.n_ctx, slots=slots,
+                          n_gpu_layers=spec.n_gpu_layers, gpu_layers_used=used, breakdown=breakdown,
+                          mapped_bytes=mapped)
+
+
+def _resolved(path: os.PathLike[str] | str) -> str:
+    try:
+        return str(Path(path).resolve())
+    except OSError:
+        return str(path)
