@@ -29,7 +29,14 @@ class HistoryIndex:
 
     # -- connection
     def _connect(self) -> sqlite_utils.Database:
-        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        except (OSError, sqlite3.OperationalError) as exc:
+            from orchestrator.sessions import SessionError
+
+            raise SessionError(self.path, f"cannot open the history index ({exc})",
+                               hint="Check that sessions_dir exists and is writable.") from None
         db = sqlite_utils.Database(conn)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA busy_timeout=30000")

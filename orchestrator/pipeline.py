@@ -78,6 +78,15 @@ class StageRefused(ChorusError):
         self.reason = reason
 
 
+class SynthesisFailed(ChorusError):
+    """The synthesis model's call failed; its typed error is in the message and on the event."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"synthesis by '{model}' failed: {reason}")
+        self.model = model
+        self.reason = reason
+
+
 class Engine:
     """Runs pipelines on one Runtime. One engine may run several pipelines concurrently."""
 
@@ -302,11 +311,13 @@ class Engine:
             assert params is not None
             p = SlotParams(label=params.label, model=model, system_prompt="", generation=params.generation,
                            n_ctx=params.n_ctx, n_gpu_layers=params.n_gpu_layers)
-            emit(Event("model_started", stage.name, p.label, data={"model": model, "synthesis": True}))
-            result = await cancel.guard(self._generate(
-                client, p, prompt, slots_per_key,
-                lambda piece: emit(Event("token", stage.name, p.label, data={"text": piece}))))
-            return result.text
+            rec = ResponseRecord(label=p.label, model=model, prompt=prompt, params=_public_params(p))
+            await self._call(client, p, rec, slots_per_key, stage.name, emit, cancel)
+            if rec.status == "cancelled":
+                raise asyncio.CancelledError
+            if not rec.ok:
+                raise SynthesisFailed(model, (rec.error or {}).get("message", "failed"))
+            return rec.text
 
         return synthesize if params is not None else None
 

@@ -4,6 +4,17 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
+# The browser test drives Debian's chromium through Playwright (no browser download needed).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium for the browser test"
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; } \
+      || echo "warning: could not install chromium; the browser test will fail in CI and skip locally" >&2
+  else
+    echo "warning: chromium not found; install Debian's chromium to run the browser test" >&2
+  fi
+fi
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== pytest"

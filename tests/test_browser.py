@@ -1,0 +1,84 @@
+"""A real browser: `chorus ui` served locally, driven in headless Chromium through Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, ConfigDir
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required in CI (scripts/setup.sh installs Debian's chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ui_server(config_dir: ConfigDir, llama_server_bin: Path):
+    pipeline = config_dir.pipeline()
+    pipeline["defaults"].update({"max_tokens": 12, "n_ctx": 1024})
+    config_dir.write_pipeline(pipeline)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port),
+                             "--config-dir", str(config_dir.path)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("chorus ui did not start listening")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_base_pipeline_runs_in_a_real_browser_to_its_final_answer(ui_server: str) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.goto(ui_server, timeout=60_000)
+            page.get_by_label("Question").fill("Why is the sky blue?", timeout=60_000)
+            page.keyboard.press("Tab")  # commit the text area
+            page.get_by_role("button", name="Run", exact=True).click(timeout=30_000)
+            final = page.locator("#chorus-final-answer")
+            final.wait_for(timeout=240_000)
+            assert final.inner_text().strip()
+            assert page.get_by_text("Step 3: review").count() >= 1
+            page.screenshot(path=str(ARTIFACTS / "ui-run.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "ui-run.png").stat().st_size > 10_000

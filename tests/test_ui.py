@@ -1,0 +1,119 @@
+"""The Streamlit pages under AppTest, on the real demo model and llama-server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from orchestrator import stage_builder
+from orchestrator.config import PipelineSpec, load_config
+from orchestrator.runs import Runner
+from orchestrator.runtime import Runtime
+from tests.conftest import REPO, ConfigDir
+
+APP = str(REPO / "ui" / "app.py")
+
+
+@pytest.fixture
+def ui_env(config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CHORUS_CONFIG_DIR", str(config_dir.path))
+    yield config_dir
+    from launcher.server import stop_all_servers
+    from ui.common import _runtime
+
+    _runtime.clear()
+    stop_all_servers()
+
+
+def app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    return at
+
+
+@pytest.mark.parametrize("page", [None, "run", "results", "history", "models"])
+def test_every_page_renders_without_exception(ui_env: ConfigDir, page: str | None) -> None:
+    at = app(page)
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title
+
+
+def test_base_mode_is_disabled_with_the_reason_when_a_model_is_missing(ui_env: ConfigDir) -> None:
+    (ui_env.models_dir / "gemma-3-270m-q4_k_m.gguf").unlink()
+    at = app("run")
+    assert not at.exception
+    radio = at.radio(key="mode_blocked")
+    assert radio.disabled and radio.value == "Manual"
+    assert any("Base mode is unavailable" in w.value and "gemma3-270m" in w.value for w in at.warning)
+
+
+def test_base_mode_is_offered_when_every_model_is_there(ui_env: ConfigDir) -> None:
+    at = app("run")
+    assert at.radio(key="mode").value == "Base" and not at.radio(key="mode").disabled
+
+
+def test_stage_builder_produces_the_spec_the_user_built(ui_env: ConfigDir) -> None:
+    at = app("run")
+    at.radio(key="mode").set_value("Manual").run()
+    at.button(key="add-stage").click().run()
+    a, b = (s["id"] for s in at.session_state["builder_stages"])
+    at.text_input(key=f"s{a}-name").set_value("first").run()
+    at.text_input(key=f"s{b}-name").set_value("second").run()
+    at.multiselect(key=f"s{b}-models").set_value(["gemma3-270m"]).run()
+    at.number_input(key=f"s{b}-temperature").set_value(0.2).run()
+    at.number_input(key=f"s{b}-max_tokens").set_value(32).run()
+    at.selectbox(key=f"s{b}-agg").set_value("synthesis").run()
+    at.selectbox(key=f"s{b}-synth").set_value("gemma3-270m").run()
+    at.button(key=f"s{b}-up").click().run()  # reorder: second becomes first
+    assert not at.exception
+    spec = stage_builder.build_spec(at.session_state["builder_stages"])
+    assert [s.name for s in spec.stages] == ["second", "first"]
+    second = spec.stages[0]
+    assert second.temperature == 0.2 and second.max_tokens == 32
+    assert second.aggregation.type == "synthesis" and second.aggregation.synthesis_model == "gemma3-270m"
+    at.button(key=f"s{b}-remove").click().run()
+    assert [s["name"] for s in at.session_state["builder_stages"]] == ["first"]
+
+
+def test_a_run_from_the_page_streams_to_its_final_answer(ui_env: ConfigDir) -> None:
+    at = app("run")
+    at.radio(key="mode").set_value("Manual").run()
+    sid = at.session_state["builder_stages"][0]["id"]
+    at.number_input(key=f"s{sid}-max_tokens").set_value(8).run()
+    at.number_input(key=f"s{sid}-n_ctx").set_value(512).run()
+    at.text_area(key="question").set_value("The capital of France is").run()
+    at.button(key="run").click().run()
+    live = at.session_state["live_run"]
+    assert live.wait(120) and live.outcome and live.outcome.run.status == "completed"
+    at.run()
+    assert not at.exception
+    assert any("Completed" in s.value for s in at.success)
+    assert any("chorus-final-answer" in m.value for m in at.markdown)
+
+
+def test_history_shows_a_saved_session(ui_env: ConfigDir, llama_server_bin: Path) -> None:
+    rt = Runtime(load_config(ui_env.path))
+    try:
+        spec = PipelineSpec.model_validate({"stages": [{"name": "answer", "models": ["gemma3-270m"],
+                                                        "max_tokens": 6, "n_ctx": 512}]})
+        outcome = Runner(rt).run(spec, "What colour is the sea?")
+    finally:
+        rt.close()
+    at = app("history")
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert outcome.session_id in list(table["id"])
+    assert any("What colour is the sea?" in m.value for m in at.markdown)
+    assert any("Step 1: answer" in e.label for e in at.expander)
+
+
+def test_stage_builder_rejects_a_stage_without_models_naming_it() -> None:
+    stages = [stage_builder.new_stage(1, [])]
+    with pytest.raises(Exception) as err:
+        stage_builder.build_spec(stages)
+    assert "stage 1 (stage1)" in str(err.value) and "models" in str(err.value)

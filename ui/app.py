@@ -1,0 +1,18 @@
+"""chorus UI entry point: `chorus ui` (or `streamlit run ui/app.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+PAGES = Path(__file__).parent / "pages"
+
+st.set_page_config(page_title="chorus", page_icon=":material/queue_music:", layout="wide")
+page = st.navigation([
+    st.Page(PAGES / "run.py", title="Run", icon=":material/play_arrow:", default=True),
+    st.Page(PAGES / "results.py", title="Results", icon=":material/article:"),
+    st.Page(PAGES / "history.py", title="History", icon=":material/history:"),
+    st.Page(PAGES / "models.py", title="Models", icon=":material/memory:"),
+])
+page.run()

@@ -1,0 +1,187 @@
+"""What every page shares: the cached runtime, and renderers for sessions and live runs.
+
+Only rendering lives here; the logic is in orchestrator (runs, live, stage_builder, planning).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from launcher.errors import ChorusError
+from orchestrator.config import load_config
+from orchestrator.live import LiveRun, StageView
+from orchestrator.runs import Runner
+from orchestrator.runtime import Runtime
+from orchestrator.sessions import Session
+
+
+def config_dir() -> str | None:
+    return os.environ.get("CHORUS_CONFIG_DIR") or None
+
+
+@st.cache_resource(show_spinner=False)
+def _runtime(config_dir: str | None) -> Runtime:
+    """One Runtime (and so one pool of warm servers) per config dir for the whole Streamlit process."""
+    return Runtime(load_config(config_dir))
+
+
+def runtime() -> Runtime | None:
+    """The shared runtime, or None after showing the config error (the page still renders)."""
+    try:
+        return _runtime(config_dir())
+    except ChorusError as exc:
+        st.error(f"Configuration error: {exc}")
+        return None
+
+
+def runner(rt: Runtime) -> Runner:
+    return Runner(rt)
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def fmt_time(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+# ---------------------------------------------------------------- live runs
+
+LIVE_KEY = "live_run"
+
+
+def live_run() -> LiveRun | None:
+    return st.session_state.get(LIVE_KEY)
+
+
+def render_live_stages(stages: list[StageView]) -> None:
+    for stage in stages:
+        color = {"running": "blue", "ok": "green", "partial": "orange", "failed": "red", "cancelled": "gray",
+                 "copied": "violet"}.get(stage.status, "gray")
+        with st.container(border=True):
+            st.markdown(f"**Step {stage.index}: {stage.name}** :{color}-badge[{stage.status}]")
+            models = list(stage.models.values())
+            cols = st.columns(min(len(models), 3)) if models else []
+            for i, m in enumerate(models):
+                with cols[i % len(cols)]:
+                    st.caption(f"{m.label} ({m.model}) — {m.status}")
+                    if m.error:
+                        st.error(m.error)
+                    st.text(m.text or "…")
+                    if m.tokens:
+                        st.caption(f"{m.tokens} tokens in {m.seconds or 0:.1f}s"
+                                   + (f", {m.tokens_per_s:.1f} tok/s" if m.tokens_per_s else ""))
+            if stage.merged_by and len(models) > 1:
+                st.markdown(f"*Merged by {stage.merged_by}:*")
+                st.text(stage.output)
+            if stage.error and stage.status in ("failed", "cancelled"):
+                st.error(stage.error)
+
+
+def render_live(live: LiveRun) -> None:
+    """Live progress; returns after one render (the caller's fragment polls)."""
+    for note in live.notices:
+        st.info(note)
+    render_live_stages(live.snapshot())
+    if live.error:
+        st.error(f"The run could not start: {live.error.get('message')}")
+    outcome = live.outcome
+    if outcome is not None:
+        if outcome.history_error:
+            st.warning(outcome.history_error)
+        run = outcome.run
+        if run.status == "completed":
+            st.success(f"Completed — session {outcome.session_id or '(not saved)'}")
+            st.subheader("Final answer")
+            st.markdown(f'<div id="chorus-final-answer">{_escape(run.final)}</div>', unsafe_allow_html=True)
+        else:
+            st.error(f"Run {run.status}: {(run.error or {}).get('message', '')}")
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text).replace("\n", "<br>")
+
+
+# ---------------------------------------------------------------- saved sessions
+
+def render_session(session: Session, *, key: str) -> None:
+    m = session.meta
+    st.markdown(f"**{session.id}** · {m.get('mode')} · {m.get('status')} · {fmt_time(m.get('created_at'))}")
+    if m.get("parent_session"):
+        st.caption(f"Rerun of {m['parent_session']} from stage {m.get('rerun_from_stage')}")
+    st.markdown(f"**Question:** {m.get('question')}")
+    for stage in session.stages:
+        with st.expander(f"Step {stage.index}: {stage.name} — {stage.status}", expanded=True):
+            st.caption(f"Prompt: {stage.prompt[:300]}")
+            for r in stage.responses:
+                st.markdown(f"**{r.label}** ({r.model}) — {r.status}")
+                if r.error:
+                    st.error(r.error.get("message", r.error))
+                if r.text:
+                    st.text(r.text)
+                if r.completion_tokens:
+                    st.caption(f"{r.completion_tokens} tokens · {r.total_s or 0:.2f}s"
+                               + (f" · {r.tokens_per_s:.1f} tok/s" if r.tokens_per_s else "")
+                               + (f" · first token {r.first_token_s:.2f}s" if r.first_token_s else ""))
+            agg = stage.aggregation
+            if agg is not None and len(stage.responses) > 1:
+                st.markdown(f"**Aggregation: {agg.kind}**")
+                if "agreement" in agg.details:
+                    st.metric("Agreement", f"{agg.details['agreement']:.0%}")
+                    st.dataframe([{k: v.get(k) for k in ("label", "extracted", "group", "abstained")}
+                                  for v in agg.details.get("votes", [])], hide_index=True)
+                if "synthesis_prompt" in agg.details:
+                    st.caption(f"Synthesis by {agg.details.get('synthesis_model')}")
+                    st.code(agg.details["synthesis_prompt"], language=None)
+                st.text(agg.output)
+            if stage.error:
+                st.error(stage.error.get("message", stage.error))
+    if session.final is not None:
+        st.subheader("Final answer")
+        st.text(session.final)
+    render_rerun_form(session, key=key)
+
+
+def render_rerun_form(session: Session, *, key: str) -> None:
+    """'Rerun from this stage' with edited params; it starts a LiveRun shown on the Run page."""
+    if not session.stages:
+        return
+    names = [f"{s.index}: {s.name}" for s in session.stages]
+    with st.form(f"rerun-{key}"):
+        st.markdown("**Rerun from a stage**")
+        choice = st.selectbox("Stage", names, key=f"rerun-stage-{key}")
+        c1, c2 = st.columns(2)
+        temperature = c1.number_input("temperature (blank = keep)", min_value=0.0, max_value=5.0, value=None,
+                                      step=0.1, key=f"rerun-temp-{key}")
+        max_tokens = c2.number_input("max_tokens (blank = keep)", min_value=1, value=None, step=16,
+                                     key=f"rerun-max-{key}")
+        submitted = st.form_submit_button("Rerun from this stage")
+    if submitted:
+        index = names.index(choice) + 1
+        stage_name = session.stages[index - 1].name
+        overrides = []
+        if temperature is not None:
+            overrides.append(f"{stage_name}.temperature={temperature}")
+        if max_tokens is not None:
+            overrides.append(f"{stage_name}.max_tokens={int(max_tokens)}")
+        rt = runtime()
+        if rt is None:
+            return
+        sid = session.id
+        st.session_state[LIVE_KEY] = LiveRun(
+            lambda on_event, cancel: runner(rt).rerun(sid, index, overrides=overrides, on_event=on_event,
+                                                      cancel=cancel))
+        st.switch_page(page_path("run"))
+
+
+def page_path(name: str) -> str:
+    return str(Path(__file__).parent / "pages" / f"{name}.py")

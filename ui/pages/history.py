@@ -1,0 +1,37 @@
+"""History page: list and search saved sessions, open one, rerun from a stage."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from launcher.errors import ChorusError
+from ui.common import fmt_time, render_session, runner, runtime
+
+st.title("History")
+rt = runtime()
+if rt is None:
+    st.stop()
+store = runner(rt).store
+
+query = st.text_input("Search questions, answers and steps", key="history-search")
+try:
+    if query.strip():
+        rows = [{"id": h["id"], "status": h["status"], "question": h["question"], "match": h["snippet"]}
+                for h in store.index.search(query)]
+    else:
+        rows = [{"id": r["id"], "created": fmt_time(r["created_at"]), "mode": r["mode"], "status": r["status"],
+                 "question": r["question"], "parent": r["parent_session"] or ""} for r in store.index.list()]
+except ChorusError as exc:
+    st.error(str(exc))
+    rows = []
+
+if not rows:
+    st.info("No matching session." if query.strip() else "No session saved yet.")
+    st.stop()
+st.dataframe(rows, hide_index=True, use_container_width=True)
+chosen = st.selectbox("Open session", [r["id"] for r in rows], key="history-open")
+if chosen:
+    try:
+        render_session(store.load(chosen), key="history")
+    except ChorusError as exc:
+        st.error(str(exc))

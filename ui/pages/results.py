@@ -1,0 +1,30 @@
+"""Results page: every step and answer of the latest run, its aggregation, timings, and rerun."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from launcher.errors import ChorusError
+from ui.common import live_run, render_session, runner, runtime
+
+st.title("Results")
+rt = runtime()
+if rt is None:
+    st.stop()
+
+live = live_run()
+if live is not None and not live.done:
+    st.info("A run is in progress: see the Run page.")
+
+store = runner(rt).store
+session_id = st.session_state.get("last_session_id")
+if session_id is None:
+    ids = store.ids()
+    session_id = ids[-1] if ids else None
+if session_id is None:
+    st.info("No run yet. Start one on the Run page.")
+    st.stop()
+try:
+    render_session(store.load(session_id), key="results")
+except ChorusError as exc:
+    st.error(str(exc))
