@@ -47,7 +47,7 @@ class ProgressPrinter:
                 self._line(f"  {r.label}: {r.completion_tokens or 0} tokens in {r.total_s or 0:.1f}s{rate}")
             else:
                 self._line(f"  {r.label}: {r.status.upper()}: {(r.error or {}).get('message', '')}")
-        elif event.type == "aggregation_done":
+        elif event.type == "aggregation_done" and len(d["aggregation"].inputs) > 1:
             agg = d["aggregation"]
             extra = f" (agreement {agg.details['agreement']:.0%})" if "agreement" in agg.details else ""
             self._line(f"  merged by {agg.kind}{extra}")

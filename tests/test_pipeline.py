@@ -167,3 +167,63 @@ def test_rerun_from_stage_keeps_earlier_stages_and_reuses_servers(runtime: Runti
     assert [s.status for s in again.stages[:2]] == ["copied", "copied"]
     assert [s.output for s in again.stages[:2]] == [s.output for s in first.stages[:2]]
     assert runtime.pool.starts == starts
+
+
+@pytest.fixture
+def small_machine_runtime(config_dir: ConfigDir, llama_server_bin, tmp_path):
+    """Two models (two files) on a simulated machine where each fits alone but not both together."""
+    import os
+    import shutil
+
+    from launcher.calibration import CalibrationCache
+    from launcher.memory import FixedProbe
+
+    second = config_dir.models_dir / "second.gguf"
+    real = (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").resolve()  # a second file, not a second path
+    try:
+        os.link(real, second)
+    except OSError:
+        shutil.copy(real, second)
+    models = config_dir.models()
+    models["models"]["second"] = {**models["models"]["gemma3-270m"], "file": "second.gguf"}
+    config_dir.write_models(models)
+    total = 4 * 2**30
+    probe = FixedProbe(ram_total_bytes=total, ram_available_bytes=total)
+    rt = Runtime(load_config(config_dir.path), probe=probe, calibration=CalibrationCache(tmp_path / "calib"))
+    guard = rt.memory_guard
+    need = sum(guard.need(rt.server_spec(m, n_ctx=1024)).ram_bytes for m in ("gemma3-270m", "second"))
+    margin = int(total * 0.10) + 512 * 2**20
+    probe.ram_available_bytes = margin + need - 32 * 2**20  # one fits, both together do not
+    yield rt
+    rt.close()
+
+
+def two_model_stage() -> PipelineSpec:
+    return manual([{"name": "pair", "models": ["gemma3-270m", "second"], "n_ctx": 1024}])
+
+
+def test_manual_stage_that_does_not_fit_is_refused_unless_sequential_is_allowed(small_machine_runtime) -> None:
+    asked = []
+
+    def decline(question) -> bool:
+        asked.append(question)
+        return False
+
+    record, _ = run(small_machine_runtime, two_model_stage(), engine={"allow_sequential": decline})
+    assert record.status == "failed" and record.error and record.error["type"] == "StageRefused"
+    assert asked and asked[0].waves == [["gemma3-270m"], ["second"]]
+    assert small_machine_runtime.pool.starts == 0  # refused before any model loaded
+
+
+def test_manual_stage_falls_back_to_waves_when_allowed(small_machine_runtime) -> None:
+    record, events = run(small_machine_runtime, two_model_stage(), engine={"allow_sequential": True})
+    stage = record.stages[0]
+    assert record.status == "completed" and stage.execution == "sequential"
+    assert stage.waves == [["gemma3-270m"], ["second"]]
+    assert any(e.type == "notice" and "waves" in e.data["message"] for e in events)
+    assert all(r.ok for r in stage.responses)
+
+
+def test_base_mode_falls_back_to_waves_without_asking(small_machine_runtime) -> None:
+    record, _ = run(small_machine_runtime, two_model_stage(), mode="base", engine={"allow_sequential": False})
+    assert record.status == "completed" and record.stages[0].execution == "sequential"
