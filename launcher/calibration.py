@@ -12,16 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from launcher.estimate import MemoryEstimate
+from launcher.fileio import atomic_writer
 from launcher.memory import process_memory, process_vram
 from launcher.server import ModelServer, ServerSpec
 
@@ -245,24 +243,8 @@ class CalibrationCache:
     def _write(self, records: dict[str, CalibrationRecord]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         data = {"version": FORMAT_VERSION, "records": {k: r.to_dict() for k, r in records.items()}}
-        with _atomic(self.path) as f:
+        with atomic_writer(self.path) as f:
             json.dump(data, f, indent=1, sort_keys=True)
         self._records = records
         with contextlib.suppress(OSError):
             self._loaded_mtime = self.path.stat().st_mtime_ns
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[object]:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -7,18 +7,17 @@ Every file is written to a temp file and renamed, so a crash never leaves half a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import ChorusError
+from launcher.fileio import write_text_atomic
 from orchestrator.records import RunRecord, StageRecord, stage_from_dict, to_dict
 
 log = logging.getLogger("chorus.sessions")
@@ -43,20 +42,6 @@ class SessionNotFound(SessionError):
 def write_json_atomic(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
     write_text_atomic(path, text)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def read_json(path: Path) -> Any:
