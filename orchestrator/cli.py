@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from launcher.binary import binary_version, find_llama_server
 from launcher.errors import ChorusError
 from launcher.memory import SystemProbe
 from launcher.server import install_signal_cleanup
@@ -66,7 +67,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     registry = Registry(config)
     status = registry.base_pipeline_status()
     mem = SystemProbe().snapshot()
+    try:
+        binary = find_llama_server(config.app.llama_server)
+        server = {"path": str(binary), "version": binary_version(binary), "error": None}
+    except ChorusError as exc:
+        server = {"path": None, "version": None, "error": str(exc)}
     report = {
+        "llama_server": server,
         "config_dir": str(config.paths.config_dir),
         "models_dir": str(config.models_dir),
         "models_dir_exists": config.models_dir.is_dir(),
@@ -83,6 +90,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"config:     {config.paths.config_dir}")
+    if server["path"]:
+        print(f"server:     {server['path']} ({server['version']})")
+    else:
+        print(f"server:     NOT FOUND. {server['error']}")
     print(f"models dir: {config.models_dir}" + ("" if report["models_dir_exists"] else "  (NOT FOUND)"))
     print()
     print_table([(r.name, r.status, r.mode, r.reason or r.entry.description) for r in registry.records.values()],

@@ -43,6 +43,14 @@ def test_check_reports_blocked_base_pipeline_and_memory(config_dir: ConfigDir) -
     assert out.returncode == 0
     assert "BLOCKED" in out.stdout and "gemma3-270m" in out.stdout
     assert "RAM:" in out.stdout and "VRAM:" in out.stdout
+    assert "server:" in out.stdout
+
+
+def test_check_names_the_build_command_when_the_configured_binary_is_missing(config_dir: ConfigDir) -> None:
+    config_dir.write_app(llama_server=str(config_dir.path / "no-such-llama-server"))
+    out = chorus("check", "--json", "--config-dir", str(config_dir.path))
+    server = json.loads(out.stdout)["llama_server"]
+    assert server["path"] is None and "scripts/build_llama_server.sh" in server["error"]
 
 
 def test_malformed_models_yaml_is_one_short_paragraph_without_traceback(config_dir: ConfigDir) -> None:
