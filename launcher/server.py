@@ -57,7 +57,9 @@ class ServerSpec:
 
     @property
     def key(self) -> tuple[str, int, int, int]:
-        return (str(Path(self.model_path).resolve()), self.n_ctx, self.n_gpu_layers, self.slots)
+        # The path as configured, made absolute without touching the disk: resolving symlinks would give
+        # another key once the file's folder is gone (an unplugged disk), hiding the warm server that has it.
+        return (os.path.abspath(self.model_path), self.n_ctx, self.n_gpu_layers, self.slots)
 
 
 @dataclass
@@ -243,6 +245,11 @@ class ModelServer:
     # -- lifecycle
     def start(self) -> ModelServer:
         """Spawn and wait until /health says ready; raise a typed ServerStartError otherwise."""
+        if not Path(self.spec.model_path).is_file():  # llama-server would call it an invalid model file
+            raise ServerStartError(self.model, f"model file not found: {self.spec.model_path}",
+                                   command=self.redacted_command(),
+                                   hint="Is the models directory there (a removable disk unplugged?) and the file "
+                                        "still in it? Servers already running keep serving.")
         last: ServerError | None = None
         for _ in range(max(1, self.options.port_retries)):
             try:
@@ -327,6 +334,7 @@ class ModelServer:
                 grace = self.options.stop_grace_s if grace_s is None else grace_s
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
+                    proc.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP, hung) process holds SIGTERM until continued
                 try:
                     proc.wait(timeout=grace)
                 except subprocess.TimeoutExpired:

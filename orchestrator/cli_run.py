@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from launcher.server import install_signal_cleanup
-from orchestrator.config import load_config, load_pipeline
+from orchestrator.config import PipelineSpec, load_config, load_pipeline
 from orchestrator.overrides import apply_overrides
 from orchestrator.pipeline import CancelToken, Event, SequentialQuestion
 from orchestrator.runs import Runner, RunOutcome
@@ -93,6 +93,14 @@ def ctrl_c_cancels(cancel: CancelToken):
         signal.signal(signal.SIGINT, previous)
 
 
+def require_binary(runtime: Runtime, pipeline: PipelineSpec) -> None:
+    """A pipeline with local models needs llama-server: a missing or unusable binary is one clear error up
+    front (with the build command), instead of the same failure on every model of a saved, failed run."""
+    records = [runtime.registry.records.get(name) for name in pipeline.model_names()]
+    if any(rec is not None and rec.available and not rec.is_remote for rec in records):
+        runtime.binary  # noqa: B018 - raises BinaryNotFound
+
+
 def emit_outcome(outcome: RunOutcome, as_json: bool) -> int:
     if as_json:
         print(json.dumps(outcome.to_dict(), indent=2, ensure_ascii=False, default=str))
@@ -100,9 +108,12 @@ def emit_outcome(outcome: RunOutcome, as_json: bool) -> int:
         if outcome.run.status == "completed":
             print(outcome.run.final.strip())
         err = (outcome.run.error or {}).get("message")
-        print(f"\nstatus: {outcome.run.status}" + (f" ({err})" if err else ""), file=sys.stderr)
+        hint = (outcome.run.error or {}).get("hint")
+        print(f"\nstatus: {outcome.run.status}" + (f" ({err})" if err else "") + (f" Hint: {hint}" if hint else ""),
+              file=sys.stderr)
         if outcome.session_dir:
-            print(f"session: {outcome.session_id} ({outcome.session_dir})", file=sys.stderr)
+            incomplete = ", incomplete" if outcome.history_error else ""
+            print(f"session: {outcome.session_id} ({outcome.session_dir}{incomplete})", file=sys.stderr)
         if outcome.history_error:
             print(f"warning: {outcome.history_error}", file=sys.stderr)
     return 0 if outcome.run.status == "completed" else 1
@@ -117,6 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = Runtime(config)
     if not manual:
         runtime.registry.pipeline_status(pipeline).raise_if_blocked()
+    require_binary(runtime, pipeline)
     install_signal_cleanup()
     cancel = CancelToken()
     try:

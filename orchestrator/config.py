@@ -33,6 +33,15 @@ def _check_template(value: str | None) -> str | None:
             _TEMPLATE_CHECKER.parse(value)
         except TemplateSyntaxError as exc:
             raise ValueError(f"template syntax error on its line {exc.lineno}: {exc.message}") from None
+        except RecursionError:
+            raise ValueError("template nests too deeply") from None
+    return value
+
+
+def _check_path(value: Any) -> Any:
+    """A path from a config file: no NUL byte (the OS cannot take it; Path() would raise ValueError later)."""
+    if value is not None and "\x00" in str(value):
+        raise ValueError("a path cannot contain a NUL character")
     return value
 
 
@@ -64,6 +73,8 @@ class AppConfig(Strict):
     resources: ResourceMargins = ResourceMargins()
     server: ServerSettings = ServerSettings()
 
+    _check_paths = field_validator("models_dir", "sessions_dir", "logs_dir", "llama_server")(_check_path)
+
 
 # ---------------------------------------------------------------- models.yaml
 
@@ -78,6 +89,8 @@ class ModelEntry(Strict):
     parallel: int = Field(1, ge=1, le=64)
     url: str | None = None
     api_key_env: str | None = None
+
+    _check_file = field_validator("file")(_check_path)
 
     @model_validator(mode="after")
     def _file_or_url(self) -> ModelEntry:
@@ -135,8 +148,8 @@ class VoteOptions(Strict):
                 raise ValueError("extract: regex needs a 'pattern'")
             try:
                 re.compile(self.pattern)
-            except re.error as exc:
-                raise ValueError(f"'pattern' is not a valid regex: {exc}") from None
+            except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}, (((((...
+                raise ValueError(f"'pattern' is not a valid regex: {exc or type(exc).__name__}") from None
         return self
 
 
@@ -213,13 +226,14 @@ class PipelineSpec(Strict):
     defaults: PipelineDefaults = PipelineDefaults()
     stages: list[StageSpec] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique_stage_names(self) -> PipelineSpec:
-        names = [s.name for s in self.stages]
+    @field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, stages: list[StageSpec]) -> list[StageSpec]:  # a field check: names 'stages'
+        names = [s.name for s in stages]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
-        return self
+        return stages
 
     def model_names(self) -> list[str]:
         """Every model the pipeline needs, in first-use order (synthesis models included)."""
@@ -271,9 +285,13 @@ def default_config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "config"
 
 
-def _resolve(base: Path, value: Path) -> Path:
-    value = Path(os.path.expandvars(str(value))).expanduser()
-    return value if value.is_absolute() else (base / value).resolve()
+def _resolve(base: Path, value: Path, *, file: Path | str, field: str) -> Path:
+    try:
+        value = Path(os.path.expandvars(str(value))).expanduser()
+        return value if value.is_absolute() else (base / value).resolve()
+    except (RuntimeError, ValueError, OSError) as exc:  # '~nosuchuser/x', a NUL from $VAR, a symlink loop
+        raise ConfigError(str(file), f"path '{value}' cannot be resolved: {exc}", field=field,
+                          hint="Use an absolute path, or one relative to the config folder.") from None
 
 
 def load_app_config(config_dir: Path) -> AppConfig:
@@ -281,12 +299,13 @@ def load_app_config(config_dir: Path) -> AppConfig:
     app = load_model(AppConfig, path) if path.exists() else AppConfig()
     env_models = os.environ.get("CHORUS_MODELS_DIR")
     env_sessions = os.environ.get("CHORUS_SESSIONS_DIR")
-    app.models_dir = _resolve(Path.cwd(), Path(env_models)) if env_models else _resolve(config_dir, app.models_dir)
-    app.sessions_dir = (_resolve(Path.cwd(), Path(env_sessions)) if env_sessions
-                        else _resolve(config_dir, app.sessions_dir))
-    app.logs_dir = _resolve(config_dir, app.logs_dir)
+    app.models_dir = (_resolve(Path.cwd(), Path(env_models), file="$CHORUS_MODELS_DIR", field="models_dir")
+                      if env_models else _resolve(config_dir, app.models_dir, file=path, field="models_dir"))
+    app.sessions_dir = (_resolve(Path.cwd(), Path(env_sessions), file="$CHORUS_SESSIONS_DIR", field="sessions_dir")
+                        if env_sessions else _resolve(config_dir, app.sessions_dir, file=path, field="sessions_dir"))
+    app.logs_dir = _resolve(config_dir, app.logs_dir, file=path, field="logs_dir")
     if app.llama_server is not None:
-        app.llama_server = _resolve(config_dir, app.llama_server)
+        app.llama_server = _resolve(config_dir, app.llama_server, file=path, field="llama_server")
     return app
 
 

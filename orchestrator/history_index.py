@@ -5,9 +5,11 @@ It can always be rebuilt from the JSON files, so a missing or corrupt database i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,35 @@ log = logging.getLogger("chorus.history")
 
 SCHEMA_VERSION = 1
 
+# Schema creation in one write transaction (BEGIN IMMEDIATE), so concurrent writers, threads or processes,
+# never race between "does it exist?" and "create it". Same tables and triggers as sqlite-utils' enable_fts.
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS "sessions" ("id" TEXT PRIMARY KEY, "number" INTEGER, "created_at" REAL,
+       "finished_at" REAL, "mode" TEXT, "question" TEXT, "status" TEXT, "final" TEXT, "parent_session" TEXT,
+       "rerun_from_stage" INTEGER, "stages" INTEGER)""",
+    'CREATE TABLE IF NOT EXISTS "documents" ("id" TEXT PRIMARY KEY, "session_id" TEXT, "field" TEXT, "content" TEXT)',
+    'CREATE INDEX IF NOT EXISTS "idx_documents_session_id" ON "documents" ("session_id")',
+    """CREATE VIRTUAL TABLE IF NOT EXISTS "documents_fts" USING FTS5 ("content", tokenize='porter',
+       content="documents")""",
+    """CREATE TRIGGER IF NOT EXISTS "documents_ai" AFTER INSERT ON "documents" BEGIN
+         INSERT INTO "documents_fts" (rowid, "content") VALUES (new.rowid, new."content"); END""",
+    """CREATE TRIGGER IF NOT EXISTS "documents_ad" AFTER DELETE ON "documents" BEGIN
+         INSERT INTO "documents_fts" ("documents_fts", rowid, "content") VALUES('delete', old.rowid, old."content");
+       END""",
+    """CREATE TRIGGER IF NOT EXISTS "documents_au" AFTER UPDATE ON "documents" BEGIN
+         INSERT INTO "documents_fts" ("documents_fts", rowid, "content") VALUES('delete', old.rowid, old."content");
+         INSERT INTO "documents_fts" (rowid, "content") VALUES (new.rowid, new."content"); END""",
+    f"PRAGMA user_version={SCHEMA_VERSION}",
+]
+_WRITE_LOCKS: dict[str, threading.RLock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock(path: Path) -> threading.RLock:
+    """One lock per index file: this process's writers take turns instead of failing on SQLite's locks."""
+    with _WRITE_LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(str(Path(path).absolute()), threading.RLock())
+
 
 class HistoryIndex:
     def __init__(self, path: Path, store: SessionStore) -> None:
@@ -29,43 +60,46 @@ class HistoryIndex:
 
     # -- connection
     def _connect(self) -> sqlite_utils.Database:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        except (OSError, sqlite3.OperationalError) as exc:
-            from orchestrator.sessions import SessionError
-
-            raise SessionError(self.path, f"cannot open the history index ({exc})",
-                               hint="Check that sessions_dir exists and is writable.") from None
+        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         db = sqlite_utils.Database(conn)
-        db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA busy_timeout=30000")
+        with contextlib.suppress(sqlite3.OperationalError):  # another connection is switching it: WAL anyway
+            db.execute("PRAGMA journal_mode=WAL")
         self._ensure_schema(db)
         return db
 
     def _ensure_schema(self, db: sqlite_utils.Database) -> None:
         if "sessions" in db.table_names() and "documents_fts" in db.table_names():
             return
-        db["sessions"].create({"id": str, "number": int, "created_at": float, "finished_at": float, "mode": str,
-                               "question": str, "status": str, "final": str, "parent_session": str,
-                               "rerun_from_stage": int, "stages": int}, pk="id", if_not_exists=True)
-        db["documents"].create({"id": str, "session_id": str, "field": str, "content": str}, pk="id",
-                               if_not_exists=True)
-        db["documents"].create_index(["session_id"], if_not_exists=True)
-        if "documents_fts" not in db.table_names():
-            db["documents"].enable_fts(["content"], create_triggers=True, tokenize="porter")
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        with _write_lock(self.path):
+            conn = db.conn
+            conn.execute("BEGIN IMMEDIATE")  # other processes wait here, then find the schema made
+            try:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     def db(self) -> sqlite_utils.Database:
-        """An open, healthy database; a corrupt file is moved aside and rebuilt from the JSON files."""
+        """An open, healthy database; a corrupt file is moved aside and rebuilt from the JSON files.
+
+        Only real corruption counts: a locked or busy database (OperationalError) is raised, not rebuilt,
+        since moving its files aside would pull them from under the connections that hold them.
+        """
         try:
             db = self._connect()
             db.execute("select count(*) from sessions").fetchone()
             return db
+        except sqlite3.OperationalError:
+            raise
         except sqlite3.DatabaseError as exc:
-            log.warning("history index %s is unreadable (%s): rebuilding it from the session files", self.path, exc)
-            self._move_aside()
-            return self.rebuild()
+            with _write_lock(self.path):
+                log.warning("history index %s is unreadable (%s): rebuilding it from the session files",
+                            self.path, exc)
+                self._move_aside()
+                return self.rebuild()
 
     def _move_aside(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -76,25 +110,27 @@ class HistoryIndex:
 
     # -- writing
     def rebuild(self) -> sqlite_utils.Database:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        db = self._connect()
-        count = 0
-        for sid in self.store.ids():
-            try:
-                self._upsert(db, self.store.load(sid))
-                count += 1
-            except Exception as exc:
-                log.warning("skipping %s while reindexing: %s", sid, exc)
-        log.info("reindexed %d sessions", count)
-        return db
+        with _write_lock(self.path):
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            db = self._connect()
+            count = 0
+            for sid in self.store.ids():
+                try:
+                    self._upsert(db, self.store.load(sid))
+                    count += 1
+                except Exception as exc:
+                    log.warning("skipping %s while reindexing: %s", sid, exc)
+            log.info("reindexed %d sessions", count)
+            return db
 
     def upsert(self, session: Session) -> None:
-        db = self.db()
-        try:
-            self._upsert(db, session)
-        finally:
-            db.conn.close()
+        with _write_lock(self.path):
+            db = self.db()
+            try:
+                self._upsert(db, session)
+            finally:
+                db.conn.close()
 
     def _upsert(self, db: sqlite_utils.Database, session: Session) -> None:
         m = session.meta

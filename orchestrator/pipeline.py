@@ -300,7 +300,8 @@ class Engine:
             try:
                 return await client.generate(endpoint, request, on_token)
             except RequestTimeout:
-                self.runtime.discard_server(endpoint)  # a hung server is replaced on next use
+                # a hung server is replaced on next use; stopping it may take stop_grace_s, off the event loop
+                await asyncio.to_thread(self.runtime.discard_server, endpoint)
                 raise
 
     def _synthesizer(self, client: GenerationClient, pipeline: PipelineSpec, stage: StageSpec,

@@ -119,7 +119,10 @@ class Registry:
         if entry.url:
             return ModelRecord(name, entry, "available")
         assert entry.file is not None
-        given = Path(entry.file).expanduser()
+        try:
+            given = Path(entry.file).expanduser()
+        except RuntimeError as exc:  # '~nosuchuser/model.gguf'
+            return ModelRecord(name, entry, "missing", f"cannot resolve {entry.file}: {exc}", Path(entry.file))
         path = given if given.is_absolute() else models_dir / given
         if not dir_ok and not given.is_absolute():
             return ModelRecord(name, entry, "missing", f"models directory {models_dir} not found", path)
@@ -128,7 +131,7 @@ class Registry:
         except FileNotFoundError:
             return ModelRecord(name, entry, "missing", f"file not found: {path}", path)
         except OSError as exc:
-            return ModelRecord(name, entry, "missing", f"cannot access {path}: {exc.strerror}", path)
+            return ModelRecord(name, entry, "missing", f"cannot access {path}: {exc.strerror or exc}", path)
         try:
             meta = read_gguf(path)
         except GGUFError as exc:

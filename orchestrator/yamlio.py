@@ -41,7 +41,37 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(str(path), f"invalid YAML: {exc}", hint="Check the file's syntax.") from None
     except RecursionError:
         raise ConfigError(str(path), "YAML nests too deeply", hint="Flatten the file.") from None
+    duplicate = _first_duplicate_key(node)
+    if duplicate is not None:
+        key, earlier, loc = duplicate
+        raise ConfigError(str(path), f"duplicate key '{key.value}' (also on line {earlier.start_mark.line + 1}); "
+                          "YAML would silently keep only the last one", line=key.start_mark.line + 1,
+                          field=field_path(loc), hint="Remove or rename one of them.")
     return data, node
+
+
+def _first_duplicate_key(root: yaml.Node | None) -> tuple[yaml.ScalarNode, yaml.ScalarNode, tuple] | None:
+    """The first key repeated within one mapping (PyYAML keeps the last silently), with the earlier one."""
+    stack: list[tuple[yaml.Node, tuple]] = [(root, ())] if root is not None else []
+    seen_nodes: set[int] = set()
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in seen_nodes:  # aliases share nodes
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: dict[str, yaml.ScalarNode] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in keys:
+                        return key, keys[key.value], (*loc, key.value)
+                    keys[key.value] = key
+                    stack.append((value, (*loc, key.value)))
+                else:
+                    stack.append((value, loc))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*loc, i)) for i, item in reversed(list(enumerate(node.value))))
+    return None
 
 
 def line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
@@ -71,7 +101,7 @@ def field_path(loc: Sequence[str | int]) -> str:
         elif part.startswith(("function-", "tagged-union", "union[")) or part in {"str", "ModelSlot"}:
             continue
         else:
-            out += ("." if out else "") + part
+            out += ("." if out else "") + (part if part else "''")  # an empty key is still a field
     return out
 
 
@@ -92,6 +122,11 @@ _HINTS = {
 def validate(model: type[M], data: Any, path: Path, node: yaml.Node | None,
              context: dict[str, Any] | None = None) -> M:
     """Validate parsed YAML against a schema; the first error becomes a ConfigError."""
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"the value {str(data)[:40]!r}"
+        raise ConfigError(str(path), f"the file must be a mapping of keys (key: value lines), not {kind}",
+                          line=node.start_mark.line + 1 if node is not None else None,
+                          hint="See the configuration reference in README.md.")
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:
