@@ -24,6 +24,7 @@ class ChorusError(Exception):
         """A JSON-safe record, for storing the error on a step or printing it with --json."""
         data = {k: v for k, v in vars(self).items() if _json_safe(v)}
         data["type"] = type(self).__name__
+        data["hint"] = self.hint  # often set on the class, so not in vars()
         return data
 
 

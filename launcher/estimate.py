@@ -285,8 +285,10 @@ def estimate_memory(meta: GGUFMetadata, spec: ServerSpec, gpus: Sequence[GpuMemo
                     settings: EstimatorSettings | None = None) -> MemoryEstimate:
     """RAM and VRAM per device for `spec` on a machine with these GPUs (none: CPU only)."""
     settings = (settings or EstimatorSettings()).for_args(spec.extra_args)
+    if not meta.block_count:
+        return _weights_only(meta, spec, settings)
     repack = settings.repack_types if settings.repack_types is not None else detect_repack_types()
-    n_layer = meta.block_count or 0
+    n_layer = meta.block_count
     slots = max(1, spec.slots)
     devices = layer_devices(n_layer, spec.n_gpu_layers, gpus)
     used = sum(d != "ram" for d in devices)
@@ -332,6 +334,19 @@ def estimate_memory(meta: GGUFMetadata, spec: ServerSpec, gpus: Sequence[GpuMemo
     return MemoryEstimate(model=spec.model, model_path=_resolved(spec.model_path), n_ctx=spec.n_ctx, slots=slots,
                           n_gpu_layers=spec.n_gpu_layers, gpu_layers_used=used, breakdown=breakdown,
                           mapped_bytes=mapped)
+
+
+def _weights_only(meta: GGUFMetadata, spec: ServerSpec, settings: EstimatorSettings) -> MemoryEstimate:
+    """A lower bound for a file whose architecture we cannot model (no block_count): weights and process.
+
+    Refusing here would hide the real reason; llama-server then says whether it can load the file at all.
+    """
+    slots = max(1, spec.slots)
+    breakdown = {"ram": {"weights": meta.tensor_bytes,
+                         "overhead": settings.host_base_bytes + settings.host_per_slot_bytes * slots}}
+    return MemoryEstimate(model=spec.model, model_path=_resolved(spec.model_path), n_ctx=spec.n_ctx, slots=slots,
+                          n_gpu_layers=spec.n_gpu_layers, gpu_layers_used=0, breakdown=breakdown,
+                          mapped_bytes=meta.tensor_bytes, source="lower bound (unknown architecture)")
 
 
 def _resolved(path: os.PathLike[str] | str) -> str:

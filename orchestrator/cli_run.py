@@ -16,6 +16,7 @@ from launcher.server import install_signal_cleanup
 from orchestrator.config import PipelineSpec, load_config, load_pipeline
 from orchestrator.overrides import apply_overrides
 from orchestrator.pipeline import CancelToken, Event, SequentialQuestion
+from orchestrator.records import error_text
 from orchestrator.runs import Runner, RunOutcome
 from orchestrator.runtime import Runtime
 from orchestrator.sessions import SessionStore
@@ -46,13 +47,13 @@ class ProgressPrinter:
                 rate = f", {r.tokens_per_s:.1f} tok/s" if r.tokens_per_s else ""
                 self._line(f"  {r.label}: {r.completion_tokens or 0} tokens in {r.total_s or 0:.1f}s{rate}")
             else:
-                self._line(f"  {r.label}: {r.status.upper()}: {(r.error or {}).get('message', '')}")
+                self._line(f"  {r.label}: {r.status.upper()}: {error_text(r.error)}")
         elif event.type == "aggregation_done" and len(d["aggregation"].inputs) > 1:
             agg = d["aggregation"]
             extra = f" (agreement {agg.details['agreement']:.0%})" if "agreement" in agg.details else ""
             self._line(f"  merged by {agg.kind}{extra}")
         elif event.type == "stage_finished" and d["status"] not in ("ok",):
-            err = (d["stage"].error or {}).get("message", "")
+            err = error_text(d["stage"].error)
             self._line(f"  stage {event.stage}: {d['status']}" + (f": {err}" if err else ""))
 
     def _line(self, text: str) -> None:
@@ -107,10 +108,8 @@ def emit_outcome(outcome: RunOutcome, as_json: bool) -> int:
     else:
         if outcome.run.status == "completed":
             print(outcome.run.final.strip())
-        err = (outcome.run.error or {}).get("message")
-        hint = (outcome.run.error or {}).get("hint")
-        print(f"\nstatus: {outcome.run.status}" + (f" ({err})" if err else "") + (f" Hint: {hint}" if hint else ""),
-              file=sys.stderr)
+        err = error_text(outcome.run.error)
+        print(f"\nstatus: {outcome.run.status}" + (f" ({err})" if err else ""), file=sys.stderr)
         if outcome.session_dir:
             incomplete = ", incomplete" if outcome.history_error else ""
             print(f"session: {outcome.session_id} ({outcome.session_dir}{incomplete})", file=sys.stderr)
@@ -186,7 +185,7 @@ def cmd_history_show(args: argparse.Namespace) -> int:
     for stage in session.stages:
         print(f"== step {stage.index}: {stage.name} [{stage.status}]")
         for r in stage.responses:
-            head = f"-- {r.label} ({r.model})" + (f" {r.status}: {(r.error or {}).get('message')}" if not r.ok else "")
+            head = f"-- {r.label} ({r.model})" + (f" {r.status}: {error_text(r.error)}" if not r.ok else "")
             print(head)
             if r.text:
                 print(r.text.strip())

@@ -60,7 +60,14 @@ class HistoryIndex:
 
     # -- connection
     def _connect(self) -> sqlite_utils.Database:
-        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # no session yet: an empty history, not an error
+            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        except (OSError, sqlite3.OperationalError) as exc:
+            from orchestrator.sessions import SessionError
+
+            raise SessionError(self.path, f"cannot open the history index ({exc})",
+                               hint="Check that sessions_dir exists and is writable.") from None
         db = sqlite_utils.Database(conn)
         db.execute("PRAGMA busy_timeout=30000")
         with contextlib.suppress(sqlite3.OperationalError):  # another connection is switching it: WAL anyway
@@ -92,8 +99,11 @@ class HistoryIndex:
             db = self._connect()
             db.execute("select count(*) from sessions").fetchone()
             return db
-        except sqlite3.OperationalError:
-            raise
+        except sqlite3.OperationalError as exc:
+            from orchestrator.sessions import SessionError
+
+            raise SessionError(self.path, f"the history index is busy or unreadable ({exc})",
+                               hint="Try again; `chorus history reindex` rebuilds it from the session files.") from None
         except sqlite3.DatabaseError as exc:
             with _write_lock(self.path):
                 log.warning("history index %s is unreadable (%s): rebuilding it from the session files",

@@ -14,7 +14,7 @@ from typing import Any
 
 from launcher.errors import ChorusError
 from orchestrator.pipeline import CancelToken, Event
-from orchestrator.records import error_dict
+from orchestrator.records import error_dict, error_text
 from orchestrator.runs import RunOutcome
 
 
@@ -94,7 +94,7 @@ class LiveRun:
             r = d["response"]
             view = self.stages[-1].models.setdefault(r.label, ModelView(r.label, r.model))
             view.text, view.status = r.text, r.status
-            view.error = (r.error or {}).get("message")
+            view.error = error_text(r.error) or None
             view.tokens, view.tokens_per_s, view.seconds = r.completion_tokens, r.tokens_per_s, r.total_s
         elif event.type == "aggregation_done" and self.stages:
             self.stages[-1].merged_by = d["aggregation"].kind
@@ -105,7 +105,7 @@ class LiveRun:
                 view = StageView(st.index, st.name)
                 self.stages.append(view)
             view.status, view.output = d["status"], st.output
-            view.error = (st.error or {}).get("message")
+            view.error = error_text(st.error) or None
 
     def snapshot(self) -> list[StageView]:
         """A consistent copy for rendering while the run goes on."""

@@ -23,6 +23,15 @@ def error_dict(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
 
 
+def error_text(error: dict[str, Any] | None) -> str:
+    """One line for people: the message, then the hint when there is one."""
+    if not error:
+        return ""
+    text = str(error.get("message") or error.get("type") or "error")
+    hint = error.get("hint")
+    return f"{text} Hint: {hint}" if hint and hint not in text else text
+
+
 @dataclass
 class ResponseRecord:
     """One model's answer within a stage."""

@@ -89,3 +89,11 @@ def test_serve_runs_a_server_that_ps_lists_and_ctrl_c_stops(config_dir: ConfigDi
         assert "no llama-server running" in chorus("ps", "--config-dir", str(config_dir.path)).stdout
     finally:
         proc.kill()
+
+
+def test_history_before_any_run_is_empty_not_an_error(config_dir: ConfigDir) -> None:
+    assert not config_dir.sessions_dir.exists()
+    out = chorus("history", "list", "--config-dir", str(config_dir.path))
+    assert out.returncode == 0 and "no sessions yet" in out.stdout
+    found = chorus("history", "search", "anything", "--json", "--config-dir", str(config_dir.path))
+    assert found.returncode == 0 and json.loads(found.stdout) == []

@@ -325,3 +325,10 @@ def test_exit_classification_from_status_and_log(rc: int, log: str, kind: type) 
     err = classify_exit("m", rc, log, command=["llama-server"], log_path=None)
     assert isinstance(err, kind)
     assert err.command == ["llama-server"] and err.log_tail == log
+
+
+def test_error_records_carry_the_class_hint() -> None:
+    err = classify_exit("m", 1, "cudaMalloc failed: out of memory", command=["x"], log_path=None)
+    record = err.to_dict()
+    assert record["type"] == "ServerOutOfMemory" and "n_ctx" in record["hint"]
+    assert record["model"] == "m" and record["command"] == ["x"]

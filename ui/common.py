@@ -14,6 +14,7 @@ import streamlit as st
 from launcher.errors import ChorusError
 from orchestrator.config import load_config
 from orchestrator.live import LiveRun, StageView
+from orchestrator.records import error_text
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
 from orchestrator.sessions import Session
@@ -91,7 +92,7 @@ def render_live(live: LiveRun) -> None:
         st.info(note)
     render_live_stages(live.snapshot())
     if live.error:
-        st.error(f"The run could not start: {live.error.get('message')}")
+        st.error(f"The run could not start: {error_text(live.error)}")
     outcome = live.outcome
     if outcome is not None:
         if outcome.history_error:
@@ -102,7 +103,7 @@ def render_live(live: LiveRun) -> None:
             st.subheader("Final answer")
             st.markdown(f'<div id="chorus-final-answer">{_escape(run.final)}</div>', unsafe_allow_html=True)
         else:
-            st.error(f"Run {run.status}: {(run.error or {}).get('message', '')}")
+            st.error(f"Run {run.status}: {error_text(run.error)}")
 
 
 def _escape(text: str) -> str:
@@ -125,7 +126,7 @@ def render_session(session: Session, *, key: str) -> None:
             for r in stage.responses:
                 st.markdown(f"**{r.label}** ({r.model}) — {r.status}")
                 if r.error:
-                    st.error(r.error.get("message", r.error))
+                    st.error(error_text(r.error))
                 if r.text:
                     st.text(r.text)
                 if r.completion_tokens:
@@ -144,7 +145,7 @@ def render_session(session: Session, *, key: str) -> None:
                     st.code(agg.details["synthesis_prompt"], language=None)
                 st.text(agg.output)
             if stage.error:
-                st.error(stage.error.get("message", stage.error))
+                st.error(error_text(stage.error))
     if session.final is not None:
         st.subheader("Final answer")
         st.text(session.final)

@@ -88,11 +88,6 @@ def test_broken_files_are_invalid_each_with_its_reason(config_dir: ConfigDir,
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason=(
-    "memory-fit work (launcher/estimate.py, launcher/admission.py, orchestrator/planning.py): estimate_memory "
-    "raises IndexError for a GGUF without block_count (unknown architecture); check_fit and the stage planner "
-    "let it through, so the whole run fails with IndexError. Even as a GGUFError, the planner would fail the "
-    "whole stage instead of letting the server report InvalidModelFile for that model alone."))
 def test_a_file_the_header_check_passes_but_llama_server_rejects_fails_that_model_typed(
         config_dir: ConfigDir, llama_server_bin) -> None:
     """Unknown architecture: a readable GGUF header, so registered; the real server refuses to load it."""
