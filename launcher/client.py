@@ -6,6 +6,7 @@ native /completion (or /v1/completions on a remote endpoint). Both stream tokens
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -162,10 +163,14 @@ class GenerationClient:
         A request that got no byte back on a reused keep-alive connection (the server closed it
         between requests) is sent once more on a fresh one; a dead server then fails for real.
         """
+        total = timeout_s or self.timeout.read or 600.0
         for attempt in (1, 2):
             result = GenerationResult(text="")
             try:
-                return await self._generate_once(endpoint, req, on_token, timeout_s, result)
+                async with asyncio.timeout(total):  # the whole request, not only the wait for each chunk
+                    return await self._generate_once(endpoint, req, on_token, timeout_s, result)
+            except TimeoutError:
+                raise RequestTimeout(endpoint.model, f"no complete answer within {total:.0f}s") from None
             except _StaleConnection as exc:
                 if attempt == 2:
                     raise ServerCrashed(endpoint.model, f"connection lost: {exc.__cause__}",

@@ -6,11 +6,13 @@ The CLI makes one per command; the UI keeps one in st.cache_resource so a page r
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
-from functools import cached_property
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from launcher.admission import MemoryGuard
 from launcher.binary import find_llama_server
@@ -24,6 +26,31 @@ from orchestrator.registry import ModelRecord, Registry
 
 log = logging.getLogger("chorus.runtime")
 
+
+
+T = TypeVar("T")
+
+
+def _once(method: Callable[[Any], T]) -> property:
+    """A cached property that is built once even when threads ask at the same time.
+
+    functools.cached_property has no lock since Python 3.12; two UI runs starting together must not
+    make two pools. The value lives in the instance __dict__ under the method's name.
+    """
+    name = method.__name__
+
+    @functools.wraps(method)
+    def getter(self: Any) -> T:
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            pass
+        with self._init_lock:
+            if name not in self.__dict__:
+                self.__dict__[name] = method(self)
+            return self.__dict__[name]
+
+    return property(getter)
 
 class CalibratingPool(ServerPool):
     """The server pool, measuring each new server once (calibration) the first time it is handed out."""
@@ -46,6 +73,7 @@ class Runtime:
                  probe: MemoryProbe | None = None, calibration: CalibrationCache | None = None) -> None:
         self.config = config
         self.registry = registry or Registry(config)
+        self._init_lock = threading.RLock()
         self._probe = probe
         self._calibration = calibration
         self._warned_no_gpu = False
@@ -58,7 +86,7 @@ class Runtime:
     def state_dir(self) -> Path:
         return self.config.app.logs_dir / "running"
 
-    @cached_property
+    @_once
     def binary(self) -> Path:
         return find_llama_server(self.config.app.llama_server)
 
@@ -67,7 +95,7 @@ class Runtime:
         return ServerOptions(startup_timeout_s=s.startup_timeout_s, stop_grace_s=s.stop_grace_s,
                              state_dir=self.state_dir)
 
-    @cached_property
+    @_once
     def memory_guard(self) -> MemoryGuard:
         """The memory fit check: app.yaml's resources margin, calibration, memory_budget_mib as a cap."""
         r, s = self.config.app.resources, self.config.app.server
@@ -76,7 +104,7 @@ class Runtime:
                            self._calibration if self._calibration is not None else CalibrationCache(),
                            budget_bytes=s.memory_budget_mib * MiB if s.memory_budget_mib else None)
 
-    @cached_property
+    @_once
     def pool(self) -> ServerPool:
         s = self.config.app.server
         return CalibratingPool(self.binary, self.config.app.logs_dir, options=self.server_options(),

@@ -102,5 +102,5 @@ def small_pipeline(**overrides: object):
     from orchestrator.overrides import apply_overrides
 
     spec = load_pipeline(REPO / "config" / "pipeline.yaml")
-    sets = [f"defaults.{k}={v}" for k, v in {"max_tokens": 12, "n_ctx": 1024, **overrides}.items()]
+    sets = [f"defaults.{k}={v}" for k, v in {"max_tokens": 12, "n_ctx": 1024, "seed": 7, **overrides}.items()]
     return apply_overrides(spec, sets)

@@ -332,3 +332,22 @@ def test_error_records_carry_the_class_hint() -> None:
     record = err.to_dict()
     assert record["type"] == "ServerOutOfMemory" and "n_ctx" in record["hint"]
     assert record["model"] == "m" and record["command"] == ["x"]
+
+
+def test_request_timeout_bounds_the_whole_answer_not_each_chunk(pool: ServerPool, demo_model: Path) -> None:
+    """A server that keeps streaming still times out when the answer as a whole takes too long."""
+    from launcher.errors import RequestTimeout
+
+    server = pool.acquire(spec_for(demo_model))
+    ep = Endpoint(server.model, server.base_url, "completion", server.api_key)
+    tokens: list[str] = []
+
+    async def go():
+        async with GenerationClient(timeout_s=600) as client:
+            return await client.generate(ep, GenerationRequest("Count: 1, 2, 3,", max_tokens=4000),
+                                         tokens.append, timeout_s=1.0)
+
+    with pytest.raises(RequestTimeout, match="within 1s"):
+        asyncio.run(go())
+    assert tokens  # it was streaming when the deadline hit
+    assert server.is_alive()

@@ -50,7 +50,7 @@ def test_a_stopped_server_times_out_typed_and_is_replaced(config_dir: ConfigDir,
         b, a = stage.response("b"), stage.response("a")
         assert b is not None and b.status == "failed" and b.error is not None
         assert b.error["type"] == "RequestTimeout", b.error
-        assert "request timed out" in b.error["message"] and "no answer" in b.error["message"]
+        assert "request timed out" in b.error["message"] and "within 4s" in b.error["message"]
         assert a is not None and a.ok  # the other model of the stage is unaffected
         assert outcome.run.status == "completed" and stage.status == "partial"
         assert_session_valid(config_dir.sessions_dir, outcome.session_id)  # type: ignore[arg-type]
