@@ -117,3 +117,24 @@ def test_stage_builder_rejects_a_stage_without_models_naming_it() -> None:
     with pytest.raises(Exception) as err:
         stage_builder.build_spec(stages)
     assert "stage 1 (stage1)" in str(err.value) and "models" in str(err.value)
+
+
+def test_stop_button_cancels_the_run_in_flight(ui_env: ConfigDir) -> None:
+    at = app("run")
+    at.radio(key="mode").set_value("Manual").run()
+    sid = at.session_state["builder_stages"][0]["id"]
+    at.number_input(key=f"s{sid}-max_tokens").set_value(3000).run()
+    at.text_input(key=f"s{sid}-prompt").set_value("Count: 1, 2, 3,").run()
+    at.text_area(key="question").set_value("count").run()
+    at.button(key="run").click().run()
+    live = at.session_state["live_run"]
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(m.text for s in live.snapshot() for m in s.models.values()):
+        time.sleep(0.05)  # wait until it is really generating
+    at.button(key="stop").click().run()
+    assert live.wait(60) and live.outcome is not None
+    assert live.outcome.run.status == "cancelled"
+    at.run()
+    assert not at.exception and any("cancelled" in e.value for e in at.error)
