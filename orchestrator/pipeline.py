@@ -28,6 +28,7 @@ from orchestrator.records import (
     RunRecord,
     StageRecord,
     error_dict,
+    to_dict,
 )
 from orchestrator.runtime import Runtime
 from orchestrator.templates import build_context, render
@@ -213,13 +214,16 @@ class Engine:
                                                                         "message": "no model answered"})
         if failed and stage.on_error == "stop":
             return self._finish(record, "failed", emit, error=failed[0].error)
+        synthesis_calls: list[ResponseRecord] = []
         try:
             record.aggregation = await aggregate(
                 stage.aggregation, run.question, [Candidate(r.label, r.model, r.text) for r in ok],
-                synthesize=self._synthesizer(client, pipeline, stage, slots_per_key, emit, cancel),
+                synthesize=self._synthesizer(client, pipeline, stage, slots_per_key, emit, cancel, synthesis_calls),
                 config_dir=self.runtime.config.paths.config_dir, context=context)
         except (AggregationError, ChorusError) as exc:
             return self._finish(record, "failed", emit, error=error_dict(exc))
+        if synthesis_calls:  # the synthesis model's tokens and timings, kept with the merge they made
+            record.aggregation.details["synthesis_calls"] = [to_dict(c) for c in synthesis_calls]
         record.output = record.aggregation.output
         emit(Event("aggregation_done", stage.name, data={"aggregation": record.aggregation}))
         return self._finish(record, "partial" if failed else "ok", emit)
@@ -305,7 +309,8 @@ class Engine:
                 raise
 
     def _synthesizer(self, client: GenerationClient, pipeline: PipelineSpec, stage: StageSpec,
-                     slots_per_key: dict, emit: Callable[[Event], None], cancel: CancelToken):
+                     slots_per_key: dict, emit: Callable[[Event], None], cancel: CancelToken,
+                     calls: list[ResponseRecord]):
         params = synthesis_params(pipeline, stage)
 
         async def synthesize(model: str, prompt: str) -> str:
@@ -313,6 +318,7 @@ class Engine:
             p = SlotParams(label=params.label, model=model, system_prompt="", generation=params.generation,
                            n_ctx=params.n_ctx, n_gpu_layers=params.n_gpu_layers)
             rec = ResponseRecord(label=p.label, model=model, prompt=prompt, params=_public_params(p))
+            calls.append(rec)
             await self._call(client, p, rec, slots_per_key, stage.name, emit, cancel)
             if rec.status == "cancelled":
                 raise asyncio.CancelledError

@@ -51,6 +51,8 @@ def test_a_real_run_writes_the_seed_layout(runtime: Runtime) -> None:
     aggs = json.loads((d / "aggregation.json").read_text())
     syn = next(a for a in aggs if a["kind"] == "synthesis")
     assert syn["step"] == 3 and len(syn["inputs"]) == 3 and syn["details"]["synthesis_prompt"]
+    call = syn["details"]["synthesis_calls"][0]
+    assert call["status"] == "ok" and call["completion_tokens"] and call["total_s"] > 0
     assert (d / "final.txt").read_text() == outcome.run.final
     meta = json.loads((d / "session.json").read_text())
     assert meta["status"] == "completed" and meta["mode"] == "base" and meta["question"] == "Why is the sky blue?"

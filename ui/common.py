@@ -141,7 +141,10 @@ def render_session(session: Session, *, key: str) -> None:
                     st.dataframe([{k: v.get(k) for k in ("label", "extracted", "group", "abstained")}
                                   for v in agg.details.get("votes", [])], hide_index=True)
                 if "synthesis_prompt" in agg.details:
-                    st.caption(f"Synthesis by {agg.details.get('synthesis_model')}")
+                    timing = "".join(f" · {c['completion_tokens']} tokens in {c['total_s']:.2f}s"
+                                     for c in agg.details.get("synthesis_calls", [])
+                                     if c.get("completion_tokens") and c.get("total_s"))
+                    st.caption(f"Synthesis by {agg.details.get('synthesis_model')}{timing}")
                     st.code(agg.details["synthesis_prompt"], language=None)
                 st.text(agg.output)
             if stage.error:
