@@ -511,7 +511,7 @@ class MemoryGuard:
 
 def _serves(running: ServerSpec, wanted: ServerSpec) -> bool:
     """Whether the pool would reuse a server of `running` for `wanted` (same key, at least as many slots)."""
-    return running.key[:3] == wanted.key[:3] and running.key[3] >= wanted.key[3]
+    return running.serves(wanted)
 
 
 def _calibrated(est: MemoryEstimate, rec: CalibrationRecord) -> MemoryEstimate:

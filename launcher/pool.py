@@ -74,20 +74,16 @@ class ServerPool:
             return [e.server for e in self._entries.values()]
 
     def _find(self, spec: ServerSpec) -> tuple | None:
-        """An existing key that can serve `spec`: same file, n_ctx and layers, at least as many slots."""
-        path, n_ctx, ngl, slots = spec.key
-        best = None
-        for key in self._entries:
-            if key[:3] == (path, n_ctx, ngl) and key[3] >= slots and (best is None or key[3] < best[3]):
-                best = key
-        return best
+        """The key of a running server that can serve `spec` (same family, fewest slots that suffice)."""
+        fits = [(e.server.spec.slots, key) for key, e in self._entries.items() if e.server.spec.serves(spec)]
+        return min(fits, key=lambda pair: pair[0])[1] if fits else None
 
     # -- acquire / release
     def acquire(self, spec: ServerSpec) -> ModelServer:
         """A running server for `spec` (started if needed), marked in use until `release`."""
         self._ensure_reaper()
         with self._lock:
-            key_lock = self._key_locks.setdefault(spec.key[:3], threading.Lock())
+            key_lock = self._key_locks.setdefault(spec.family, threading.Lock())
         with key_lock:  # one start per key even when many threads ask at once
             with self._lock:
                 key = self._find(spec)

@@ -56,10 +56,24 @@ class ServerSpec:
     extra_args: tuple[str, ...] = ()
 
     @property
-    def key(self) -> tuple[str, int, int, int]:
+    def family(self) -> tuple[object, ...]:
+        """Everything that shapes the server but its slot count: within a family, more slots serve fewer.
+
+        The chat template, threads and extra args change the command line, so they are part of it: two
+        model names on one file with different templates must not share a server.
+        """
         # The path as configured, made absolute without touching the disk: resolving symlinks would give
         # another key once the file's folder is gone (an unplugged disk), hiding the warm server that has it.
-        return (os.path.abspath(self.model_path), self.n_ctx, self.n_gpu_layers, self.slots)
+        return (os.path.abspath(self.model_path), self.n_ctx, self.n_gpu_layers, self.chat_template,
+                self.threads, tuple(self.extra_args))
+
+    def serves(self, wanted: ServerSpec) -> bool:
+        """Whether a server of this spec can take `wanted`'s requests."""
+        return self.family == wanted.family and self.slots >= wanted.slots
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return (*self.family, self.slots)
 
 
 @dataclass
@@ -72,6 +86,19 @@ class ServerOptions:
     log_verbosity: int | None = None    # llama.cpp -lv; higher shows buffer sizes
     state_dir: Path | None = None       # where running servers are recorded for `chorus ps`
     env: dict[str, str] = field(default_factory=dict)
+
+
+def chat_template_args(template: str) -> list[str]:
+    """llama-server flags for a chat template given as a built-in name, Jinja text, or a template file.
+
+    Current llama.cpp uses Jinja by default and then reads --chat-template as template *text*, so a
+    built-in name such as 'chatml' or 'gemma' needs --no-jinja to be looked up as a name.
+    """
+    if "{%" in template or "{{" in template:
+        return ["--jinja", "--chat-template", template]
+    if template.endswith((".jinja", ".j2", ".txt")) or os.sep in template:
+        return ["--jinja", "--chat-template-file", str(Path(template).expanduser())]
+    return ["--no-jinja", "--chat-template", template]
 
 
 # ---------------------------------------------------------------- failure classification
@@ -231,7 +258,7 @@ class ModelServer:
         if s.threads:
             cmd += ["-t", str(s.threads)]
         if s.chat_template:
-            cmd += ["--chat-template", s.chat_template]
+            cmd += chat_template_args(s.chat_template)
         if self.options.log_verbosity is not None:
             cmd += ["-lv", str(self.options.log_verbosity)]
         return cmd + list(s.extra_args)

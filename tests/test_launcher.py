@@ -351,3 +351,14 @@ def test_request_timeout_bounds_the_whole_answer_not_each_chunk(pool: ServerPool
         asyncio.run(go())
     assert tokens  # it was streaming when the deadline hit
     assert server.is_alive()
+
+
+@pytest.mark.parametrize(("template", "flags"), [
+    ("chatml", ["--no-jinja", "--chat-template", "chatml"]),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}", ["--jinja", "--chat-template"]),
+    ("/etc/chorus/my.jinja", ["--jinja", "--chat-template-file", "/etc/chorus/my.jinja"]),
+])
+def test_chat_template_names_text_and_files_get_the_right_flags(template: str, flags: list[str]) -> None:
+    from launcher.server import chat_template_args
+
+    assert chat_template_args(template)[: len(flags)] == flags

@@ -227,3 +227,25 @@ def test_manual_stage_falls_back_to_waves_when_allowed(small_machine_runtime) ->
 def test_base_mode_falls_back_to_waves_without_asking(small_machine_runtime) -> None:
     record, _ = run(small_machine_runtime, two_model_stage(), mode="base", engine={"allow_sequential": False})
     assert record.status == "completed" and record.stages[0].execution == "sequential"
+
+
+def test_chat_mode_model_with_a_named_template_answers_through_chat_completions(
+        config_dir: ConfigDir, llama_server_bin) -> None:
+    models = config_dir.models()
+    models["models"]["gemma-chat"] = {**models["models"]["gemma3-270m"], "mode": "chat", "chat_template": "gemma"}
+    config_dir.write_models(models)
+    rt = Runtime(load_config(config_dir.path))
+    try:
+        assert rt.registry.get("gemma-chat").mode == "chat"
+        spec = manual([{"name": "s", "models": ["gemma-chat", "gemma3-270m"], "temperature": 0, "seed": 1,
+                        "system_prompt": "Answer in one word.", "aggregation": {"type": "concat"}}])
+        record, _ = run(rt, spec, "What colour is the sky?")
+        chat_server = next(s for s in rt.pool.servers() if s.model == "gemma-chat")
+        assert "--chat-template" in chat_server.command(chat_server.port or 0)
+    finally:
+        rt.close()
+    chat, plain = record.stages[0].response("gemma-chat"), record.stages[0].response("gemma3-270m")
+    assert record.status == "completed", record.error
+    assert chat and plain and chat.ok and chat.text.strip() and chat.completion_tokens
+    # the gemma template wraps system and user text in turn markers: more prompt tokens than plain text
+    assert chat.prompt_tokens and plain.prompt_tokens and chat.prompt_tokens > plain.prompt_tokens
