@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config-dir", type=Path, default=None,
                         help="folder with app.yaml, models.yaml, pipeline.yaml "
                              "(default: $CHORUS_CONFIG_DIR, ./config, or the shipped config)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug details; with run and rerun, also stream the tokens")
 
     parser = argparse.ArgumentParser(prog="chorus", parents=[common],
                                      description="Run several local GGUF models together in pipelines.")

@@ -23,6 +23,7 @@ from orchestrator.aggregation import AggregationError, Candidate, aggregate
 from orchestrator.config import PipelineSpec, StageSpec
 from orchestrator.errors import PipelineBlocked
 from orchestrator.params import SlotParams, pipeline_slot_counts, slot_params, synthesis_params
+from orchestrator.planning import plan_stage
 from orchestrator.records import (
     ResponseRecord,
     RunRecord,
@@ -172,7 +173,7 @@ class Engine:
                 getattr(sink, method)(run, *args)
             except Exception as exc:  # history that cannot be saved must not lose the answer
                 log.warning("could not record %s: %s", method, exc)
-                run.__dict__.setdefault("warnings", []).append(f"{type(exc).__name__}: {exc}")
+                run.warnings.append(f"{type(exc).__name__}: {exc}")
 
     # ---------------------------------------------------------------- one stage
 
@@ -244,24 +245,17 @@ class Engine:
             return _group_waves(params)
         if len(labels) <= 1:
             return [labels]
-        plan = await asyncio.to_thread(self._plan_stage, pipeline, stage)
-        if plan is None or plan.fits_together or stage.execution == "parallel":
+        plan = await asyncio.to_thread(plan_stage, self.runtime, stage, pipeline)
+        if plan.fits_together or stage.execution == "parallel":
             return [labels]
         waves = [list(w) for w in plan.waves]
-        question = SequentialQuestion(stage.name, waves, plan.reason if hasattr(plan, "reason") else "")
+        question = SequentialQuestion(stage.name, waves, plan.reason)
         if run.mode == "manual" and not self._ask_sequential(question):
             raise StageRefused(stage.name, question.reason or "not enough memory")
         emit(Event("notice", stage.name, data={"message": f"models of stage '{stage.name}' do not fit in memory "
                                                           f"together: running in {len(waves)} waves",
                                                "waves": waves}))
         return waves
-
-    def _plan_stage(self, pipeline: PipelineSpec, stage: StageSpec) -> Any:
-        try:
-            from orchestrator.planning import plan_stage
-        except ImportError:
-            return None
-        return plan_stage(self.runtime, stage, pipeline)
 
     def _ask_sequential(self, question: SequentialQuestion) -> bool:
         if isinstance(self.allow_sequential, bool):

@@ -108,6 +108,7 @@ class RunRecord:
     finished_at: float | None = None
     parent_session: str | None = None
     rerun_from_stage: int | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. history that could not be written
 
     def stage(self, name: str) -> StageRecord | None:
         return next((s for s in self.stages if s.name == name), None)

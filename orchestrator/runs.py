@@ -90,7 +90,7 @@ class Runner:
         engine = Engine(self.runtime, allow_sequential=allow_sequential, sinks=[writer] if writer else [])
         run = run_sync(engine, pipeline, question, on_event=on_event, cancel=cancel, mode=mode,
                        prior_stages=prior_stages, parent_session=parent_session)
-        warnings = run.__dict__.get("warnings")
+        warnings = run.warnings
         if warnings and history_error is None:  # a full disk fails every write the same way: say it once
             history_error = "history could not be saved completely: " + "; ".join(dict.fromkeys(warnings))
         return RunOutcome(run, writer.id if writer else None, writer.dir if writer else None, history_error)

@@ -82,7 +82,7 @@ class SessionWriter:
             "mode": run.mode, "question": run.question, "status": run.status,
             "parent_session": run.parent_session, "rerun_from_stage": run.rerun_from_stage,
             "stages": [s.name for s in run.stages], "error": run.error,
-            "warnings": run.__dict__.get("warnings", []),
+            "warnings": run.warnings,
         }
 
     def run_started(self, run: RunRecord) -> None:
