@@ -30,19 +30,14 @@ from launcher.estimate import KV_PAD, EstimatorSettings, MemoryEstimate, estimat
 from launcher.gguf import read_gguf
 from launcher.memory import GpuMemory, MemoryProbe, SystemMemory, SystemProbe, process_memory, process_vram
 from launcher.server import ModelServer, ServerSpec
+from launcher.units import MiB, fmt_bytes
 
 log = logging.getLogger("chorus.admission")
 
-MiB = 1 << 20
-GiB = 1 << 30
 DEFAULT_MARGIN_FRACTION = 0.10
 DEFAULT_MARGIN_FIXED_BYTES = 512 * MiB
 MIN_N_CTX = KV_PAD
 PENDING_TTL_S = 180.0  # a start admitted but not seen running yet is counted for at most this long
-
-
-def fmt_bytes(n: int) -> str:
-    return f"{n / GiB:.1f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
 
 
 def _path(spec: ServerSpec) -> str:

@@ -22,6 +22,7 @@ from launcher.estimate import MemoryEstimate
 from launcher.fileio import atomic_writer
 from launcher.memory import process_memory, process_vram
 from launcher.server import ModelServer, ServerSpec
+from launcher.units import MiB
 
 log = logging.getLogger("chorus.calibration")
 
@@ -29,7 +30,6 @@ DEFAULT_DIR = Path("~/.cache/chorus")
 CACHE_FILE = "calibration.json"
 FORMAT_VERSION = 1
 MAX_RECORDS = 512
-MiB = 1 << 20
 
 _BUFFER = re.compile(r"\b(\S+?)\s+(model|output|KV|compute) buffer size\s*=\s*([\d.]+) MiB")
 _GPU_BUFFER = re.compile(r"^(?:CUDA|ROCm|MUSA|SYCL|Vulkan|CANN|OpenCL)(\d+)")

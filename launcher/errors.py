@@ -5,6 +5,8 @@ It lives in the launcher, the lowest layer, so every layer above can raise and c
 
 from __future__ import annotations
 
+from launcher.units import fmt_bytes
+
 
 class ChorusError(Exception):
     """Base of every error chorus raises on purpose; the CLI prints these without a traceback."""
@@ -114,7 +116,7 @@ class InsufficientMemory(ChorusError):
     def __init__(self, model: str, need: dict[str, int], have: dict[str, int],
                  suggestions: list[str] | None = None) -> None:
         short = [d for d in need if need[d] > have.get(d, 0)]
-        parts = ", ".join(f"{d}: needs {_fmt(need[d])}, {_fmt(have.get(d, 0))} free" for d in short or need)
+        parts = ", ".join(f"{d}: needs {fmt_bytes(need[d])}, {fmt_bytes(have.get(d, 0))} free" for d in short or need)
         self.suggestions = list(suggestions or [])
         super().__init__(f"model '{model}' does not fit in memory ({parts})",
                          hint="; ".join(self.suggestions) or None)
@@ -122,6 +124,3 @@ class InsufficientMemory(ChorusError):
         self.need = dict(need)
         self.have = dict(have)
 
-
-def _fmt(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"

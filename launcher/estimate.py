@@ -35,8 +35,8 @@ from pathlib import Path
 from launcher.gguf import GGUFMetadata, TensorInfo
 from launcher.memory import GpuMemory
 from launcher.server import ServerSpec
+from launcher.units import MiB
 
-MiB = 1 << 20
 KV_PAD = 256  # llama-context.cpp pads n_ctx and n_ctx_seq to 256; the SWA cache is padded to 256 too
 
 # KV cache types (-ctk / -ctv): (block size in elements, bytes per block)

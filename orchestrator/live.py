@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.errors import ChorusError
-from orchestrator.pipeline import CancelToken, Event
+from orchestrator.engine.run import CancelToken, Event
 from orchestrator.records import error_dict, error_text
 from orchestrator.runs import RunOutcome
 

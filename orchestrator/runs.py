@@ -11,12 +11,12 @@ from typing import Any, Literal
 from launcher.binary import binary_version
 from launcher.errors import ChorusError
 from orchestrator import __version__
-from orchestrator.config import PipelineSpec
-from orchestrator.overrides import apply_overrides
-from orchestrator.pipeline import AllowSequential, CancelToken, Engine, Event, run_sync
+from orchestrator.config.overrides import apply_overrides
+from orchestrator.config.schema import PipelineSpec
+from orchestrator.engine.run import AllowSequential, CancelToken, Engine, Event, run_sync
+from orchestrator.history.store import SessionError, SessionStore
 from orchestrator.records import RunRecord, StageRecord, error_dict
 from orchestrator.runtime import Runtime
-from orchestrator.sessions import SessionError, SessionStore
 
 log = logging.getLogger("chorus.runs")
 

@@ -21,8 +21,8 @@ from launcher.client import Endpoint
 from launcher.memory import MemoryProbe, SystemProbe
 from launcher.pool import ServerPool
 from launcher.server import ModelServer, ServerOptions, ServerSpec
-from orchestrator.config import ChorusConfig, MiB, load_config
-from orchestrator.registry import ModelRecord, Registry
+from orchestrator.config.registry import ModelRecord, Registry
+from orchestrator.config.schema import ChorusConfig, MiB, load_config
 
 log = logging.getLogger("chorus.runtime")
 

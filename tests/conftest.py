@@ -88,7 +88,7 @@ def llama_server_bin() -> Path:
 @pytest.fixture
 def runtime(config_dir: ConfigDir, llama_server_bin: Path):
     """A Runtime on the shipped config (demo model), its servers stopped at the end."""
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
     from orchestrator.runtime import Runtime
 
     rt = Runtime(load_config(config_dir.path))
@@ -98,8 +98,8 @@ def runtime(config_dir: ConfigDir, llama_server_bin: Path):
 
 def small_pipeline(**overrides: object):
     """The shipped base pipeline with short answers, for fast integration tests."""
-    from orchestrator.config import load_pipeline
-    from orchestrator.overrides import apply_overrides
+    from orchestrator.config.overrides import apply_overrides
+    from orchestrator.config.schema import load_pipeline
 
     spec = load_pipeline(REPO / "config" / "pipeline.yaml")
     sets = [f"defaults.{k}={v}" for k, v in {"max_tokens": 12, "n_ctx": 1024, "seed": 7, **overrides}.items()]

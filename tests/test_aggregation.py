@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from launcher.errors import ChorusError, RequestFailed
-from orchestrator.aggregation import (
+from orchestrator.config.schema import AggregationSpec
+from orchestrator.engine.aggregation import (
     DEFAULT_SYNTHESIS_PROMPT,
     AggregationError,
     Candidate,
@@ -22,7 +23,6 @@ from orchestrator.aggregation import (
     match_reply,
     normalise,
 )
-from orchestrator.config import AggregationSpec
 from orchestrator.records import AggregationRecord
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import PipelineSpec, load_config, load_pipeline
+from orchestrator.config.schema import PipelineSpec, load_config, load_pipeline
 from orchestrator.errors import ConfigError
 from tests.conftest import REPO, ConfigDir
 

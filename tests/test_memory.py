@@ -258,7 +258,7 @@ def test_concurrent_starts_count_each_other_until_they_run(demo_model: Path) -> 
 
 
 def test_no_gpu_forces_n_gpu_layers_0_with_one_warning(config_dir: ConfigDir, caplog: pytest.LogCaptureFixture) -> None:
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
     from orchestrator.runtime import Runtime
 
     cpu = Runtime(load_config(config_dir.path), probe=machine(8))
@@ -311,8 +311,8 @@ def test_plan_counts_running_servers_the_group_does_not_use_as_evictable(demo_mo
 
 def test_plan_stage_groups_repeated_models_into_one_server_and_plans_synthesis_after(
         config_dir: ConfigDir) -> None:
-    from orchestrator.config import load_config
-    from orchestrator.planning import plan_pipeline, plan_stage
+    from orchestrator.config.schema import load_config
+    from orchestrator.plan.memory import plan_pipeline, plan_stage
     from orchestrator.runtime import Runtime
 
     models = config_dir.models()
@@ -336,8 +336,8 @@ def test_plan_stage_groups_repeated_models_into_one_server_and_plans_synthesis_a
 
 
 def test_plan_stage_that_does_not_fit_runs_its_models_in_waves(config_dir: ConfigDir, tmp_path: Path) -> None:
-    from orchestrator.config import load_config
-    from orchestrator.planning import plan_stage
+    from orchestrator.config.schema import load_config
+    from orchestrator.plan.memory import plan_stage
     from orchestrator.runtime import Runtime
 
     models = config_dir.models()
@@ -428,7 +428,7 @@ def test_estimate_matches_llama_cpp_buffers_and_measured_rss(llama_server_bin: P
 @pytest.mark.integration
 def test_runtime_calibrates_a_new_server_and_the_next_need_is_the_measurement(
         config_dir: ConfigDir, llama_server_bin: Path, tmp_path: Path) -> None:
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
     from orchestrator.runtime import Runtime
 
     cache = CalibrationCache(tmp_path / "cal")

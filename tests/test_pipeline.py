@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from orchestrator.config import PipelineSpec, load_config
-from orchestrator.overrides import apply_overrides
-from orchestrator.pipeline import CancelToken, Engine, Event, run_sync
+from orchestrator.config.overrides import apply_overrides
+from orchestrator.config.schema import PipelineSpec, load_config
+from orchestrator.engine.run import CancelToken, Engine, Event, run_sync
 from orchestrator.runtime import Runtime
 from tests.conftest import ConfigDir, small_pipeline
 

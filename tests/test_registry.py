@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from orchestrator.config import load_config
+from orchestrator.config.registry import Registry
+from orchestrator.config.schema import load_config
 from orchestrator.errors import ModelUnavailable, PipelineBlocked
-from orchestrator.registry import Registry
 from tests.conftest import DEMO_MODEL_NAME, ConfigDir
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from orchestrator.config import load_config
+from orchestrator.config.schema import load_config
 from orchestrator.runtime import Runtime
 from tests.conftest import ConfigDir
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import PipelineSpec
+from orchestrator.config.schema import PipelineSpec
+from orchestrator.history.store import SessionStore, normalise_id
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
-from orchestrator.sessions import SessionStore, normalise_id
 from tests.conftest import REPO, ConfigDir, small_pipeline
 
 pytestmark = pytest.mark.integration

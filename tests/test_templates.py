@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from orchestrator.templates import MAX_OUTPUT_CHARS, StageView, TemplateError, build_context, render
+from orchestrator.engine.templates import MAX_OUTPUT_CHARS, StageView, TemplateError, build_context, render
 
 
 @dataclass

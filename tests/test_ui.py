@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from orchestrator import stage_builder
-from orchestrator.config import PipelineSpec, load_config
+from orchestrator.config import stage_builder
+from orchestrator.config.schema import PipelineSpec, load_config
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir

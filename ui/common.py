@@ -12,12 +12,12 @@ from pathlib import Path
 import streamlit as st
 
 from launcher.errors import ChorusError
-from orchestrator.config import load_config
+from orchestrator.config.schema import load_config
+from orchestrator.history.store import Session
 from orchestrator.live import LiveRun, StageView
 from orchestrator.records import error_text
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
-from orchestrator.sessions import Session
 
 
 def config_dir() -> str | None:
@@ -43,10 +43,6 @@ def runner(rt: Runtime) -> Runner:
     return Runner(rt)
 
 
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def fmt_time(ts: float | None) -> str:

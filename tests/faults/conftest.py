@@ -15,11 +15,11 @@ from typing import Any
 
 import psutil
 
-from orchestrator.config import PipelineSpec, load_config
-from orchestrator.pipeline import Event
+from orchestrator.config.schema import PipelineSpec, load_config
+from orchestrator.engine.run import Event
+from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner, RunOutcome
 from orchestrator.runtime import Runtime
-from orchestrator.sessions import SessionStore
 from tests.conftest import REPO, ConfigDir
 
 DEMO = "gemma3-270m"
@@ -67,7 +67,7 @@ def run(runtime: Runtime, pipeline: PipelineSpec, question: str = "The capital o
 
 def chorus(config_dir: ConfigDir, *args: str, timeout: int = 300, **popen: Any) -> subprocess.CompletedProcess[str]:
     """`chorus ARGS --config-dir DIR` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--config-dir", str(config_dir.path)],
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli.main", *args, "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, stdin=subprocess.DEVNULL,
                           **popen)
 

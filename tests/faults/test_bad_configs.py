@@ -18,7 +18,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.config import (
+from orchestrator.config.registry import Registry
+from orchestrator.config.schema import (
     AggregationSpec,
     AppConfig,
     ModelEntry,
@@ -29,7 +30,6 @@ from orchestrator.config import (
     load_config,
 )
 from orchestrator.errors import ConfigError
-from orchestrator.registry import Registry
 from tests.conftest import REPO
 
 FILES = ("app.yaml", "models.yaml", "pipeline.yaml")

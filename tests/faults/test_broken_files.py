@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.registry import Registry
+from orchestrator.config.registry import Registry
+from orchestrator.config.schema import load_config
 from tests.conftest import ConfigDir, demo_model_path
 from tests.faults.conftest import DEMO, assert_session_valid, chorus, make_runtime, manual, run
 

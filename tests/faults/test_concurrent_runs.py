@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from launcher.server import ModelServer
-from orchestrator.overrides import apply_overrides
+from orchestrator.config.overrides import apply_overrides
+from orchestrator.history.store import SessionStore, write_json_atomic
 from orchestrator.runs import Runner, RunOutcome
-from orchestrator.sessions import SessionStore, write_json_atomic
 from tests.conftest import ConfigDir, small_pipeline
 from tests.faults.conftest import assert_session_valid, chorus, make_runtime
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.pipeline import Event
+from orchestrator.engine.run import Event
+from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner
-from orchestrator.sessions import SessionStore
 from tests.conftest import REPO, ConfigDir
 from tests.faults.conftest import DEMO, answered, assert_session_valid, chorus, make_runtime, manual, run
 
@@ -153,7 +153,7 @@ def test_file_size_limit_loses_the_history_not_the_answer(config_dir: ConfigDir,
     script = textwrap.dedent(f"""
         import json, resource, signal, sys
         sys.path.insert(0, {str(REPO)!r})
-        from orchestrator.config import PipelineSpec, load_config
+        from orchestrator.config.schema import PipelineSpec, load_config
         from orchestrator.runs import Runner
         from orchestrator.runtime import Runtime
         runtime = Runtime(load_config({str(config_dir.path)!r}))

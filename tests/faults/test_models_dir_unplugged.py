@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from orchestrator.pipeline import Engine, run_sync
+from orchestrator.engine.run import Engine, run_sync
 from tests.conftest import ConfigDir
 from tests.faults.conftest import DEMO, assert_clean_failure, assert_session_valid, chorus, make_runtime, manual, run
 

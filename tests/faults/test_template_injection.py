@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.templates import TemplateError, build_context, render
+from orchestrator.engine.templates import TemplateError, build_context, render
 from tests.conftest import ConfigDir
 from tests.faults.conftest import DEMO, assert_clean_failure, assert_session_valid, chorus, make_runtime, manual, run
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import streamlit as st
 
 from launcher.errors import ChorusError
-from orchestrator import stage_builder
-from orchestrator.config import PipelineSpec
+from orchestrator.config import stage_builder
+from orchestrator.config.schema import PipelineSpec
 from orchestrator.live import LiveRun
-from orchestrator.planning import plan_pipeline
+from orchestrator.plan.memory import plan_pipeline
 from ui.common import LIVE_KEY, fmt_bytes, live_run, render_live, runner, runtime
 
 BUILDER_KEY = "builder_stages"

@@ -19,11 +19,12 @@ from typing import Any, Literal, Protocol
 
 from launcher.client import GenerationClient, GenerationRequest
 from launcher.errors import ChorusError, RequestTimeout
-from orchestrator.aggregation import AggregationError, Candidate, aggregate
-from orchestrator.config import PipelineSpec, StageSpec
+from orchestrator.config.schema import PipelineSpec, StageSpec
+from orchestrator.engine.aggregation import AggregationError, Candidate, aggregate
+from orchestrator.engine.templates import build_context, render
 from orchestrator.errors import PipelineBlocked
-from orchestrator.params import SlotParams, pipeline_slot_counts, slot_params, synthesis_params
-from orchestrator.planning import plan_stage
+from orchestrator.plan.memory import plan_stage
+from orchestrator.plan.resolve import SlotParams, pipeline_slot_counts, slot_params, synthesis_params
 from orchestrator.records import (
     ResponseRecord,
     RunRecord,
@@ -32,7 +33,6 @@ from orchestrator.records import (
     to_dict,
 )
 from orchestrator.runtime import Runtime
-from orchestrator.templates import build_context, render
 
 log = logging.getLogger("chorus.pipeline")
 

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.config import default_config_dir
+from orchestrator.config.schema import default_config_dir
 
-APP = Path(__file__).resolve().parent.parent / "ui" / "app.py"
+
+def app_path() -> Path:
+    """The Streamlit entry file, wherever the `ui` package is installed (found, not imported)."""
+    spec = importlib.util.find_spec("ui")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the chorus 'ui' package is not installed")
+    return Path(spec.origin).parent / "app.py"
 
 
 def streamlit_command(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", host, "--server.port", str(port),
+    return [sys.executable, "-m", "streamlit", "run", str(app_path()), "--server.address", host,
+            "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false"]
 
 

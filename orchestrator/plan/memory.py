@@ -2,7 +2,7 @@
 
 One stage = one group for `launcher.admission.MemoryGuard.plan`: every local model of the stage is one
 server (a model called N times in a stage is one server with N slots; the slot count is the one the
-pipeline runner asks for, see `orchestrator.params.pipeline_slot_counts`). The synthesis model runs
+pipeline runner asks for, see `orchestrator.plan.resolve.pipeline_slot_counts`). The synthesis model runs
 after the stage's models, so it is planned as its own wave. Remote models (`url:`) need no local memory.
 Running servers of the pool that the stage does not use count as evictable.
 """
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.admission import Availability, FitPlan, PlannedSpec, fmt_bytes
 from launcher.server import ModelServer, ServerSpec
-from orchestrator.config import PipelineSpec, StageSpec
-from orchestrator.params import SlotParams, pipeline_slot_counts, slot_params, synthesis_params
+from orchestrator.config.schema import PipelineSpec, StageSpec
+from orchestrator.plan.resolve import SlotParams, pipeline_slot_counts, slot_params, synthesis_params
 
 if TYPE_CHECKING:
     from orchestrator.runtime import Runtime

@@ -16,31 +16,18 @@ from launcher.errors import ChorusError
 from launcher.memory import SystemProbe
 from launcher.server import install_signal_cleanup
 from launcher.state import list_running
-from orchestrator import cli_run, cli_ui
-from orchestrator.config import ChorusConfig, load_config
-from orchestrator.registry import Registry
+from orchestrator.cli import run as cli_run
+from orchestrator.cli import ui as cli_ui
+from orchestrator.cli.output import gib as _gib
+from orchestrator.cli.output import mib as _mib
+from orchestrator.cli.output import print_table
+from orchestrator.config.registry import Registry
+from orchestrator.config.schema import ChorusConfig, load_config
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger("chorus")
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.0f} MiB"
-
-
-def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str], out=sys.stdout) -> None:
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for i, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
-        if i == 0:
-            print("  ".join("-" * w for w in widths), file=out)
 
 
 def _config(args: argparse.Namespace) -> ChorusConfig:
@@ -152,7 +139,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from orchestrator.planning import plan_pipeline
+    from orchestrator.plan.memory import plan_pipeline
 
     runtime = Runtime(_config(args))
     pipeline = runtime.config.load_pipeline(args.pipeline)

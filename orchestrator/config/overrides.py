@@ -8,9 +8,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.config import PipelineSpec
+from orchestrator.config.schema import PipelineSpec
+from orchestrator.config.yamlio import field_path
 from orchestrator.errors import ConfigError
-from orchestrator.yamlio import field_path
 
 
 def apply_overrides(pipeline: PipelineSpec, assignments: Iterable[str], *, source: str = "--set") -> PipelineSpec:

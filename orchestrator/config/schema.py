@@ -15,10 +15,10 @@ from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from launcher.units import MiB
+from orchestrator.config.yamlio import load_model
 from orchestrator.errors import ConfigError
-from orchestrator.yamlio import load_model
 
-MiB = 1024 * 1024
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _TEMPLATE_CHECKER = ImmutableSandboxedEnvironment()
 
@@ -282,7 +282,7 @@ def default_config_dir() -> Path:
     local = Path.cwd() / "config"
     if (local / "models.yaml").exists() or (local / "app.yaml").exists():
         return local
-    return Path(__file__).resolve().parent.parent / "config"
+    return Path(__file__).resolve().parents[2] / "config"  # TODO(#12.7): packaged defaults
 
 
 def _resolve(base: Path, value: Path, *, file: Path | str, field: str) -> Path:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from launcher.errors import GGUFError
 from launcher.gguf import GGUFMetadata, read_gguf
-from orchestrator.config import ChorusConfig, ModelEntry, PipelineSpec
+from orchestrator.config.schema import ChorusConfig, ModelEntry, PipelineSpec
 from orchestrator.errors import ConfigError, ModelUnavailable, PipelineBlocked
 
 log = logging.getLogger("chorus.registry")

@@ -212,7 +212,7 @@ class SessionStore:
     # -- the index (sqlite-utils); JSON stays the truth, so every failure here is only logged
     @property
     def index(self):
-        from orchestrator.history_index import HistoryIndex
+        from orchestrator.history.index import HistoryIndex
 
         return HistoryIndex(self.dir / "index.db", self)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.config import ModelEntry, PipelineSpec, StageSpec
+from orchestrator.config.schema import ModelEntry, PipelineSpec, StageSpec
 
 GENERATION_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop")
 

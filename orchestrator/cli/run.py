@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from launcher.server import install_signal_cleanup
-from orchestrator.config import PipelineSpec, load_config, load_pipeline
-from orchestrator.overrides import apply_overrides
-from orchestrator.pipeline import CancelToken, Event, SequentialQuestion
+from orchestrator.config.overrides import apply_overrides
+from orchestrator.config.schema import PipelineSpec, load_config, load_pipeline
+from orchestrator.engine.run import CancelToken, Event, SequentialQuestion
+from orchestrator.history.store import SessionStore
 from orchestrator.records import error_text
 from orchestrator.runs import Runner, RunOutcome
 from orchestrator.runtime import Runtime
-from orchestrator.sessions import SessionStore
 
 
 class ProgressPrinter:
@@ -158,7 +158,7 @@ def _short(text: str | None, n: int = 60) -> str:
 
 
 def cmd_history_list(args: argparse.Namespace) -> int:
-    from orchestrator.cli import print_table
+    from orchestrator.cli.output import print_table
 
     rows = _store(args).index.list(limit=args.limit)
     if args.json:
@@ -198,7 +198,7 @@ def cmd_history_show(args: argparse.Namespace) -> int:
 
 
 def cmd_history_search(args: argparse.Namespace) -> int:
-    from orchestrator.cli import print_table
+    from orchestrator.cli.output import print_table
 
     hits = _store(args).index.search(args.text, limit=args.limit)
     if args.json:

@@ -24,9 +24,9 @@ from types import ModuleType
 from typing import Any
 
 from launcher.errors import ChorusError
-from orchestrator.config import AggregationSpec, VoteOptions
+from orchestrator.config.schema import AggregationSpec, VoteOptions
+from orchestrator.engine.templates import TemplateError, render
 from orchestrator.records import AggregationRecord, error_dict
-from orchestrator.templates import TemplateError, render
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 if TYPE_CHECKING:
-    from orchestrator.sessions import Session, SessionStore
+    from orchestrator.history.store import Session, SessionStore
 
 log = logging.getLogger("chorus.history")
 
@@ -64,7 +64,7 @@ class HistoryIndex:
             self.path.parent.mkdir(parents=True, exist_ok=True)  # no session yet: an empty history, not an error
             conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         except (OSError, sqlite3.OperationalError) as exc:
-            from orchestrator.sessions import SessionError
+            from orchestrator.history.store import SessionError
 
             raise SessionError(self.path, f"cannot open the history index ({exc})",
                                hint="Check that sessions_dir exists and is writable.") from None
@@ -100,7 +100,7 @@ class HistoryIndex:
             db.execute("select count(*) from sessions").fetchone()
             return db
         except sqlite3.OperationalError as exc:
-            from orchestrator.sessions import SessionError
+            from orchestrator.history.store import SessionError
 
             raise SessionError(self.path, f"the history index is busy or unreadable ({exc})",
                                hint="Try again; `chorus history reindex` rebuilds it from the session files.") from None

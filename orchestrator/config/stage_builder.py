@@ -10,9 +10,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.config import PipelineSpec
+from orchestrator.config.schema import PipelineSpec
+from orchestrator.config.yamlio import field_path
 from orchestrator.errors import ConfigError
-from orchestrator.yamlio import field_path
 
 AGGREGATION_KINDS = ("concat", "majority_vote", "synthesis", "custom_template", "custom")
 

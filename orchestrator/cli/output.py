@@ -1,0 +1,25 @@
+"""Terminal output shared by the command groups: tables and byte figures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from orchestrator.units import GiB, MiB
+
+
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / MiB:.0f} MiB"
+
+
+def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str], out=sys.stdout) -> None:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)

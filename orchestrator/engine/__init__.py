@@ -1,0 +1,1 @@
+"""Execution: the run loop, typed events, the backend seam, aggregation and the template sandbox."""
