@@ -4,6 +4,9 @@ Prints cold start (spawn to ready), first-token latency, per-request client over
 httpx call, and the gain of 3 concurrent requests on one 3-slot server over 3 sequential ones.
 Target: our concurrency gain keeps at least 95% of the hand-run server's gain.
 The last line is one JSON object with the figures and targets.
+
+Killed by a timeout (SIGTERM, SIGHUP, Ctrl-C) it stops the servers it started before exiting; killed
+with SIGKILL, they die with it (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +31,14 @@ sys.path.insert(0, str(REPO))
 
 from launcher.binary import find_llama_server  # noqa: E402
 from launcher.client import Endpoint, GenerationClient, GenerationRequest  # noqa: E402
-from launcher.server import ModelServer, ServerSpec, free_port  # noqa: E402
+from launcher.server import (  # noqa: E402
+    ModelServer,
+    ServerSpec,
+    free_port,
+    install_signal_cleanup,
+    own_group_dying_with_parent,
+    stop_process_group,
+)
 
 PROMPTS = ["Once upon a time", "The ocean is", "In the year 2050,"]
 
@@ -35,25 +46,46 @@ PROMPTS = ["Once upon a time", "The ocean is", "In the year 2050,"]
 # ---------------------------------------------------------------- by hand
 
 class HandServer:
-    """llama-server as a person would run it: Popen and poll /health."""
+    """llama-server as a person would run it: Popen and poll /health (the key in a 0600 file, not argv).
 
-    def __init__(self, binary: Path, model: Path, n_ctx: int, slots: int, log: Path) -> None:
+    It dies with this process (PR_SET_PDEATHSIG) and is stopped on every way out of the constructor.
+    """
+
+    def __init__(self, binary: Path, model: Path, n_ctx: int, slots: int, log: Path,
+                 startup_timeout_s: float = 120.0) -> None:
         self.port = free_port()
         self.key = secrets.token_hex(8)
         self.url = f"http://127.0.0.1:{self.port}"
+        self._keys = tempfile.TemporaryDirectory(prefix="chorus-bench-")  # 0700
+        key_file = Path(self._keys.name) / "key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(self.key + "\n")
         cmd = [str(binary), "-m", str(model), "-c", str(n_ctx * slots), "-np", str(slots), "-ngl", "0",
-               "--host", "127.0.0.1", "--port", str(self.port), "--no-webui", "--api-key", self.key,
+               "--host", "127.0.0.1", "--port", str(self.port), "--no-webui", "--api-key-file", str(key_file),
                "--fit", "off"]
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-        while True:
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=own_group_dying_with_parent)
+        try:
+            self._wait_ready(startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_s = time.perf_counter() - t0
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hand-run llama-server exited with status {self.proc.returncode}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.01)
-        self.ready_s = time.perf_counter() - t0
+        raise RuntimeError(f"hand-run llama-server not ready within {timeout_s:.0f}s")
 
     def complete(self, client: httpx.Client, prompt: str, n: int, stream: bool = False) -> float:
         """Seconds to the first token when streaming, else the whole request."""
@@ -70,8 +102,10 @@ class HandServer:
         return time.perf_counter() - t0
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        try:
+            stop_process_group(self.proc, grace_s=10.0)
+        finally:
+            self._keys.cleanup()
 
 
 # ---------------------------------------------------------------- measurements
@@ -136,9 +170,10 @@ def main() -> int:
     parser.add_argument("--tiny", type=int, default=15, help="1-token requests for the overhead figure")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
     args = parser.parse_args()
+    install_signal_cleanup()  # a timeout's SIGTERM stops our servers and unwinds the finally blocks
     binary = find_llama_server()
     logs = REPO / "logs" / "bench"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     hand_runs, ours_runs = [], []
     for _ in range(args.rounds):  # alternate so machine noise hits both sides alike

@@ -12,6 +12,9 @@ GPU, VRAM is measured per process through NVML.
 
 Target: |error| <= 20% of the measured RSS for every configuration.
 The last line is one JSON object with the figures and the target.
+
+Killed by a timeout (SIGTERM, SIGHUP, Ctrl-C) it stops its server before exiting; killed with SIGKILL,
+the server dies with it (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from launcher.admission import MemoryGuard  # noqa: E402
 from launcher.binary import find_llama_server  # noqa: E402
 from launcher.calibration import measure_server  # noqa: E402
 from launcher.client import Endpoint, GenerationClient, GenerationRequest  # noqa: E402
-from launcher.server import ModelServer, ServerOptions, ServerSpec  # noqa: E402
+from launcher.server import ModelServer, ServerOptions, ServerSpec, install_signal_cleanup  # noqa: E402
 
 MiB = 1 << 20
 TARGET_ABS_ERROR_PCT = 20
@@ -85,6 +88,7 @@ def main() -> int:
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=16, help="tokens generated before measuring")
     args = parser.parse_args()
+    install_signal_cleanup()  # a timeout's SIGTERM stops the server being measured, then exits
     binary = find_llama_server()
     logs = REPO / "logs" / "bench-memory"
     guard = MemoryGuard()

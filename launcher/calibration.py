@@ -21,12 +21,12 @@ from pathlib import Path
 from launcher.estimate import MemoryEstimate
 from launcher.fileio import atomic_writer
 from launcher.memory import process_memory, process_vram
+from launcher.paths import cache_dir
 from launcher.server import ModelServer, ServerSpec
 from launcher.units import MiB
 
 log = logging.getLogger("chorus.calibration")
 
-DEFAULT_DIR = Path("~/.cache/chorus")
 CACHE_FILE = "calibration.json"
 FORMAT_VERSION = 1
 MAX_RECORDS = 512
@@ -156,7 +156,7 @@ class CalibrationCache:
     """A small JSON file of CalibrationRecords; safe across threads, written atomically."""
 
     def __init__(self, directory: Path | str | None = None) -> None:
-        self.directory = Path(directory if directory is not None else DEFAULT_DIR).expanduser()
+        self.directory = Path(directory).expanduser() if directory is not None else cache_dir()
         self._lock = threading.Lock()
         self._records: dict[str, CalibrationRecord] | None = None
         self._loaded_mtime: int | None = None

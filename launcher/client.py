@@ -16,6 +16,7 @@ from typing import Any, Literal
 import httpx
 
 from launcher.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
+from launcher.server import find_server
 
 Mode = Literal["chat", "completion"]
 TokenCallback = Callable[[str], None]
@@ -163,6 +164,13 @@ class GenerationClient:
         A request that got no byte back on a reused keep-alive connection (the server closed it
         between requests) is sent once more on a fresh one; a dead server then fails for real.
         """
+        try:
+            return await self._generate_with_retry(endpoint, req, on_token, timeout_s)
+        except ServerCrashed as exc:
+            raise await _explained(endpoint, exc) from None
+
+    async def _generate_with_retry(self, endpoint: Endpoint, req: GenerationRequest, on_token: TokenCallback | None,
+                                   timeout_s: float | None) -> GenerationResult:
         total = timeout_s or self.timeout.read or 600.0
         for attempt in (1, 2):
             result = GenerationResult(text="")
@@ -221,6 +229,19 @@ class GenerationClient:
         if result.completion_tokens is None and pieces:
             result.completion_tokens = len(pieces)
         return result
+
+
+async def _explained(endpoint: Endpoint, lost: ServerCrashed) -> ServerError:
+    """A lost connection to a server this process started, with the server's exit status and log tail.
+
+    Only the launcher knows the process behind a local endpoint; a remote one stays "connection lost".
+    """
+    if endpoint.remote:
+        return lost
+    server = find_server(endpoint.base_url)
+    if server is None:
+        return lost
+    return await asyncio.to_thread(server.explain_lost_connection, lost)
 
 
 class _StaleConnection(Exception):

@@ -51,8 +51,10 @@ class BinaryNotFound(ChorusError):
 
     def __init__(self, searched: list[str], problem: str = "not found") -> None:
         super().__init__(f"llama-server {problem} (looked in: {', '.join(searched)})",
-                         hint=f"Build it with `{BUILD_COMMAND}` (about 9 minutes on 2 cores), or set "
-                              "`llama_server:` in app.yaml or $LLAMA_SERVER to an existing binary.")
+                         hint=f"Build it from a chorus checkout with `{BUILD_COMMAND}` (about 9 minutes on 2 "
+                              "cores); it lands in the checkout's bin/ and in ~/.cache/chorus/bin/, where an "
+                              "installed chorus finds it too. Or set `llama_server:` in app.yaml or $LLAMA_SERVER "
+                              "to an existing binary, or put one at $CHORUS_HOME/bin/llama-server or on PATH.")
         self.searched = list(searched)
 
 
@@ -123,4 +125,28 @@ class InsufficientMemory(ChorusError):
         self.model = model
         self.need = dict(need)
         self.have = dict(have)
+
+
+class InvalidServerSpec(ChorusError):
+    """A server setting out of range (n_ctx, slots, n_gpu_layers...), caught before llama-server sees it."""
+
+    def __init__(self, model: str, field: str, value: object, minimum: int) -> None:
+        super().__init__(f"model '{model}': {field} must be at least {minimum}, got {value}",
+                         hint=f"Set {field} to {minimum} or more.")
+        self.model = model
+        self.field = field
+        self.value = value
+        self.minimum = minimum
+
+
+class ServerFilesUnwritable(ServerStartError):
+    """The server's log, state or key file cannot be written: a logs dir that is read-only, missing or not ours."""
+
+    kind = "cannot write the server's files"
+
+    def __init__(self, model: str, path: str, reason: str, *, command: list[str] | None = None) -> None:
+        super().__init__(model, f"{path}: {reason}", command=command,
+                         hint="Point logs_dir in app.yaml at a folder you can write (it holds the server logs, "
+                              f"the running/ records and the runtime/ key files), or fix the permissions of {path}.")
+        self.path = path
 

@@ -17,6 +17,10 @@ The figures follow the pinned llama.cpp (src/llama-model.cpp, llama-context.cpp,
 - **Output buffer** (host): ``slots x n_vocab`` floats of logits.
 - **Overheads**: the process itself and the tokenizer tables (host), and per GPU a CUDA context.
 
+The per-layer loops are bounded: `estimate_memory` validates the header first (`launcher.gguf.validate_header`:
+at most 512 layers, every ``blk.N`` tensor below ``block_count``), and `estimate_for` caches estimates by the
+file's identity (path, size, mtime_ns) and the spec, so a page that asks again costs a dict lookup.
+
 Everything here is an estimate; `launcher.calibration` replaces it with what a running server really
 holds, per configuration. llama.cpp prints its own buffer sizes at ``-lv 4``; the constants below were
 tuned against those lines and the RSS of the demo model (see bench/memory_accuracy.py).
@@ -27,12 +31,13 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from launcher.gguf import GGUFMetadata, TensorInfo
+from launcher.gguf import GGUFMetadata, TensorInfo, block_index, read_gguf, validate_header
 from launcher.memory import GpuMemory
 from launcher.server import ServerSpec
 from launcher.units import MiB
@@ -49,8 +54,7 @@ CACHE_TYPES: dict[str, tuple[int, int]] = {
 _REPACK_X86_AVX2 = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})
 _REPACK_X86_AVX512 = frozenset({"Q2_K"})
 _REPACK_ARM_DOTPROD = frozenset({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"})
-
-_LAYER = re.compile(r"^blk\.(\d+)\.")
+CACHE_MAX_ENTRIES = 256
 
 
 @dataclass(frozen=True)
@@ -238,9 +242,9 @@ def detect_repack_types() -> frozenset[str]:
 
 def _layer_of(tensor: TensorInfo, n_layer: int) -> int | None:
     """Layer index: blk.N -> N, the output layer -> n_layer, the input layer (token_embd...) -> None."""
-    m = _LAYER.match(tensor.name)
-    if m:
-        return int(m.group(1))
+    index = block_index(tensor.name)
+    if index is not None:
+        return index
     if tensor.name.startswith(("output.", "output_norm", "cls.", "cls_out")):
         return n_layer
     return None
@@ -284,6 +288,7 @@ def _add(breakdown: dict[str, dict[str, int]], device: str, kind: str, n: int) -
 def estimate_memory(meta: GGUFMetadata, spec: ServerSpec, gpus: Sequence[GpuMemory] = (),
                     settings: EstimatorSettings | None = None) -> MemoryEstimate:
     """RAM and VRAM per device for `spec` on a machine with these GPUs (none: CPU only)."""
+    validate_header(meta)  # bounds the per-layer work below, whatever built `meta`
     settings = (settings or EstimatorSettings()).for_args(spec.extra_args)
     if not meta.block_count:
         return _weights_only(meta, spec, settings)
@@ -347,6 +352,45 @@ def _weights_only(meta: GGUFMetadata, spec: ServerSpec, settings: EstimatorSetti
     return MemoryEstimate(model=spec.model, model_path=_resolved(spec.model_path), n_ctx=spec.n_ctx, slots=slots,
                           n_gpu_layers=spec.n_gpu_layers, gpu_layers_used=0, breakdown=breakdown,
                           mapped_bytes=meta.tensor_bytes, source="lower bound (unknown architecture)")
+
+
+_cache: OrderedDict[tuple[object, ...], MemoryEstimate] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def estimate_for(spec: ServerSpec, gpus: Sequence[GpuMemory] = (),
+                 settings: EstimatorSettings | None = None) -> MemoryEstimate:
+    """`estimate_memory` of the spec's file, cached by file identity (path, size, mtime_ns) + spec + machine.
+
+    GGUFError when the file is not readable or its header is not valid (not cached: a fixed file counts).
+    """
+    path = os.path.abspath(spec.model_path)
+    try:
+        st = os.stat(path)
+        identity: tuple[object, ...] = (path, st.st_size, st.st_mtime_ns)
+    except OSError:
+        identity = (path, None, None)  # read_gguf raises the typed error
+    # one GPU gets every offloaded layer whatever its free memory; several split by it
+    machine = tuple((g.index, g.total_bytes) for g in gpus) if len(gpus) <= 1 else tuple(gpus)
+    key = (*identity, spec.model, spec.n_ctx, spec.n_gpu_layers, spec.slots, tuple(spec.extra_args), machine,
+           settings)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    est = estimate_memory(read_gguf(spec.model_path), spec, gpus, settings)
+    with _cache_lock:
+        _cache[key] = est
+        while len(_cache) > CACHE_MAX_ENTRIES:
+            _cache.popitem(last=False)
+    return est
+
+
+def clear_cache() -> None:
+    """Forget every cached estimate (tests and benchmarks)."""
+    with _cache_lock:
+        _cache.clear()
 
 
 def _resolved(path: os.PathLike[str] | str) -> str:

@@ -12,7 +12,11 @@ from typing import TextIO
 
 @contextlib.contextmanager
 def atomic_writer(path: Path) -> Iterator[TextIO]:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    """Write to a temp file in the same folder, fsync, then rename over `path`.
+
+    The result is owner-only (0600, as mkstemp creates it), whatever the umask: records and sessions
+    written through here are private to the user.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

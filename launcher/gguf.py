@@ -3,6 +3,11 @@
 Only the header is read. The file is memory-mapped and parsed with ``struct``; large arrays are skipped,
 not decoded, so a model with a 262k-token vocabulary scans in milliseconds instead of the seconds that
 ``gguf.GGUFReader`` needs (it builds a numpy view per token). Any malformed input raises ``GGUFError``.
+
+The hparams memory planning loops over are checked against the file (`validate_header`): a
+``block_count`` that is negative, above llama.cpp's layer limit or below a ``blk.N`` tensor's index is
+a `GGUFHeaderError` naming the field, so a hostile header is an invalid model, never a crash or a
+40-second estimate.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ SMALL_ARRAY_MAX = 1024  # arrays shorter than this are decoded; longer ones beco
 MAX_STRING_LENGTH = 1 << 30  # llama.cpp's GGUF_MAX_STRING_LENGTH
 MAX_DIMS = 4  # GGML_MAX_DIMS
 CACHE_MAX_ENTRIES = 64
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: no loadable model has more blocks
 
 # GGUF value types: id -> (name, struct code, size). STRING (8) and ARRAY (9) are variable-sized.
 _STRING = 8
@@ -142,6 +148,26 @@ _SWA_RULES: dict[str, _SwaRule] = {
     "dots3note": _SwaRule("always"),
     "phi3": _SwaRule("never"),
 }
+
+
+class GGUFHeaderError(GGUFError):
+    """A header value that contradicts the file's tensors or llama.cpp's limits; names the field."""
+
+    def __init__(self, path: str, field: str, value: object, reason: str) -> None:
+        super().__init__(path, f"{field} = {value!r}: {reason}")
+        self.hint = "The file's header is damaged or hostile; download the model again."
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def block_index(tensor_name: str) -> int | None:
+    """N of a 'blk.N.' tensor name, else None."""
+    m = _BLOCK.match(tensor_name)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -494,6 +520,7 @@ def _alignment(cur: _Cursor, fields: dict[str, object]) -> int:
 
 
 def _parse(buf: mmap.mmap, size: int, path: str, abs_path: str) -> GGUFMetadata:
+    """The header's metadata, validated."""
     cur = _Cursor(buf, size, path)
     version, n_tensors, n_kv = _parse_header(cur)
     fields = _parse_kvs(cur, n_kv)
@@ -503,7 +530,45 @@ def _parse(buf: mmap.mmap, size: int, path: str, abs_path: str) -> GGUFMetadata:
     if n_tensors:  # gguf.cpp pads to the alignment only when there is tensor data
         data_offset += -data_offset % alignment
     tensors = _build_tensors(cur, table, data_offset, alignment)
-    return _metadata(abs_path, size, version, alignment, data_offset, fields, tensors)
+    meta = _metadata(abs_path, size, version, alignment, data_offset, fields, tensors)
+    validate_header(meta, shown=path)
+    return meta
+
+
+# ------------------------------------------------------------------------------------ validation
+
+_NON_NEGATIVE = ("context_length", "embedding_length", "feed_forward_length", "head_count", "head_count_kv",
+                 "key_length", "value_length", "sliding_window", "sliding_window_pattern", "vocab_size")
+
+
+def validate_header(meta: GGUFMetadata, *, shown: str | None = None) -> None:
+    """Raise GGUFHeaderError when an hparam planning relies on contradicts the tensors or llama.cpp.
+
+    Bounds every per-layer loop of the estimator: block_count is 0..MAX_LAYERS and every blk.N tensor
+    lies below it. O(tensors), and the tensor count is bounded by the file size.
+    """
+    path = shown or meta.path
+    arch = meta.architecture
+    key = f"{arch}.block_count"
+    raw = meta.fields.get(key)
+    if raw is not None and meta.block_count is None:
+        raise GGUFHeaderError(path, key, raw, "the layer count must be an integer")
+    n_layer = meta.block_count
+    if n_layer is not None:
+        if n_layer < 0:
+            raise GGUFHeaderError(path, key, n_layer, "a layer count cannot be negative")
+        if n_layer > MAX_LAYERS:
+            raise GGUFHeaderError(path, key, n_layer, f"more layers than llama.cpp supports ({MAX_LAYERS}); "
+                                  f"the file has {len(meta.tensors)} tensors")
+        top = max((i for i in (block_index(t.name) for t in meta.tensors) if i is not None), default=None)
+        if top is not None and top >= n_layer:
+            raise GGUFHeaderError(path, key, n_layer, f"the file's tensor 'blk.{top}.*' needs at least "
+                                  f"{top + 1} layers")
+    for name in _NON_NEGATIVE:
+        value = getattr(meta, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, int) and v < 0 for v in values):
+            raise GGUFHeaderError(path, f"{arch}.{name}", value, "cannot be negative")
 
 
 # ------------------------------------------------------------------------------------ derived hparams

@@ -1,4 +1,5 @@
-"""What memory the machine has free: RAM from psutil, VRAM per GPU from pynvml.
+"""What memory the machine has free: RAM from psutil and the cgroup, VRAM per GPU from pynvml, and
+the memory budget, each a device ('ram', 'gpu0'..., 'budget') with a free and a total figure.
 
 Probes are objects so tests can simulate a machine of any size. A real machine (`SystemProbe`) is
 *live*: what running servers hold is already out of its free figures. A simulated one (`FixedProbe`)
@@ -6,7 +7,14 @@ is static: the admission check subtracts what our running servers hold itself.
 
 RAM "available" from the kernel counts page cache as reclaimable, and the weights our servers map
 from their .gguf files are page cache. They are in use, so `SystemProbe.snapshot(own_pids)` takes
-the file-backed resident memory of our own servers (RssFile) out of the available figure.
+the file-backed resident memory of our own servers (RssFile) out of the available figure. In a
+container the cgroup's limit may be far below the host's RAM (`launcher.cgroup`): RAM is then the
+smaller of the two.
+
+The budget (app.yaml's ``server.memory_budget_mib``) is one more device, reported by `BudgetProbe`
+around another probe: its total is the budget, its free figure the budget less what the servers of
+the *other* chorus processes hold (from the shared `launcher.ledger.AdmissionLedger`). What this
+process's own servers hold is taken off by the admission check, like on a simulated machine.
 """
 
 from __future__ import annotations
@@ -15,10 +23,14 @@ import contextlib
 import logging
 import threading
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 import psutil
+
+from launcher.cgroup import CGROUP_ROOT, PROC_SELF_CGROUP, CgroupMemory, read_cgroup_memory
+from launcher.ledger import AdmissionLedger
 
 log = logging.getLogger("chorus.memory")
 
@@ -32,12 +44,36 @@ class GpuMemory:
 
 
 @dataclass(frozen=True)
+class DeviceMemory:
+    """A device beyond RAM and the GPUs (the budget). Its free figure never has this process's own
+    servers taken out: the admission check does that."""
+
+    name: str
+    total_bytes: int
+    free_bytes: int
+    note: str | None = None
+
+
+BUDGET = "budget"
+
+
+@dataclass(frozen=True)
 class SystemMemory:
     ram_total_bytes: int
     ram_available_bytes: int
     gpus: tuple[GpuMemory, ...] = field(default_factory=tuple)
     gpu_note: str | None = None  # why there is no GPU, when there is none
     own_page_cache_bytes: int = 0  # our servers' mapped weights, already taken out of ram_available_bytes
+    cgroup: CgroupMemory | None = None  # the container's limit, when there is one
+    host_ram_available_bytes: int | None = None  # before the cgroup's limit was applied
+    extra: tuple[DeviceMemory, ...] = ()  # the budget
+
+    @property
+    def ram_limited_by(self) -> str:
+        """'cgroup' when the container's limit is what bounds free RAM, else 'host'."""
+        if self.cgroup is not None and self.cgroup.available_bytes <= (self.host_ram_available_bytes or 0):
+            return "cgroup"
+        return "host"
 
     @property
     def vram_total_bytes(self) -> int:
@@ -53,10 +89,26 @@ class SystemMemory:
 
     def free(self) -> dict[str, int]:
         """Free bytes per device: 'ram', 'gpu0', 'gpu1'..."""
-        return {"ram": self.ram_available_bytes, **{f"gpu{g.index}": g.free_bytes for g in self.gpus}}
+        return {"ram": self.ram_available_bytes, **{f"gpu{g.index}": g.free_bytes for g in self.gpus},
+                **{d.name: d.free_bytes for d in self.extra}}
 
     def total(self) -> dict[str, int]:
-        return {"ram": self.ram_total_bytes, **{f"gpu{g.index}": g.total_bytes for g in self.gpus}}
+        return {"ram": self.ram_total_bytes, **{f"gpu{g.index}": g.total_bytes for g in self.gpus},
+                **{d.name: d.total_bytes for d in self.extra}}
+
+    @property
+    def static_devices(self) -> frozenset[str]:
+        """Devices whose free figure still includes what this process's servers hold."""
+        return frozenset(d.name for d in self.extra)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe figures, for `chorus check --json` and the UI."""
+        return {"ram_total_bytes": self.ram_total_bytes, "ram_available_bytes": self.ram_available_bytes,
+                "host_ram_available_bytes": self.host_ram_available_bytes, "ram_limited_by": self.ram_limited_by,
+                "cgroup": self.cgroup.to_dict() if self.cgroup else None,
+                "gpus": [vars(g) for g in self.gpus], "gpu_note": self.gpu_note,
+                "devices": {d.name: {"total_bytes": d.total_bytes, "free_bytes": d.free_bytes, "note": d.note}
+                            for d in self.extra}}
 
 
 class MemoryProbe(Protocol):
@@ -68,15 +120,28 @@ class MemoryProbe(Protocol):
 
 
 class SystemProbe:
-    """The real machine. pynvml is optional at run time: no driver or no GPU means CPU-only."""
+    """The real machine. pynvml is optional at run time: no driver or no GPU means CPU-only.
+
+    RAM is the smaller of the host's (psutil) and the cgroup's room; `cgroup_root` and `proc_cgroup`
+    say where the cgroup filesystem and this process's cgroup file are (tests give a fake tree).
+    """
 
     live = True
+
+    def __init__(self, cgroup_root: Path | str = CGROUP_ROOT, proc_cgroup: Path | str = PROC_SELF_CGROUP) -> None:
+        self.cgroup_root = Path(cgroup_root)
+        self.proc_cgroup = Path(proc_cgroup)
 
     def snapshot(self, own_pids: Collection[int] = ()) -> SystemMemory:
         vm = psutil.virtual_memory()
         gpus, note = _nvml_gpus()
         cached = own_page_cache_bytes(own_pids)
-        return SystemMemory(vm.total, max(0, vm.available - cached), gpus, note, cached)
+        host = max(0, vm.available - cached)
+        cgroup = read_cgroup_memory(self.cgroup_root, self.proc_cgroup)
+        total, available = vm.total, host
+        if cgroup is not None:  # the cgroup's usage already counts our servers' mapped pages
+            total, available = min(total, cgroup.limit_bytes), min(host, cgroup.available_bytes)
+        return SystemMemory(total, available, gpus, note, cached, cgroup, host)
 
 
 @dataclass
@@ -90,7 +155,31 @@ class FixedProbe:
 
     def snapshot(self, own_pids: Collection[int] = ()) -> SystemMemory:
         note = None if self.gpus else "no GPU (simulated)"
-        return SystemMemory(self.ram_total_bytes, self.ram_available_bytes, tuple(self.gpus), note)
+        return SystemMemory(self.ram_total_bytes, self.ram_available_bytes, tuple(self.gpus), note,
+                            host_ram_available_bytes=self.ram_available_bytes)
+
+
+@dataclass
+class BudgetProbe:
+    """Another probe's devices plus the 'budget' device: a cap on what every chorus server of this
+    user holds together, whatever process started it. Free = budget - what the other processes'
+    servers hold (the ledger); this process's own servers are taken off by the admission check."""
+
+    inner: MemoryProbe
+    budget_bytes: int
+    ledger: AdmissionLedger
+
+    @property
+    def live(self) -> bool:
+        return bool(getattr(self.inner, "live", True))
+
+    def snapshot(self, own_pids: Collection[int] = ()) -> SystemMemory:
+        snap = self.inner.snapshot(own_pids)
+        others = self.ledger.held(BUDGET)
+        scope = "every chorus process of this user" if self.ledger.shared else "this process"
+        note = f"server.memory_budget_mib: {self.budget_bytes >> 20} MiB for {scope}"
+        budget = DeviceMemory(BUDGET, self.budget_bytes, max(0, self.budget_bytes - others), note)
+        return replace(snap, extra=(*[d for d in snap.extra if d.name != BUDGET], budget))
 
 
 # ---------------------------------------------------------------- per-process figures

@@ -92,6 +92,7 @@ class ServerPool:
                     log.warning("server for '%s' died (%s); starting a new one", spec.model,
                                 entry.server.failure() if not entry.server.stopped_by_us else "stopped")
                     del self._entries[key]
+                    entry.server.stop(grace_s=1.0)  # what is left of it: its group, key file and record
                     entry = None
                 if entry is not None:
                     entry.in_use += 1

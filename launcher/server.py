@@ -1,7 +1,14 @@
 """One llama-server process for one model: start, wait for health, stop, and say why it died.
 
 The server runs out of process so a crash or an out-of-memory kill takes down only that model.
-Children die with chorus: PR_SET_PDEATHSIG in the child, plus atexit and signal cleanup here.
+Children die with chorus: PR_SET_PDEATHSIG in the child, plus atexit and signal cleanup here. Each
+server leads its own process group and is stopped as a group, so a `llama_server:` wrapper script
+that does not `exec` cannot leave the real server behind.
+
+Files are owner-only: the logs dir is created 0700, logs and `running/` records are 0600, and the
+API key reaches the server through `--api-key-file`, a 0600 file in `<logs_dir>/runtime` (0700),
+never through argv (which any local user reads with `ps`). The key file is removed when the server
+stops or fails to start.
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
+import logging
 import os
 import re
 import secrets
@@ -30,16 +39,23 @@ from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponenti
 from launcher import state
 from launcher.errors import (
     InvalidModelFile,
+    InvalidServerSpec,
     PortInUse,
     ServerCrashed,
     ServerError,
+    ServerFilesUnwritable,
     ServerOutOfMemory,
     ServerStartError,
     ServerStartTimeout,
 )
 
+log = logging.getLogger("chorus.server")
+
 LOG_TAIL_LINES = 25
 PR_SET_PDEATHSIG = 1
+MIN_N_CTX = 64          # per slot; the same floor as models.yaml's default_n_ctx
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,15 @@ class ServerSpec:
     threads: int | None = None
     chat_template: str | None = None
     extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse values llama-server would misread (-c -1, -np 0) before any process starts."""
+        for name, minimum in (("n_ctx", MIN_N_CTX), ("slots", 1), ("n_gpu_layers", -1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise InvalidServerSpec(self.model, name, value, minimum)
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise InvalidServerSpec(self.model, "threads", self.threads, 1)
 
     @property
     def family(self) -> tuple[object, ...]:
@@ -85,6 +110,7 @@ class ServerOptions:
     rlimit_as_bytes: int | None = None  # address-space cap for the child (tests, hard limits)
     log_verbosity: int | None = None    # llama.cpp -lv; higher shows buffer sizes
     state_dir: Path | None = None       # where running servers are recorded for `chorus ps`
+    runtime_dir: Path | None = None     # where key files live; default <logs_dir>/runtime
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -174,22 +200,113 @@ _LIVE: weakref.WeakSet[ModelServer] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 
 
-def _child_setup(rlimit_as: int | None) -> None:  # runs in the child between fork and exec
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In a child between fork and exec: get `sig` when the thread that forked it exits (Linux only).
+
+    This covers a parent killed with SIGKILL, where no handler or atexit of the parent can run.
+    """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    os.setpgid(0, 0)  # its own group: a Ctrl-C in the terminal reaches chorus, which stops it cleanly
+            libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def own_group_dying_with_parent(sig: int = signal.SIGKILL) -> None:
+    """preexec_fn for helper processes (Streamlit, a benchmark's baseline server): own group, dies with us."""
+    die_with_parent(sig)
+    os.setpgid(0, 0)
+
+
+def _child_setup(rlimit_as: int | None) -> None:  # runs in the child between fork and exec
+    die_with_parent(signal.SIGKILL)
+    os.setpgid(0, 0)  # its own group: a Ctrl-C in the terminal reaches chorus, and stop() signals the group
     if rlimit_as is not None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (rlimit_as, rlimit_as))
 
 
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`: a wrapper's children stay in it."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the whole group `proc` leads (SIGCONT too, for a stopped one), SIGKILL what is left after
+    `grace_s`, and reap the leader. The group outlives its leader when a wrapper script did not `exec`."""
+    pgid = proc.pid  # the child made itself a group leader (setpgid(0, 0)) before exec
+    if proc.poll() is not None and not group_members(pgid):
+        return
+    _signal_group(pgid, signal.SIGTERM)
+    _signal_group(pgid, signal.SIGCONT)  # a stopped (SIGSTOP, hung) process holds SIGTERM until continued
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None or group_members(pgid):
+        _signal_group(pgid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # the leader, should it have left the group
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 5  # SIGKILLed members vanish once the kernel has torn them down
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _private_dir(path: Path, *, tighten: bool) -> None:
+    """Create `path` owner-only (0700). `tighten`: a dir of ours only chorus writes into is set to 0700 if
+    looser, and one owned by another user is refused (they could read what we put there)."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    if not tighten:
+        return
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, f"owned by uid {st.st_uid}, not by this user", str(path))
+    if st.st_mode & 0o777 != PRIVATE_DIR_MODE:
+        os.chmod(path, PRIVATE_DIR_MODE)
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open (create) a file 0600; a file left by an earlier run is set to 0600 too."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def find_server(base_url: str) -> ModelServer | None:
+    """The server this process started at `base_url` (a dead one first: a new server may reuse the port)."""
+    with _LIVE_LOCK:
+        found = [s for s in _LIVE if s.port is not None and s.base_url == base_url.rstrip("/")]
+    return min(found, key=lambda s: s.is_alive(), default=None)
 
 
 def stop_all_servers() -> None:
@@ -227,6 +344,8 @@ class ModelServer:
         self.logs_dir = Path(logs_dir)
         self.options = options or ServerOptions()
         self.api_key = secrets.token_urlsafe(24)
+        self.runtime_dir = Path(self.options.runtime_dir or self.logs_dir / "runtime")
+        self.key_path = self.runtime_dir / f"key-{os.getpid()}-{secrets.token_hex(6)}"
         self.port: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
@@ -250,11 +369,12 @@ class ModelServer:
         return self.process.pid if self.process else None
 
     def command(self, port: int) -> list[str]:
+        """The server's argv. The key is in a file: argv is world-readable through `ps` and /proc."""
         s = self.spec
         cmd = [str(self.binary), "-m", str(s.model_path), "-c", str(s.n_ctx * s.slots),
                "-ngl", str(s.n_gpu_layers), "-np", str(s.slots), "--host", self.options.host,
-               "--port", str(port), "--no-webui", "--api-key", self.api_key, "--metrics", "--fit", "off",
-               "--cache-ram", "0"]  # no host prompt cache: it grows outside what the fit check admitted
+               "--port", str(port), "--no-webui", "--api-key-file", str(self.key_path), "--metrics",
+               "--fit", "off", "--cache-ram", "0"]  # no host prompt cache: it grows outside what the fit check admitted
         if s.threads:
             cmd += ["-t", str(s.threads)]
         if s.chat_template:
@@ -265,18 +385,29 @@ class ModelServer:
 
     def redacted_command(self) -> list[str]:
         cmd = self.command(self.port or 0)
-        if "--api-key" in cmd:
+        if "--api-key" in cmd:  # only from extra_args: ours goes through --api-key-file
             cmd[cmd.index("--api-key") + 1] = "***"
         return cmd
 
     # -- lifecycle
     def start(self) -> ModelServer:
-        """Spawn and wait until /health says ready; raise a typed ServerStartError otherwise."""
+        """Spawn and wait until /health says ready; raise a typed ServerStartError otherwise.
+
+        Whatever goes wrong (a failed start, a timeout, Ctrl-C while loading), nothing is left behind:
+        the process group is stopped and the key file removed.
+        """
         if not Path(self.spec.model_path).is_file():  # llama-server would call it an invalid model file
             raise ServerStartError(self.model, f"model file not found: {self.spec.model_path}",
                                    command=self.redacted_command(),
                                    hint="Is the models directory there (a removable disk unplugged?) and the file "
                                         "still in it? Servers already running keep serving.")
+        try:
+            return self._start_on_a_free_port()
+        except BaseException:
+            self.stop(grace_s=min(self.options.stop_grace_s, 2.0))
+            raise
+
+    def _start_on_a_free_port(self) -> ModelServer:
         last: ServerError | None = None
         for _ in range(max(1, self.options.port_retries)):
             try:
@@ -289,20 +420,55 @@ class ModelServer:
         assert last is not None
         raise last
 
+    def _prepare_files(self, port: int) -> int:
+        """Logs dir (0700), this start's log (0600, returned open) and the key file (0600 in a 0700 dir).
+
+        Any failure here is about the logs dir, not the binary: one ServerFilesUnwritable naming the path.
+        """
+        log_path = self.logs_dir / f"{_slug(self.spec.model)}-{port}.log"
+        step = self.logs_dir
+        try:
+            _private_dir(self.logs_dir, tighten=False)  # the user's folder: created 0700, never chmod-ed
+            step = log_path
+            fd = _open_private(log_path, os.O_WRONLY | os.O_APPEND)
+            step = self.runtime_dir
+            try:
+                self._write_key_file()
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as exc:
+            raise ServerFilesUnwritable(self.model, str(step), exc.strerror or str(exc),
+                                        command=self.redacted_command()) from None
+        self.log_path = log_path
+        return fd
+
+    def _write_key_file(self) -> None:
+        _private_dir(self.runtime_dir, tighten=True)
+        _sweep_stale_keys(self.runtime_dir)
+        with contextlib.suppress(FileNotFoundError):
+            self.key_path.unlink()  # from an earlier try on another port
+        fd = _open_private(self.key_path, os.O_WRONLY | os.O_EXCL)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.api_key + "\n")
+
+    def _remove_key_file(self) -> None:
+        with contextlib.suppress(OSError):
+            self.key_path.unlink()
+
     def _spawn(self, port: int) -> None:
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        log_fd = self._prepare_files(port)
         self.port = port
-        self.log_path = self.logs_dir / f"{_slug(self.spec.model)}-{port}.log"
         self._stopping = False
         self._oom_kills_at_start = _oom_kill_count()
         env = {**os.environ, **self.options.env}
+        env.pop("LLAMA_API_KEY", None)  # would add a key of the user's to ours
         cmd = self.command(port)
         rlimit = self.options.rlimit_as_bytes
 
         def spawn() -> subprocess.Popen[bytes]:
-            with open(self.log_path, "ab") as log:  # type: ignore[arg-type]
-                return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, close_fds=True, preexec_fn=lambda: _child_setup(rlimit))
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
+                                    env=env, close_fds=True, preexec_fn=lambda: _child_setup(rlimit))
 
         self.started_at = time.monotonic()
         try:
@@ -312,6 +478,8 @@ class ModelServer:
                                    command=self.redacted_command(), log_path=str(self.log_path),
                                    hint="Check the binary exists and is executable, or rebuild it with "
                                         "scripts/build_llama_server.sh.") from None
+        finally:
+            os.close(log_fd)
         with _LIVE_LOCK:
             _LIVE.add(self)
 
@@ -352,40 +520,56 @@ class ModelServer:
                              log_path=str(self.log_path) if self.log_path else None,
                              oom_kills_before=self._oom_kills_at_start, starting=starting)
 
+    def explain_lost_connection(self, lost: ServerError, wait_s: float = 2.0) -> ServerError:
+        """`lost` ("connection lost") with why the server went away, if it exited within `wait_s`: its exit
+        status or signal in the message, the log tail and path on the error. Else `lost` unchanged."""
+        if self.process is None:
+            return lost
+        try:
+            self.process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return lost  # still running: the connection broke for another reason
+        died = self.failure(starting=False)
+        cause = f"stopped by chorus ({died.detail})" if self.stopped_by_us else died.detail
+        last = _last_error_line(died.log_tail)
+        message = (f"{lost.detail}; the server has exited: {cause} (exit status {died.exit_code})"
+                   + (f"; its log ends: {last}" if last else ""))
+        hint = " ".join(h for h in (died.hint, f"Server log: {died.log_path}." if died.log_path else None) if h)
+        return type(died)(self.model, message, command=died.command, log_tail=died.log_tail,
+                          exit_code=died.exit_code, log_path=died.log_path, hint=hint or None)
+
     def stop(self, grace_s: float | None = None) -> None:
-        """SIGTERM, then SIGKILL after the grace period. Safe to call twice."""
+        """SIGTERM the process group, then SIGKILL it after the grace period. Safe to call twice."""
         with self._lock:
-            self._stopping = True
             proc = self.process
             if proc is not None and proc.poll() is None:
-                grace = self.options.stop_grace_s if grace_s is None else grace_s
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-                    proc.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP, hung) process holds SIGTERM until continued
-                try:
-                    proc.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    proc.wait(timeout=10)
+                self._stopping = True  # not for one already dead: that death was not ours
+            if proc is not None:
+                stop_process_group(proc, self.options.stop_grace_s if grace_s is None else grace_s)
             with _LIVE_LOCK:
                 _LIVE.discard(self)
             if self.options.state_dir and proc is not None:
                 state.remove_record(self.options.state_dir, proc.pid)
+            self._remove_key_file()
 
     def _write_state(self) -> None:
+        """Record the server for `chorus ps`; a record that cannot be written costs only that listing."""
         if self.options.state_dir is None or self.process is None or self.port is None:
             return
         s = self.spec
-        state.write_record(self.options.state_dir, state.ServerRecord(
-            pid=self.process.pid, port=self.port, model=s.model, model_path=str(s.model_path), n_ctx=s.n_ctx,
-            n_gpu_layers=s.n_gpu_layers, slots=s.slots, owner_pid=os.getpid(), started_at=time.time(),
-            log_path=str(self.log_path) if self.log_path else None))
+        try:
+            _private_dir(self.options.state_dir, tighten=True)
+            state.write_record(self.options.state_dir, state.ServerRecord(
+                pid=self.process.pid, port=self.port, model=s.model, model_path=str(s.model_path),
+                n_ctx=s.n_ctx, n_gpu_layers=s.n_gpu_layers, slots=s.slots, owner_pid=os.getpid(),
+                started_at=time.time(), log_path=str(self.log_path) if self.log_path else None))
+        except OSError as exc:
+            log.warning("cannot record the server for `chorus ps` in %s: %s", self.options.state_dir, exc)
 
     def _reap(self) -> None:
         if self.process is not None:
             with contextlib.suppress(Exception):
-                self.process.wait(timeout=5)
+                stop_process_group(self.process, 1.0)
         with _LIVE_LOCK:
             _LIVE.discard(self)
 
@@ -414,6 +598,16 @@ class ModelServer:
     def __repr__(self) -> str:
         state = "alive" if self.is_alive() else "stopped"
         return f"<ModelServer {self.model} pid={self.pid} port={self.port} {state}>"
+
+
+def _sweep_stale_keys(runtime_dir: Path) -> None:
+    """Remove key files of chorus processes that are gone (killed with -9: no cleanup ran; their servers
+    died with them through PR_SET_PDEATHSIG, so the keys open nothing, but they should not linger)."""
+    for path in runtime_dir.glob("key-*-*"):
+        m = re.fullmatch(r"key-(\d+)-[0-9a-f]+", path.name)
+        if m and not psutil.pid_exists(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _slug(text: str) -> str:

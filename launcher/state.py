@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+
+from launcher.fileio import write_text_atomic
 
 
 @dataclass
@@ -36,11 +37,9 @@ def record_path(state_dir: Path, pid: int) -> Path:
 
 
 def write_record(state_dir: Path, record: ServerRecord) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = record_path(state_dir, record.pid)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(record)))
-    os.replace(tmp, path)
+    """Owner-only: the folder 0700, the record 0600 (written whole through a mkstemp file, which is 0600)."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_text_atomic(record_path(state_dir, record.pid), json.dumps(asdict(record)))
 
 
 def remove_record(state_dir: Path, pid: int) -> None:

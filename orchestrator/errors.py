@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.errors import ChorusError
+from launcher.errors import ChorusError  # re-exported: front ends catch the one family from here
 
 
 class ConfigError(ChorusError):
@@ -46,3 +46,6 @@ class PipelineBlocked(ChorusError):
         super().__init__(f"the base pipeline is blocked: {names}",
                          hint="Fix or add those models, or use manual mode with the models that are available.")
         self.missing = dict(missing)
+
+
+__all__ = ["ChorusError", "ConfigError", "ModelUnavailable", "PipelineBlocked"]

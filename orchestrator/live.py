@@ -13,7 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.errors import ChorusError
-from orchestrator.engine.run import CancelToken, Event
+from orchestrator.engine.events import (
+    AggregationDone,
+    Event,
+    ModelFinished,
+    ModelStarted,
+    Notice,
+    StageFinished,
+    StageStarted,
+    Token,
+)
+from orchestrator.engine.run import CancelToken
 from orchestrator.records import error_dict, error_text
 from orchestrator.runs import RunOutcome
 
@@ -79,33 +89,32 @@ class LiveRun:
             self._apply(event)
 
     def _apply(self, event: Event) -> None:
-        d = event.data
-        if event.type == "stage_started":
-            self.stages.append(StageView(d["index"], event.stage or ""))
-        elif event.type == "notice":
-            self.notices.append(d["message"])
-        elif event.type == "model_started" and self.stages:
-            self.stages[-1].models[event.label or ""] = ModelView(event.label or "", d.get("model", ""))
-        elif event.type == "token" and self.stages:
-            view = self.stages[-1].models.get(event.label or "")
-            if view is not None:
-                view.text += d["text"]
-        elif event.type == "model_finished" and self.stages:
-            r = d["response"]
-            view = self.stages[-1].models.setdefault(r.label, ModelView(r.label, r.model))
-            view.text, view.status = r.text, r.status
-            view.error = error_text(r.error) or None
-            view.tokens, view.tokens_per_s, view.seconds = r.completion_tokens, r.tokens_per_s, r.total_s
-        elif event.type == "aggregation_done" and self.stages:
-            self.stages[-1].merged_by = d["aggregation"].kind
-        elif event.type == "stage_finished" and self.stages:
-            st = d["stage"]
-            view = next((s for s in self.stages if s.name == st.name), None)
-            if view is None:  # a stage that failed before any model started still shows
-                view = StageView(st.index, st.name)
-                self.stages.append(view)
-            view.status, view.output = d["status"], st.output
-            view.error = error_text(st.error) or None
+        current = self.stages[-1] if self.stages else None
+        match event:
+            case StageStarted(index=index, stage=name):
+                self.stages.append(StageView(index, name))
+            case Notice(message=message):
+                self.notices.append(message)
+            case ModelStarted(label=label, model=model) if current is not None:
+                current.models[label] = ModelView(label, model)
+            case Token(label=label, text=text) if current is not None:
+                view = current.models.get(label)
+                if view is not None:
+                    view.text += text
+            case ModelFinished(response=r) if current is not None:
+                view = current.models.setdefault(r.label, ModelView(r.label, r.model))
+                view.text, view.status = r.text, r.status
+                view.error = error_text(r.error) or None
+                view.tokens, view.tokens_per_s, view.seconds = r.completion_tokens, r.tokens_per_s, r.total_s
+            case AggregationDone(aggregation=agg) if current is not None:
+                current.merged_by = agg.kind
+            case StageFinished(record=st):
+                stage_view = next((s for s in self.stages if s.name == st.name), None)
+                if stage_view is None:  # a stage that failed before any model started (or a copied one) still shows
+                    stage_view = StageView(st.index, st.name)
+                    self.stages.append(stage_view)
+                stage_view.status, stage_view.output = st.status, st.output
+                stage_view.error = error_text(st.error) or None
 
     def snapshot(self) -> list[StageView]:
         """A consistent copy for rendering while the run goes on."""

@@ -6,13 +6,18 @@ An error is stored on the record it belongs to and the run goes on where it can.
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from launcher.errors import ChorusError
 
 ResponseStatus = Literal["pending", "ok", "failed", "cancelled"]
 StageStatus = Literal["pending", "running", "ok", "partial", "failed", "cancelled", "copied"]
-RunStatus = Literal["running", "completed", "failed", "cancelled"]
+RunStatus = Literal["running", "completed", "partial", "failed", "cancelled", "interrupted"]
 
 
 def error_dict(exc: BaseException) -> dict[str, Any]:
@@ -49,6 +54,9 @@ class ResponseRecord:
     first_token_s: float | None = None
     total_s: float | None = None
     tokens_per_s: float | None = None
+    finish_reason: str | None = None  # 'stop', 'length' (max_tokens reached)...
+    server_timings: dict[str, Any] = field(default_factory=dict)  # llama-server's own timings
+    server: str | None = None  # which server answered (base URL)
     started_at: float | None = None
     finished_at: float | None = None
 
@@ -65,7 +73,6 @@ class AggregationRecord:
     inputs: list[dict[str, str]] = field(default_factory=list)
     output: str = ""
     details: dict[str, Any] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
 
 
 @dataclass
@@ -110,29 +117,116 @@ class RunRecord:
     rerun_from_stage: int | None = None
     warnings: list[str] = field(default_factory=list)  # e.g. history that could not be written
 
-    def stage(self, name: str) -> StageRecord | None:
-        return next((s for s in self.stages if s.name == name), None)
+
+# ---------------------------------------------------------------- the one serializer (record <-> JSON data)
+
+
+class RecordError(ChorusError):
+    """Stored data does not have the shape of its record (a damaged or hand-edited file)."""
+
+    def __init__(self, where: str, message: str) -> None:
+        joined = " " if message.startswith(("is ", "has ")) else ": "  # 'step1.json is null', 'x.json: 'a' is 3'
+        super().__init__(f"{where}{joined}{message}")
+        self.where = where
+        self.detail = message
 
 
 def to_dict(record: Any) -> dict[str, Any]:
+    """A record as JSON-ready data (a deep copy: safe to hand to another thread)."""
+    if isinstance(record, RunRecord):
+        return run_to_dict(record)
     data = asdict(record)
     if isinstance(record, StageRecord):
         data["duration_s"] = record.duration_s
     return data
 
 
-def response_from_dict(data: dict[str, Any]) -> ResponseRecord:
-    return ResponseRecord(**_known(ResponseRecord, data))
+def run_to_dict(run: RunRecord) -> dict[str, Any]:
+    data = asdict(run)
+    for stage, stage_data in zip(run.stages, data["stages"], strict=True):
+        stage_data["duration_s"] = stage.duration_s
+    return data
 
 
-def stage_from_dict(data: dict[str, Any]) -> StageRecord:
-    values = _known(StageRecord, data)
-    values["responses"] = [response_from_dict(r) for r in data.get("responses", [])]
+def response_from_dict(data: Any, *, where: str = "response") -> ResponseRecord:
+    return ResponseRecord(**_checked(ResponseRecord, data, where))
+
+
+def aggregation_from_dict(data: Any, *, where: str = "aggregation") -> AggregationRecord:
+    return AggregationRecord(**_checked(AggregationRecord, data, where))
+
+
+def stage_from_dict(data: Any, *, where: str = "stage") -> StageRecord:
+    values = _checked(StageRecord, data, where, nested=("responses", "aggregation"))
+    responses = data.get("responses", [])
+    if not isinstance(responses, list):
+        raise RecordError(where, f"'responses' is {_kind(responses)}, not a list")
+    values["responses"] = [response_from_dict(r, where=f"{where}, response {i + 1}") for i, r in enumerate(responses)]
     agg = data.get("aggregation")
-    values["aggregation"] = AggregationRecord(**_known(AggregationRecord, agg)) if agg else None
+    values["aggregation"] = aggregation_from_dict(agg, where=f"{where}, aggregation") if agg is not None else None
     return StageRecord(**values)
 
 
-def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
+def run_from_dict(data: Any, *, where: str = "run") -> RunRecord:
+    values = _checked(RunRecord, data, where, nested=("stages",))
+    stages = data.get("stages", [])
+    if not isinstance(stages, list):
+        raise RecordError(where, f"'stages' is {_kind(stages)}, not a list")
+    values["stages"] = [stage_from_dict(s, where=f"{where}, stage {i + 1}") for i, s in enumerate(stages)]
+    return RunRecord(**values)
+
+
+def _checked(cls: type, data: Any, where: str, nested: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of `cls` found in `data`, each of its declared type; unknown keys are ignored (newer files)."""
+    if not isinstance(data, dict):
+        raise RecordError(where, f"is {_kind(data)}, not an object")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise RecordError(where, f"has no '{f.name}'")
+            continue
+        if f.name in nested:
+            continue
+        value, expected = data[f.name], _hints(cls)[f.name]
+        if not _fits(value, expected):
+            raise RecordError(where, f"'{f.name}' is {_kind(value)}, not {_expected(expected)}")
+        values[f.name] = value
+    return values
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, expected: Any) -> bool:
+    origin = typing.get_origin(expected)
+    if expected is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(expected))
+    if origin is Literal:
+        return isinstance(value, str)  # a status from a newer version is still a status
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or expected)
+
+
+def _expected(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_expected(arg) for arg in typing.get_args(expected))
+    names = {str: "text", int: "an integer", float: "a number", bool: "true/false", type(None): "null",
+             list: "a list", dict: "an object"}
+    return names.get(typing.get_origin(expected) or expected, "text")
+
+
+def _kind(value: Any) -> str:
+    names = {type(None): "null", list: "a list", dict: "an object", str: "text", bool: "true/false",
+             int: "a number", float: "a number"}
+    shown = repr(value) if isinstance(value, str | int | float) and len(repr(value)) <= 40 else ""
+    return names.get(type(value), type(value).__name__) + (f" ({shown})" if shown else "")

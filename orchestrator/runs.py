@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from launcher.binary import binary_version
 from launcher.errors import ChorusError
 from orchestrator import __version__
+from orchestrator.config.inputs import clean_question
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import PipelineSpec
-from orchestrator.engine.run import AllowSequential, CancelToken, Engine, Event, run_sync
+from orchestrator.engine.aggregators import check_pipeline
+from orchestrator.engine.backend import Backend
+from orchestrator.engine.events import Observer
+from orchestrator.engine.local import LocalBackend
+from orchestrator.engine.run import AllowSequential, CancelToken, Engine
 from orchestrator.history.store import SessionError, SessionStore
-from orchestrator.records import RunRecord, StageRecord, error_dict
+from orchestrator.plan.resolve import RunMode, RunPlan
+from orchestrator.records import RunRecord, StageRecord, to_dict
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger("chorus.runs")
@@ -29,28 +37,14 @@ class RunOutcome:
     history_error: str | None = None  # set when the run could not be saved; the answer is still here
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "session_id": self.session_id,
-            "session_dir": str(self.session_dir) if self.session_dir else None,
-            "status": self.run.status,
-            "final": self.run.final,
-            "error": self.run.error,
-            "history_error": self.history_error,
-            "stages": [{
-                "name": s.name, "status": s.status, "output": s.output,
-                "responses": [{"model": r.model, "label": r.label, "text": r.text, "error": r.error,
-                               "completion_tokens": r.completion_tokens, "tokens_per_s": r.tokens_per_s}
-                              for r in s.responses],
-                "aggregation": (None if s.aggregation is None else
-                                {"kind": s.aggregation.kind, "output": s.aggregation.output,
-                                 "details": s.aggregation.details}),
-                "error": s.error,
-            } for s in self.run.stages],
-        }
+        """The run as the one serializer writes it, plus where it was saved."""
+        return {"session_id": self.session_id, "session_dir": str(self.session_dir) if self.session_dir else None,
+                "history_error": self.history_error, **to_dict(self.run)}
 
 
-def config_snapshot(runtime: Runtime, pipeline: PipelineSpec, mode: str, question: str) -> dict[str, Any]:
-    """Everything needed to know later what produced a session."""
+def config_snapshot(runtime: Runtime, plan: RunPlan, question: str) -> dict[str, Any]:
+    """Everything needed to know later what produced a session, the resolved plan included."""
+    pipeline = plan.pipeline
     models: dict[str, Any] = {}
     for name in pipeline.model_names():
         rec = runtime.registry.records.get(name)
@@ -64,39 +58,64 @@ def config_snapshot(runtime: Runtime, pipeline: PipelineSpec, mode: str, questio
         server_version = binary_version(runtime.binary)
     except ChorusError:
         server_version = "not found"
-    return {"mode": mode, "question": question, "pipeline": pipeline.model_dump(mode="json"), "models": models,
+    return {"mode": plan.mode, "question": question, "pipeline": pipeline.model_dump(mode="json"),
+            "plan": plan.to_dict(), "models": models,
             "versions": {"chorus": __version__, "llama_server": server_version},
             "config_dir": str(runtime.config.paths.config_dir),
             "models_dir": str(runtime.config.models_dir)}
 
 
 class Runner:
+    """Plan, run and record: what every front end (CLI, UI, API) calls to run a pipeline."""
+
     def __init__(self, runtime: Runtime, *, store: SessionStore | None = None) -> None:
         self.runtime = runtime
         self.store = store or SessionStore(runtime.config.sessions_dir)
 
-    def run(self, pipeline: PipelineSpec, question: str, *, mode: Literal["base", "manual"] = "manual",
-            on_event: Callable[[Event], None] | None = None, cancel: CancelToken | None = None,
+    def run(self, pipeline: PipelineSpec, question: str, *, mode: RunMode = "manual",
+            observers: Sequence[Observer] = (), cancel: CancelToken | None = None,
             allow_sequential: AllowSequential | bool = True, prior_stages: list[StageRecord] | None = None,
             parent_session: str | None = None) -> RunOutcome:
         """Run to the end, saving history as it goes. Never raises for model, memory or history trouble."""
-        writer = None
+        return asyncio.run(self.arun(pipeline, question, mode=mode, observers=observers, cancel=cancel,
+                                     allow_sequential=allow_sequential, prior_stages=prior_stages,
+                                     parent_session=parent_session))
+
+    async def arun(self, pipeline: PipelineSpec, question: str, *, mode: RunMode = "manual",
+                   observers: Sequence[Observer] = (), cancel: CancelToken | None = None,
+                   allow_sequential: AllowSequential | bool = True, prior_stages: list[StageRecord] | None = None,
+                   parent_session: str | None = None, backend: Backend | None = None) -> RunOutcome:
+        """`run` for callers that have an event loop (the HTTP API); `backend` replaces the real one in tests."""
+        question = clean_question(question)
+        config = self.runtime.config
+        check_pipeline(pipeline, config.paths.config_dir, config.app.aggregators.allowed)  # before anything runs
+        plan = self.runtime.plan(pipeline, mode)
+        recorder = None
         history_error = None
         try:
-            writer = self.store.create(config_snapshot(self.runtime, pipeline, mode, question))
+            recorder = self.store.create(config_snapshot(self.runtime, plan, question))
         except SessionError as exc:
             history_error = f"history could not be saved: {exc}"
             log.warning("%s", history_error)
-        engine = Engine(self.runtime, allow_sequential=allow_sequential, sinks=[writer] if writer else [])
-        run = run_sync(engine, pipeline, question, on_event=on_event, cancel=cancel, mode=mode,
-                       prior_stages=prior_stages, parent_session=parent_session)
+        observers = [*([recorder] if recorder else []), *observers]
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if backend is None:
+                    backend = await stack.enter_async_context(LocalBackend(self.runtime))
+                engine = Engine(backend, allow_sequential=allow_sequential, observers=observers)
+                run = await engine.run(plan, question, cancel=cancel, prior_stages=prior_stages,
+                                       parent_session=parent_session)
+        finally:
+            write_error = await asyncio.to_thread(recorder.close) if recorder else None
+        if write_error and history_error is None:
+            history_error = f"history could not be saved completely: {write_error}"
         warnings = run.warnings
         if warnings and history_error is None:  # a full disk fails every write the same way: say it once
             history_error = "history could not be saved completely: " + "; ".join(dict.fromkeys(warnings))
-        return RunOutcome(run, writer.id if writer else None, writer.dir if writer else None, history_error)
+        return RunOutcome(run, recorder.id if recorder else None, recorder.dir if recorder else None, history_error)
 
     def rerun(self, session_id: str, stage: int, *, overrides: list[str] | None = None,
-              on_event: Callable[[Event], None] | None = None, cancel: CancelToken | None = None,
+              observers: Sequence[Observer] = (), cancel: CancelToken | None = None,
               allow_sequential: AllowSequential | bool = True) -> RunOutcome:
         """A new session linked to its parent: steps before `stage` are copied, the rest run again."""
         parent = self.store.load(session_id)
@@ -111,11 +130,11 @@ class Runner:
             raise SessionError(parent.dir, f"stage {stage} cannot be rerun: the session has only "
                                f"{len(parent.stages)} finished step(s)")
         if overrides:
-            pipeline = apply_overrides(pipeline, overrides)
+            pipeline = apply_overrides(pipeline, overrides, config_dir=self.runtime.config.paths.config_dir)
         prior = parent.stages[: stage - 1]
         return self.run(pipeline, parent.meta.get("question", ""), mode=parent.meta.get("mode", "manual"),
-                        on_event=on_event, cancel=cancel, allow_sequential=allow_sequential,
+                        observers=observers, cancel=cancel, allow_sequential=allow_sequential,
                         prior_stages=prior, parent_session=parent.id)
 
 
-__all__ = ["RunOutcome", "Runner", "config_snapshot", "error_dict"]
+__all__ = ["RunOutcome", "Runner", "config_snapshot"]

@@ -35,7 +35,8 @@ else
   tag="lcp${PIN_VERSION}"
 fi
 # The tag is embedded as the build "commit", so `llama-server --version` shows the pin.
-version_tag="chorus-${tag}-${variant}"
+# -b2: AMX off, rpc-server built too (bump it whenever the build flags change, so caches rebuild)
+version_tag="chorus-${tag}-${variant}-b2"
 
 current_version() {
   [[ -x "$1" ]] && "$1" --version 2>&1 | grep -o "chorus-[A-Za-z0-9._-]*" | head -n1 || true
@@ -50,6 +51,9 @@ cached="$CACHE/bin/$version_tag/llama-server"
 if [[ "$(current_version "$cached")" == "$version_tag" ]]; then
   mkdir -p "$OUT_DIR"
   cp -f "$cached" "$OUT.tmp" && mv -f "$OUT.tmp" "$OUT"
+  if [[ -x "$(dirname "$cached")/rpc-server" ]]; then
+    cp -f "$(dirname "$cached")/rpc-server" "$OUT_DIR/rpc-server.tmp" && mv -f "$OUT_DIR/rpc-server.tmp" "$OUT_DIR/rpc-server"
+  fi
   echo "bin/llama-server restored from cache ($cached)."
   exit 0
 fi
@@ -91,7 +95,16 @@ cmake_args=(
   -DLLAMA_BUILD_SERVER=ON
   -DLLAMA_BUILD_NUMBER=0
   "-DLLAMA_BUILD_COMMIT=$version_tag"
+  -DGGML_RPC=ON
 )
+# -march=native turns on AMX where the CPU has it, but a container or VM may not grant the AMX tile
+# state (arch_prctl XCOMP_PERM): the server then dies with a general protection fault at its first
+# ldtilecfg. AVX-512 and the rest of the native ISA stay on.
+if [[ "$(uname -m)" == x86_64 ]]; then
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  cmake_args+=("-DCMAKE_C_FLAGS=$no_amx" "-DCMAKE_CXX_FLAGS=$no_amx" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+               -DGGML_AMX_BF16=OFF)
+fi
 if [[ "$variant" == cuda ]]; then
   cmake_args+=(-DGGML_CUDA=ON)
 fi
@@ -99,12 +112,15 @@ fi
 echo "Building llama-server ($version_tag) from $src with $JOBS jobs; about 9 minutes on 2 cores..."
 start=$(date +%s)
 cmake "${cmake_args[@]}" >"$CACHE/build-$version_tag.log" 2>&1 || { tail -n 30 "$CACHE/build-$version_tag.log" >&2; exit 1; }
-cmake --build "$build" --target llama-server -j "$JOBS" >>"$CACHE/build-$version_tag.log" 2>&1 \
+cmake --build "$build" --target llama-server ggml-rpc-server -j "$JOBS" >>"$CACHE/build-$version_tag.log" 2>&1 \
   || { tail -n 30 "$CACHE/build-$version_tag.log" >&2; exit 1; }
 elapsed=$(( $(date +%s) - start ))
 
 mkdir -p "$(dirname "$cached")" "$OUT_DIR"
 cp -f "$build/bin/llama-server" "$cached.tmp" && mv -f "$cached.tmp" "$cached"
+cp -f "$build/bin/ggml-rpc-server" "$(dirname "$cached")/rpc-server.tmp" \
+  && mv -f "$(dirname "$cached")/rpc-server.tmp" "$(dirname "$cached")/rpc-server"
 cp -f "$cached" "$OUT.tmp" && mv -f "$OUT.tmp" "$OUT"
+cp -f "$(dirname "$cached")/rpc-server" "$OUT_DIR/rpc-server.tmp" && mv -f "$OUT_DIR/rpc-server.tmp" "$OUT_DIR/rpc-server"
 echo "Built bin/llama-server ($version_tag) in ${elapsed}s."
 "$OUT" --version 2>&1 | head -n 2

@@ -26,9 +26,11 @@ def demo_model() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("CHORUS_CONFIG_DIR", "CHORUS_MODELS_DIR", "CHORUS_SESSIONS_DIR"):
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in ("CHORUS_CONFIG_DIR", "CHORUS_MODELS_DIR", "CHORUS_SESSIONS_DIR", "CHORUS_HOME"):
         monkeypatch.delenv(var, raising=False)
+    # the cross-process admission ledger of this test only (the real one is shared by the whole machine)
+    monkeypatch.setenv("CHORUS_ADMISSION_LEDGER", str(tmp_path / "admission.json"))
 
 
 class ConfigDir:
@@ -104,3 +106,21 @@ def small_pipeline(**overrides: object):
     spec = load_pipeline(REPO / "config" / "pipeline.yaml")
     sets = [f"defaults.{k}={v}" for k, v in {"max_tokens": 12, "n_ctx": 1024, "seed": 7, **overrides}.items()]
     return apply_overrides(spec, sets)
+
+
+def engine_run(runtime, spec, question: str = "Why is the sky blue?", *, mode: str = "manual",
+               allow_sequential=True, observers=(), **kwargs):
+    """Run `spec` on the real backend without history: (record, events)."""
+    import asyncio
+
+    from orchestrator.engine.local import LocalBackend
+    from orchestrator.engine.run import Engine
+
+    events: list = []
+
+    async def go():
+        async with LocalBackend(runtime) as backend:
+            engine = Engine(backend, observers=[events.append, *observers], allow_sequential=allow_sequential)
+            return await engine.run(runtime.plan(spec, mode), question, **kwargs)
+
+    return asyncio.run(go()), events

@@ -68,7 +68,7 @@ def test_zero_candidates_is_an_error_for_every_kind(kind: str) -> None:
 
 def test_record_lists_every_input_with_label_model_and_text() -> None:
     record = run({}, cands("a", "b"))
-    assert record.kind == "concat" and record.error is None
+    assert record.kind == "concat"
     assert record.inputs == [{"label": "m1", "model": "model-1", "text": "a"},
                              {"label": "m2", "model": "model-0", "text": "b"}]
 
@@ -332,8 +332,8 @@ async def pick_last(question, responses):
 
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
-    (tmp_path / "merge.py").write_text(SYNC_MODULE)
     (tmp_path / "aggregators").mkdir()
+    (tmp_path / "aggregators" / "merge.py").write_text(SYNC_MODULE)
     (tmp_path / "aggregators" / "amerge.py").write_text(ASYNC_MODULE)
     return tmp_path
 
@@ -342,11 +342,12 @@ def custom(function: str) -> dict:
     return {"type": "custom", "function": function}
 
 
-def test_custom_sync_function_is_loaded_from_a_file_in_the_config_dir(config_dir: Path) -> None:
+def test_custom_sync_function_is_loaded_from_the_aggregators_folder(config_dir: Path) -> None:
     had_merge = "merge" in sys.modules
     record = run(custom("merge:longest"), cands("short", "the longest one", "mid"), config_dir=config_dir)
     assert record.output == "the longest one"
-    assert record.details == {"function": "merge:longest", "source": str((config_dir / "merge.py").resolve())}
+    source = str((config_dir / "aggregators" / "merge.py").resolve())
+    assert record.details == {"function": "merge:longest", "source": source}
     assert ("merge" in sys.modules) == had_merge  # loaded under a private name
 
 
@@ -370,7 +371,7 @@ def test_custom_function_raising_is_an_aggregation_error_naming_function_and_err
     ("merge:not_text", "returned int, not a str"),
     ("merge:bad_details", "not JSON-safe"),
     ("merge:missing", "could not load function 'merge:missing': AttributeError"),
-    ("nosuchmodule_xyz:fn", "could not load function 'nosuchmodule_xyz:fn': ModuleNotFoundError"),
+    ("nosuchmodule_xyz:fn", "'nosuchmodule_xyz:fn' is not an allowed aggregator"),
 ])
 def test_custom_function_problems_are_aggregation_errors(config_dir: Path, function: str, message: str) -> None:
     with pytest.raises(AggregationError, match=message):
@@ -378,20 +379,24 @@ def test_custom_function_problems_are_aggregation_errors(config_dir: Path, funct
 
 
 def test_custom_module_with_a_syntax_error_is_an_aggregation_error(tmp_path: Path) -> None:
-    (tmp_path / "broken.py").write_text("def f(:\n")
+    (tmp_path / "aggregators").mkdir()
+    (tmp_path / "aggregators" / "broken.py").write_text("def f(:\n")
     with pytest.raises(AggregationError, match="SyntaxError"):
         run(custom("broken:f"), cands("a"), config_dir=tmp_path)
 
 
 def test_custom_module_is_reloaded_when_its_file_changes(tmp_path: Path) -> None:
-    module = tmp_path / "edit.py"
+    (tmp_path / "aggregators").mkdir()
+    module = tmp_path / "aggregators" / "edit.py"
     module.write_text("def f(question, responses):\n    return 'v1'\n")
     assert run(custom("edit:f"), cands("a"), config_dir=tmp_path).output == "v1"
     module.write_text("def f(question, responses):\n    return 'version2'\n")
     assert run(custom("edit:f"), cands("a"), config_dir=tmp_path).output == "version2"
 
 
-def test_custom_function_from_an_installed_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_custom_function_from_an_installed_module_the_operator_listed(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "app.yaml").write_text("aggregators:\n  allowed: [chorus_test_plugins.votes:upper_first]\n")
     package = tmp_path / "site" / "chorus_test_plugins"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -403,4 +408,30 @@ def test_custom_function_from_an_installed_module(tmp_path: Path, monkeypatch: p
     for name in ("chorus_test_plugins", "chorus_test_plugins.votes"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     record = run(custom("chorus_test_plugins.votes:upper_first"), cands("abc", "def"), config_dir=tmp_path)
-    assert record.output == "ABC" and record.details["source"] == "module chorus_test_plugins.votes"
+    assert record.output == "ABC" and record.details["source"].startswith("module chorus_test_plugins.votes")
+
+
+def test_vote_pattern_search_gives_up_after_its_timeout() -> None:
+    import time
+
+    from orchestrator.config.schema import VoteOptions
+    from orchestrator.engine.aggregation import VOTE_REGEX_TIMEOUT_S, extract_answer
+
+    started = time.monotonic()
+    with pytest.raises(AggregationError, match="took longer than"):
+        extract_answer("a" * 40 + "b", VoteOptions(extract="regex", pattern="(a|aa)+$"))
+    assert time.monotonic() - started < VOTE_REGEX_TIMEOUT_S + 1.5
+
+
+def test_allowed_functions_lists_public_functions_of_aggregator_files_only(tmp_path: Path) -> None:
+    from orchestrator.engine.aggregators import allowed_functions
+
+    folder = tmp_path / "aggregators"
+    (folder / "team").mkdir(parents=True)
+    (folder / "votes.py").write_text("def pick(question, responses): ...\ndef _hidden(): ...\nx = 1\n")
+    (folder / "team" / "merge.py").write_text("async def join(question, responses): ...\n")
+    (folder / "_private.py").write_text("def f(): ...\n")
+    (folder / "broken.py").write_text("def f(:\n")
+    (tmp_path / "merge.py").write_text("def beside_app_yaml(): ...\n")
+    names = [f.name for f in allowed_functions(tmp_path, ["pkg.mod:fn"])]
+    assert names == ["pkg.mod:fn", "team.merge:join", "votes:pick"]

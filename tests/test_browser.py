@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import REPO, ConfigDir
@@ -38,6 +41,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def ui_server(config_dir: ConfigDir, llama_server_bin: Path):
+    """`chorus ui` on a free port; stopped at the end as a service manager or `kill` does, with SIGTERM,
+    and then nothing of it may be left: no Streamlit, no warm llama-server."""
     pipeline = config_dir.pipeline()
     pipeline["defaults"].update({"max_tokens": 12, "n_ctx": 1024})
     config_dir.write_pipeline(pipeline)
@@ -45,22 +50,51 @@ def ui_server(config_dir: ConfigDir, llama_server_bin: Path):
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port),
                              "--config-dir", str(config_dir.path)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("chorus ui did not start listening")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("chorus ui did not start listening")
+        yield f"http://127.0.0.1:{port}"
+        tree = _children(proc.pid)  # Streamlit, and the llama-server a run left warm
+        assert any("streamlit" in " ".join(p.cmdline()) for p in tree), "no Streamlit under chorus ui"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _alive(tree):
+            time.sleep(0.1)
+        assert not _alive(tree), f"left behind after SIGTERM to chorus ui: {_alive(tree)}"
+    finally:
+        for p in _children(proc.pid):  # whatever a failure left behind
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    """Names of the processes (Streamlit, llama-server) still running, zombies excepted."""
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{p.name()} ({p.pid})")
+        except psutil.NoSuchProcess:
+            continue
+    return alive
 
 
 def test_base_pipeline_runs_in_a_real_browser_to_its_final_answer(ui_server: str) -> None:

@@ -152,3 +152,99 @@ def test_missing_config_dir_is_a_config_error(tmp_path: Path) -> None:
 def test_config_dir_fixture_points_at_demo_model(config_dir: ConfigDir) -> None:
     cfg = load_config(config_dir.path)
     assert cfg.models_dir == config_dir.models_dir
+
+
+# ---------------------------------------------------------------- where the config folder is found (#12.7)
+
+def _config_folder(path: Path, models_dir: str | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "models.yaml").write_text("models: {}\n")
+    if models_dir is not None:
+        (path / "app.yaml").write_text(f"models_dir: {models_dir}\n")
+    return path
+
+
+@pytest.fixture
+def no_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No config-related variables set, XDG folders in tmp, and an empty working directory."""
+    for var in ("CHORUS_HOME", "CHORUS_CONFIG_DIR", "CHORUS_MODELS_DIR", "CHORUS_SESSIONS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return tmp_path
+
+
+def test_config_dir_lookup_order_is_flag_env_home_cwd_user_packaged(
+        no_locations: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.config.locations import find_config_dir, packaged_config_dir
+
+    tmp = no_locations
+    user = _config_folder(tmp / "xdg-config" / "chorus")
+    local = _config_folder(tmp / "cwd" / "config")
+    home_config = _config_folder(tmp / "home" / "config")
+    direct = _config_folder(tmp / "direct")
+    monkeypatch.setenv("CHORUS_HOME", str(tmp / "home"))
+    monkeypatch.setenv("CHORUS_CONFIG_DIR", str(direct))
+    flag = tmp / "flag"
+
+    assert find_config_dir(flag).path == flag
+    assert find_config_dir().path == direct
+    monkeypatch.delenv("CHORUS_CONFIG_DIR")
+    assert find_config_dir().path == home_config
+    monkeypatch.delenv("CHORUS_HOME")
+    assert find_config_dir().path == local
+    (local / "models.yaml").unlink()  # a ./config without app.yaml or models.yaml does not count
+    assert find_config_dir().path == user
+    (user / "models.yaml").unlink()
+    found = find_config_dir()
+    assert found.path == packaged_config_dir()
+    assert found.source == "packaged defaults"
+
+
+def test_chorus_home_without_config_uses_the_packaged_defaults_and_keeps_data_under_home(
+        no_locations: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.config.locations import packaged_config_dir
+
+    home = no_locations / "home"
+    _config_folder(no_locations / "cwd" / "config")  # a set $CHORUS_HOME is the whole chorus: ./config is skipped
+    monkeypatch.setenv("CHORUS_HOME", str(home))
+    cfg = load_config()
+    assert cfg.paths.config_dir == packaged_config_dir().resolve()
+    assert (cfg.models_dir, cfg.sessions_dir, cfg.app.logs_dir) == (home / "models", home / "sessions", home / "logs")
+    assert "gemma3-270m" in cfg.models
+
+
+def test_packaged_defaults_without_chorus_home_keep_data_in_the_xdg_data_home(no_locations: Path) -> None:
+    cfg = load_config()
+    data = no_locations / "xdg-data" / "chorus"
+    assert (cfg.models_dir, cfg.sessions_dir, cfg.app.logs_dir) == (data / "models", data / "sessions", data / "logs")
+
+
+def test_packaged_defaults_fall_back_to_local_share_when_xdg_data_home_is_relative(
+        no_locations: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(no_locations / "h"))
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/data")  # the XDG spec: relative values are ignored
+    assert load_config().models_dir == no_locations / "h" / ".local" / "share" / "chorus" / "models"
+
+
+def test_user_config_folder_relative_paths_anchor_on_the_data_home(no_locations: Path) -> None:
+    user = _config_folder(no_locations / "xdg-config" / "chorus", models_dir="../models")
+    cfg = load_config()
+    assert cfg.paths.config_dir == user.resolve()
+    assert cfg.models_dir == no_locations / "xdg-data" / "chorus" / "models"  # not ~/.config/models
+
+
+def test_an_ordinary_config_folder_keeps_paths_relative_to_itself(no_locations: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHORUS_HOME", str(no_locations / "home"))
+    folder = _config_folder(no_locations / "project" / "config", models_dir="../gguf")
+    assert load_config(folder).models_dir == no_locations / "project" / "gguf"
+
+
+def test_packaged_default_config_is_the_repo_config_not_a_copy() -> None:
+    from orchestrator.config.locations import CONFIG_FILES, packaged_config_dir
+
+    for name in CONFIG_FILES:
+        assert (packaged_config_dir() / name).resolve() == (REPO / "config" / name).resolve(), name

@@ -59,8 +59,9 @@ def test_start_generate_stop(llama_server_bin: Path, demo_model: Path, tmp_path:
     server = ModelServer(spec_for(demo_model), llama_server_bin, tmp_path).start()
     try:
         cmd = server.command(server.port or 0)
-        for flag in ("-m", "-c", "-ngl", "-np", "--host", "--no-webui", "--api-key", "--metrics"):
+        for flag in ("-m", "-c", "-ngl", "-np", "--host", "--no-webui", "--api-key-file", "--metrics"):
             assert flag in cmd
+        assert "--api-key" not in cmd and server.api_key not in " ".join(cmd)
         result = generate(server)
         assert result.text.strip()
         assert result.completion_tokens and result.completion_tokens > 0

@@ -309,57 +309,44 @@ def test_plan_counts_running_servers_the_group_does_not_use_as_evictable(demo_mo
     assert not pinned.fits_together and pinned.unfit == [1]
 
 
-def test_plan_stage_groups_repeated_models_into_one_server_and_plans_synthesis_after(
-        config_dir: ConfigDir) -> None:
-    from orchestrator.config.schema import load_config
-    from orchestrator.plan.memory import plan_pipeline, plan_stage
-    from orchestrator.runtime import Runtime
-
-    models = config_dir.models()
-    models["models"]["far"] = {"url": "http://192.0.2.1:8080/v1"}
-    config_dir.write_models(models)
-    rt = Runtime(load_config(config_dir.path), probe=machine(16), calibration=CalibrationCache(config_dir.path))
-    pipeline = rt.config.load_pipeline()
-    review = next(s for s in pipeline.stages if s.name == "review")
-    review.models.append(type(review.models[0])(model="far", label="remote-one"))
-    plan = plan_stage(rt, review, pipeline)
-    local = [m for m in plan.models if not m.remote]
-    assert len(local) == 1 and local[0].slots == 3 and len(local[0].labels) == 3
-    assert local[0].n_ctx == 2048 and local[0].n_gpu_layers == 0 and local[0].ram_bytes > 200 * MiB
-    remote = next(m for m in plan.models if m.remote)
-    assert remote.ram_bytes == 0 and remote.vram_bytes == 0
-    assert plan.fits_together and sorted(plan.waves[0]) == sorted([*local[0].labels, "remote-one"])
-    assert plan.synthesis is not None and plan.synthesis.labels == ["gemma3-270m-synthesis"]
-    assert plan.all_waves[-1] == ["gemma3-270m-synthesis"]
-    whole = plan_pipeline(rt, pipeline)
-    assert [s.stage for s in whole.stages] == ["analyse", "draft", "review"] and whole.fits
+# ---------------------------------------------------------------- the budget device and the ledger
 
 
-def test_plan_stage_that_does_not_fit_runs_its_models_in_waves(config_dir: ConfigDir, tmp_path: Path) -> None:
-    from orchestrator.config.schema import load_config
-    from orchestrator.plan.memory import plan_stage
-    from orchestrator.runtime import Runtime
+def test_budget_is_a_device_of_the_probe_with_no_margin(demo_model: Path, tmp_path: Path) -> None:
+    from launcher.ledger import AdmissionLedger
+    from launcher.memory import BudgetProbe
 
-    models = config_dir.models()
-    demo = models["models"]["gemma3-270m"]
-    models["models"] = {name: {**demo, "default_n_ctx": 32768} for name in ("first", "second")}
-    config_dir.write_models(models)
-    config_dir.write_pipeline({"name": "two", "stages": [{"name": "both", "models": ["first", "second"]}]})
+    ledger = AdmissionLedger(tmp_path / "admission.json")
+    snap = BudgetProbe(machine(8), 500 * MiB, ledger).snapshot()
+    assert snap.free()["budget"] == snap.total()["budget"] == 500 * MiB and "budget" in snap.static_devices
+    g = guard(machine(8), budget_bytes=500 * MiB, ledger=ledger)
+    avail = g.available()
+    assert avail.have()["budget"] == 500 * MiB and avail.margin["budget"] == 0
+    assert "memory_budget_mib" in (avail.notes.get("budget") or "")
+    other = FakeServer(replace(spec(demo_model), model="other"))
+    used = g.need(other.spec)
+    assert g.available([other]).have()["budget"] == 500 * MiB - (used.ram_bytes + used.vram_bytes)
 
-    def runtime_with(free: int) -> Runtime:
-        return Runtime(load_config(config_dir.path), probe=FixedProbe(16 * GiB, free),
-                       calibration=CalibrationCache(tmp_path))
 
-    roomy = runtime_with(16 * GiB)
-    one = roomy.memory_guard.need(roomy.server_spec("first"))
-    margin = int(16 * GiB * 0.10) + 512 * MiB
-    # room for one server and a little: the second shares the mapped file, not its own KV cache
-    rt = runtime_with(margin + one.ram_bytes + one.anon_ram_bytes // 2)
-    pipeline = rt.config.load_pipeline()
-    plan = plan_stage(rt, pipeline.stages[0], pipeline)
-    assert not plan.fits_together and plan.waves == [["first"], ["second"]] and not plan.unfit
-    assert plan.reason.startswith("ram: ") and "2 waves" in plan.reason
-    assert all(m.ram_bytes == one.ram_bytes for m in plan.models)
+def test_ledger_drops_entries_of_dead_processes_and_reused_pids(tmp_path: Path) -> None:
+    import os
+
+    from launcher.ledger import AdmissionLedger, LedgerEntry, this_process
+
+    ledger = AdmissionLedger(tmp_path / "admission.json")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pid, started = this_process()
+    with ledger.transaction() as entries:
+        entries.append(LedgerEntry(dead.pid, started, "k1", "gone", {"budget": 100 * MiB}))
+        entries.append(LedgerEntry(pid, started - 1000, "k2", "reused pid", {"budget": 100 * MiB}))
+        entries.append(LedgerEntry(pid, started, "k3", "mine", {"budget": 7 * MiB}))
+        entries.append(LedgerEntry(pid, started, "k4", "stale start", {"budget": 9 * MiB}, since=time.time() - 1e4))
+    assert [e.model for e in ledger.entries()] == ["mine"]
+    assert ledger.held("budget") == 0 and ledger.held("budget", others_only=False) == 7 * MiB
+    assert oct(os.stat(tmp_path / "admission.json").st_mode & 0o777) == "0o600"
+    (tmp_path / "admission.json").write_text("{not json")
+    assert ledger.entries() == []  # a damaged ledger is ignored, not fatal
 
 
 # ---------------------------------------------------------------- calibration (no server)
@@ -436,8 +423,7 @@ def test_runtime_calibrates_a_new_server_and_the_next_need_is_the_measurement(
     try:
         s = rt.server_spec("gemma3-270m", n_ctx=1024)
         assert rt.memory_guard.need(s).source == "estimate"
-        with rt.endpoint("gemma3-270m", n_ctx=1024) as ep:
-            server = next(x for x in rt.pool.servers() if x.base_url == ep.base_url)
+        with rt.pool.lease(s) as server:
             rss = server.rss_bytes()
         rec = cache.get(s)
         assert rec is not None and rss is not None

@@ -8,9 +8,10 @@ import pytest
 
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import PipelineSpec, load_config
-from orchestrator.engine.run import CancelToken, Engine, Event, run_sync
+from orchestrator.engine.events import Event
+from orchestrator.engine.run import CancelToken
 from orchestrator.runtime import Runtime
-from tests.conftest import ConfigDir, small_pipeline
+from tests.conftest import ConfigDir, engine_run, small_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +22,7 @@ def manual(stages: list[dict], **defaults: object) -> PipelineSpec:
 
 
 def run(runtime: Runtime, spec: PipelineSpec, question: str = "Why is the sky blue?", **kw):
-    events: list[Event] = []
-    record = run_sync(Engine(runtime, **kw.pop("engine", {})), spec, question, on_event=events.append, **kw)
-    return record, events
+    return engine_run(runtime, spec, question, **kw.pop("engine", {}), **kw)
 
 
 def test_base_pipeline_runs_all_stages_on_one_warm_server(runtime: Runtime) -> None:
@@ -67,7 +66,7 @@ def test_missing_model_fails_its_step_and_the_stage_goes_on(runtime: Runtime) ->
     spec = manual([{"name": "s", "models": ["gemma3-270m", "ghost"], "aggregation": {"type": "concat"}}])
     record, _ = run(runtime, spec)
     stage = record.stages[0]
-    assert record.status == "completed" and stage.status == "partial"
+    assert record.status == "partial" and stage.status == "partial"  # a call failed: the run says so
     ghost = stage.response("ghost")
     assert ghost and ghost.status == "failed" and ghost.error and ghost.error["type"] == "ModelUnavailable"
     assert stage.output == stage.response("gemma3-270m").text  # type: ignore[union-attr]
@@ -147,12 +146,12 @@ def test_cancel_stops_the_run_in_flight(runtime: Runtime) -> None:
     cancel = CancelToken()
     seen: list[Event] = []
 
-    def on_event(event: Event) -> None:
+    def observer(event: Event) -> None:
         seen.append(event)
         if event.type == "token" and sum(e.type == "token" for e in seen) == 3:
             threading.Timer(0.01, cancel.cancel).start()  # from another thread, like a UI button
 
-    record = run_sync(Engine(runtime), spec, "q", on_event=on_event, cancel=cancel)
+    record, _ = engine_run(runtime, spec, "q", observers=[observer], cancel=cancel)
     assert record.status == "cancelled"
     assert record.stages[0].responses[0].status == "cancelled"
     assert sum(e.type == "token" for e in seen) < 500
@@ -162,7 +161,7 @@ def test_rerun_from_stage_keeps_earlier_stages_and_reuses_servers(runtime: Runti
     spec = small_pipeline()
     first, _ = run(runtime, spec, mode="base")
     starts = runtime.pool.starts
-    again = run_sync(Engine(runtime), spec, first.question, prior_stages=first.stages[:2], mode="base")
+    again, _ = engine_run(runtime, spec, first.question, prior_stages=first.stages[:2], mode="base")
     assert again.status == "completed" and again.rerun_from_stage == 3
     assert [s.status for s in again.stages[:2]] == ["copied", "copied"]
     assert [s.output for s in again.stages[:2]] == [s.output for s in first.stages[:2]]
@@ -220,7 +219,7 @@ def test_manual_stage_falls_back_to_waves_when_allowed(small_machine_runtime) ->
     stage = record.stages[0]
     assert record.status == "completed" and stage.execution == "sequential"
     assert stage.waves == [["gemma3-270m"], ["second"]]
-    assert any(e.type == "notice" and "waves" in e.data["message"] for e in events)
+    assert any(e.type == "notice" and "waves" in e.message for e in events)
     assert all(r.ok for r in stage.responses)
 
 
@@ -283,3 +282,16 @@ def test_remote_url_model_runs_in_a_pipeline_without_a_local_server(config_dir: 
         assert record.status == "failed" and error and error["type"] == "RequestFailed" and "401" in error["message"]
     finally:
         remote.stop()
+
+
+def test_unset_and_explicit_default_n_ctx_start_exactly_one_server(runtime: Runtime) -> None:
+    """Issue #12's bug: a stage that leaves n_ctx to the model default and one that sets the same value
+    started two servers. The plan resolves both to one spec, so one server serves both stages."""
+    default_n_ctx = runtime.registry.get("gemma3-270m").entry.default_n_ctx
+    spec = PipelineSpec.model_validate({"name": "n_ctx", "defaults": {"max_tokens": 4}, "stages": [
+        {"name": "unset", "models": ["gemma3-270m"]},
+        {"name": "explicit", "models": ["gemma3-270m"], "n_ctx": default_n_ctx}]})
+    assert len(runtime.plan(spec).servers) == 1
+    record, _ = run(runtime, spec)
+    assert record.status == "completed", record.error
+    assert runtime.pool.starts == 1 and len(runtime.running_servers()) == 1

@@ -17,7 +17,7 @@ def test_lazy_parts_are_built_once_when_threads_ask_together(config_dir: ConfigD
             pools = list(ex.map(lambda _: rt.pool, range(32)))
             guards = list(ex.map(lambda _: rt.memory_guard, range(32)))
         assert len({id(p) for p in pools}) == 1 and len({id(g) for g in guards}) == 1
-        assert "pool" in rt.__dict__
+        assert rt.has_pool
     finally:
         rt.close()
 
@@ -25,4 +25,4 @@ def test_lazy_parts_are_built_once_when_threads_ask_together(config_dir: ConfigD
 def test_closing_a_runtime_that_never_started_a_server_is_a_no_op(config_dir: ConfigDir) -> None:
     rt = Runtime(load_config(config_dir.path))
     rt.close()
-    assert "pool" not in rt.__dict__
+    assert not rt.has_pool

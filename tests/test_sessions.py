@@ -1,4 +1,8 @@
-"""History on disk and in SQLite, after real runs on the demo model."""
+"""History on disk and in SQLite: the recorder driven by hand-made events, and real runs on the demo model.
+
+`record_run` and `recorded_session` are the helpers the history fault tests share: they drive a Recorder
+with the events the engine emits (RunStarted, StageFinished..., RunFinished), no llama-server needed.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,12 +20,157 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.schema import PipelineSpec
+from orchestrator.engine.events import RunFinished, RunStarted, StageFinished
+from orchestrator.history import recorder as recorder_module
+from orchestrator.history.recorder import Recorder
 from orchestrator.history.store import SessionStore, normalise_id
+from orchestrator.records import (
+    AggregationRecord,
+    ResponseRecord,
+    RunRecord,
+    StageRecord,
+    run_from_dict,
+    to_dict,
+)
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir, small_pipeline
 
-pytestmark = pytest.mark.integration
+# ---------------------------------------------------------------- the recorder, from hand-made events
+
+
+def make_stages(text: str = "blue light scatters more") -> list[StageRecord]:
+    """A one-model stage and a three-model stage merged by concat, as the engine records them."""
+    one = StageRecord(1, "analyse", system_prompt="Be brief.", prompt="Question: why?", params={"temperature": 0.3},
+                      responses=[ResponseRecord("gemma3-270m", "gemma3-270m", prompt="Question: why?", text=text,
+                                                status="ok", completion_tokens=5, total_s=0.4, tokens_per_s=12.5,
+                                                finish_reason="stop", server_timings={"predicted_n": 5},
+                                                server="http://127.0.0.1:9")],
+                      output=text, status="ok", started_at=100.0, finished_at=101.5)
+    labels = ["facts", "clarity", "skeptic"]
+    two = StageRecord(2, "review", prompt="Review: " + text,
+                      responses=[ResponseRecord(label, "gemma3-270m", text=f"{label} says {text}", status="ok")
+                                 for label in labels],
+                      aggregation=AggregationRecord("concat", inputs=[{"label": lb, "text": lb} for lb in labels],
+                                                    output="merged " + text),
+                      output="merged " + text, status="ok", started_at=102.0, finished_at=104.0)
+    return [one, two]
+
+
+def record_run(recorder: Recorder, stages: list[StageRecord], *, question: str = "Why is the sky blue?",
+               status: str = "completed", finish: bool = True, close: bool = True) -> RunRecord:
+    """Feed `recorder` the events of a run made of `stages`, as the engine emits them."""
+    run = RunRecord(question=question, mode="manual", pipeline={"stages": [{"name": s.name} for s in stages]})
+    recorder(RunStarted(run, None))  # type: ignore[arg-type]  # the recorder does not read the plan
+    for stage in stages:
+        run.stages.append(stage)
+        recorder(StageFinished(run, stage))
+    if finish:
+        run.status = status  # type: ignore[assignment]
+        run.final = stages[-1].output if status == "completed" else ""
+        run.finished_at = 105.0
+        recorder(RunFinished(run))
+    if close:
+        assert recorder.close() is None
+    return run
+
+
+def recorded_session(sessions_dir: Path, question: str = "Why is the sky blue?", **kwargs: object) -> str:
+    """A complete two-stage session on disk (and in the index); returns its id."""
+    store = SessionStore(sessions_dir)
+    recorder = store.create({"mode": "manual", "question": question, "pipeline": {"stages": []}})
+    record_run(recorder, make_stages(**kwargs), question=question)  # type: ignore[arg-type]
+    return recorder.id
+
+
+def test_the_recorder_writes_the_seed_layout_and_loads_back_the_same_records(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    recorder = store.create({"mode": "manual", "question": "Why is the sky blue?", "pipeline": {"stages": []}})
+    run = record_run(recorder, make_stages())
+    d = recorder.dir
+    assert sorted(p.name for p in d.iterdir()) == sorted([
+        "config_snapshot.json", "session.json", "step1.json", "step2.json", "step2_facts.json",
+        "step2_clarity.json", "step2_skeptic.json", "aggregation.json", "final.txt"])
+    step1 = json.loads((d / "step1.json").read_text())
+    assert step1["response"]["text"] == step1["output"] and step1["duration_s"] == 1.5
+    assert step1["response"]["finish_reason"] == "stop" and step1["response"]["server_timings"] == {"predicted_n": 5}
+    assert json.loads((d / "step2.json").read_text())["responses"] == ["facts", "clarity", "skeptic"]
+    assert json.loads((d / "step2_facts.json").read_text())["text"] == "facts says blue light scatters more"
+    assert [a["step"] for a in json.loads((d / "aggregation.json").read_text())] == [2]
+    assert (d / "final.txt").read_text() == run.final
+    meta = json.loads((d / "session.json").read_text())
+    assert meta["status"] == "completed" and meta["stages"] == ["analyse", "review"]
+
+    session = store.load(recorder.id)
+    assert session.problems == []
+    assert [to_dict(s) for s in session.stages] == [to_dict(s) for s in run.stages]  # one serializer, both ways
+    again = session.to_run()
+    assert again.question == run.question and again.final == run.final and again.status == "completed"
+    assert run_from_dict(to_dict(run)) == run
+
+
+def test_every_stage_is_on_disk_before_the_run_finishes(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    recorder = store.create({"mode": "manual", "question": "q", "pipeline": {"stages": []}})
+    stages = make_stages()
+    record_run(recorder, stages[:1], finish=False, close=False)
+    assert recorder.flush() is None
+    assert json.loads((recorder.dir / "step1.json").read_text())["output"] == stages[0].output
+    assert store.load(recorder.id).meta["status"] == "running"
+    assert [r["status"] for r in store.list()] == ["running"]  # this process is alive: not interrupted
+    recorder.close()
+
+
+def test_the_observer_only_queues_the_writer_thread_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SessionStore(tmp_path)
+    recorder = store.create({"mode": "manual", "question": "q", "pipeline": {"stages": []}})
+    writers: list[str] = []
+    real = recorder_module.write_text_atomic
+
+    def tracking(path: Path, text: str) -> None:
+        writers.append(threading.current_thread().name)
+        real(path, text)
+
+    monkeypatch.setattr(recorder_module, "write_text_atomic", tracking)
+    record_run(recorder, make_stages())
+    assert writers and set(writers) == {f"chorus-recorder-{recorder.id}"}
+
+
+def test_the_index_is_updated_from_the_record_not_from_the_files(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_reading(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the recorder read a session file back")
+
+    monkeypatch.setattr("orchestrator.history.store.read_json", no_reading)
+    sid = recorded_session(tmp_path, "Tell me about the ocean", text="waves and salt")
+    monkeypatch.undo()
+    index = SessionStore(tmp_path).index
+    assert [(r["id"], r["status"], r["stages"]) for r in index.list()] == [(sid, "completed", 2)]
+    assert [h["id"] for h in index.search("salt")] == [sid]
+
+
+def test_a_rerun_records_its_copied_stages_and_its_parent(tmp_path: Path) -> None:
+    parent = recorded_session(tmp_path)
+    store = SessionStore(tmp_path)
+    prior = store.load(parent).stages[:1]
+    prior[0].status = "copied"
+    recorder = store.create({"mode": "manual", "question": "Why is the sky blue?", "pipeline": {"stages": []}})
+    run = RunRecord(question="Why is the sky blue?", mode="manual", pipeline={}, parent_session=parent,
+                    rerun_from_stage=2)
+    recorder(RunStarted(run, None))  # type: ignore[arg-type]
+    for stage in [*prior, make_stages("again")[1]]:
+        run.stages.append(stage)
+        recorder(StageFinished(run, stage))
+    run.status, run.final = "completed", "merged again"
+    recorder(RunFinished(run))
+    assert recorder.close() is None
+    child = store.load(recorder.id)
+    assert child.meta["parent_session"] == parent and child.meta["rerun_from_stage"] == 2
+    assert [s.status for s in child.stages] == ["copied", "ok"]
+    assert child.stages[0].output == store.load(parent).stages[0].output
+
+
+# ---------------------------------------------------------------- real runs
 
 
 def tiny(max_tokens: int = 6, **params: object) -> PipelineSpec:
@@ -28,6 +178,7 @@ def tiny(max_tokens: int = 6, **params: object) -> PipelineSpec:
                                                     "max_tokens": max_tokens, "n_ctx": 512, **params}]})
 
 
+@pytest.mark.integration
 def test_a_real_run_writes_the_seed_layout(runtime: Runtime) -> None:
     outcome = Runner(runtime).run(small_pipeline(), "Why is the sky blue?", mode="base")
     assert outcome.run.status == "completed" and outcome.session_dir
@@ -44,7 +195,7 @@ def test_a_real_run_writes_the_seed_layout(runtime: Runtime) -> None:
     step1 = json.loads((d / "step1.json").read_text())
     assert step1["prompt"].startswith("Question: Why is the sky blue?")
     assert step1["system_prompt"] and step1["response"]["text"] == step1["output"]
-    assert step1["params"]["models"][0]["generation"]["temperature"] == 0.3
+    assert step1["params"]["models"][0]["temperature"] == 0.3  # the resolved plan of the stage
     assert step1["status"] == "ok" and step1["duration_s"] > 0
     one = json.loads((d / "step3_reviewer-facts.json").read_text())
     assert one["text"] and one["completion_tokens"] and one["total_s"] and one["error"] is None
@@ -58,6 +209,7 @@ def test_a_real_run_writes_the_seed_layout(runtime: Runtime) -> None:
     assert meta["status"] == "completed" and meta["mode"] == "base" and meta["question"] == "Why is the sky blue?"
 
 
+@pytest.mark.integration
 def test_eight_parallel_runs_get_eight_distinct_complete_sessions(runtime: Runtime) -> None:
     runner = Runner(runtime)
     with ThreadPoolExecutor(8) as ex:
@@ -72,6 +224,7 @@ def test_eight_parallel_runs_get_eight_distinct_complete_sessions(runtime: Runti
     assert runtime.pool.starts == 1
 
 
+@pytest.mark.integration
 def test_a_run_killed_mid_stage_leaves_valid_json(config_dir: ConfigDir, llama_server_bin: Path,
                                                  tmp_path: Path) -> None:
     spec = tmp_path / "manual.yaml"
@@ -95,8 +248,10 @@ def test_a_run_killed_mid_stage_leaves_valid_json(config_dir: ConfigDir, llama_s
     assert meta["status"] == "running" and meta["stages"] == ["quick"]
     loaded = SessionStore(config_dir.sessions_dir).load("1")
     assert [s.name for s in loaded.stages] == ["quick"] and loaded.final is None
+    assert loaded.meta["status"] == "interrupted" and loaded.problems == []  # its writer is gone
 
 
+@pytest.mark.integration
 def test_reindex_after_deleting_the_database_finds_the_same_sessions(runtime: Runtime) -> None:
     runner = Runner(runtime)
     for q in ("alpha question", "beta question"):
@@ -111,6 +266,7 @@ def test_reindex_after_deleting_the_database_finds_the_same_sessions(runtime: Ru
     assert [r["question"] for r in after] == [r["question"] for r in before]
 
 
+@pytest.mark.integration
 def test_a_corrupt_database_is_rebuilt_not_fatal(runtime: Runtime) -> None:
     runner = Runner(runtime)
     runner.run(tiny(), "gamma question")
@@ -120,6 +276,7 @@ def test_a_corrupt_database_is_rebuilt_not_fatal(runtime: Runtime) -> None:
     assert [r["question"] for r in runner.store.index.list()] == ["gamma question"]
 
 
+@pytest.mark.integration
 def test_search_finds_a_question_by_a_word_of_its_final_answer(runtime: Runtime) -> None:
     runner = Runner(runtime)
     outcome = runner.run(tiny(12, temperature=0, seed=3), "Tell me about the ocean")  # deterministic words
@@ -132,6 +289,7 @@ def test_search_finds_a_question_by_a_word_of_its_final_answer(runtime: Runtime)
     assert hit["question"] == "Tell me about the ocean" and "[" in hit["snippet"]
 
 
+@pytest.mark.integration
 def test_rerun_changes_only_the_stages_from_n_on(runtime: Runtime) -> None:
     runner = Runner(runtime)
     first = runner.run(small_pipeline(), "What is rain?", mode="base")

@@ -201,3 +201,71 @@ ORDINARY = [
 @pytest.mark.parametrize(("template", "expected"), ORDINARY)
 def test_ordinary_operations_pass_the_size_guards(template: str, expected: str) -> None:
     assert render(template, {}, where="t") == expected
+
+
+# ---------------------------------------------------------------- limits per render: amplifiers, budget, time
+
+LOOPS_AND_MACROS = [
+    ("{% for x in [1, 2, 3] %}{{ loop.index }}/{{ loop.length }}{{ ',' if not loop.last }}{% endfor %}",
+     "1/3,2/3,3/3"),
+    ("{% for x in [] %}a{% else %}empty{% endfor %}", "empty"),
+    ("{% for k, v in {'a': 1}|dictsort %}{{ k }}={{ v }}{% endfor %}", "a=1"),
+    ("{% for n in [[1, [2]], [3]] recursive %}{% if n is iterable %}{{ loop(n) }}{% else %}{{ n }}{% endif %}"
+     "{% endfor %}", "123"),
+    ("{% macro box(t) %}[{{ t }}{{ caller() }}]{% endmacro %}{% call box('a') %}b{% endcall %}", "[ab]"),
+    ("{% set s %}{% for i in range(3) %}{{ i }}{% endfor %}{% endset %}{{ s }}", "012"),
+    ("{{ [3, 1, 2]|sort|join('-') }} {{ [1, 2, 3]|slice(2)|list }}", "1-2-3 [[1, 2], [3]]"),
+    ("{{ lipsum(1, html=False, min=3, max=4).split()|length }}", "3"),
+]
+
+
+@pytest.mark.parametrize(("template", "expected"), LOOPS_AND_MACROS)
+def test_loops_macros_and_blocks_work_under_the_guards(template: str, expected: str) -> None:
+    assert render(template, {}, where="t") == expected
+
+
+def test_render_async_gives_the_same_text_as_render(context: dict) -> None:
+    import asyncio
+
+    from orchestrator.engine.templates import render_async
+
+    template = "{{ question }} / {{ stages.review.output }} / {% for r in stages.review.responses %}{{ r.label }} " \
+               "{% endfor %}"
+    assert asyncio.run(render_async(template, context, where="t")) == render(template, context, where="t")
+
+
+def test_render_async_reports_template_errors_the_same_way() -> None:
+    import asyncio
+
+    from orchestrator.engine.templates import render_async
+
+    with pytest.raises(TemplateError, match="t, line 2: ZeroDivisionError"):
+        asyncio.run(render_async("ok\n{{ 1 / 0 }}", {}, where="t"))
+
+
+def test_filters_with_an_async_variant_check_their_arguments() -> None:
+    """`slice` takes the eval context without naming it: its count was bound to the wrong name and skipped."""
+    with pytest.raises(TemplateError, match="the filter 'slice' would build"):
+        render("{{ x|slice(n)|list|length }}", {"x": [1, 2], "n": 10**7}, where="t")
+
+
+def test_what_a_render_builds_in_all_is_budgeted() -> None:
+    from orchestrator.engine.templates import MAX_BUILT_CHARS
+
+    template = "{% set b = 'x' * 900000 %}{% for i in range(1000) %}{% set c = b|upper %}{% endfor %}"
+    with pytest.raises(TemplateError, match=f"in all \\(limit {MAX_BUILT_CHARS + 100:,}\\)"):
+        render(template, {"question": "0123456789"}, where="t")
+
+
+def test_the_limits_grow_with_the_data_a_template_is_given() -> None:
+    question = "q" * (MAX_OUTPUT_CHARS + 10)
+    assert render("{{ question|upper }}", {"question": question}, where="t") == question.upper()
+    with pytest.raises(TemplateError, match="refused by the sandbox"):
+        render("{{ question ~ question }}", {"question": question}, where="t")
+
+
+def test_a_slow_template_times_out_with_a_typed_error() -> None:
+    template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(TemplateError) as err:
+        render(template, {}, where="aggregation template", timeout_s=0.2)
+    assert err.value.timed_out and err.value.to_dict()["timed_out"] is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,61 @@ def test_stop_button_cancels_the_run_in_flight(ui_env: ConfigDir) -> None:
     assert live.outcome.run.status == "cancelled"
     at.run()
     assert not at.exception and any("cancelled" in e.value for e in at.error)
+
+
+# ---------------------------------------------------------------- custom aggregators: choose, never name a module
+
+DOOR_SENTINEL = "chorus_ui_door_sentinel"
+
+
+@pytest.fixture
+def door_sentinel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An importable module outside the allowed places that leaves a file behind if it is ever imported."""
+    site, marker = tmp_path / "site", tmp_path / "sentinel-imported"
+    site.mkdir()
+    (site / f"{DOOR_SENTINEL}.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                              "def fn(question, responses):\n    return 'pwned'\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, DOOR_SENTINEL, raising=False)
+    return marker
+
+
+def test_custom_aggregation_offers_only_allowed_functions_and_no_text_box(ui_env: ConfigDir,
+                                                                          door_sentinel: Path) -> None:
+    (ui_env.path / "aggregators").mkdir()
+    (ui_env.path / "aggregators" / "votes.py").write_text(
+        "def longest(question, responses):\n    return max(r['text'] for r in responses)\n\n"
+        "def _helper():\n    pass\n")
+    ui_env.write_app(aggregators={"allowed": ["chorus_listed_pkg.mod:fn"]})
+    at = app("run")
+    at.radio(key="mode").set_value("Manual").run()
+    sid = at.session_state["builder_stages"][0]["id"]
+    at.selectbox(key=f"s{sid}-agg").set_value("custom").run()
+    assert not at.exception
+    choice = at.selectbox(key=f"s{sid}-func")
+    assert choice.options == ["chorus_listed_pkg.mod:fn", "votes:longest"]
+    assert all(t.key != f"s{sid}-func" for t in at.text_input)  # nothing to type a module name into
+    with pytest.raises(ValueError):
+        choice.set_value("os:system").run()
+    at.selectbox(key=f"s{sid}-func").set_value("votes:longest").run()
+    assert stage_builder.build_spec(at.session_state["builder_stages"]).stages[0].aggregation.function == \
+        "votes:longest"
+    at.session_state["builder_stages"][0]["function"] = f"{DOOR_SENTINEL}:fn"  # a forged stage dict
+    at.run()
+    assert at.session_state["builder_stages"][0]["function"] in ("votes:longest", "")
+    assert DOOR_SENTINEL not in sys.modules and not door_sentinel.exists()
+
+
+@pytest.mark.parametrize("function", ["os:system", f"{DOOR_SENTINEL}:fn"])
+def test_base_pipeline_naming_a_module_is_refused_on_the_page_before_anything_runs(
+        ui_env: ConfigDir, door_sentinel: Path, function: str) -> None:
+    ui_env.write_pipeline({"stages": [{"name": "answer", "models": ["gemma3-270m"],
+                                       "aggregation": {"type": "custom", "function": function}}]})
+    at = app("run")
+    at.text_area(key="question").set_value("What is 2 + 2?").run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert any(f"'{function}' is not an allowed aggregator" in e and "stages.answer.aggregation.function" in e
+               and "allowed: none" in e for e in errors), errors
+    assert at.button(key="run").disabled
+    assert DOOR_SENTINEL not in sys.modules and not door_sentinel.exists()

@@ -6,13 +6,14 @@ Only rendering lives here; the logic is in orchestrator (runs, live, stage_build
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 import streamlit as st
 
-from launcher.errors import ChorusError
 from orchestrator.config.schema import load_config
+from orchestrator.errors import ChorusError
 from orchestrator.history.store import Session
 from orchestrator.live import LiveRun, StageView
 from orchestrator.records import error_text
@@ -45,8 +46,29 @@ def runner(rt: Runtime) -> Runner:
 
 
 
-def fmt_time(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+def fmt_time(ts: object) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if isinstance(ts, int | float) and ts else "-"
+
+
+# ---------------------------------------------------------------- text, never Markdown
+# Questions, prompts, model output, labels and error messages are user or model text: rendered as Markdown,
+# `![x](http://host/...)` would make every browser that opens the page fetch that URL (a data-leak channel).
+# They go out through st.text / st.code, or escaped where a widget renders Markdown (captions, alerts,
+# expander labels).
+
+_MD_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character (CommonMark escapes)
+
+
+def md_escape(text: object) -> str:
+    """`text` for a Markdown-rendering widget, shown as it is: every ASCII punctuation is backslash-escaped,
+    so no link, image, HTML, emphasis, directive or math is formed; newlines stay line breaks."""
+    return _MD_PUNCTUATION.sub(r"\\\1", str(text)).replace("\n", "  \n")
+
+
+def html_text(text: str) -> str:
+    """`text` for an HTML block (unsafe_allow_html): every ASCII punctuation is a character reference, so
+    neither HTML nor Markdown is formed; newlines become <br>."""
+    return "<br>".join(_MD_PUNCTUATION.sub(lambda m: f"&#{ord(m.group(1))};", line) for line in text.split("\n"))
 
 
 # ---------------------------------------------------------------- live runs
@@ -63,66 +85,64 @@ def render_live_stages(stages: list[StageView]) -> None:
         color = {"running": "blue", "ok": "green", "partial": "orange", "failed": "red", "cancelled": "gray",
                  "copied": "violet"}.get(stage.status, "gray")
         with st.container(border=True):
-            st.markdown(f"**Step {stage.index}: {stage.name}** :{color}-badge[{stage.status}]")
+            st.markdown(f"**Step {stage.index}: {md_escape(stage.name)}** :{color}-badge[{md_escape(stage.status)}]")
             models = list(stage.models.values())
             cols = st.columns(min(len(models), 3)) if models else []
             for i, m in enumerate(models):
                 with cols[i % len(cols)]:
-                    st.caption(f"{m.label} ({m.model}) — {m.status}")
+                    st.caption(md_escape(f"{m.label} ({m.model}) — {m.status}"))
                     if m.error:
-                        st.error(m.error)
+                        st.error(md_escape(m.error))
                     st.text(m.text or "…")
                     if m.tokens:
                         st.caption(f"{m.tokens} tokens in {m.seconds or 0:.1f}s"
                                    + (f", {m.tokens_per_s:.1f} tok/s" if m.tokens_per_s else ""))
             if stage.merged_by and len(models) > 1:
-                st.markdown(f"*Merged by {stage.merged_by}:*")
+                st.markdown(f"*Merged by {md_escape(stage.merged_by)}:*")
                 st.text(stage.output)
             if stage.error and stage.status in ("failed", "cancelled"):
-                st.error(stage.error)
+                st.error(md_escape(stage.error))
 
 
 def render_live(live: LiveRun) -> None:
     """Live progress; returns after one render (the caller's fragment polls)."""
     for note in live.notices:
-        st.info(note)
+        st.info(md_escape(note))
     render_live_stages(live.snapshot())
     if live.error:
-        st.error(f"The run could not start: {error_text(live.error)}")
+        st.error(f"The run could not start: {md_escape(error_text(live.error))}")
     outcome = live.outcome
     if outcome is not None:
         if outcome.history_error:
-            st.warning(outcome.history_error)
+            st.warning(md_escape(outcome.history_error))
         run = outcome.run
         if run.status == "completed":
-            st.success(f"Completed — session {outcome.session_id or '(not saved)'}")
+            st.success(f"Completed — session {md_escape(outcome.session_id or '(not saved)')}")
             st.subheader("Final answer")
-            st.markdown(f'<div id="chorus-final-answer">{_escape(run.final)}</div>', unsafe_allow_html=True)
+            st.markdown(f'<div id="chorus-final-answer">{html_text(run.final)}</div>', unsafe_allow_html=True)
         else:
-            st.error(f"Run {run.status}: {error_text(run.error)}")
-
-
-def _escape(text: str) -> str:
-    import html
-
-    return html.escape(text).replace("\n", "<br>")
+            st.error(f"Run {md_escape(run.status)}: {md_escape(error_text(run.error))}")
 
 
 # ---------------------------------------------------------------- saved sessions
 
 def render_session(session: Session, *, key: str) -> None:
     m = session.meta
-    st.markdown(f"**{session.id}** · {m.get('mode')} · {m.get('status')} · {fmt_time(m.get('created_at'))}")
+    st.markdown(md_escape(f"{session.id} · {m.get('mode')} · {m.get('status')} · {fmt_time(m.get('created_at'))}"))
+    if session.problems:
+        st.warning(md_escape(f"This session is damaged; showing what could be read: {'; '.join(session.problems)}"))
     if m.get("parent_session"):
-        st.caption(f"Rerun of {m['parent_session']} from stage {m.get('rerun_from_stage')}")
-    st.markdown(f"**Question:** {m.get('question')}")
+        st.caption(md_escape(f"Rerun of {m['parent_session']} from stage {m.get('rerun_from_stage')}"))
+    st.markdown("**Question:**")
+    st.text(m.get("question") or "")
     for stage in session.stages:
-        with st.expander(f"Step {stage.index}: {stage.name} — {stage.status}", expanded=True):
-            st.caption(f"Prompt: {stage.prompt[:300]}")
+        with st.expander(md_escape(f"Step {stage.index}: {stage.name} — {stage.status}"), expanded=True):
+            st.caption("Prompt:")
+            st.text(stage.prompt[:300])
             for r in stage.responses:
-                st.markdown(f"**{r.label}** ({r.model}) — {r.status}")
+                st.markdown(md_escape(f"{r.label} ({r.model}) — {r.status}"))
                 if r.error:
-                    st.error(error_text(r.error))
+                    st.error(md_escape(error_text(r.error)))
                 if r.text:
                     st.text(r.text)
                 if r.completion_tokens:
@@ -131,7 +151,7 @@ def render_session(session: Session, *, key: str) -> None:
                                + (f" · first token {r.first_token_s:.2f}s" if r.first_token_s else ""))
             agg = stage.aggregation
             if agg is not None and len(stage.responses) > 1:
-                st.markdown(f"**Aggregation: {agg.kind}**")
+                st.markdown(f"**Aggregation: {md_escape(agg.kind)}**")
                 if "agreement" in agg.details:
                     st.metric("Agreement", f"{agg.details['agreement']:.0%}")
                     st.dataframe([{k: v.get(k) for k in ("label", "extracted", "group", "abstained")}
@@ -140,11 +160,11 @@ def render_session(session: Session, *, key: str) -> None:
                     timing = "".join(f" · {c['completion_tokens']} tokens in {c['total_s']:.2f}s"
                                      for c in agg.details.get("synthesis_calls", [])
                                      if c.get("completion_tokens") and c.get("total_s"))
-                    st.caption(f"Synthesis by {agg.details.get('synthesis_model')}{timing}")
+                    st.caption(md_escape(f"Synthesis by {agg.details.get('synthesis_model')}{timing}"))
                     st.code(agg.details["synthesis_prompt"], language=None)
                 st.text(agg.output)
             if stage.error:
-                st.error(error_text(stage.error))
+                st.error(md_escape(error_text(stage.error)))
     if session.final is not None:
         st.subheader("Final answer")
         st.text(session.final)
@@ -178,7 +198,7 @@ def render_rerun_form(session: Session, *, key: str) -> None:
             return
         sid = session.id
         st.session_state[LIVE_KEY] = LiveRun(
-            lambda on_event, cancel: runner(rt).rerun(sid, index, overrides=overrides, on_event=on_event,
+            lambda observer, cancel: runner(rt).rerun(sid, index, overrides=overrides, observers=[observer],
                                                       cancel=cancel))
         st.switch_page(page_path("run"))
 

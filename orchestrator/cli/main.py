@@ -10,12 +10,13 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from launcher.binary import binary_version, find_llama_server
 from launcher.errors import ChorusError
-from launcher.memory import SystemProbe
-from launcher.server import install_signal_cleanup
+from launcher.server import MIN_N_CTX, install_signal_cleanup
 from launcher.state import list_running
+from orchestrator.cli import init as cli_init
 from orchestrator.cli import run as cli_run
 from orchestrator.cli import ui as cli_ui
 from orchestrator.cli.output import gib as _gib
@@ -23,7 +24,10 @@ from orchestrator.cli.output import mib as _mib
 from orchestrator.cli.output import print_table
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import ChorusConfig, load_config
+from orchestrator.plan.memory import MemoryPlan
+from orchestrator.plan.resolve import RunPlan
 from orchestrator.runtime import Runtime
+from orchestrator.units import fmt_bytes
 
 log = logging.getLogger("chorus")
 
@@ -51,9 +55,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
-    registry = Registry(config)
+    runtime = Runtime(config)
+    registry = runtime.registry
     status = registry.base_pipeline_status()
-    mem = SystemProbe().snapshot()
+    mem = runtime.memory_guard.snapshot()  # host or container RAM, GPUs, and the budget when one is set
     try:
         binary = find_llama_server(config.app.llama_server)
         server = {"path": str(binary), "version": binary_version(binary), "error": None}
@@ -66,12 +71,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "models_dir_exists": config.models_dir.is_dir(),
         "models": [r.to_dict() for r in registry.records.values()],
         "base_pipeline": {"available": status.available, "missing": status.missing},
-        "memory": {
-            "ram_total_bytes": mem.ram_total_bytes,
-            "ram_available_bytes": mem.ram_available_bytes,
-            "gpus": [vars(g) for g in mem.gpus],
-            "gpu_note": mem.gpu_note,
-        },
+        "memory": mem.to_dict(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -94,6 +94,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  - {model}: {reason}")
     print()
     print(f"RAM:  {_gib(mem.ram_available_bytes)} free of {_gib(mem.ram_total_bytes)}")
+    if mem.cgroup is not None:
+        cg = mem.cgroup
+        print(f"      (container limit {fmt_bytes(cg.limit_bytes)}, {fmt_bytes(cg.usage_bytes)} used, cgroup "
+              f"v{cg.version} {cg.path}; host has {fmt_bytes(mem.host_ram_available_bytes)} free)")
+    for device in mem.extra:
+        print(f"{device.name.capitalize()}: {_gib(device.free_bytes)} free of {_gib(device.total_bytes)} "
+              f"({device.note})")
     if mem.gpus:
         for g in mem.gpus:
             print(f"VRAM: GPU {g.index} {g.name}: {_gib(g.free_bytes)} free of {_gib(g.total_bytes)}")
@@ -124,6 +131,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.stop()
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum, else argparse's one-line usage error (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
     config = _config(args)
     records = list_running(config.app.logs_dir / "running")
@@ -139,13 +159,14 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from orchestrator.plan.memory import plan_pipeline
+    from orchestrator.plan.memory import plan_memory
 
     runtime = Runtime(_config(args))
     pipeline = runtime.config.load_pipeline(args.pipeline)
-    plan = plan_pipeline(runtime, pipeline)
+    run_plan = runtime.plan(pipeline, "base")
+    plan = plan_memory(runtime, run_plan)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(plan_json(run_plan, plan), indent=2))
         return 0
     avail = plan.available
     vram = f", VRAM {_gib(avail.vram_bytes)}" if avail.vram_bytes else f" ({plan.gpu_note or 'no GPU'})"
@@ -175,13 +196,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def plan_json(run_plan: RunPlan, memory: MemoryPlan) -> dict[str, Any]:
+    """The memory plan, with the resolved plan it was made from: server specs (slots included) and, per
+    stage, each call's target and generation request."""
+    resolved = run_plan.to_dict()
+    data = {**memory.to_dict(), "mode": resolved["mode"], "blocked": resolved["blocked"],
+            "servers": resolved["servers"]}
+    for stage, calls in zip(data["stages"], resolved["stages"], strict=True):
+        stage["calls"], stage["synthesis_call"] = calls["calls"], calls["synthesis"]
+    return data
+
+
 # ---------------------------------------------------------------- wiring
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config-dir", type=Path, default=None,
                         help="folder with app.yaml, models.yaml, pipeline.yaml "
-                             "(default: $CHORUS_CONFIG_DIR, ./config, or the shipped config)")
+                             "(default: $CHORUS_CONFIG_DIR, $CHORUS_HOME/config, ./config, ~/.config/chorus, else "
+                             "the packaged default config; see `chorus init`)")
     common.add_argument("-v", "--verbose", action="store_true",
                         help="log debug details; with run and rerun, also stream the tokens")
 
@@ -201,9 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help="run one model's llama-server in the foreground")
     p.add_argument("model", help="a model name from models.yaml")
-    p.add_argument("--n-ctx", type=int, default=None, help="context per slot (default: the model's)")
-    p.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (default: the model's)")
-    p.add_argument("--slots", type=int, default=1, help="parallel request slots")
+    p.add_argument("--n-ctx", type=_int_at_least(MIN_N_CTX), default=None,
+                   help=f"context per slot, at least {MIN_N_CTX} (default: the model's)")
+    p.add_argument("--n-gpu-layers", type=_int_at_least(-1), default=None,
+                   help="layers on the GPU, -1 for all (default: the model's)")
+    p.add_argument("--slots", type=_int_at_least(1), default=1, help="parallel request slots (at least 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ps", parents=[common], help="list running llama-server processes")
@@ -216,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
 
+    cli_init.register(sub, common)
     cli_run.register(sub, common)
     cli_ui.register(sub, common)
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -13,9 +14,20 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from launcher.server import install_signal_cleanup
+from orchestrator.config.inputs import clean_question
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import PipelineSpec, load_config, load_pipeline
-from orchestrator.engine.run import CancelToken, Event, SequentialQuestion
+from orchestrator.engine.events import (
+    AggregationDone,
+    Event,
+    ModelFinished,
+    Notice,
+    RunStarted,
+    StageFinished,
+    StageStarted,
+    Token,
+)
+from orchestrator.engine.run import CancelToken, SequentialQuestion
 from orchestrator.history.store import SessionStore
 from orchestrator.records import error_text
 from orchestrator.runs import Runner, RunOutcome
@@ -31,30 +43,29 @@ class ProgressPrinter:
         self.total = 0
 
     def __call__(self, event: Event) -> None:
-        d = event.data
-        if event.type == "run_started":
-            self.total = len(d["run"].pipeline.get("stages", []))
-        elif event.type == "stage_started":
-            self._line(f"[{d['index']}/{self.total}] {event.stage}: {', '.join(d['models'])}")
-        elif event.type == "notice":
-            self._line(f"  note: {d['message']}")
-        elif event.type == "token" and self.stream_tokens:
-            self.out.write(d["text"])
-            self.out.flush()
-        elif event.type == "model_finished":
-            r = d["response"]
-            if r.ok:
-                rate = f", {r.tokens_per_s:.1f} tok/s" if r.tokens_per_s else ""
-                self._line(f"  {r.label}: {r.completion_tokens or 0} tokens in {r.total_s or 0:.1f}s{rate}")
-            else:
-                self._line(f"  {r.label}: {r.status.upper()}: {error_text(r.error)}")
-        elif event.type == "aggregation_done" and len(d["aggregation"].inputs) > 1:
-            agg = d["aggregation"]
-            extra = f" (agreement {agg.details['agreement']:.0%})" if "agreement" in agg.details else ""
-            self._line(f"  merged by {agg.kind}{extra}")
-        elif event.type == "stage_finished" and d["status"] not in ("ok",):
-            err = error_text(d["stage"].error)
-            self._line(f"  stage {event.stage}: {d['status']}" + (f": {err}" if err else ""))
+        match event:
+            case RunStarted(run=run):
+                self.total = len(run.pipeline.get("stages", []))
+            case StageStarted(index=index, stage=stage, labels=labels):
+                self._line(f"[{index}/{self.total}] {stage}: {', '.join(labels)}")
+            case Notice(message=message):
+                self._line(f"  note: {message}")
+            case Token(text=text) if self.stream_tokens:
+                self.out.write(text)
+                self.out.flush()
+            case ModelFinished(response=r):
+                if r.ok:
+                    rate = f", {r.tokens_per_s:.1f} tok/s" if r.tokens_per_s else ""
+                    cut = " (cut at max_tokens)" if r.finish_reason == "length" else ""
+                    self._line(f"  {r.label}: {r.completion_tokens or 0} tokens in {r.total_s or 0:.1f}s{rate}{cut}")
+                else:
+                    self._line(f"  {r.label}: {r.status.upper()}: {error_text(r.error)}")
+            case AggregationDone(aggregation=agg) if len(agg.inputs) > 1:
+                extra = f" (agreement {agg.details['agreement']:.0%})" if "agreement" in agg.details else ""
+                self._line(f"  merged by {agg.kind}{extra}")
+            case StageFinished(record=st) if st.status not in ("ok", "copied"):
+                err = error_text(st.error)
+                self._line(f"  stage {st.name}: {st.status}" + (f": {err}" if err else ""))
 
     def _line(self, text: str) -> None:
         if self.stream_tokens:
@@ -106,7 +117,7 @@ def emit_outcome(outcome: RunOutcome, as_json: bool) -> int:
     if as_json:
         print(json.dumps(outcome.to_dict(), indent=2, ensure_ascii=False, default=str))
     else:
-        if outcome.run.status == "completed":
+        if outcome.run.status in ("completed", "partial"):
             print(outcome.run.final.strip())
         err = error_text(outcome.run.error)
         print(f"\nstatus: {outcome.run.status}" + (f" ({err})" if err else ""), file=sys.stderr)
@@ -115,15 +126,19 @@ def emit_outcome(outcome: RunOutcome, as_json: bool) -> int:
             print(f"session: {outcome.session_id} ({outcome.session_dir}{incomplete})", file=sys.stderr)
         if outcome.history_error:
             print(f"warning: {outcome.history_error}", file=sys.stderr)
-    return 0 if outcome.run.status == "completed" else 1
+    return EXIT_CODES.get(outcome.run.status, 1)
+
+
+EXIT_CODES = {"completed": 0, "partial": 3}  # failed, cancelled: 1; errors before the run: 2
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    question = clean_question(args.question)  # before anything is started or saved: a clear error, no session
     config = load_config(args.config_dir)
     manual = args.manual is not None
     pipeline = load_pipeline(args.manual or args.pipeline or config.paths.pipeline)
     if args.set:
-        pipeline = apply_overrides(pipeline, args.set)
+        pipeline = apply_overrides(pipeline, args.set, config_dir=config.paths.config_dir)
     runtime = Runtime(config)
     if not manual:
         runtime.registry.pipeline_status(pipeline).raise_if_blocked()
@@ -133,8 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with ctrl_c_cancels(cancel):
             outcome = Runner(runtime).run(
-                pipeline, args.question, mode="manual" if manual else "base", cancel=cancel,
-                on_event=ProgressPrinter(stream_tokens=args.verbose),
+                pipeline, question, mode="manual" if manual else "base", cancel=cancel,
+                observers=[ProgressPrinter(stream_tokens=args.verbose)],
                 allow_sequential=sequential_policy(args, manual))
     finally:
         runtime.close()
@@ -145,11 +160,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> SessionStore:
+    """The sessions of the config; stdout replaces what it cannot print (old text with lone surrogates,
+    a terminal that is not UTF-8) instead of failing halfway through a session."""
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]  # a TextIOWrapper in practice
     return SessionStore(load_config(args.config_dir).sessions_dir)
 
 
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+def _when(ts: object) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if isinstance(ts, int | float) and ts else "-"
 
 
 def _short(text: str | None, n: int = 60) -> str:
@@ -160,15 +179,20 @@ def _short(text: str | None, n: int = 60) -> str:
 def cmd_history_list(args: argparse.Namespace) -> int:
     from orchestrator.cli.output import print_table
 
-    rows = _store(args).index.list(limit=args.limit)
+    rows = _store(args).list(limit=args.limit)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
     if not rows:
         print("no sessions yet")
         return 0
-    print_table([(r["id"], _when(r["created_at"]), r["mode"], r["status"], _short(r["question"]),
-                  r["parent_session"] or "") for r in rows], ["ID", "CREATED", "MODE", "STATUS", "QUESTION", "PARENT"])
+    print_table([(r["id"], _when(r["created_at"]), r["mode"], "damaged" if r["problems"] else r["status"],
+                  _short(r["question"]), r["parent_session"] or "") for r in rows],
+                ["ID", "CREATED", "MODE", "STATUS", "QUESTION", "PARENT"])
+    for r in rows:
+        if r["problems"]:
+            status = f" ({r['status']})" if r["status"] else ""
+            print(f"{r['id']} is damaged{status}: {'; '.join(r['problems'])}", file=sys.stderr)
     return 0
 
 
@@ -177,6 +201,9 @@ def cmd_history_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(session.to_dict(), indent=2, ensure_ascii=False, default=str))
         return 0
+    if session.problems:
+        print(f"warning: {session.id} is damaged, showing what could be read: {'; '.join(session.problems)}",
+              file=sys.stderr)
     m = session.meta
     print(f"{session.id}  {m.get('mode')}  {m.get('status')}  {_when(m.get('created_at'))}")
     if m.get("parent_session"):
@@ -200,7 +227,7 @@ def cmd_history_show(args: argparse.Namespace) -> int:
 def cmd_history_search(args: argparse.Namespace) -> int:
     from orchestrator.cli.output import print_table
 
-    hits = _store(args).index.search(args.text, limit=args.limit)
+    hits = _store(args).search(args.text, limit=args.limit)
     if args.json:
         print(json.dumps(hits, indent=2, ensure_ascii=False))
         return 0
@@ -220,7 +247,7 @@ def cmd_history_rerun(args: argparse.Namespace) -> int:
     try:
         with ctrl_c_cancels(cancel):
             outcome = Runner(runtime).rerun(args.id, args.stage, overrides=args.set, cancel=cancel,
-                                            on_event=ProgressPrinter(stream_tokens=args.verbose),
+                                            observers=[ProgressPrinter(stream_tokens=args.verbose)],
                                             allow_sequential=sequential_policy(args, manual=True))
     finally:
         runtime.close()
@@ -229,10 +256,13 @@ def cmd_history_rerun(args: argparse.Namespace) -> int:
 
 def cmd_history_reindex(args: argparse.Namespace) -> int:
     store = _store(args)
-    db = store.index.rebuild()
-    count = db["sessions"].count
-    db.conn.close()
-    print(f"reindexed {count} session(s) from {store.dir}")
+    report = store.reindex()
+    damaged = f", {len(report.damaged)} of them damaged" if report.damaged else ""
+    print(f"reindexed {report.indexed} session(s) from {store.dir}{damaged}")
+    for sid, problems in report.damaged.items():
+        print(f"  {sid}: damaged: {'; '.join(problems)}")
+    for sid, why in report.skipped.items():
+        print(f"  {sid}: skipped: {why}")
     return 0
 
 

@@ -1,8 +1,14 @@
-"""`--set stage.param=value` overrides on a pipeline, validated by the same schema as the file."""
+"""`--set stage.param=value` overrides on a pipeline, validated by the same schema as the file.
+
+Text on a command line chooses among what the operator allowed: with `config_dir`, a custom aggregation
+function that is not in the config's aggregators/ or app.yaml's aggregators.allowed is refused here,
+before anything is imported or any model starts.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -10,24 +16,30 @@ from pydantic import ValidationError
 
 from orchestrator.config.schema import PipelineSpec
 from orchestrator.config.yamlio import field_path
+from orchestrator.engine import aggregators
 from orchestrator.errors import ConfigError
 
 
-def apply_overrides(pipeline: PipelineSpec, assignments: Iterable[str], *, source: str = "--set") -> PipelineSpec:
+def apply_overrides(pipeline: PipelineSpec, assignments: Iterable[str], *, source: str = "--set",
+                    config_dir: Path | None = None) -> PipelineSpec:
     """Return a new spec with each `stage.param=value` (or `defaults.param=value`) applied.
 
     `stage.aggregation.type=concat` reaches nested keys; values are YAML (numbers, lists, strings).
+    Given the config folder, custom aggregation functions are checked against what it allows.
     """
     data = pipeline.model_dump(mode="python", exclude_unset=False)
     for text in assignments:
         target, value = _parse(text, source)
         _assign(data, target, value, text, source)
     try:
-        return PipelineSpec.model_validate(data)
+        result = PipelineSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         raise ConfigError(source, err.get("msg", "invalid value"), field=field_path(tuple(err.get("loc", ()))),
                           hint="Check the value given with --set.") from None
+    if config_dir is not None:
+        aggregators.check_pipeline(result, config_dir, source=source)
+    return result
 
 
 def _parse(text: str, source: str) -> tuple[list[str], Any]:

@@ -16,6 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from launcher.units import MiB
+from orchestrator.config.locations import find_config_dir, relative_base
 from orchestrator.config.yamlio import load_model
 from orchestrator.errors import ConfigError
 
@@ -65,6 +66,18 @@ class ServerSettings(Strict):
     memory_budget_mib: int | None = Field(None, gt=0)
 
 
+class AggregatorSettings(Strict):
+    """Installed functions a pipeline may name as a custom aggregation, besides the config's aggregators/ files."""
+
+    allowed: list[Annotated[str, Field(pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")]] = Field(
+        default_factory=list)
+
+    @field_validator("allowed", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
 class AppConfig(Strict):
     models_dir: Path = Path("../models")
     sessions_dir: Path = Path("../sessions")
@@ -72,6 +85,7 @@ class AppConfig(Strict):
     llama_server: Path | None = None
     resources: ResourceMargins = ResourceMargins()
     server: ServerSettings = ServerSettings()
+    aggregators: AggregatorSettings = AggregatorSettings()  # see orchestrator/engine/aggregators.py
 
     _check_paths = field_validator("models_dir", "sessions_dir", "logs_dir", "llama_server")(_check_path)
 
@@ -275,14 +289,11 @@ class ChorusConfig:
 
 
 def default_config_dir() -> Path:
-    """CHORUS_CONFIG_DIR, else ./config when it has app.yaml or models.yaml, else the repo's config/."""
-    env = os.environ.get("CHORUS_CONFIG_DIR")
-    if env:
-        return Path(env).expanduser()
-    local = Path.cwd() / "config"
-    if (local / "models.yaml").exists() or (local / "app.yaml").exists():
-        return local
-    return Path(__file__).resolve().parents[2] / "config"  # TODO(#12.7): packaged defaults
+    """The config folder when none is given: $CHORUS_CONFIG_DIR, $CHORUS_HOME, ./config, the user's, the packaged.
+
+    The order and its reasons are in orchestrator/config/locations.py.
+    """
+    return find_config_dir().path
 
 
 def _resolve(base: Path, value: Path, *, file: Path | str, field: str) -> Path:
@@ -297,15 +308,16 @@ def _resolve(base: Path, value: Path, *, file: Path | str, field: str) -> Path:
 def load_app_config(config_dir: Path) -> AppConfig:
     path = config_dir / "app.yaml"
     app = load_model(AppConfig, path) if path.exists() else AppConfig()
+    base = relative_base(config_dir)  # the config folder, or <data home>/config for the packaged defaults
     env_models = os.environ.get("CHORUS_MODELS_DIR")
     env_sessions = os.environ.get("CHORUS_SESSIONS_DIR")
     app.models_dir = (_resolve(Path.cwd(), Path(env_models), file="$CHORUS_MODELS_DIR", field="models_dir")
-                      if env_models else _resolve(config_dir, app.models_dir, file=path, field="models_dir"))
+                      if env_models else _resolve(base, app.models_dir, file=path, field="models_dir"))
     app.sessions_dir = (_resolve(Path.cwd(), Path(env_sessions), file="$CHORUS_SESSIONS_DIR", field="sessions_dir")
-                        if env_sessions else _resolve(config_dir, app.sessions_dir, file=path, field="sessions_dir"))
-    app.logs_dir = _resolve(config_dir, app.logs_dir, file=path, field="logs_dir")
+                        if env_sessions else _resolve(base, app.sessions_dir, file=path, field="sessions_dir"))
+    app.logs_dir = _resolve(base, app.logs_dir, file=path, field="logs_dir")
     if app.llama_server is not None:
-        app.llama_server = _resolve(config_dir, app.llama_server, file=path, field="llama_server")
+        app.llama_server = _resolve(base, app.llama_server, file=path, field="llama_server")
     return app
 
 
@@ -319,9 +331,10 @@ def load_pipeline(path: Path) -> PipelineSpec:
 
 def load_config(config_dir: Path | str | None = None) -> ChorusConfig:
     """Load app.yaml and models.yaml; pipeline.yaml is loaded on demand (base mode may be unused)."""
-    cdir = Path(config_dir).expanduser().resolve() if config_dir else default_config_dir().resolve()
+    cdir = find_config_dir(config_dir).path.resolve()
     if not cdir.is_dir():
         raise ConfigError(str(cdir), "config directory not found",
-                          hint="Pass --config-dir or set CHORUS_CONFIG_DIR to a folder with models.yaml.")
+                          hint="Pass --config-dir or set $CHORUS_CONFIG_DIR to a folder with models.yaml, "
+                               "or write one with `chorus init DIR`.")
     paths = ConfigPaths(cdir, cdir / "app.yaml", cdir / "models.yaml", cdir / "pipeline.yaml")
     return ChorusConfig(paths=paths, app=load_app_config(cdir), models=load_models_file(paths.models))

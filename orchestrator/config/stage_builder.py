@@ -6,15 +6,15 @@ Kept free of Streamlit so the exact spec a user builds is unit-tested.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from orchestrator.config.schema import PipelineSpec
+from orchestrator.config.schema import AggregationType, PipelineSpec
 from orchestrator.config.yamlio import field_path
 from orchestrator.errors import ConfigError
 
-AGGREGATION_KINDS = ("concat", "majority_vote", "synthesis", "custom_template", "custom")
+AGGREGATION_KINDS: tuple[str, ...] = get_args(AggregationType)
 
 
 def new_stage(index: int, models: list[str]) -> dict[str, Any]:

@@ -2,30 +2,30 @@
 
 `aggregate` is the single entry point. It always returns a complete AggregationRecord or raises
 AggregationError; whatever users supply (templates, regex, custom functions) fails as a ChorusError.
+Templates render off the event loop with a time limit (`render_async`), vote patterns run in the `regex`
+engine with a timeout, and custom functions come only from the allowed places (`aggregators.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import json
 import re
 import string
-import sys
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+import regex
 
 from launcher.errors import ChorusError
 from orchestrator.config.schema import AggregationSpec, VoteOptions
-from orchestrator.engine.templates import TemplateError, render
+from orchestrator.engine import aggregators
+from orchestrator.engine.templates import TemplateError, render_async
 from orchestrator.records import AggregationRecord, error_dict
 
 
@@ -97,7 +97,7 @@ async def aggregate(spec: AggregationSpec, question: str, candidates: list[Candi
     elif kind == "synthesis":
         output, details = await _synthesis(spec, question, inputs, synthesize, context)
     elif kind == "custom_template":
-        output, details = _custom_template(spec, question, inputs, context)
+        output, details = await _custom_template(spec, question, inputs, context)
     elif kind == "custom":
         output, details = await _custom(spec, question, inputs, config_dir)
     else:
@@ -211,10 +211,21 @@ def extract_answer(text: str, vote: VoteOptions) -> tuple[str | None, str | None
     return answer, None
 
 
+VOTE_REGEX_TIMEOUT_S = 1.0
+"""How long vote.pattern may search one answer: `(a|aa)+$` over 'aaa…b' would backtrack for hours."""
+
+
 def _regex_answer(text: str, pattern: str) -> str | None:
+    """Search with the `regex` engine: it gives up after a timeout, and releases the GIL while it works."""
     try:
-        matches = list(re.finditer(pattern, text))
-    except (re.error, RecursionError, OverflowError) as exc:
+        matches = list(regex.finditer(pattern, text, timeout=VOTE_REGEX_TIMEOUT_S, concurrent=True))
+    except TimeoutError:
+        raise AggregationError("majority_vote", f"vote pattern {pattern!r} took longer than "
+                                                f"{VOTE_REGEX_TIMEOUT_S:g} s on a {len(text):,}-character answer "
+                                                "and was stopped",
+                               hint="Simplify vote.pattern: nested repeats such as (a+)+ or (a|aa)+ can backtrack "
+                                    "without end.", details={"pattern": pattern}) from None
+    except (regex.error, re.error, RecursionError, OverflowError, ValueError) as exc:
         raise AggregationError("majority_vote", f"vote pattern {pattern!r} failed: {exc}",
                                hint="Fix vote.pattern in the stage's aggregation.") from None
     if not matches:
@@ -263,7 +274,8 @@ def group_answers(normalised: Sequence[str | None], threshold: float) -> list[_G
 async def _majority_vote(spec: AggregationSpec, question: str, candidates: Sequence[Candidate],
                          synthesize: SynthesizeFn | None) -> tuple[str, dict[str, Any]]:
     vote = spec.vote
-    extracted = [extract_answer(c.text, vote) for c in candidates]
+    # off the event loop: a slow pattern must not freeze other stages, Ctrl-C or the UI's Stop button
+    extracted = await asyncio.to_thread(lambda: [extract_answer(c.text, vote) for c in candidates])
     norms = [normalise(answer) if answer is not None else None for answer, _ in extracted]
     groups = group_answers(norms, vote.similarity)
     group_of = {i: gid for gid, g in enumerate(groups, 1) for i in g.members}
@@ -304,8 +316,8 @@ async def _break_tie(spec: AggregationSpec, question: str, tied: list[_Group], a
         raise AggregationError("majority_vote", "tie_break 'synthesis' needs a synthesis model and a "
                                                 "synthesize function", details=details)
     options = [answers[g.first] or "" for g in tied]
-    prompt = _render("majority_vote", TIE_BREAK_PROMPT, {"question": question, "answers": options},
-                     "tie-break prompt")
+    prompt = await _render("majority_vote", TIE_BREAK_PROMPT, {"question": question, "answers": options},
+                           "tie-break prompt")
     details.update(tie_break_model=spec.synthesis_model, tie_break_prompt=prompt)
     try:
         reply = await synthesize(spec.synthesis_model, prompt)
@@ -342,9 +354,9 @@ def match_reply(reply: str, options: Sequence[str], threshold: float) -> int | N
 
 # ---------------------------------------------------------------- synthesis and templates
 
-def _render(kind: str, template: str, context: dict[str, Any], where: str) -> str:
+async def _render(kind: str, template: str, context: dict[str, Any], where: str) -> str:
     try:
-        return render(template, context, where=where)
+        return await render_async(template, context, where=where)
     except TemplateError as exc:
         raise AggregationError(kind, str(exc), details={"template_error": exc.to_dict()}) from exc
 
@@ -360,7 +372,7 @@ async def _synthesis(spec: AggregationSpec, question: str, inputs: list[dict[str
     if synthesize is None or not model:
         raise AggregationError("synthesis", "needs a synthesis_model and a synthesize function")
     template = spec.synthesis_prompt or DEFAULT_SYNTHESIS_PROMPT
-    prompt = _render("synthesis", template, _template_context(question, inputs, context), "synthesis prompt")
+    prompt = await _render("synthesis", template, _template_context(question, inputs, context), "synthesis prompt")
     details: dict[str, Any] = {"synthesis_model": model, "synthesis_prompt": prompt}
     try:
         reply = await synthesize(model, prompt)
@@ -374,19 +386,15 @@ async def _synthesis(spec: AggregationSpec, question: str, inputs: list[dict[str
     return reply.strip(), details
 
 
-def _custom_template(spec: AggregationSpec, question: str, inputs: list[dict[str, str]],
-                     context: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+async def _custom_template(spec: AggregationSpec, question: str, inputs: list[dict[str, str]],
+                           context: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     template = spec.template or ""
-    output = _render("custom_template", template, _template_context(question, inputs, context),
-                     "aggregation template")
+    output = await _render("custom_template", template, _template_context(question, inputs, context),
+                           "aggregation template")
     return output.strip(), {"template": template}
 
 
 # ---------------------------------------------------------------- custom functions
-
-_loaded: dict[Path, tuple[tuple[int, int], ModuleType]] = {}
-"""Config-dir modules by path, with the (mtime_ns, size) they were loaded at."""
-
 
 async def _custom(spec: AggregationSpec, question: str, inputs: list[dict[str, str]],
                   config_dir: Path | None) -> tuple[str, dict[str, Any]]:
@@ -430,51 +438,17 @@ def _custom_result(name: str, result: Any) -> tuple[str, dict[str, Any] | None]:
 
 
 def _load_function(name: str, config_dir: Path | None) -> tuple[Callable[..., Any], str]:
-    """Find `module:function`: a .py file in the config dir (or its aggregators/), else an installed module."""
-    module_name, _, attr = name.partition(":")
-    parts = module_name.split(".")
-    if not attr or not all(p.isidentifier() for p in parts) or not attr.isidentifier():
-        raise AggregationError("custom", f"function {name!r} is not 'module:function'")
+    """Find an allowed `module:function` (aggregators.py decides, before anything is imported) and load it."""
     try:
-        path = _module_file(parts, config_dir)
-        module = _load_file(path) if path else importlib.import_module(module_name)
-        fn = getattr(module, attr)
+        allowed = aggregators.resolve(name, config_dir)
+    except aggregators.AggregatorNotAllowed as exc:
+        raise AggregationError("custom", exc.message, hint=exc.hint,
+                               details={"function": name, "allowed": exc.allowed}) from None
+    try:
+        fn = aggregators.load(allowed)
     except (Exception, SystemExit) as exc:
         raise AggregationError("custom", f"could not load function '{name}': {type(exc).__name__}: {exc}",
-                               hint="Put <module>.py in the config folder (or its aggregators/), or install "
-                                    "the module.") from exc
+                               hint=f"Check {allowed.source}.", details={"function": name}) from exc
     if not callable(fn):
         raise AggregationError("custom", f"'{name}' is a {type(fn).__name__}, not a function")
-    return fn, str(path) if path else f"module {module_name}"
-
-
-def _module_file(parts: list[str], config_dir: Path | None) -> Path | None:
-    if config_dir is None:
-        return None
-    relative = Path(*parts[:-1], parts[-1] + ".py")
-    for base in (config_dir, config_dir / "aggregators"):
-        if (base / relative).is_file():
-            return (base / relative).resolve()
-    return None
-
-
-def _load_file(path: Path) -> ModuleType:
-    """Load a config-dir module under a private name; reloaded when the file changes."""
-    stat = path.stat()
-    version = (stat.st_mtime_ns, stat.st_size)
-    cached = _loaded.get(path)
-    if cached and cached[0] == version:
-        return cached[1]
-    private = "_chorus_aggregator_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(private, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[private] = module  # dataclasses and pickling look a module up while it executes
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(private, None)
-        raise
-    _loaded[path] = (version, module)
-    return module
+    return fn, allowed.source

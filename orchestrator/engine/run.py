@@ -1,8 +1,9 @@
-"""The pipeline engine: run a pipeline spec for one question, stage by stage, streaming events.
+"""The pipeline engine: execute a resolved `RunPlan` for one question, stage by stage.
 
-Each stage renders its prompt (sandboxed Jinja), sends it to its models (concurrently when they fit
-in memory together, else in sequential waves), and merges the answers. A model that fails is
-recorded on its step and the stage goes on with the others; nothing raises out of `run`.
+Each stage renders its prompt (sandboxed Jinja), sends it to its calls through the backend (concurrently
+when they fit in memory together, else in sequential waves), and merges the answers. A call that fails
+is recorded on its step and the stage goes on with the others; nothing raises out of `run`. Progress
+goes out as typed events to the observers (CLI progress, UI, recorder): one stream, one mechanism.
 """
 
 from __future__ import annotations
@@ -10,51 +11,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from launcher.client import GenerationClient, GenerationRequest
 from launcher.errors import ChorusError, RequestTimeout
-from orchestrator.config.schema import PipelineSpec, StageSpec
 from orchestrator.engine.aggregation import AggregationError, Candidate, aggregate
-from orchestrator.engine.templates import build_context, render
-from orchestrator.errors import PipelineBlocked
-from orchestrator.plan.memory import plan_stage
-from orchestrator.plan.resolve import SlotParams, pipeline_slot_counts, slot_params, synthesis_params
+from orchestrator.engine.backend import Backend
+from orchestrator.engine.events import (
+    AggregationDone,
+    Event,
+    ModelFinished,
+    ModelStarted,
+    Notice,
+    Observer,
+    RunFinished,
+    RunStarted,
+    StageFinished,
+    StageStarted,
+    Token,
+)
+from orchestrator.engine.templates import build_context, render_async
+from orchestrator.plan.resolve import CallPlan, RunPlan, StagePlan
 from orchestrator.records import (
     ResponseRecord,
     RunRecord,
     StageRecord,
+    StageStatus,
     error_dict,
     to_dict,
 )
-from orchestrator.runtime import Runtime
 
-log = logging.getLogger("chorus.pipeline")
+log = logging.getLogger("chorus.engine")
 
-EventType = Literal["run_started", "stage_started", "notice", "model_started", "token", "model_finished",
-                    "aggregation_done", "stage_finished", "run_finished"]
-
-
-@dataclass
-class Event:
-    type: EventType
-    stage: str | None = None
-    label: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-    at: float = field(default_factory=time.time)
-
-
-class RunSink(Protocol):
-    """Receives the run as it progresses (sessions write files from these calls)."""
-
-    def run_started(self, run: RunRecord) -> None: ...
-    def stage_finished(self, run: RunRecord, stage: StageRecord) -> None: ...
-    def run_finished(self, run: RunRecord) -> None: ...
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -89,259 +83,13 @@ class SynthesisFailed(ChorusError):
         self.reason = reason
 
 
-class Engine:
-    """Runs pipelines on one Runtime. One engine may run several pipelines concurrently."""
-
-    def __init__(self, runtime: Runtime, *, allow_sequential: AllowSequential | bool = True,
-                 sinks: list[RunSink] | None = None) -> None:
-        self.runtime = runtime
-        self.allow_sequential = allow_sequential
-        self.sinks = list(sinks or [])
-        self.request_timeout_s = runtime.config.app.server.request_timeout_s
-
-    async def run(self, pipeline: PipelineSpec, question: str, *, mode: Literal["base", "manual"] = "manual",
-                  prior_stages: list[StageRecord] | None = None, parent_session: str | None = None,
-                  cancel: CancelToken | None = None) -> AsyncIterator[Event]:
-        """Yield events until the run ends; the last event is run_finished with data['run'] = RunRecord.
-
-        With `prior_stages` (a rerun), those records are kept as they are and running starts at the
-        first stage after them.
-        """
-        run = RunRecord(question=question, mode=mode, pipeline=pipeline.model_dump(mode="json"),
-                        parent_session=parent_session,
-                        rerun_from_stage=len(prior_stages) + 1 if prior_stages is not None else None)
-        queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        cancel = cancel or CancelToken()
-        cancel.bind(asyncio.get_running_loop())
-        task = asyncio.create_task(self._execute(run, pipeline, list(prior_stages or []), queue.put_nowait, cancel))
-        task.add_done_callback(lambda _t: queue.put_nowait(None))
-        try:
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            if not task.done():
-                cancel.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    # ---------------------------------------------------------------- the run
-
-    async def _execute(self, run: RunRecord, pipeline: PipelineSpec, prior: list[StageRecord],
-                       emit: Callable[[Event], None], cancel: CancelToken) -> None:
-        emit(Event("run_started", data={"run": run}))
-        self._notify("run_started", run)
-        try:
-            if run.mode == "base":
-                self.runtime.registry.pipeline_status(pipeline).raise_if_blocked()
-            for stage_rec in prior:
-                copied = copy.deepcopy(stage_rec)
-                copied.status = "copied"
-                run.stages.append(copied)
-                self._notify("stage_finished", run, copied)
-            slots_per_key = pipeline_slot_counts(pipeline)
-            async with GenerationClient(timeout_s=self.request_timeout_s) as client:
-                for index, stage in enumerate(pipeline.stages[len(prior):], start=len(prior) + 1):
-                    if cancel.cancelled:
-                        run.status = "cancelled"
-                        break
-                    record = await self._run_stage(run, pipeline, stage, index, client, slots_per_key, emit, cancel)
-                    run.stages.append(record)
-                    self._notify("stage_finished", run, record)
-                    if record.status in ("failed", "cancelled"):
-                        run.status = "cancelled" if record.status == "cancelled" else "failed"
-                        run.error = record.error
-                        break
-            if run.status == "running":
-                run.status = "completed"
-            run.final = run.stages[-1].output if run.stages and run.status == "completed" else ""
-        except PipelineBlocked as exc:
-            run.status, run.error = "failed", error_dict(exc)
-        except asyncio.CancelledError:
-            run.status = "cancelled"
-        except Exception as exc:  # the engine never raises into its caller; the run records why
-            log.exception("run failed")
-            run.status, run.error = "failed", error_dict(exc)
-        run.finished_at = time.time()
-        self._notify("run_finished", run)
-        emit(Event("run_finished", data={"run": run, "status": run.status, "final": run.final}))
-
-    def _notify(self, method: str, run: RunRecord, *args: Any) -> None:
-        for sink in self.sinks:
-            try:
-                getattr(sink, method)(run, *args)
-            except Exception as exc:  # history that cannot be saved must not lose the answer
-                log.warning("could not record %s: %s", method, exc)
-                run.warnings.append(f"{type(exc).__name__}: {exc}")
-
-    # ---------------------------------------------------------------- one stage
-
-    async def _run_stage(self, run: RunRecord, pipeline: PipelineSpec, stage: StageSpec, index: int,
-                         client: GenerationClient, slots_per_key: dict, emit: Callable[[Event], None],
-                         cancel: CancelToken) -> StageRecord:
-        params = slot_params(pipeline, stage)
-        record = StageRecord(index=index, name=stage.name, system_prompt=stage.system_prompt,
-                             params={"execution": stage.execution, "on_error": stage.on_error,
-                                     "aggregation": stage.aggregation.model_dump(mode="json"),
-                                     "models": [vars(p) for p in params]},
-                             started_at=time.time(), status="running")
-        emit(Event("stage_started", stage.name, data={"index": index, "models": [p.label for p in params]}))
-        previous = run.stages[-1].output if run.stages else ""
-        context = build_context(run.question, previous, run.stages)
-        try:
-            record.prompt = render(stage.prompt, context, where=f"stage '{stage.name}' prompt")
-            waves = await self._plan_waves(run, pipeline, stage, params, emit)
-        except ChorusError as exc:
-            return self._finish(record, "failed", emit, error=error_dict(exc))
-        record.waves = waves
-        record.execution = "parallel" if len(waves) <= 1 else "sequential"
-        by_label = {p.label: p for p in params}
-        record.responses = [ResponseRecord(label=p.label, model=p.model, system_prompt=p.system_prompt,
-                                           prompt=record.prompt, params=_public_params(p)) for p in params]
-        for wave in waves:
-            tasks = [self._call(client, by_label[label], record.response(label), slots_per_key,  # type: ignore[arg-type]
-                                stage.name, emit, cancel) for label in wave]
-            await asyncio.gather(*tasks)
-            if cancel.cancelled:
-                return self._finish(record, "cancelled", emit)
-            if stage.on_error == "stop" and any(r.status == "failed" for r in record.responses):
-                break
-        ok = [r for r in record.responses if r.ok]
-        failed = [r for r in record.responses if r.status == "failed"]
-        if not ok:
-            first = failed[0].error if failed else None
-            return self._finish(record, "failed", emit, error=first or {"type": "StageFailed",
-                                                                        "message": "no model answered"})
-        if failed and stage.on_error == "stop":
-            return self._finish(record, "failed", emit, error=failed[0].error)
-        synthesis_calls: list[ResponseRecord] = []
-        try:
-            record.aggregation = await aggregate(
-                stage.aggregation, run.question, [Candidate(r.label, r.model, r.text) for r in ok],
-                synthesize=self._synthesizer(client, pipeline, stage, slots_per_key, emit, cancel, synthesis_calls),
-                config_dir=self.runtime.config.paths.config_dir, context=context)
-        except (AggregationError, ChorusError) as exc:
-            return self._finish(record, "failed", emit, error=error_dict(exc))
-        if synthesis_calls:  # the synthesis model's tokens and timings, kept with the merge they made
-            record.aggregation.details["synthesis_calls"] = [to_dict(c) for c in synthesis_calls]
-        record.output = record.aggregation.output
-        emit(Event("aggregation_done", stage.name, data={"aggregation": record.aggregation}))
-        return self._finish(record, "partial" if failed else "ok", emit)
-
-    def _finish(self, record: StageRecord, status: str, emit: Callable[[Event], None], *,
-                error: dict[str, Any] | None = None) -> StageRecord:
-        record.status = status  # type: ignore[assignment]
-        record.error = error
-        record.finished_at = time.time()
-        emit(Event("stage_finished", record.name, data={"stage": record, "status": status}))
-        return record
-
-    async def _plan_waves(self, run: RunRecord, pipeline: PipelineSpec, stage: StageSpec,
-                          params: list[SlotParams], emit: Callable[[Event], None]) -> list[list[str]]:
-        """All labels in one wave when they fit together (or when forced), else the planner's waves."""
-        labels = [p.label for p in params]
-        if stage.execution == "sequential":
-            return _group_waves(params)
-        if len(labels) <= 1:
-            return [labels]
-        plan = await asyncio.to_thread(plan_stage, self.runtime, stage, pipeline)
-        if plan.fits_together or stage.execution == "parallel":
-            return [labels]
-        waves = [list(w) for w in plan.waves]
-        question = SequentialQuestion(stage.name, waves, plan.reason)
-        if run.mode == "manual" and not self._ask_sequential(question):
-            raise StageRefused(stage.name, question.reason or "not enough memory")
-        emit(Event("notice", stage.name, data={"message": f"models of stage '{stage.name}' do not fit in memory "
-                                                          f"together: running in {len(waves)} waves",
-                                               "waves": waves}))
-        return waves
-
-    def _ask_sequential(self, question: SequentialQuestion) -> bool:
-        if isinstance(self.allow_sequential, bool):
-            return self.allow_sequential
-        return bool(self.allow_sequential(question))
-
-    # ---------------------------------------------------------------- one model call
-
-    async def _call(self, client: GenerationClient, params: SlotParams, rec: ResponseRecord,
-                    slots_per_key: dict, stage: str, emit: Callable[[Event], None], cancel: CancelToken) -> None:
-        rec.started_at = time.time()
-        emit(Event("model_started", stage, params.label, data={"model": params.model}))
-        try:
-            result = await cancel.guard(self._generate(client, params, rec.prompt, slots_per_key,
-                                                       lambda piece: emit(Event("token", stage, params.label,
-                                                                                data={"text": piece}))))
-        except asyncio.CancelledError:
-            rec.status, rec.error = "cancelled", {"type": "Cancelled", "message": "cancelled by the user"}
-        except ChorusError as exc:
-            rec.status, rec.error = "failed", error_dict(exc)
-        except Exception as exc:
-            log.exception("model call failed")
-            rec.status, rec.error = "failed", error_dict(exc)
-        else:
-            rec.status = "ok"
-            rec.text = result.text
-            rec.prompt_tokens, rec.completion_tokens = result.prompt_tokens, result.completion_tokens
-            rec.first_token_s, rec.total_s, rec.tokens_per_s = (result.first_token_s, result.total_s,
-                                                                 result.tokens_per_s)
-        rec.finished_at = time.time()
-        emit(Event("model_finished", stage, params.label, data={"response": rec}))
-
-    async def _generate(self, client: GenerationClient, params: SlotParams, prompt: str, slots_per_key: dict,
-                        on_token: Callable[[str], None] | None):
-        rec = self.runtime.registry.get(params.model)
-        n_ctx, ngl = params.load_params(rec.entry)
-        slots = slots_per_key.get((params.model, params.n_ctx, params.n_gpu_layers), 1)
-        request = GenerationRequest(prompt=prompt, system_prompt=params.system_prompt, **params.generation)
-        async with self.runtime.aendpoint(params.model, n_ctx=n_ctx, n_gpu_layers=ngl, slots=slots) as endpoint:
-            try:
-                return await client.generate(endpoint, request, on_token)
-            except RequestTimeout:
-                # a hung server is replaced on next use; stopping it may take stop_grace_s, off the event loop
-                await asyncio.to_thread(self.runtime.discard_server, endpoint)
-                raise
-
-    def _synthesizer(self, client: GenerationClient, pipeline: PipelineSpec, stage: StageSpec,
-                     slots_per_key: dict, emit: Callable[[Event], None], cancel: CancelToken,
-                     calls: list[ResponseRecord]):
-        params = synthesis_params(pipeline, stage)
-
-        async def synthesize(model: str, prompt: str) -> str:
-            assert params is not None
-            p = SlotParams(label=params.label, model=model, system_prompt="", generation=params.generation,
-                           n_ctx=params.n_ctx, n_gpu_layers=params.n_gpu_layers)
-            rec = ResponseRecord(label=p.label, model=model, prompt=prompt, params=_public_params(p))
-            calls.append(rec)
-            await self._call(client, p, rec, slots_per_key, stage.name, emit, cancel)
-            if rec.status == "cancelled":
-                raise asyncio.CancelledError
-            if not rec.ok:
-                raise SynthesisFailed(model, (rec.error or {}).get("message", "failed"))
-            return rec.text
-
-        return synthesize if params is not None else None
-
-
-def _public_params(p: SlotParams) -> dict[str, Any]:
-    return {**p.generation, "n_ctx": p.n_ctx, "n_gpu_layers": p.n_gpu_layers}
-
-
-def _group_waves(params: list[SlotParams]) -> list[list[str]]:
-    """Sequential execution: one model at a time (calls to one model stay together on its slots)."""
-    waves: dict[str, list[str]] = {}
-    for p in params:
-        waves.setdefault(p.model, []).append(p.label)
-    return list(waves.values())
-
-
 class CancelToken:
     """Thread-safe cancellation: a UI button or Ctrl-C handler may call `cancel()` from any thread."""
 
     def __init__(self) -> None:
         self._flag = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -361,7 +109,7 @@ class CancelToken:
         for task in list(self._tasks):
             task.cancel()
 
-    async def guard(self, coro):
+    async def guard(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` as a task that `cancel()` stops (closing its HTTP stream stops the server's work)."""
         if self.cancelled:
             coro.close()
@@ -374,18 +122,224 @@ class CancelToken:
             self._tasks.discard(task)
 
 
-def run_sync(engine: Engine, pipeline: PipelineSpec, question: str, *, on_event: Callable[[Event], None] | None = None,
-             cancel: CancelToken | None = None, **kwargs: Any) -> RunRecord:
-    """Run to the end from synchronous code (CLI, Streamlit); events go to `on_event`."""
+class Engine:
+    """Executes run plans through one backend. One engine may run several plans concurrently."""
 
-    async def consume() -> RunRecord:
-        final: RunRecord | None = None
-        async for event in engine.run(pipeline, question, cancel=cancel, **kwargs):
-            if on_event is not None:
-                on_event(event)
-            if event.type == "run_finished":
-                final = event.data["run"]
-        assert final is not None
-        return final
+    def __init__(self, backend: Backend, *, observers: Sequence[Observer] = (),
+                 allow_sequential: AllowSequential | bool = True) -> None:
+        self.backend = backend
+        self.observers = list(observers)
+        self.allow_sequential = allow_sequential
 
-    return asyncio.run(consume())
+    async def run(self, plan: RunPlan, question: str, *, prior_stages: Sequence[StageRecord] | None = None,
+                  parent_session: str | None = None, cancel: CancelToken | None = None) -> RunRecord:
+        """Run to the end and return the record; observers see every event on the way.
+
+        With `prior_stages` (a rerun), those records are copied as they are and running starts at the
+        first stage after them.
+        """
+        cancel = cancel or CancelToken()
+        cancel.bind(asyncio.get_running_loop())
+        prior = list(prior_stages or [])
+        run = RunRecord(question=question, mode=plan.mode, pipeline=plan.pipeline.model_dump(mode="json"),
+                        parent_session=parent_session,
+                        rerun_from_stage=len(prior) + 1 if prior_stages is not None else None)
+        self._emit(run, RunStarted(run, plan))
+        try:
+            if plan.blocked is not None:
+                run.status, run.error = "failed", plan.blocked
+            else:
+                await self._stages(run, plan, prior, cancel)
+        except asyncio.CancelledError:
+            run.status = "cancelled"
+        except Exception as exc:  # the engine never raises into its caller; the run records why
+            log.exception("run failed")
+            run.status, run.error = "failed", error_dict(exc)
+        if run.status == "completed":
+            run.final = run.stages[-1].output if run.stages else ""
+        run.finished_at = time.time()
+        self._emit(run, RunFinished(run))
+        return run
+
+    def _emit(self, run: RunRecord, event: Event) -> None:
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception as exc:  # an observer that fails (history that cannot be saved) must not lose the answer
+                log.warning("observer %r failed on %s: %s", observer, type(event).__name__, exc)
+                run.warnings.append(f"{type(exc).__name__}: {exc}")
+
+    async def _stages(self, run: RunRecord, plan: RunPlan, prior: list[StageRecord], cancel: CancelToken) -> None:
+        for stage_rec in prior:
+            copied = copy.deepcopy(stage_rec)
+            copied.status = "copied"
+            run.stages.append(copied)
+            self._emit(run, StageFinished(run, copied))
+        for stage in plan.stages[len(prior):]:
+            if cancel.cancelled:
+                run.status = "cancelled"
+                return
+            record = await self._run_stage(run, plan, stage, cancel)
+            run.stages.append(record)
+            self._emit(run, StageFinished(run, record))
+            if record.status in ("failed", "cancelled"):
+                run.status = "cancelled" if record.status == "cancelled" else "failed"
+                run.error = record.error
+                return
+        run.status = "partial" if any(s.status == "partial" for s in run.stages) else "completed"
+        if run.status == "partial":  # some calls failed, yet every stage produced an answer
+            run.final = run.stages[-1].output
+
+    # ---------------------------------------------------------------- one stage
+
+    async def _run_stage(self, run: RunRecord, plan: RunPlan, stage: StagePlan, cancel: CancelToken) -> StageRecord:
+        spec = stage.spec
+        record = StageRecord(index=stage.index, name=stage.name, system_prompt=spec.system_prompt,
+                             params={"execution": spec.execution, "on_error": spec.on_error,
+                                     "aggregation": spec.aggregation.model_dump(mode="json"),
+                                     "models": [{"label": c.label, "model": c.model, **c.public_params()}
+                                                for c in stage.calls]},
+                             started_at=time.time(), status="running")
+        self._emit(run, StageStarted(stage.index, stage.name, stage.labels))
+        previous = run.stages[-1].output if run.stages else ""
+        context = build_context(run.question, previous, run.stages)
+        try:
+            record.prompt = await render_async(spec.prompt, context, where=f"stage '{stage.name}' prompt")
+            waves = await self._waves(run, stage)
+        except ChorusError as exc:
+            return self._finish(run, record, "failed", error=error_dict(exc))
+        record.waves = waves
+        record.execution = "parallel" if len(waves) <= 1 else "sequential"
+        record.responses = [ResponseRecord(label=c.label, model=c.model, system_prompt=c.request.system_prompt,
+                                           prompt=record.prompt, params=c.public_params()) for c in stage.calls]
+        responses = {r.label: r for r in record.responses}
+        for wave in waves:
+            await asyncio.gather(*(self._call(run, stage.name, stage.call(label), responses[label], cancel)
+                                   for label in wave))
+            if cancel.cancelled:
+                return self._finish(run, record, "cancelled")
+            if spec.on_error == "stop" and any(r.status == "failed" for r in record.responses):
+                break
+        ok = [r for r in record.responses if r.ok]
+        failed = [r for r in record.responses if r.status == "failed"]
+        if not ok:
+            first = failed[0].error if failed else None
+            return self._finish(run, record, "failed",
+                                error=first or {"type": "StageFailed", "message": "no model answered"})
+        if failed and spec.on_error == "stop":
+            return self._finish(run, record, "failed", error=failed[0].error)
+        synthesis_calls: list[ResponseRecord] = []
+        try:
+            record.aggregation = await aggregate(
+                spec.aggregation, run.question, [Candidate(r.label, r.model, r.text) for r in ok],
+                synthesize=self._synthesizer(run, stage, cancel, synthesis_calls),
+                config_dir=plan.config_dir, context=context)
+        except (AggregationError, ChorusError) as exc:
+            return self._finish(run, record, "failed", error=error_dict(exc))
+        if synthesis_calls:  # the synthesis model's tokens and timings, kept with the merge they made
+            record.aggregation.details["synthesis_calls"] = [to_dict(c) for c in synthesis_calls]
+        record.output = record.aggregation.output
+        self._emit(run, AggregationDone(stage.name, record.aggregation))
+        return self._finish(run, record, "partial" if failed else "ok")
+
+    def _finish(self, run: RunRecord, record: StageRecord, status: StageStatus, *,
+                error: dict[str, Any] | None = None) -> StageRecord:
+        record.status = status
+        record.error = error
+        record.finished_at = time.time()
+        return record
+
+    async def _waves(self, run: RunRecord, stage: StagePlan) -> list[list[str]]:
+        """All labels in one wave when they fit together (or when forced), else the backend's waves."""
+        labels = stage.labels
+        if stage.spec.execution == "sequential":
+            return _one_model_at_a_time(stage.calls)
+        if len(labels) <= 1 or stage.spec.execution == "parallel":
+            return [labels]
+        waves = await self.backend.plan_waves(stage)
+        if waves.fits_together:
+            return [labels]
+        question = SequentialQuestion(stage.name, [list(w) for w in waves.waves], waves.reason)
+        if run.mode == "manual" and not self._ask_sequential(question):
+            raise StageRefused(stage.name, question.reason or "not enough memory")
+        self._emit(run, Notice(stage.name, f"models of stage '{stage.name}' do not fit in memory together: "
+                                           f"running in {len(question.waves)} waves", question.waves))
+        return question.waves
+
+    def _ask_sequential(self, question: SequentialQuestion) -> bool:
+        if isinstance(self.allow_sequential, bool):
+            return self.allow_sequential
+        return bool(self.allow_sequential(question))
+
+    # ---------------------------------------------------------------- one model call
+
+    async def _call(self, run: RunRecord, stage: str, call: CallPlan, rec: ResponseRecord,
+                    cancel: CancelToken) -> None:
+        rec.started_at = time.time()
+        self._emit(run, ModelStarted(stage, call.label, call.model))
+
+        def on_token(piece: str) -> None:
+            self._emit(run, Token(stage, call.label, piece))
+
+        try:
+            if call.target.kind == "unavailable":
+                rec.status, rec.error = "failed", call.target.error
+            else:
+                await cancel.guard(self._generate(call, rec, on_token))
+                rec.status = "ok"
+        except asyncio.CancelledError:
+            rec.status, rec.error = "cancelled", {"type": "Cancelled", "message": "cancelled by the user"}
+        except ChorusError as exc:
+            rec.status, rec.error = "failed", error_dict(exc)
+        except Exception as exc:
+            log.exception("model call failed")
+            rec.status, rec.error = "failed", error_dict(exc)
+        rec.finished_at = time.time()
+        self._emit(run, ModelFinished(stage, rec))
+
+    async def _generate(self, call: CallPlan, rec: ResponseRecord, on_token: Callable[[str], None]) -> None:
+        request = dataclasses.replace(call.request, prompt=rec.prompt)
+        async with self.backend.endpoint(call.target) as endpoint:
+            try:
+                result = await self.backend.generate(endpoint, request, on_token)
+            except RequestTimeout:
+                await self.backend.discard(endpoint)  # a hung server is replaced on next use
+                raise
+        rec.server = endpoint.base_url
+        rec.text = result.text
+        rec.prompt_tokens, rec.completion_tokens = result.prompt_tokens, result.completion_tokens
+        rec.first_token_s, rec.total_s, rec.tokens_per_s = result.first_token_s, result.total_s, result.tokens_per_s
+        rec.finish_reason, rec.server_timings = result.finish_reason, dict(result.server_timings)
+
+    def _synthesizer(self, run: RunRecord, stage: StagePlan, cancel: CancelToken,
+                     calls: list[ResponseRecord]) -> Callable[[str, str], Coroutine[Any, Any, str]] | None:
+        call = stage.synthesis
+        if call is None:
+            return None
+
+        async def synthesize(model: str, prompt: str) -> str:
+            if model != call.model:
+                raise SynthesisFailed(model, f"the plan resolved the synthesis model as '{call.model}'")
+            rec = ResponseRecord(label=call.label, model=model, prompt=prompt, params=call.public_params())
+            calls.append(rec)
+            await self._call(run, stage.name, call, rec, cancel)
+            if rec.status == "cancelled":
+                raise asyncio.CancelledError
+            if not rec.ok:
+                raise SynthesisFailed(model, (rec.error or {}).get("message", "failed"))
+            return rec.text
+
+        return synthesize
+
+
+def _one_model_at_a_time(calls: Sequence[CallPlan]) -> list[list[str]]:
+    """Sequential execution: one model at a time (calls to one model stay together on its slots)."""
+    waves: dict[str, list[str]] = {}
+    for call in calls:
+        waves.setdefault(call.model, []).append(call.label)
+    return list(waves.values())
+
+
+def run_sync(engine: Engine, plan: RunPlan, question: str, **kwargs: Any) -> RunRecord:
+    """Run to the end from synchronous code (CLI, Streamlit)."""
+    return asyncio.run(engine.run(plan, question, **kwargs))

@@ -6,21 +6,35 @@ refused with an error instead of silently rendering empty, and `include`/`import
 reach files. Undefined names render empty (a first stage may mention `previous`), but using an
 attribute of an undefined value is an error, so `stages.typo.output` is caught.
 
-Size guards keep one template from exhausting memory: the operators `*`, `**`, `+`, `%` and `~`,
-the widening filters (center, indent, wordwrap, replace, join, format, batch, slice), the filters
-that turn a value into text, the widening `str` methods and every `{{ expression }}` are checked
-against `MAX_OUTPUT_CHARS` *before* they allocate, and the rendered text is capped while it streams.
-Ranges are capped by the sandbox (`MAX_RANGE`). CPU time is not bounded: deeply nested loops that
-print nothing still run to completion.
+Limits, all per render (`_Limits`), so one template cannot exhaust memory or hang the process:
+
+- *Before* it builds anything, every operation whose output can grow with an argument (a width, a
+  count, a string repeated per item) is checked: the operators `*`, `**`, `+`, `%`, `~`; the
+  filters center, indent, wordwrap, replace, join, format, batch, slice, tojson, urlize; the widening
+  `str`/`bytes` methods and `int.to_bytes`; `str.format` field by field; the global `lipsum`.
+  No single value may pass `MAX_OUTPUT_CHARS` plus the size of the data the template was given.
+- *After* every filter, call, operator and output, what was built is added to a running total
+  (`MAX_BUILT_CHARS`); template text inside loops, macros and `{% set %}` blocks counts too.
+- Every loop iteration, call and filter checks a wall-clock deadline (`RENDER_TIMEOUT_S`) and a stop
+  flag, so nested loops end with a TemplateError, and `render_async` stops the work when its
+  awaiting task is cancelled.
+
+The limits are on what the template *adds*: quoting a large question or answer is data, not an attack,
+so a 1 MB question renders (whether it fits the model's context is the server's to say).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import inspect
 import re
 import string
+import threading
+import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, update_wrapper
 from typing import Any
@@ -28,47 +42,139 @@ from typing import Any
 import jinja2
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
+from jinja2.constants import LOREM_IPSUM_WORDS
 from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import _PassArg, pass_eval_context
 
 from launcher.errors import ChorusError
 
 MAX_OUTPUT_CHARS = 1_000_000
-"""The most characters one render may produce, and the largest value any guarded operation may build."""
+"""What one render may add on top of its input data: the cap on its output and on any single value it builds."""
+
+MAX_BUILT_CHARS = 50_000_000
+"""All the values one render builds, added up (plus ten times its input data): bounds memory across loops."""
 
 MAX_INT_BITS = 100_000
 """Integers may not grow past this many bits (`2 ** 1000000000` would hang the process)."""
 
+RENDER_TIMEOUT_S = 5.0
+"""Wall-clock limit of one render; real prompts take milliseconds."""
+
+_STOP_GRACE_S = 1.0
+"""How long `render_async` waits past the deadline for a worker stuck in one long C call before giving up on it."""
+
 SANDBOX_HINT = ("Templates can use question, previous, stages.<name>.output and stages.<name>.responses; "
                 "Python internals, private names and other template files are not reachable.")
-SIZE_HINT = f"Templates may build at most {MAX_OUTPUT_CHARS:,} characters and ranges of at most 100,000 items."
+SIZE_HINT = (f"Templates may add at most {MAX_OUTPUT_CHARS:,} characters to the data they are given, build at most "
+             f"{MAX_BUILT_CHARS:,} characters in all, and use ranges of at most 100,000 items.")
+TIME_HINT = ("Templates must finish within a few seconds; loops nested inside loops over large ranges are the "
+             "usual cause.")
 
 
 class TemplateError(ChorusError):
-    """A prompt or aggregation template failed to parse or render; says where, on which line, and why."""
+    """A prompt or aggregation template failed to parse or render; says where, on which line, and why.
+
+    `refused`: the sandbox stopped it (internals, size or time); `timed_out`: it ran past its time limit.
+    """
 
     def __init__(self, where: str, message: str, *, line: int | None = None, refused: bool = False,
-                 hint: str | None = None) -> None:
+                 hint: str | None = None, timed_out: bool = False) -> None:
         prefix = where + (f", line {line}" if line else "")
         super().__init__(f"{prefix}: {message}", hint=hint)
         self.where = where
         self.line = line
         self.detail = message
         self.refused = refused
+        self.timed_out = timed_out
 
 
 class _TooLarge(SecurityError):
-    """A guarded operation would build a value larger than the render may produce."""
+    """A guarded operation would build (or has built) more than the render may."""
 
 
-# ---------------------------------------------------------------- size guards
+class _OutOfTime(Exception):
+    """The render passed its deadline; raised from inside the template's own loops and calls."""
+
+
+class _Stopped(Exception):
+    """The render was stopped from outside (its awaiting task was cancelled, or it was given up on)."""
+
+
+# ---------------------------------------------------------------- per-render limits
+
+class _Limits:
+    """The budget of one render: value cap, running total of what was built, deadline and stop flag.
+
+    Lives in a context variable of the thread that renders; `stop()` may be called from any thread.
+    """
+
+    def __init__(self, input_chars: int, timeout_s: float) -> None:
+        self.input_chars = input_chars
+        self.value_limit = MAX_OUTPUT_CHARS + input_chars
+        self.built_limit = MAX_BUILT_CHARS + 10 * input_chars
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.built = 0
+        self.stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    def tick(self) -> None:
+        if self.stop_reason is not None:
+            raise _Stopped(self.stop_reason)
+        if time.monotonic() > self.deadline:
+            raise _OutOfTime(f"rendering took longer than {self.timeout_s:g} s")
+
+    def charge(self, size: int, what: str) -> None:
+        """Count `size` characters just built; refuse a value over the cap or a total over the budget."""
+        if size > self.value_limit:
+            raise _TooLarge(f"{what} built about {size:,} characters (limit {self.value_limit:,})")
+        self.built += size
+        if self.built > self.built_limit:
+            raise _TooLarge(f"the template built about {self.built:,} characters in all "
+                            f"(limit {self.built_limit:,})")
+        self.tick()
+
+
+_CURRENT: contextvars.ContextVar[_Limits | None] = contextvars.ContextVar("chorus_template_limits", default=None)
+
+
+def _value_limit() -> int:
+    limits = _CURRENT.get()
+    return limits.value_limit if limits else MAX_OUTPUT_CHARS
+
+
+def _tick() -> None:
+    limits = _CURRENT.get()
+    if limits is not None:
+        limits.tick()
+
+
+def _charge_result(result: Any, what: str) -> Any:
+    """Post-check: count what an operation returned (lazy iterators count when they are materialised)."""
+    limits = _CURRENT.get()
+    if limits is not None:
+        if isinstance(result, str | bytes | bytearray | list | tuple | set | frozenset | dict):
+            limits.charge(_approx_size(result), what)
+        else:
+            limits.tick()
+    return result
+
+
+# ---------------------------------------------------------------- size estimates
 
 def _approx_size(obj: Any, memo: dict[int, int] | None = None) -> int:
     """Roughly how many characters `str(obj)` would take; a shared container is measured once, counted per use."""
-    if isinstance(obj, str | bytes):
+    if isinstance(obj, str | bytes | bytearray):
         return len(obj)
     if isinstance(obj, int) and not isinstance(obj, bool):
         return obj.bit_length() // 3 + 1
+    if isinstance(obj, StageView):
+        return len(obj.output) + _approx_size(obj.responses, memo)
+    if isinstance(obj, Stages):
+        return sum(_approx_size(v, memo) for v in obj)
     if not isinstance(obj, list | tuple | set | frozenset | dict):
         return 8
     memo = {} if memo is None else memo
@@ -79,9 +185,17 @@ def _approx_size(obj: Any, memo: dict[int, int] | None = None) -> int:
     return memo[key]
 
 
+def _input_size(context: Mapping[str, Any]) -> int:
+    """The size of the data a template is given (question, answers, earlier stages): not the template's doing."""
+    memo: dict[int, int] = {}
+    return sum(_approx_size(v, memo) for v in context.values())
+
+
 def _require(size: int, what: str) -> None:
-    if size > MAX_OUTPUT_CHARS:
-        raise _TooLarge(f"{what} would build about {size:,} characters (limit {MAX_OUTPUT_CHARS:,})")
+    """Pre-check: refuse before building a value over the cap."""
+    limit = _value_limit()
+    if size > limit:
+        raise _TooLarge(f"{what} would build about {size:,} characters (limit {limit:,})")
 
 
 def _require_width(width: Any, what: str) -> None:
@@ -89,33 +203,62 @@ def _require_width(width: Any, what: str) -> None:
         _require(abs(width), what)
 
 
-_PRINTF_WIDTH = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?([a-zA-Z%])?")
 _DIGITS = re.compile(r"\d+")
 
 
-def _check_printf(fmt: Any, what: str) -> None:
-    """`'%*d' % (10**9, 1)` or `'%999999999s'`: refuse dynamic or huge widths in printf formats."""
+def _printf_size(fmt: Any, args: Any, what: str) -> int:
+    """`fmt % args` before Python runs it: widths, '*' widths, and a mapping key used many times."""
     if not isinstance(fmt, str):
-        return
-    for match in _PRINTF_WIDTH.finditer(fmt):
-        for part in match.groups():
+        return _approx_size(fmt) + _approx_size(args)
+    conversions = 0
+    widths = 0
+    for match in _PRINTF_SPEC.finditer(fmt):
+        width, precision, kind = match.groups()
+        if kind == "%" and width is None and precision is None:
+            continue
+        conversions += 1
+        for part in (width, precision):
             if part == "*":
                 raise _TooLarge(f"{what}: '*' widths are not allowed in templates")
             if part:
                 _require(int(part), what)
+                widths += int(part)
+    memo: dict[int, int] = {}
+    if isinstance(args, Mapping):  # '%(a)s%(a)s' % {'a': big} uses one value many times
+        biggest = max((_approx_size(v, memo) for v in args.values()), default=0)
+        return len(fmt) + widths + conversions * biggest
+    values = args if isinstance(args, tuple) else (args,)
+    return len(fmt) + widths + sum(_approx_size(v, memo) for v in values)
 
 
-def _check_format_spec(fmt: str, what: str) -> None:
-    """`'{:>999999999}'.format(x)`: refuse nested or huge widths in str.format specs."""
+def _format_size(fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any], what: str) -> int:
+    """`fmt.format(*args, **kwargs)` before it runs: each field counts the argument it names ('{0}{0}' twice)."""
     try:
         parsed = list(string.Formatter().parse(fmt))
     except ValueError:
-        return  # str.format raises its own error
-    for _, _, spec, _ in parsed:
+        return len(fmt)  # str.format raises its own error
+    memo: dict[int, int] = {}
+    sizes = [_approx_size(a, memo) for a in args]
+    named = {k: _approx_size(v, memo) for k, v in kwargs.items()}
+    biggest = max([0, *sizes, *named.values()])
+    total, auto = len(fmt), 0
+    for _, field, spec, _ in parsed:
         if spec and "{" in spec:
             raise _TooLarge(f"{what}: nested format fields are not allowed in templates")
         for digits in _DIGITS.findall(spec or ""):
             _require(int(digits), what)
+            total += int(digits)
+        if field is None:
+            continue
+        head = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if head == "":
+            head, auto = str(auto), auto + 1
+        if head.isdigit():
+            total += sizes[int(head)] if int(head) < len(sizes) else biggest
+        else:
+            total += named.get(head, biggest)
+    return total
 
 
 def _binop_size(operator: str, left: Any, right: Any) -> None:
@@ -135,23 +278,31 @@ def _binop_size(operator: str, left: Any, right: Any) -> None:
     elif operator == "+" and not (isinstance(left, int | float) and isinstance(right, int | float)):
         _require(_approx_size(left) + _approx_size(right), what)
     elif operator == "%" and isinstance(left, str):
-        _check_printf(left, what)
-        _require(len(left) + _approx_size(right), what)
+        _require(_printf_size(left, right, what), what)
 
 
-def _replace_size(s: str, old: str, new: str, count: int | None) -> int:
-    hits = (len(s) + 1) if old == "" else s.count(old)
+def _replace_size(s: str | bytes, old: str | bytes, new: str | bytes, count: int | None) -> int:
+    hits = (len(s) + 1) if len(old) == 0 else s.count(old)  # type: ignore[arg-type]
     if count is not None and count >= 0:
         hits = min(hits, count)
     return len(s) + hits * max(len(new) - len(old), 0)
 
 
 def _join_size(items: list[Any], sep: Any) -> int:
-    return sum(_approx_size(x) for x in items) + max(len(items) - 1, 0) * len(str(sep))
+    memo: dict[int, int] = {}
+    return sum(_approx_size(x, memo) for x in items) + max(len(items) - 1, 0) * _approx_size(sep)
 
 
 def _lines(s: Any) -> int:
     return str(s).count("\n") + 1
+
+
+def _depth(obj: Any, limit: int = 100) -> int:
+    """Nesting depth of lists and dicts (tojson indents each level)."""
+    if limit <= 0 or not isinstance(obj, list | tuple | dict):
+        return 0
+    children = obj.values() if isinstance(obj, dict) else obj
+    return 1 + max((_depth(c, limit - 1) for c in children), default=0)
 
 
 # Filter checks get the bound arguments by name and may replace them (join materialises its input).
@@ -174,9 +325,8 @@ def _check_wordwrap(a: dict[str, Any]) -> None:
 
 
 def _check_replace(a: dict[str, Any]) -> None:
-    s, old, new = a.get("s"), a.get("old"), a.get("new")
-    if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
-        _require(_replace_size(s, old, new, a.get("count")), "the filter 'replace'")
+    s, old, new, count = str(a.get("s", "")), str(a.get("old", "")), str(a.get("new", "")), a.get("count")
+    _require(_replace_size(s, old, new, count if isinstance(count, int) else None), "the filter 'replace'")
 
 
 def _check_join(a: dict[str, Any]) -> None:
@@ -186,13 +336,23 @@ def _check_join(a: dict[str, Any]) -> None:
 
 
 def _check_format(a: dict[str, Any]) -> None:
-    _check_printf(a.get("value"), "the filter 'format'")
-    _require(_args_size(a.get("args", ()), a.get("kwargs", {})), "the filter 'format'")
+    args, kwargs = a.get("args", ()), a.get("kwargs", {})
+    _require(_printf_size(a.get("value"), kwargs or tuple(args), "the filter 'format'"), "the filter 'format'")
 
 
-def _args_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
-    memo: dict[int, int] = {}
-    return sum(_approx_size(x, memo) for x in (*args, *kwargs.values()))
+def _check_tojson(a: dict[str, Any]) -> None:
+    indent = a.get("indent")
+    step = len(indent) if isinstance(indent, str) else (indent if isinstance(indent, int) else 0)
+    if step:
+        value = a.get("value")
+        _require_width(step, "the filter 'tojson'")
+        _require(_approx_size(value) * (2 + abs(step) * _depth(value)), "the filter 'tojson'")
+
+
+def _check_urlize(a: dict[str, Any]) -> None:
+    value = str(a.get("value", ""))
+    extra = sum(len(str(a.get(k) or "")) for k in ("target", "rel")) + 64
+    _require(2 * len(value) + len(value.split()) * extra, "the filter 'urlize'")
 
 
 def _check_count_arg(name: str, arg: str) -> Callable[[dict[str, Any]], None]:
@@ -213,13 +373,15 @@ _SPECIFIC_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "replace": _check_replace,
     "join": _check_join,
     "format": _check_format,
+    "tojson": _check_tojson,
+    "urlize": _check_urlize,
     "batch": _check_count_arg("batch", "linecount"),
     "slice": _check_count_arg("slice", "slices"),
 }
 
 _STRINGIFYING = {"string", "pprint", "tojson", "e", "escape", "forceescape", "striptags", "urlize", "urlencode",
                  "title", "upper", "lower", "capitalize", "trim", "truncate", "wordcount", "center", "indent",
-                 "wordwrap", "replace", "format"}
+                 "wordwrap", "replace", "format", "xmlattr"}
 """Filters that turn their input into text: a list of a million shared references would become huge."""
 
 
@@ -235,34 +397,55 @@ def _filter_check(name: str) -> Callable[[dict[str, Any]], None]:
     return check
 
 
-def _guarded_filter(fn: Callable[..., Any], check: Callable[[dict[str, Any]], None]) -> Callable[..., Any]:
-    """Wrap a builtin filter with a size check; `update_wrapper` keeps Jinja's pass_context markers."""
-    signature = inspect.signature(fn)
+def _guarded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a builtin filter: deadline, size pre-check, then count what it built.
+
+    Jinja passes the context/eval context first when the filter asks for it; filters with an async
+    variant ask for it without naming it in their (sync) signature, so that argument is set aside
+    before binding the rest by name. `update_wrapper` keeps Jinja's pass_* markers.
+    """
+    inner = inspect.unwrap(fn)
+    signature = inspect.signature(inner)
+    skip = 1 if _PassArg.from_obj(fn) is not None and _PassArg.from_obj(inner) is None else 0
+    check = _filter_check(name)
+    what = f"the filter '{name}'"
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _tick()
+        head, rest = args[:skip], args[skip:]
         try:
-            bound = signature.bind(*args, **kwargs)
+            bound = signature.bind(*rest, **kwargs)
         except TypeError:
-            return fn(*args, **kwargs)  # let the filter report its own usage error
+            return _charge_result(fn(*args, **kwargs), what)  # let the filter report its own usage error
         bound.apply_defaults()
         check(bound.arguments)
-        return fn(*bound.args, **bound.kwargs)
+        return _charge_result(fn(*head, *bound.args, **bound.kwargs), what)
 
     return update_wrapper(wrapper, fn)
 
 
-_STR_WIDTH_METHODS = {"center", "ljust", "rjust", "zfill"}
+_WIDTH_METHODS = {"center", "ljust", "rjust", "zfill"}
 
 
-def _check_str_method(s: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """Size checks for the `str` methods that can widen a string; returns the (possibly materialised) args."""
-    what = f"the method str.{name}"
-    if name in _STR_WIDTH_METHODS and args:
+def _check_method(owner: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Size checks for the `str`/`bytes` methods that can widen a value, and `int.to_bytes`.
+
+    Returns the (possibly materialised) positional arguments.
+    """
+    if isinstance(owner, int) and not isinstance(owner, bool):
+        if name == "to_bytes":
+            _require_width(args[0] if args else kwargs.get("length", 1), "the method int.to_bytes")
+        return args
+    if not isinstance(owner, str | bytes | bytearray):
+        return args
+    s, what = owner, f"the method {type(owner).__name__}.{name}"
+    if name in _WIDTH_METHODS and args:
         _require_width(args[0], what)
     elif name == "expandtabs":
         tab = args[0] if args else kwargs.get("tabsize", 8)
-        _require(len(s) + s.count("\t") * (tab if isinstance(tab, int) else 0), what)
-    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        tabs = s.count("\t" if isinstance(s, str) else b"\t")  # type: ignore[arg-type]
+        _require(len(s) + tabs * (tab if isinstance(tab, int) else 0), what)
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], type(s)) and isinstance(args[1], type(s)):
         count = args[2] if len(args) > 2 else kwargs.get("count")
         _require(_replace_size(s, args[0], args[1], count if isinstance(count, int) else None), what)
     elif name == "join" and args:
@@ -272,13 +455,33 @@ def _check_str_method(s: str, name: str, args: tuple[Any, ...], kwargs: dict[str
     elif name == "translate" and args and isinstance(args[0], Mapping):
         widest = max((_approx_size(v) for v in args[0].values()), default=1)
         _require(len(s) * max(widest, 1), what)
+    elif name == "translate" and args and isinstance(args[0], bytes | bytearray):
+        pass  # a 256-byte table: same length out
     return args
+
+
+_LIPSUM_WORD = max(len(w) for w in LOREM_IPSUM_WORDS.split()) + 2  # a word, a comma or full stop, a space
+
+
+def _guarded_lipsum(lipsum: Callable[..., str]) -> Callable[..., str]:
+    """`lipsum(300000, min=99, max=100)` built 904 MiB before: refuse by its largest possible size first."""
+    signature = inspect.signature(lipsum)
+
+    def checked(*args: Any, **kwargs: Any) -> str:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        n, high, html = bound.arguments["n"], bound.arguments["max"], bound.arguments["html"]
+        if isinstance(n, int) and isinstance(high, int):
+            _require(max(n, 0) * (max(high, 0) * _LIPSUM_WORD + (9 if html else 2)), "the global 'lipsum'")
+        return lipsum(*args, **kwargs)
+
+    return update_wrapper(checked, lipsum)
 
 
 # ---------------------------------------------------------------- the environment
 
 class _GuardedCodeGenerator(CodeGenerator):
-    """Routes the `~` operator through the environment so its result size can be checked."""
+    """Routes `~` through the environment, and counts template text as it is output."""
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.guarded_concat((")
@@ -286,6 +489,13 @@ class _GuardedCodeGenerator(CodeGenerator):
             self.visit(arg, frame)
             self.write(", ")
         self.write("))")
+
+    def visit_Output(self, node: nodes.Output, frame: Frame) -> None:
+        """Template text repeated by a loop inside a macro or `{% set %}` block builds a string too: count it."""
+        literal = sum(len(child.data) for child in node.nodes if isinstance(child, nodes.TemplateData))
+        if literal:
+            self.writeline(f"environment.charge_text({literal})")
+        super().visit_Output(node, frame)
 
 
 class _NoFilesLoader(jinja2.BaseLoader):
@@ -296,16 +506,29 @@ class _NoFilesLoader(jinja2.BaseLoader):
 
 
 class _GuardedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, made strict about internals and about the size of what it builds."""
+    """The immutable sandbox, made strict about internals, and about the size and time of what it builds.
+
+    Constant folding is off (`optimized=False`, a context-taking finalize), so every expression is
+    evaluated at render time under the render's limits rather than once at compile time without them.
+    """
 
     code_generator_class = _GuardedCodeGenerator
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self) -> None:
         super().__init__(loader=_NoFilesLoader(), undefined=jinja2.Undefined, autoescape=False,
-                         finalize=self._finalize, keep_trailing_newline=True)
-        for name in _STRINGIFYING | _SPECIFIC_CHECKS.keys():
-            self.filters[name] = _guarded_filter(self.filters[name], _filter_check(name))
+                         finalize=_finalize, keep_trailing_newline=True, optimized=False)
+        for name, fn in list(self.filters.items()):
+            self.filters[name] = _guarded_filter(name, fn)
+        self.globals["lipsum"] = _guarded_lipsum(self.globals["lipsum"])
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        """Every `{% for %}` iterates through `guarded_iter`, so each iteration checks the deadline."""
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            guard = nodes.EnvironmentAttribute("guarded_iter", lineno=loop.iter.lineno)
+            loop.iter = nodes.Call(guard, [loop.iter], [], None, None, lineno=loop.iter.lineno)
+        return tree
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         """Refuse at once: the stock sandbox returns an Undefined that renders empty and hides the attempt."""
@@ -313,23 +536,29 @@ class _GuardedSandbox(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
         _binop_size(operator, left, right)
-        return super().call_binop(context, operator, left, right)
+        return _charge_result(super().call_binop(context, operator, left, right), f"the operator '{operator}'")
 
     def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _tick()
         owner = getattr(__obj, "__self__", None)
-        if isinstance(owner, str) and callable(__obj):
-            args = _check_str_method(owner, getattr(__obj, "__name__", ""), args, kwargs)
-        return super().call(__context, __obj, *args, **kwargs)
+        name = getattr(__obj, "__name__", None) or getattr(__obj, "name", None) or type(__obj).__name__
+        if owner is not None and callable(__obj):
+            args = _check_method(owner, name, args, kwargs)
+        return _charge_result(super().call(__context, __obj, *args, **kwargs), f"the call {name}()")
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         wrapped = super().wrap_str_format(value)
         if wrapped is None:
             return None
         fmt, what = value.__self__, f"the method str.{value.__name__}"
-        _check_format_spec(fmt, what)
+        _format_size(fmt, (), {}, what)  # nested or huge widths are refused before any argument is seen
 
         def checked(*args: Any, **kwargs: Any) -> str:
-            _require(len(fmt) + _args_size(args, kwargs), what)
+            if value.__name__ == "format_map":
+                mapping = args[0] if args and isinstance(args[0], Mapping) else {}
+                _require(_format_size(fmt, (), mapping, what), what)
+            else:
+                _require(_format_size(fmt, args, kwargs, what), what)
             return wrapped(*args, **kwargs)
 
         return update_wrapper(checked, wrapped)
@@ -337,14 +566,33 @@ class _GuardedSandbox(ImmutableSandboxedEnvironment):
     def guarded_concat(self, parts: Sequence[Any]) -> str:
         memo: dict[int, int] = {}
         _require(sum(_approx_size(p, memo) for p in parts), "the operator '~'")
-        return "".join(str(p) for p in parts)
+        return _charge_result("".join(str(p) for p in parts), "the operator '~'")
 
-    @staticmethod
-    def _finalize(value: Any) -> Any:
-        """Every `{{ expression }}` passes here before becoming text: refuse huge values before str()."""
-        if isinstance(value, list | tuple | set | frozenset | dict):
-            _require(_approx_size(value), "an output expression")
-        return value
+    def guarded_iter(self, iterable: Iterable[Any]) -> Iterable[Any]:
+        limits = _CURRENT.get()
+        return iterable if limits is None else _ticking(iterable, limits)
+
+    def charge_text(self, size: int) -> None:
+        limits = _CURRENT.get()
+        if limits is not None:
+            limits.charge(size, "template text")
+
+
+def _ticking(iterable: Iterable[Any], limits: _Limits) -> Iterator[Any]:
+    for item in iterable:
+        limits.tick()
+        yield item
+
+
+@pass_eval_context
+def _finalize(eval_ctx: Any, value: Any) -> Any:
+    """Every `{{ expression }}` passes here before becoming text: refuse huge values before str(), count the rest."""
+    if isinstance(value, list | tuple | set | frozenset | dict):
+        _require(_approx_size(value), "an output expression")
+    limits = _CURRENT.get()
+    if limits is not None:
+        limits.charge(_approx_size(value), "an output expression")
+    return value
 
 
 _ENV = _GuardedSandbox()
@@ -352,15 +600,69 @@ _ENV = _GuardedSandbox()
 
 # ---------------------------------------------------------------- rendering
 
-def render(template: str, context: Mapping[str, Any], *, where: str) -> str:
-    """Render a user template in the sandbox; every failure becomes a TemplateError naming `where`."""
+def render(template: str, context: Mapping[str, Any], *, where: str, timeout_s: float = RENDER_TIMEOUT_S) -> str:
+    """Render a user template in the sandbox, in this thread; every failure becomes a TemplateError naming `where`.
+
+    The deadline is checked by the template's own loops and calls, so a runaway template ends here too;
+    from async code use `render_async`, which keeps the event loop free and can be cancelled.
+    """
+    return _render_limited(template, context, where, _Limits(_input_size(context), timeout_s))
+
+
+async def render_async(source: str, context: Mapping[str, Any], *, where: str,
+                       timeout_s: float = RENDER_TIMEOUT_S) -> str:
+    """`render` in a worker thread: the event loop stays free, and cancelling the awaiting task stops the render.
+
+    Raises TemplateError (`timed_out=True`) once `timeout_s` passes. The worker is a daemon thread that
+    checks a stop flag at every loop iteration, call and filter, so it ends within moments of a cancel.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+    limits = _Limits(0, timeout_s)
+
+    def settle(result: str | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result or "")
+
+    def work() -> None:
+        try:
+            limits.input_chars = size = _input_size(context)
+            limits.value_limit += size
+            limits.built_limit += 10 * size
+            outcome: tuple[str | None, BaseException | None] = (_render_limited(source, context, where, limits), None)
+        except BaseException as exc:  # handed to the awaiting task, which re-raises it
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed while we rendered: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name="chorus-render", daemon=True).start()
     try:
-        return _collect(_compile(template).generate(dict(context)), where)
+        return await asyncio.wait_for(asyncio.shield(done), timeout_s + _STOP_GRACE_S)
+    except TimeoutError:
+        limits.stop("given up: past the deadline")
+        raise _timeout_error(where, limits) from None
+    except asyncio.CancelledError:
+        limits.stop("cancelled")
+        raise
+
+
+def _render_limited(template: str, context: Mapping[str, Any], where: str, limits: _Limits) -> str:
+    token = _CURRENT.set(limits)
+    try:
+        return _collect(_compile(template).generate(dict(context)), where, limits)
     except TemplateError:
         raise
     except TemplateSyntaxError as exc:
         raise TemplateError(where, f"syntax error: {exc.message}", line=exc.lineno,
                             hint="Check the {{ }} and {% %} tags near that line.") from None
+    except _OutOfTime as exc:
+        raise _timeout_error(where, limits, _template_line(exc)) from None
+    except _Stopped as exc:
+        raise TemplateError(where, f"rendering was stopped ({exc})", refused=True) from None
     except _TooLarge as exc:
         raise TemplateError(where, f"refused by the sandbox: {exc}", line=_template_line(exc), refused=True,
                             hint=SIZE_HINT) from None
@@ -376,6 +678,13 @@ def render(template: str, context: Mapping[str, Any], *, where: str) -> str:
                             hint=_undefined_hint(context)) from None
     except Exception as exc:
         raise TemplateError(where, f"{type(exc).__name__}: {exc}", line=_template_line(exc)) from None
+    finally:
+        _CURRENT.reset(token)
+
+
+def _timeout_error(where: str, limits: _Limits, line: int | None = None) -> TemplateError:
+    return TemplateError(where, f"refused by the sandbox: rendering took longer than {limits.timeout_s:g} s "
+                                "and was stopped", line=line, refused=True, timed_out=True, hint=TIME_HINT)
 
 
 @lru_cache(maxsize=256)
@@ -384,16 +693,17 @@ def _compile(source: str) -> jinja2.Template:
     return _ENV.from_string(source)
 
 
-def _collect(chunks: Iterator[str], where: str) -> str:
-    """Join the streamed output, stopping as soon as it passes the cap."""
+def _collect(chunks: Iterator[str], where: str, limits: _Limits) -> str:
+    """Join the streamed output, stopping as soon as it passes the cap; the message names size and limit."""
     out: list[str] = []
     size = 0
     for chunk in chunks:
         size += len(chunk)
-        if size > MAX_OUTPUT_CHARS:
-            raise TemplateError(where, f"refused by the sandbox: output is longer than {MAX_OUTPUT_CHARS:,} "
-                                       "characters", refused=True,
-                                hint=SIZE_HINT)
+        if size > limits.value_limit:
+            given = (f" ({MAX_OUTPUT_CHARS:,} for the template plus the {limits.input_chars:,} characters of "
+                     "question and answers it was given)") if limits.input_chars else ""
+            raise TemplateError(where, f"refused by the sandbox: output is longer than {limits.value_limit:,} "
+                                       f"characters{given}", refused=True, hint=SIZE_HINT)
         out.append(chunk)
     return "".join(out)
 

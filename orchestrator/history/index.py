@@ -7,28 +7,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import sqlite_utils
 
-if TYPE_CHECKING:
-    from orchestrator.history.store import Session, SessionStore
+from orchestrator.history.serialize import SESSION_FILE, Session, SessionError
 
 log = logging.getLogger("chorus.history")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sessions.problems (why a session is damaged)
+OWNER_ONLY = 0o600
 
 # Schema creation in one write transaction (BEGIN IMMEDIATE), so concurrent writers, threads or processes,
 # never race between "does it exist?" and "create it". Same tables and triggers as sqlite-utils' enable_fts.
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS "sessions" ("id" TEXT PRIMARY KEY, "number" INTEGER, "created_at" REAL,
        "finished_at" REAL, "mode" TEXT, "question" TEXT, "status" TEXT, "final" TEXT, "parent_session" TEXT,
-       "rerun_from_stage" INTEGER, "stages" INTEGER)""",
+       "rerun_from_stage" INTEGER, "stages" INTEGER, "problems" TEXT)""",
     'CREATE TABLE IF NOT EXISTS "documents" ("id" TEXT PRIMARY KEY, "session_id" TEXT, "field" TEXT, "content" TEXT)',
     'CREATE INDEX IF NOT EXISTS "idx_documents_session_id" ON "documents" ("session_id")',
     """CREATE VIRTUAL TABLE IF NOT EXISTS "documents_fts" USING FTS5 ("content", tokenize='porter',
@@ -43,6 +45,7 @@ _SCHEMA = [
          INSERT INTO "documents_fts" (rowid, "content") VALUES (new.rowid, new."content"); END""",
     f"PRAGMA user_version={SCHEMA_VERSION}",
 ]
+Rows = list[dict[str, Any]]  # (a name: `list` is a method of the classes below)
 _WRITE_LOCKS: dict[str, threading.RLock] = {}
 _WRITE_LOCKS_GUARD = threading.Lock()
 
@@ -53,30 +56,49 @@ def _write_lock(path: Path) -> threading.RLock:
         return _WRITE_LOCKS.setdefault(str(Path(path).absolute()), threading.RLock())
 
 
+class SessionSource(Protocol):
+    """What a rebuild reads: the session folders and a loader (the SessionStore)."""
+
+    dir: Path
+
+    def folders(self) -> list[str]: ...
+
+    def load(self, session_id: str) -> Session: ...
+
+
+@dataclass
+class ReindexReport:
+    """What `rebuild` did: how many sessions it indexed, which of them are damaged, which it left out."""
+
+    indexed: int = 0
+    damaged: dict[str, list[str]] = field(default_factory=dict)  # indexed, shown as damaged: id -> problems
+    skipped: dict[str, str] = field(default_factory=dict)  # not indexed: id -> why
+
+
 class HistoryIndex:
-    def __init__(self, path: Path, store: SessionStore) -> None:
+    def __init__(self, path: Path, store: SessionSource) -> None:
         self.path = Path(path)
         self.store = store
 
     # -- connection
     def _connect(self) -> sqlite_utils.Database:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)  # no session yet: an empty history, not an error
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # no session yet: an empty history
+            _create_owner_only(self.path)
             conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         except (OSError, sqlite3.OperationalError) as exc:
-            from orchestrator.history.store import SessionError
-
             raise SessionError(self.path, f"cannot open the history index ({exc})",
                                hint="Check that sessions_dir exists and is writable.") from None
         db = sqlite_utils.Database(conn)
         db.execute("PRAGMA busy_timeout=30000")
         with contextlib.suppress(sqlite3.OperationalError):  # another connection is switching it: WAL anyway
             db.execute("PRAGMA journal_mode=WAL")
+        _owner_only(self.path)  # -wal and -shm exist now (SQLite gives them the database's mode)
         self._ensure_schema(db)
         return db
 
     def _ensure_schema(self, db: sqlite_utils.Database) -> None:
-        if "sessions" in db.table_names() and "documents_fts" in db.table_names():
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION and "documents_fts" in db.table_names():
             return
         with _write_lock(self.path):
             conn = db.conn
@@ -84,6 +106,9 @@ class HistoryIndex:
             try:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                columns = {row[1] for row in conn.execute('PRAGMA table_info("sessions")')}
+                if "problems" not in columns:  # an index made by version 1
+                    conn.execute('ALTER TABLE "sessions" ADD COLUMN "problems" TEXT')
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -100,8 +125,6 @@ class HistoryIndex:
             db.execute("select count(*) from sessions").fetchone()
             return db
         except sqlite3.OperationalError as exc:
-            from orchestrator.history.store import SessionError
-
             raise SessionError(self.path, f"the history index is busy or unreadable ({exc})",
                                hint="Try again; `chorus history reindex` rebuilds it from the session files.") from None
         except sqlite3.DatabaseError as exc:
@@ -109,7 +132,8 @@ class HistoryIndex:
                 log.warning("history index %s is unreadable (%s): rebuilding it from the session files",
                             self.path, exc)
                 self._move_aside()
-                return self.rebuild()
+                self.rebuild()
+                return self._connect()
 
     def _move_aside(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -119,20 +143,42 @@ class HistoryIndex:
                 p.replace(p.with_name(f"{p.name}.corrupt-{stamp}"))
 
     # -- writing
-    def rebuild(self) -> sqlite_utils.Database:
+    def rebuild(self) -> ReindexReport:
+        """A new index from the session files (the truth). A damaged session is indexed as damaged; what
+        cannot be indexed at all is in the report with the reason. A full disk is a SessionError."""
+        report = ReindexReport()
         with _write_lock(self.path):
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-            db = self._connect()
-            count = 0
-            for sid in self.store.ids():
+            try:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+                db = self._connect()
                 try:
-                    self._upsert(db, self.store.load(sid))
-                    count += 1
-                except Exception as exc:
-                    log.warning("skipping %s while reindexing: %s", sid, exc)
-            log.info("reindexed %d sessions", count)
-            return db
+                    for sid in self.store.folders():
+                        self._reindex_one(db, sid, report)
+                finally:
+                    db.conn.close()
+            except (OSError, sqlite3.Error) as exc:
+                raise SessionError(self.path, f"cannot rebuild the history index ({exc})",
+                                   hint="Free disk space and check the permissions of the sessions dir, then "
+                                        "run `chorus history reindex` again; the session files are unchanged.",
+                                   ) from None
+        log.info("reindexed %d sessions (%d damaged, %d skipped)", report.indexed, len(report.damaged),
+                 len(report.skipped))
+        return report
+
+    def _reindex_one(self, db: sqlite_utils.Database, sid: str, report: ReindexReport) -> None:
+        if not (self.store.dir / sid / SESSION_FILE).is_file():
+            report.skipped[sid] = f"no {SESSION_FILE} (nothing of this session was saved)"
+            return
+        try:
+            session = self.store.load(sid)
+        except SessionError as exc:
+            report.skipped[sid] = exc.detail
+            return
+        self._upsert(db, session)  # sqlite errors (a full disk) fail the whole rebuild
+        report.indexed += 1
+        if session.problems:
+            report.damaged[sid] = list(session.problems)
 
     def upsert(self, session: Session) -> None:
         with _write_lock(self.path):
@@ -143,28 +189,29 @@ class HistoryIndex:
                 db.conn.close()
 
     def _upsert(self, db: sqlite_utils.Database, session: Session) -> None:
-        m = session.meta
+        m = session.meta  # checked by the loader: every value has its column's type
         docs = [("question", m.get("question") or ""), ("final", session.final or "")]
         for stage in session.stages:
             docs.append((f"step{stage.index}", stage.output or ""))
             docs.extend((f"step{stage.index}_{r.label}", r.text or "") for r in stage.responses if len(
                 stage.responses) > 1)
         with db.conn:
-            db["sessions"].upsert({
+            db.table("sessions").upsert({
                 "id": session.id, "number": int(session.id.split("_")[1]), "created_at": m.get("created_at"),
                 "finished_at": m.get("finished_at"), "mode": m.get("mode"), "question": m.get("question"),
                 "status": m.get("status"), "final": session.final or "", "parent_session": m.get("parent_session"),
-                "rerun_from_stage": m.get("rerun_from_stage"), "stages": len(session.stages)}, pk="id")
+                "rerun_from_stage": m.get("rerun_from_stage"), "stages": len(session.stages),
+                "problems": "\n".join(session.problems) or None}, pk="id")
             db.execute("delete from documents where session_id = ?", [session.id])
-            db["documents"].insert_all(
+            db.table("documents").insert_all(
                 [{"id": f"{session.id}:{f}", "session_id": session.id, "field": f, "content": c}
                  for f, c in docs if c], pk="id", replace=True)
 
     # -- reading
-    def list(self, limit: int = 100) -> list[dict[str, Any]]:
+    def list(self, limit: int = 100) -> Rows:
         db = self.db()
         try:
-            return list(db.query("select * from sessions order by number desc limit ?", [limit]))
+            return [_row(r) for r in db.query("select * from sessions order by number desc limit ?", [limit])]
         finally:
             db.conn.close()
 
@@ -175,7 +222,7 @@ class HistoryIndex:
         finally:
             db.conn.close()
 
-    def search(self, text: str, limit: int = 20) -> list[dict[str, Any]]:
+    def search(self, text: str, limit: int = 20) -> Rows:
         """Sessions matching every word of `text`, best first, each with a snippet of the best match."""
         query = fts_query(text)
         if not query:
@@ -185,7 +232,7 @@ class HistoryIndex:
             rows = db.query(
                 """
                 select d.session_id, d.field, snippet(documents_fts, 0, '[', ']', '…', 12) as snippet,
-                       documents_fts.rank as rank, s.question, s.status, s.created_at, s.mode
+                       documents_fts.rank as rank, s.question, s.status, s.created_at, s.mode, s.problems
                 from documents_fts
                 join documents d on d.rowid = documents_fts.rowid
                 join sessions s on s.id = d.session_id
@@ -195,8 +242,8 @@ class HistoryIndex:
             best: dict[str, dict[str, Any]] = {}
             for row in rows:
                 if row["session_id"] not in best:
-                    best[row["session_id"]] = {"id": row["session_id"], **{k: row[k] for k in (
-                        "question", "status", "created_at", "mode", "field", "snippet", "rank")}}
+                    best[row["session_id"]] = _row({"id": row["session_id"], **{k: row[k] for k in (
+                        "question", "status", "created_at", "mode", "field", "snippet", "rank", "problems")}})
                 if len(best) >= limit:
                     break
             return list(best.values())
@@ -211,3 +258,30 @@ def fts_query(text: str) -> str:
         return ""
     quoted = [f'"{w}"' for w in words[:-1]] + [f'"{words[-1]}"*']
     return " ".join(quoted)
+
+
+def _row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as callers use it: 'problems' as a list; a time that is not a number (an index written by an
+    older version from a damaged file) as None."""
+    row = dict(row)
+    row["problems"] = row["problems"].split("\n") if row.get("problems") else []
+    for key in ("created_at", "finished_at"):
+        if key in row and not isinstance(row[key], int | float):
+            row[key] = None
+    return row
+
+
+def _create_owner_only(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would use 0644 minus the umask); its -wal and
+    -shm files are then created with the same mode."""
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, OWNER_ONLY))
+
+
+def _owner_only(path: Path) -> None:
+    """Tighten an index made by an older version (0644) to owner-only."""
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(f"{path}{suffix}")
+        with contextlib.suppress(OSError):
+            if p.stat().st_mode & 0o077:
+                p.chmod(OWNER_ONLY)

@@ -1,8 +1,11 @@
-"""Run history on disk: sessions/session_NNN/ JSON files (the truth) written as the run goes.
+"""Run history on disk: sessions/session_NNN/ folders (the truth), read back defensively.
 
-Layout (the seed's): config_snapshot.json, stepN.json, stepN_<model>.json (stages with several
-models), aggregation.json, final.txt, plus session.json with id, mode, question and status.
-Every file is written to a temp file and renamed, so a crash never leaves half a JSON file.
+The Recorder (recorder.py) writes a session as its run goes; the layout and the JSON of each file are in
+serialize.py. Reading never fails because of one damaged session: what cannot be read is a problem on
+the Session ("damaged: ..."), the rest of it and every other session still load. A session left
+'running' by a process that is gone becomes 'interrupted' when history is read.
+
+Everything here is owner-only: folders 0700, files 0600 (index.db and its -wal/-shm included).
 """
 
 from __future__ import annotations
@@ -11,139 +14,66 @@ import json
 import logging
 import os
 import re
-import time
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import ChorusError
 from launcher.fileio import write_text_atomic
-from orchestrator.records import RunRecord, StageRecord, stage_from_dict, to_dict
+from orchestrator.history.index import HistoryIndex, ReindexReport, Rows
+from orchestrator.history.recorder import Recorder, writer_alive
+from orchestrator.history.serialize import (
+    AGGREGATION_FILE,
+    FINAL_FILE,
+    SESSION_FILE,
+    SNAPSHOT_FILE,
+    Session,
+    SessionError,
+    SessionNotFound,
+    check_aggregations,
+    check_meta,
+    check_snapshot,
+    dumps,
+    stage_from_files,
+    step_file,
+)
+from orchestrator.records import RecordError
 
 log = logging.getLogger("chorus.sessions")
 
-SESSION_RE = re.compile(r"^session_(\d{3,})$")
+MAX_ID_DIGITS = 9
+SESSION_RE = re.compile(rf"^session_([0-9]{{3,{MAX_ID_DIGITS}}})$")
+_ID_RE = re.compile(rf"^(?:session_)?([0-9]{{1,{MAX_ID_DIGITS}}})$")
 
-
-class SessionError(ChorusError):
-    """History could not be read or written; carries the path."""
-
-    def __init__(self, path: str | Path, message: str, *, hint: str | None = None) -> None:
-        super().__init__(f"{path}: {message}", hint=hint)
-        self.path = str(path)
-
-
-class SessionNotFound(SessionError):
-    def __init__(self, session_id: str, sessions_dir: Path) -> None:
-        super().__init__(sessions_dir, f"no session '{session_id}'", hint="`chorus history list` shows the sessions.")
-        self.session_id = session_id
+__all__ = ["Recorder", "ReindexReport", "Session", "SessionError", "SessionNotFound", "SessionStore",
+           "normalise_id", "read_json", "write_json_atomic"]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
-    write_text_atomic(path, text)
+    write_text_atomic(path, dumps(data))
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file's data; FileNotFoundError as is, any other failure as a SessionError naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
-        raise SessionError(path, f"unreadable JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
+        raise SessionError(path, f"unreadable JSON ({_short(str(exc) or type(exc).__name__, 80)})") from None
 
 
 def normalise_id(session_id: str | int) -> str:
-    """'7', '007', 'session_007' all name session_007."""
+    """'7', '007', 'session_007' all name session_007. Only ASCII digits, at most 9 of them."""
     text = str(session_id).strip()
-    m = SESSION_RE.match(text)
-    digits = m.group(1) if m else text
-    if not digits.isdigit():
-        raise SessionError(text, "not a session id", hint="Use a number such as 7 or session_007.")
-    return f"session_{int(digits):03d}"
+    m = _ID_RE.match(text)
+    if m is None:
+        raise SessionError(_short(text), "not a session id",
+                           hint=f"Use a number of 1 to {MAX_ID_DIGITS} digits (0-9) such as 7, or session_007.")
+    return f"session_{int(m.group(1)):03d}"
 
 
-# ---------------------------------------------------------------- writing
-
-
-class SessionWriter:
-    """A RunSink that mirrors one run into its session folder (and the index) as it goes."""
-
-    def __init__(self, store: SessionStore, session_dir: Path, snapshot: dict[str, Any]) -> None:
-        self.store = store
-        self.dir = session_dir
-        self.id = session_dir.name
-        self.snapshot = snapshot
-        self.created_at = time.time()
-
-    def _meta(self, run: RunRecord) -> dict[str, Any]:
-        return {
-            "id": self.id, "created_at": self.created_at, "finished_at": run.finished_at,
-            "mode": run.mode, "question": run.question, "status": run.status,
-            "parent_session": run.parent_session, "rerun_from_stage": run.rerun_from_stage,
-            "stages": [s.name for s in run.stages], "error": run.error,
-            "warnings": run.warnings,
-        }
-
-    def run_started(self, run: RunRecord) -> None:
-        write_json_atomic(self.dir / "config_snapshot.json", self.snapshot)
-        write_json_atomic(self.dir / "session.json", self._meta(run))
-        self.store.index_session(self.id)
-
-    def stage_finished(self, run: RunRecord, stage: StageRecord) -> None:
-        data = to_dict(stage)
-        responses = data.pop("responses")
-        if len(responses) == 1:
-            data["response"] = responses[0]
-        else:
-            data["responses"] = [r["label"] for r in responses]
-            for resp in responses:
-                write_json_atomic(self.dir / f"step{stage.index}_{resp['label']}.json",
-                                  {"step": stage.index, "stage": stage.name, **resp})
-        write_json_atomic(self.dir / f"step{stage.index}.json", data)
-        aggregations = [{"step": s.index, "stage": s.name, **to_dict(s.aggregation)}
-                        for s in run.stages if s.aggregation is not None]
-        write_json_atomic(self.dir / "aggregation.json", aggregations)
-        write_json_atomic(self.dir / "session.json", self._meta(run))
-        self.store.index_session(self.id)
-
-    def run_finished(self, run: RunRecord) -> None:
-        if run.status == "completed":
-            write_text_atomic(self.dir / "final.txt", run.final)
-        write_json_atomic(self.dir / "session.json", self._meta(run))
-        self.store.index_session(self.id)
-
-
-# ---------------------------------------------------------------- reading
-
-
-@dataclass
-class Session:
-    id: str
-    dir: Path
-    meta: dict[str, Any]
-    snapshot: dict[str, Any] = field(default_factory=dict)
-    stages: list[StageRecord] = field(default_factory=list)
-    final: str | None = None
-    aggregations: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "dir": str(self.dir), **self.meta, "final": self.final,
-                "config_snapshot": self.snapshot, "steps": [to_dict(s) for s in self.stages],
-                "aggregation": self.aggregations}
-
-
-def load_stage(session_dir: Path, index: int) -> StageRecord:
-    data = read_json(session_dir / f"step{index}.json")
-    if "response" in data:
-        data["responses"] = [data.pop("response")]
-    else:
-        data["responses"] = [read_json(session_dir / f"step{index}_{label}.json")
-                             for label in data.get("responses", [])]
-    return stage_from_dict(data)
-
-
-# ---------------------------------------------------------------- the store
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 class SessionStore:
@@ -152,10 +82,16 @@ class SessionStore:
     def __init__(self, sessions_dir: Path) -> None:
         self.dir = Path(sessions_dir)
 
-    def create(self, snapshot: dict[str, Any]) -> SessionWriter:
-        """Allocate the next session_NNN atomically (mkdir either creates it or fails)."""
+    # ------------------------------------------------------------ writing
+
+    def create(self, snapshot: dict[str, Any]) -> Recorder:
+        """Allocate the next session_NNN (mkdir either creates it or fails) and return its Recorder.
+
+        The folder, its config_snapshot.json and a first session.json ('running') are written before this
+        returns; if they cannot be, the folder is removed and SessionError raised: no empty, invisible session.
+        """
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise SessionError(self.dir, f"cannot create the sessions dir ({exc.strerror})",
                                hint="Check sessions_dir in app.yaml and its permissions.") from None
@@ -163,61 +99,161 @@ class SessionStore:
         for _ in range(10_000):
             path = self.dir / f"session_{number:03d}"
             try:
-                path.mkdir()
+                path.mkdir(mode=0o700)
             except FileExistsError:
                 number += 1
                 continue
             except OSError as exc:
                 raise SessionError(path, f"cannot create session folder ({exc.strerror})",
                                    hint="Check free disk space and permissions of sessions_dir.") from None
-            return SessionWriter(self, path, snapshot)
+            try:
+                return Recorder(path, snapshot, self.index)
+            except SessionError:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
         raise SessionError(self.dir, "could not allocate a session id")
 
     def _highest(self) -> int:
-        try:
-            names = os.listdir(self.dir)
-        except OSError:
-            return 0
-        numbers = [int(m.group(1)) for n in names if (m := SESSION_RE.match(n))]
-        return max(numbers, default=0)
+        return max((int(n.split("_")[1]) for n in self.folders()), default=0)
 
-    def ids(self) -> list[str]:
+    # ------------------------------------------------------------ reading
+
+    def folders(self) -> list[str]:
+        """Every session_NNN folder, in order, whether or not it holds a session."""
         try:
             names = os.listdir(self.dir)
         except OSError:
             return []
-        return sorted((n for n in names if SESSION_RE.match(n) and (self.dir / n / "session.json").exists()),
-                      key=lambda n: int(n.split("_")[1]))
+        return sorted((n for n in names if SESSION_RE.match(n)), key=lambda n: int(n.split("_")[1]))
+
+    def ids(self) -> list[str]:
+        """The sessions (folders with a session.json), oldest first."""
+        return [n for n in self.folders() if (self.dir / n / SESSION_FILE).exists()]
 
     def path(self, session_id: str | int) -> Path:
         sid = normalise_id(session_id)
         path = self.dir / sid
-        if not (path / "session.json").exists():
+        if not (path / SESSION_FILE).exists():
             raise SessionNotFound(sid, self.dir)
         return path
 
     def load(self, session_id: str | int) -> Session:
+        """The session, as much of it as can be read: damage is in `Session.problems`, never raised."""
         path = self.path(session_id)
-        meta = read_json(path / "session.json")
-        snapshot = read_json(path / "config_snapshot.json") if (path / "config_snapshot.json").exists() else {}
+        problems: list[str] = []
+
+        def read(name: str, default: Any = None, *, required: bool = True) -> Any:
+            try:
+                return read_json(path / name)
+            except FileNotFoundError:
+                if required:
+                    problems.append(f"{name} is missing")
+                return default
+            except SessionError as exc:
+                problems.append(f"{name}: {exc.detail}")
+                return default
+
+        raw_meta = read(SESSION_FILE)
+        meta, meta_problems = check_meta(raw_meta, path.name)
+        problems.extend(meta_problems)
+        meta = self._recover(path, raw_meta, meta)
+        snapshot = check_snapshot(read(SNAPSHOT_FILE, {}), problems)
         stages = []
         index = 1
-        while (path / f"step{index}.json").exists():
-            stages.append(load_stage(path, index))
+        while (path / step_file(index)).exists():  # up to the first damaged step: later ones would not line up
+            try:
+                step = read_json(path / step_file(index))
+                stages.append(stage_from_files(index, step, lambda name: read_json(path / name), problems))
+            except (RecordError, SessionError, FileNotFoundError) as exc:
+                detail = exc.message if isinstance(exc, RecordError) else getattr(exc, "detail", "missing")
+                problems.append(detail if isinstance(exc, RecordError) else f"{step_file(index)}: {detail}")
+                break
             index += 1
-        final = (path / "final.txt").read_text(encoding="utf-8") if (path / "final.txt").exists() else None
-        aggs = read_json(path / "aggregation.json") if (path / "aggregation.json").exists() else []
-        return Session(path.name, path, meta, snapshot, stages, final, aggs)
+        explained = bool(meta.get("history_error"))  # the recorder said what it could not write
+        missing = meta["stages"][len(stages):]
+        if missing and not explained and not any(p.startswith(step_file(len(stages) + 1)) for p in problems):
+            problems.append(f"{step_file(len(stages) + 1)} is missing (session.json lists "
+                            f"{len(meta['stages'])} finished stage(s), {len(stages)} could be read)")
+        aggregations = check_aggregations(read(AGGREGATION_FILE, [], required=bool(stages)), problems)
+        final = self._final(path, problems)
+        if meta.get("status") == "completed" and final is None and not explained:
+            problems.append(f"{FINAL_FILE} is missing")
+        return Session(path.name, path, meta, snapshot, stages, final, aggregations, problems)
 
-    # -- the index (sqlite-utils); JSON stays the truth, so every failure here is only logged
+    @staticmethod
+    def _final(path: Path, problems: list[str]) -> str | None:
+        try:
+            data = (path / FINAL_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            problems.append(f"{FINAL_FILE}: unreadable ({exc.strerror})")
+            return None
+        text = data.decode("utf-8", errors="replace")
+        if "\ufffd" in text and "\ufffd".encode() not in data:
+            problems.append(f"{FINAL_FILE} is not valid UTF-8 (shown with U+FFFD)")
+        return text
+
+    def _recover(self, path: Path, raw: Any, meta: dict[str, Any]) -> dict[str, Any]:
+        """A 'running' session whose writer is gone becomes 'interrupted', on disk too (what was finished
+        stays); returns the meta to show."""
+        if meta.get("status") != "running" or writer_alive(meta.get("writer"), path) is not False:
+            return meta
+        pid = meta["writer"].get("pid")
+        error = {"type": "Interrupted", "message": f"chorus (pid {pid}) stopped before the run finished; "
+                                                   "the stages it finished are kept",
+                 "hint": "`chorus history rerun` runs it again from a stage."}
+        changed = {"status": "interrupted", "error": meta.get("error") or error}
+        try:
+            write_json_atomic(path / SESSION_FILE, {**raw, **changed})
+        except (OSError, SessionError) as exc:
+            log.warning("cannot mark %s as interrupted: %s", path.name, exc)
+        return {**meta, **changed}
+
+    # ------------------------------------------------------------ listing and search (the index)
+
     @property
-    def index(self):
-        from orchestrator.history.index import HistoryIndex
-
+    def index(self) -> HistoryIndex:
         return HistoryIndex(self.dir / "index.db", self)
 
-    def index_session(self, session_id: str) -> None:
+    def list(self, limit: int = 100) -> Rows:
+        """Index rows, newest first; 'running' sessions whose process is gone are marked interrupted first."""
+        rows = self.index.list(limit=limit)
+        for row in rows:
+            if row["status"] == "running":
+                self._refresh(row)
+        return rows
+
+    def search(self, text: str, limit: int = 20) -> Rows:
+        rows = self.index.search(text, limit=limit)
+        for row in rows:
+            if row["status"] == "running":
+                self._refresh(row)
+        return rows
+
+    def _refresh(self, row: dict[str, Any]) -> None:
         try:
-            self.index.upsert(self.load(session_id))
+            session = self.load(row["id"])
+        except SessionError:
+            return
+        if session.meta.get("status") != row["status"]:
+            row["status"] = session.meta.get("status")
+            self._index_quietly(session)
+
+    def reindex(self) -> ReindexReport:
+        return self.index.rebuild()
+
+    def index_session(self, session_id: str) -> None:
+        """Update the index from the session's files (recovery; a run's recorder updates it from memory)."""
+        try:
+            session = self.load(session_id)
         except Exception as exc:
             log.warning("history index not updated for %s: %s", session_id, exc)
+            return
+        self._index_quietly(session)
+
+    def _index_quietly(self, session: Session) -> None:
+        try:
+            self.index.upsert(session)
+        except Exception as exc:  # the files are the truth; the index is a cache
+            log.warning("history index not updated for %s: %s", session.id, exc)

@@ -1,82 +1,257 @@
-"""Effective parameters of one model call: slot overrides, then stage, then pipeline defaults, then model."""
+"""Resolve once: a pipeline spec + the registry + this machine → one `RunPlan`.
+
+Every parameter of every call is decided here and nowhere else: slot overrides, then stage, then
+pipeline defaults, then the model's entry in models.yaml. A call carries a fully resolved server spec
+(file, n_ctx, n_gpu_layers, slots, chat template, threads) and a fully resolved generation request.
+Slot counts and server sharing are keyed on the *resolved* spec, so two stages that ask for the same
+model with the same effective settings share one server whether they spelled the settings out or not.
+The memory planner, the engine, `chorus plan` and the UI read this plan; nothing downstream re-resolves.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from orchestrator.config.schema import ModelEntry, PipelineSpec, StageSpec
+from launcher.client import GenerationRequest
+from launcher.server import ServerSpec
+from orchestrator.config.registry import ModelRecord, Registry
+from orchestrator.config.schema import PipelineSpec, StageSpec
+from orchestrator.errors import ModelUnavailable, PipelineBlocked
+from orchestrator.records import error_dict
 
 GENERATION_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop")
+RunMode = Literal["base", "manual"]
 
 
 @dataclass(frozen=True)
-class SlotParams:
-    label: str
-    model: str
-    system_prompt: str
-    generation: dict[str, Any] = field(default_factory=dict)
-    n_ctx: int | None = None         # None: the model's default_n_ctx
-    n_gpu_layers: int | None = None  # None: the model's default_gpu_layers
+class Machine:
+    """What resolution needs to know about this machine."""
 
-    def load_params(self, entry: ModelEntry | None) -> tuple[int | None, int | None]:
-        if entry is None:
-            return self.n_ctx, self.n_gpu_layers
-        return (self.n_ctx or entry.default_n_ctx,
-                entry.default_gpu_layers if self.n_gpu_layers is None else self.n_gpu_layers)
+    has_gpu: bool = False
+    gpu_note: str | None = None  # why there is no GPU, when there is none
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a call goes: a local server (its resolved spec), a remote endpoint, or nowhere (and why)."""
+
+    model: str
+    kind: Literal["local", "remote", "unavailable"]
+    mode: str = "chat"                      # chat | completion
+    server: ServerSpec | None = None        # local
+    url: str | None = None                  # remote
+    api_key_env: str | None = None          # remote: the environment variable holding the key
+    reason: str | None = None               # unavailable
+    error: dict[str, Any] | None = None     # unavailable: the typed error to record on the step
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "kind": self.kind, "mode": self.mode}
+        if self.server is not None:
+            out["server"] = server_dict(self.server)
+        if self.url:
+            out["url"] = self.url
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """One model call of a stage: its label, where it goes and the request (the prompt is rendered later)."""
+
+    label: str
+    target: Target
+    request: GenerationRequest
+
+    @property
+    def model(self) -> str:
+        return self.target.model
+
+    def public_params(self) -> dict[str, Any]:
+        """What the session records as this call's parameters."""
+        params = {k: getattr(self.request, k) for k in GENERATION_KEYS if getattr(self.request, k) is not None}
+        if self.target.server is not None:
+            params.update(n_ctx=self.target.server.n_ctx, n_gpu_layers=self.target.server.n_gpu_layers,
+                          slots=self.target.server.slots)
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        request = {k: v for k, v in dataclasses.asdict(self.request).items() if k != "prompt" and v is not None}
+        return {"label": self.label, "target": self.target.to_dict(), "request": request}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int                  # 1-based, as in stepN.json
+    spec: StageSpec
+    calls: tuple[CallPlan, ...]
+    synthesis: CallPlan | None  # the aggregation's model call, when it has one
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.label for c in self.calls]
+
+    def call(self, label: str) -> CallPlan:
+        return next(c for c in self.calls if c.label == label)
+
+    def all_calls(self) -> Iterator[CallPlan]:
+        yield from self.calls
+        if self.synthesis is not None:
+            yield self.synthesis
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "execution": self.spec.execution,
+                "on_error": self.spec.on_error, "aggregation": self.spec.aggregation.type,
+                "calls": [c.to_dict() for c in self.calls],
+                "synthesis": self.synthesis.to_dict() if self.synthesis else None}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    pipeline: PipelineSpec
+    mode: RunMode
+    stages: tuple[StagePlan, ...]
+    machine: Machine = field(default_factory=Machine)
+    config_dir: Path | None = None              # where custom aggregators are found
+    blocked: dict[str, Any] | None = None       # base mode: why the run cannot start (a typed error)
+
+    @property
+    def servers(self) -> list[ServerSpec]:
+        """The distinct local servers the run needs, in first-use order."""
+        out: list[ServerSpec] = []
+        for stage in self.stages:
+            for call in stage.all_calls():
+                spec = call.target.server
+                if spec is not None and spec not in out:
+                    out.append(spec)
+        return out
+
+    def stage(self, index: int) -> StagePlan:
+        return self.stages[index - 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pipeline": self.pipeline.name, "mode": self.mode, "blocked": self.blocked,
+                "gpu": self.machine.has_gpu, "gpu_note": self.machine.gpu_note,
+                "servers": [server_dict(s) for s in self.servers],
+                "stages": [s.to_dict() for s in self.stages]}
+
+
+def server_dict(spec: ServerSpec) -> dict[str, Any]:
+    return {"model": spec.model, "file": str(spec.model_path), "n_ctx": spec.n_ctx,
+            "n_gpu_layers": spec.n_gpu_layers, "slots": spec.slots, "threads": spec.threads,
+            "chat_template": spec.chat_template, "extra_args": list(spec.extra_args)}
 
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def stage_load_params(pipeline: PipelineSpec, stage: StageSpec) -> tuple[int | None, int | None]:
-    return (_first(stage.n_ctx, pipeline.defaults.n_ctx), _first(stage.n_gpu_layers, pipeline.defaults.n_gpu_layers))
+# ---------------------------------------------------------------- resolution
 
 
-def stage_generation(pipeline: PipelineSpec, stage: StageSpec) -> dict[str, Any]:
-    return {k: _first(getattr(stage, k), getattr(pipeline.defaults, k)) for k in GENERATION_KEYS
-            if _first(getattr(stage, k), getattr(pipeline.defaults, k)) is not None}
+def resolve_server(record: ModelRecord, machine: Machine, *, n_ctx: int | None = None,
+                   n_gpu_layers: int | None = None, slots: int = 1) -> ServerSpec:
+    """The one place a local server's command-line parameters are decided (also used by `chorus serve`)."""
+    if record.path is None:
+        raise ValueError(f"{record.name} is a remote model: it has no local server")
+    entry = record.entry
+    ngl = entry.default_gpu_layers if n_gpu_layers is None else n_gpu_layers
+    if not machine.has_gpu:
+        ngl = 0
+    return ServerSpec(model=record.name, model_path=record.path, n_ctx=n_ctx or entry.default_n_ctx,
+                      n_gpu_layers=ngl, slots=max(slots, entry.parallel), threads=entry.threads,
+                      chat_template=entry.chat_template)
 
 
-def slot_params(pipeline: PipelineSpec, stage: StageSpec) -> list[SlotParams]:
-    n_ctx, ngl = stage_load_params(pipeline, stage)
-    base = stage_generation(pipeline, stage)
-    out = []
+def _target(registry: Registry, model: str, machine: Machine, n_ctx: int | None,
+            n_gpu_layers: int | None) -> Target:
+    record = registry.records.get(model)
+    if record is None or not record.available:
+        exc = ModelUnavailable(model, "not defined in models.yaml" if record is None
+                               else (record.reason or record.status))
+        return Target(model, "unavailable", reason=exc.reason, error=error_dict(exc))
+    if record.is_remote:
+        return Target(model, "remote", mode=record.mode, url=record.entry.url,
+                      api_key_env=record.entry.api_key_env)
+    return Target(model, "local", mode=record.mode,
+                  server=resolve_server(record, machine, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers))
+
+
+def _stage_calls(pipeline: PipelineSpec, stage: StageSpec, registry: Registry,
+                 machine: Machine) -> tuple[list[CallPlan], CallPlan | None]:
+    d = pipeline.defaults
+    n_ctx, ngl = _first(stage.n_ctx, d.n_ctx), _first(stage.n_gpu_layers, d.n_gpu_layers)
+    base = {k: _first(getattr(stage, k), getattr(d, k)) for k in GENERATION_KEYS}
+    calls = []
     for slot in stage.models:
-        gen = dict(base)
-        gen.update({k: getattr(slot, k) for k in GENERATION_KEYS if getattr(slot, k) is not None})
-        out.append(SlotParams(label=slot.label or slot.model, model=slot.model,
-                              system_prompt=slot.system_prompt if slot.system_prompt is not None
-                              else stage.system_prompt,
-                              generation=gen, n_ctx=n_ctx, n_gpu_layers=ngl))
-    return out
+        gen = {k: _first(getattr(slot, k), base[k]) for k in GENERATION_KEYS}
+        system = slot.system_prompt if slot.system_prompt is not None else stage.system_prompt
+        calls.append(CallPlan(slot.label or slot.model, _target(registry, slot.model, machine, n_ctx, ngl),
+                              GenerationRequest(prompt="", system_prompt=system, **gen)))
+    synthesis = None
+    if stage.aggregation.synthesis_model:
+        model = stage.aggregation.synthesis_model
+        synthesis = CallPlan(f"{model}-synthesis", _target(registry, model, machine, n_ctx, ngl),
+                             GenerationRequest(prompt="", system_prompt="", **base))
+    return calls, synthesis
 
 
-def synthesis_params(pipeline: PipelineSpec, stage: StageSpec) -> SlotParams | None:
-    model = stage.aggregation.synthesis_model
-    if not model:
-        return None
-    n_ctx, ngl = stage_load_params(pipeline, stage)
-    return SlotParams(label=f"{model}-synthesis", model=model, system_prompt="",
-                      generation=stage_generation(pipeline, stage), n_ctx=n_ctx, n_gpu_layers=ngl)
+def _shared(call: CallPlan, servers: dict[tuple[object, ...], ServerSpec]) -> CallPlan:
+    """The call with its family's one server spec (the first one seen, with the family's slot count)."""
+    spec = call.target.server
+    if spec is None:
+        return call
+    return dataclasses.replace(call, target=dataclasses.replace(call.target, server=servers[spec.family]))
 
 
-def pipeline_slot_counts(pipeline: PipelineSpec) -> dict[tuple[str, int | None, int | None], int]:
-    """Per (model, n_ctx, n_gpu_layers): the most calls any one stage makes at once.
+def build_plan(pipeline: PipelineSpec, registry: Registry, machine: Machine | None = None, *,
+               mode: RunMode = "manual", config_dir: Path | None = None) -> RunPlan:
+    """Resolve every call of every stage. Never raises for a missing model: the call's target says why.
 
-    Every stage then asks for that many slots, so one warm server serves the whole run.
+    Slots: per resolved server family (everything but the slot count), the most calls any one stage
+    makes at once; every stage asks for that many, so one warm server serves the whole run.
     """
-    counts: dict[tuple[str, int | None, int | None], int] = {}
-    for stage in pipeline.stages:
-        local: dict[tuple[str, int | None, int | None], int] = {}
-        for p in slot_params(pipeline, stage):
-            key = (p.model, p.n_ctx, p.n_gpu_layers)
-            local[key] = local.get(key, 0) + 1
-        syn = synthesis_params(pipeline, stage)
-        if syn is not None:
-            key = (syn.model, syn.n_ctx, syn.n_gpu_layers)
-            local.setdefault(key, 1)
+    machine = machine or Machine()
+    resolved = [_stage_calls(pipeline, stage, registry, machine) for stage in pipeline.stages]
+    slots: dict[tuple[object, ...], int] = {}
+    for calls, synthesis in resolved:
+        local: dict[tuple[object, ...], int] = {}
+        for call in calls:
+            if call.target.server is not None:
+                key = call.target.server.family
+                local[key] = local.get(key, 0) + 1
+        if synthesis is not None and synthesis.target.server is not None:
+            local.setdefault(synthesis.target.server.family, 1)
         for key, n in local.items():
-            counts[key] = max(counts.get(key, 0), n)
-    return counts
+            slots[key] = max(slots.get(key, 0), n)
+    # one server per family: two model names for one file with the same settings share it, as the pool does
+    servers: dict[tuple[object, ...], ServerSpec] = {}
+    for calls, synthesis in resolved:
+        for call in [*calls, *([synthesis] if synthesis else [])]:
+            spec = call.target.server
+            if spec is not None and spec.family not in servers:
+                servers[spec.family] = dataclasses.replace(spec, slots=max(spec.slots, slots[spec.family]))
+    stages = tuple(
+        StagePlan(index, stage, tuple(_shared(c, servers) for c in calls),
+                  _shared(synthesis, servers) if synthesis is not None else None)
+        for index, (stage, (calls, synthesis)) in enumerate(zip(pipeline.stages, resolved, strict=True), start=1))
+    blocked = None
+    if mode == "base":
+        try:
+            registry.pipeline_status(pipeline).raise_if_blocked()
+        except PipelineBlocked as exc:
+            blocked = error_dict(exc)
+    return RunPlan(pipeline, mode, stages, machine, config_dir, blocked)
+
+
+def remote_api_key(target: Target) -> str | None:
+    return os.environ.get(target.api_key_env) if target.api_key_env else None

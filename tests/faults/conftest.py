@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 
 from orchestrator.config.schema import PipelineSpec, load_config
-from orchestrator.engine.run import Event
+from orchestrator.engine.events import Event
 from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner, RunOutcome
 from orchestrator.runtime import Runtime
@@ -61,13 +61,13 @@ def run(runtime: Runtime, pipeline: PipelineSpec, question: str = "The capital o
         if user_hook is not None:
             user_hook(event)
 
-    outcome = Runner(runtime).run(pipeline, question, on_event=on_event, **kwargs)
+    outcome = Runner(runtime).run(pipeline, question, observers=[on_event], **kwargs)
     return outcome, events
 
 
 def chorus(config_dir: ConfigDir, *args: str, timeout: int = 300, **popen: Any) -> subprocess.CompletedProcess[str]:
     """`chorus ARGS --config-dir DIR` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli.main", *args, "--config-dir", str(config_dir.path)],
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, stdin=subprocess.DEVNULL,
                           **popen)
 

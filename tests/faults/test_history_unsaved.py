@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine.run import Event
+from orchestrator.engine.events import Event
 from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner
 from tests.conftest import REPO, ConfigDir

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from orchestrator.engine.run import Event
+from orchestrator.engine.events import Event
 from tests.conftest import ConfigDir
 from tests.faults.conftest import (
     add_variants,

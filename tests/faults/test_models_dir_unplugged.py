@@ -11,8 +11,7 @@ import logging
 
 import pytest
 
-from orchestrator.engine.run import Engine, run_sync
-from tests.conftest import ConfigDir
+from tests.conftest import ConfigDir, engine_run
 from tests.faults.conftest import DEMO, assert_clean_failure, assert_session_valid, chorus, make_runtime, manual, run
 
 pytestmark = pytest.mark.integration
@@ -55,7 +54,7 @@ def test_unplugged_models_dir_keeps_warm_servers_and_recovers_when_back(config_d
             assert blocked.run.status == "failed" and blocked.run.error is not None
             assert blocked.run.error["type"] == "PipelineBlocked" and "models directory" in blocked.run.error["message"]
             assert_session_valid(config_dir.sessions_dir, blocked.session_id, status="failed")  # type: ignore[arg-type]
-            unavailable = run_sync(Engine(runtime), small, "q")
+            unavailable, _ = engine_run(runtime, small, "q")
             assert unavailable.status == "failed" and unavailable.error is not None
             assert unavailable.error["type"] == "ModelUnavailable"
             assert warm.is_alive()  # nothing stopped the running server

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from orchestrator.engine.run import Event
+from orchestrator.engine.events import Event
 from orchestrator.runs import Runner
 from tests.conftest import ConfigDir
 from tests.faults.conftest import (
@@ -55,7 +55,7 @@ def test_kill_9_mid_generation_fails_only_that_model_and_the_rerun_works(config_
         assert b.error is not None and b.error["type"] == "ServerCrashed" and b.error["message"]
         assert panel.output.strip() == a.text.strip()  # the merge used the surviving model only
         assert run_rec.stages[1].status == "ok" and run_rec.final
-        finished = {e.label: e.data["response"].status for e in events
+        finished = {e.label: e.response.status for e in events
                     if e.type == "model_finished" and e.stage == "panel"}
         assert finished["b"] == "failed" and finished["a"] == "ok"
         assert outcome.history_error is None

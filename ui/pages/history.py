@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from launcher.errors import ChorusError
-from ui.common import fmt_time, render_session, runner, runtime
+from orchestrator.errors import ChorusError
+from ui.common import fmt_time, md_escape, render_session, runner, runtime
 
 st.title("History")
 rt = runtime()
@@ -16,13 +16,14 @@ store = runner(rt).store
 query = st.text_input("Search questions, answers and steps", key="history-search")
 try:
     if query.strip():
-        rows = [{"id": h["id"], "status": h["status"], "question": h["question"], "match": h["snippet"]}
-                for h in store.index.search(query)]
+        rows = [{"id": h["id"], "status": h["status"], "question": h["question"], "match": h["snippet"],
+                 "damaged": "; ".join(h["problems"])} for h in store.search(query)]
     else:
         rows = [{"id": r["id"], "created": fmt_time(r["created_at"]), "mode": r["mode"], "status": r["status"],
-                 "question": r["question"], "parent": r["parent_session"] or ""} for r in store.index.list()]
+                 "question": r["question"], "parent": r["parent_session"] or "", "damaged": "; ".join(r["problems"])}
+                for r in store.list()]
 except ChorusError as exc:
-    st.error(str(exc))
+    st.error(md_escape(exc))
     rows = []
 
 if not rows:
@@ -34,4 +35,4 @@ if chosen:
     try:
         render_session(store.load(chosen), key="history")
     except ChorusError as exc:
-        st.error(str(exc))
+        st.error(md_escape(exc))

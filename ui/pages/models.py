@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from launcher.errors import ChorusError
-from ui.common import fmt_bytes, runtime
+from orchestrator.errors import ChorusError
+from orchestrator.units import fmt_bytes
+from ui.common import runtime
 
 st.title("Models")
 rt = runtime()
@@ -53,7 +54,7 @@ for name, rec in registry.available.items():
             st.json(rec.metadata.to_summary(), expanded=False)
 
 st.subheader("Running servers")
-servers = rt.pool.servers() if "pool" in rt.__dict__ else []
+servers = rt.running_servers()
 if not servers:
     st.caption("No llama-server is running.")
 for server in servers:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from launcher.errors import ChorusError
-from ui.common import live_run, render_session, runner, runtime
+from orchestrator.errors import ChorusError
+from ui.common import live_run, md_escape, render_session, runner, runtime
 
 st.title("Results")
 rt = runtime()
@@ -27,4 +27,4 @@ if session_id is None:
 try:
     render_session(store.load(session_id), key="results")
 except ChorusError as exc:
-    st.error(str(exc))
+    st.error(md_escape(exc))

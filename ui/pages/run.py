@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from launcher.errors import ChorusError
 from orchestrator.config import stage_builder
 from orchestrator.config.schema import PipelineSpec
+from orchestrator.engine.aggregators import allowed_functions, check_pipeline
+from orchestrator.errors import ChorusError
 from orchestrator.live import LiveRun
-from orchestrator.plan.memory import plan_pipeline
-from ui.common import LIVE_KEY, fmt_bytes, live_run, render_live, runner, runtime
+from orchestrator.plan.memory import plan_memory
+from orchestrator.units import fmt_bytes
+from ui.common import LIVE_KEY, live_run, render_live, runner, runtime
 
 BUILDER_KEY = "builder_stages"
 
@@ -19,6 +21,8 @@ if rt is None:
     st.stop()
 
 registry = rt.registry
+config_dir, operator_allowed = rt.config.paths.config_dir, rt.config.app.aggregators.allowed
+custom_functions = [f.name for f in allowed_functions(config_dir, operator_allowed)]  # the only ones offered
 available = sorted(registry.available)
 status = registry.base_pipeline_status()
 
@@ -80,8 +84,15 @@ def stage_editor(i: int, stage: dict) -> None:
             stage["template"] = st.text_area("Template", stage["template"] or
                                              "{% for r in responses %}{{ r.label }}: {{ r.text }}\n{% endfor %}",
                                              key=f"s{k}-template")
-        if stage["aggregation"] == "custom":
-            stage["function"] = st.text_input("Function (module:function)", stage["function"], key=f"s{k}-func")
+        if stage["aggregation"] == "custom":  # a choice among the allowed functions, never a typed module name
+            if not custom_functions:
+                st.info(f"No custom aggregators: put a Python file in {config_dir / 'aggregators'}/ or list "
+                        "'package.module:function' under aggregators.allowed in app.yaml.")
+            current = stage["function"] if stage["function"] in custom_functions else None
+            chosen = a[1].selectbox("Function", custom_functions,
+                                    None if current is None else custom_functions.index(current), key=f"s{k}-func",
+                                    help="Functions in the config's aggregators/ folder or listed in app.yaml")
+            stage["function"] = chosen or ""
 
 
 spec: PipelineSpec | None = None
@@ -107,12 +118,19 @@ else:
     except ChorusError as exc:
         st.error(str(exc))
 
+if spec is not None:  # pipeline.yaml too may only name allowed custom functions
+    try:
+        check_pipeline(spec, config_dir, operator_allowed, source="pipeline" if mode == "Base" else "manual pipeline")
+    except ChorusError as exc:
+        st.error(str(exc))
+        spec = None
+
 # ---------------------------------------------------------------- memory plan
 allow_sequential = True
 if spec is not None:
     with st.expander("Memory plan", expanded=False):
         try:
-            plan = plan_pipeline(rt, spec)
+            plan = plan_memory(rt, rt.plan(spec))
         except ChorusError as exc:
             st.error(str(exc))
             plan = None
@@ -141,8 +159,8 @@ can_run = spec is not None and bool(question.strip()) and not running
 if cols[0].button("Run", type="primary", disabled=not can_run, key="run"):
     run_mode = "base" if mode == "Base" else "manual"
     pipeline, q, allow = spec, question.strip(), allow_sequential
-    st.session_state[LIVE_KEY] = LiveRun(lambda on_event, cancel: runner(rt).run(
-        pipeline, q, mode=run_mode, on_event=on_event, cancel=cancel, allow_sequential=allow))
+    st.session_state[LIVE_KEY] = LiveRun(lambda observer, cancel: runner(rt).run(
+        pipeline, q, mode=run_mode, observers=[observer], cancel=cancel, allow_sequential=allow))
     st.rerun()
 if running and cols[1].button("Stop", key="stop"):
     live.cancel()  # type: ignore[union-attr]

@@ -1,0 +1,91 @@
+"""A scripted backend: replies, delays, failures and crashes per model, for millisecond orchestration tests.
+
+It is a real `Backend` (the same protocol as the pool + httpx one), so the engine cannot tell; it also
+records what it was asked (requests, endpoints, concurrency) so a test can check the orchestration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from launcher.client import Endpoint, GenerationRequest, GenerationResult
+from launcher.errors import ChorusError, RequestTimeout, ServerCrashed
+from orchestrator.engine.backend import TokenCallback, WavePlan
+from orchestrator.plan.resolve import StagePlan, Target
+
+Reply = str | Callable[[GenerationRequest], str] | BaseException
+
+
+@dataclass
+class Script:
+    """What one model does: its reply (text, a function of the request, or an error to raise) and a delay."""
+
+    reply: Reply = "ok"
+    delay_s: float = 0.0
+    tokens: int | None = None   # completion tokens reported; default: words in the reply
+
+
+@dataclass
+class FakeBackend:
+    scripts: dict[str, Script] = field(default_factory=dict)
+    default: Script = field(default_factory=Script)
+    waves: Callable[[StagePlan], WavePlan] | None = None  # default: everything fits together
+    # what happened
+    requests: list[tuple[str, GenerationRequest]] = field(default_factory=list)
+    endpoints_opened: list[Target] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
+    active: int = 0
+    peak_active: int = 0
+
+    def script(self, model: str, reply: Reply = "ok", *, delay_s: float = 0.0) -> FakeBackend:
+        self.scripts[model] = Script(reply, delay_s)
+        return self
+
+    @contextlib.asynccontextmanager
+    async def endpoint(self, target: Target) -> AsyncIterator[Endpoint]:
+        self.endpoints_opened.append(target)
+        yield Endpoint(target.model, f"fake://{target.model}", "chat", None, remote=target.kind == "remote")
+
+    async def generate(self, endpoint: Endpoint, request: GenerationRequest,
+                       on_token: TokenCallback | None = None) -> GenerationResult:
+        script = self.scripts.get(endpoint.model, self.default)
+        self.requests.append((endpoint.model, request))
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+        try:
+            if script.delay_s:
+                await asyncio.sleep(script.delay_s)
+            reply = script.reply
+            if isinstance(reply, BaseException):
+                raise reply
+            text = reply(request) if callable(reply) else reply
+            for word in text.split(" "):
+                if on_token is not None:
+                    on_token(word + " ")
+            words = len(text.split())
+            return GenerationResult(text=text, prompt_tokens=len(request.prompt.split()),
+                                    completion_tokens=script.tokens if script.tokens is not None else words,
+                                    first_token_s=0.0, total_s=max(script.delay_s, 1e-3),
+                                    finish_reason="stop", server_timings={"fake": True})
+        finally:
+            self.active -= 1
+
+    async def discard(self, endpoint: Endpoint) -> None:
+        self.discarded.append(endpoint.model)
+
+    async def plan_waves(self, stage: StagePlan) -> WavePlan:
+        if self.waves is not None:
+            return self.waves(stage)
+        return WavePlan(True, [stage.labels])
+
+
+def crash(model: str = "fake") -> ChorusError:
+    """The error a server killed mid-answer gives."""
+    return ServerCrashed(model, "connection lost", exit_code=-9)
+
+
+def hang(model: str = "fake") -> ChorusError:
+    return RequestTimeout(model, "no answer within the request timeout")
