@@ -145,6 +145,11 @@ class ServerPool:
                 log.info("stopping idle '%s' to make room for '%s'", victim.model, spec.model)
                 self.stop(victim)
 
+    def is_idle(self, server: ModelServer) -> bool:
+        """Whether `server` is in the pool and nobody is using it (so it may be stopped to make room)."""
+        with self._lock:
+            return any(e.server is server and e.in_use == 0 for e in self._entries.values())
+
     def _lru_idle(self) -> ModelServer | None:
         with self._lock:
             idle = [e for e in self._entries.values() if e.in_use == 0]

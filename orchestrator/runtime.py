@@ -13,6 +13,7 @@ from launcher.admission import MemoryGuard
 from launcher.binary import find_llama_server
 from launcher.calibration import CalibrationCache
 from launcher.client import Endpoint
+from launcher.cpus import usable_cores
 from launcher.memory import MemoryProbe, SystemProbe
 from launcher.pool import ServerPool
 from launcher.server import ModelServer, ServerOptions, ServerSpec
@@ -102,13 +103,31 @@ class Runtime:
     def running_servers(self) -> list[ModelServer]:
         return self._pool.servers() if self._pool is not None else []
 
+    def is_idle(self, server: ModelServer) -> bool:
+        """A pool server nobody uses now: the memory plan may stop it to make room."""
+        return self._pool is not None and self._pool.is_idle(server)
+
+    def make_room(self, specs: list[ServerSpec]) -> list[str]:
+        """Stop the idle servers (least recently used first) that `specs` need the room of, before they
+        start together; returns the models stopped."""
+        if self._pool is None or not specs:
+            return []
+        fit = self.memory_guard.plan([specs], self._pool.servers(), evictable=self.is_idle)
+        stopped = []
+        for server in fit.groups[0].evict:
+            if self._pool.is_idle(server):
+                log.info("stopping idle '%s' to make room for %s", server.model, ", ".join(s.model for s in specs))
+                self._pool.stop(server)
+                stopped.append(server.model)
+        return stopped
+
     def machine(self) -> Machine:
         guard = self.memory_guard
         has_gpu = guard.has_gpu()
         if not has_gpu and not self._warned_no_gpu:
             self._warned_no_gpu = True
             log.warning("%s: running on the CPU, n_gpu_layers forced to 0", guard.gpu_note or "no GPU")
-        return Machine(has_gpu=has_gpu, gpu_note=guard.gpu_note)
+        return Machine(has_gpu=has_gpu, gpu_note=guard.gpu_note, cores=usable_cores())
 
     def plan(self, pipeline: PipelineSpec, mode: RunMode = "manual") -> RunPlan:
         """The run plan of `pipeline` on this registry and machine: every parameter resolved once."""

@@ -104,6 +104,27 @@ def test_no_gpu_forces_cpu_layers_and_different_templates_get_different_servers(
     assert with_gpu.servers[0].n_gpu_layers == 99
 
 
+def test_servers_that_run_together_share_the_cores_and_a_models_threads_wins(registry: Registry,
+                                                                            config_dir: ConfigDir) -> None:
+    cores4 = Machine(cores=4)
+    trio = spec([{"name": "solo", "models": ["gemma3-270m"]},
+                 {"name": "panel", "models": ["gemma3-270m", "chatty", "far"]}])
+    plan = build_plan(trio, registry, cores4)
+    by_model = {s.model: s.threads for s in plan.servers}
+    assert by_model == {"gemma3-270m": 2, "chatty": 2}  # two local servers at once: half each, in every stage
+    alone = build_plan(spec([{"name": "solo", "models": ["gemma3-270m"]}]), registry, cores4)
+    assert [s.threads for s in alone.servers] == [4]
+    one_at_a_time = build_plan(spec([{"name": "p", "models": ["gemma3-270m", "chatty"], "execution": "sequential"}]),
+                               registry, cores4)
+    assert [s.threads for s in one_at_a_time.servers] == [4, 4]
+    models = config_dir.models()
+    models["models"]["chatty"]["threads"] = 3
+    config_dir.write_models(models)
+    own = build_plan(spec([{"name": "p", "models": ["gemma3-270m", "chatty"]}]),
+                     Registry(load_config(config_dir.path)), cores4)
+    assert {s.model: s.threads for s in own.servers} == {"gemma3-270m": 2, "chatty": 3}
+
+
 def test_remote_and_unavailable_models_are_resolved_without_a_server(registry: Registry) -> None:
     plan = plan_of(registry, spec([{"name": "a", "models": ["far", "gone"]}]))
     far, gone = plan.stage(1).calls
@@ -169,7 +190,17 @@ def test_manual_mode_asks_before_waves_and_a_no_refuses_the_stage(registry: Regi
     record, _ = run(plan_of(registry, three_reviewers()), backend, allow_sequential=decline)
     assert asked == ["review"]
     assert record.status == "failed" and record.error and record.error["type"] == "StageRefused"
-    assert len(backend.requests) == 1  # only the draft ran
+    assert backend.requests == []  # asked before anything ran: the draft did not run either
+
+
+def test_a_model_that_does_not_fit_even_alone_refuses_the_run_before_anything_runs(registry: Registry) -> None:
+    backend = FakeBackend(waves=lambda st: WavePlan(False, [], "r3 does not fit even alone (ram: needs 9 GiB, "
+                                                               "2 GiB usable)", ["r3"]) if st.name == "review"
+                          else WavePlan(True, [st.labels]))
+    record, events = run(plan_of(registry, three_reviewers(), mode="base"), backend)
+    assert record.status == "failed" and record.error and record.error["type"] == "RunRefused"
+    assert "needs 9 GiB, 2 GiB usable" in record.error["message"] and record.stages == []
+    assert backend.requests == [] and not any(e.type == "model_started" for e in events)
 
 
 def test_a_failed_call_is_recorded_and_the_stage_goes_on_as_partial(registry: Registry) -> None:

@@ -295,3 +295,70 @@ def test_unset_and_explicit_default_n_ctx_start_exactly_one_server(runtime: Runt
     record, _ = run(runtime, spec)
     assert record.status == "completed", record.error
     assert runtime.pool.starts == 1 and len(runtime.running_servers()) == 1
+
+
+@pytest.fixture
+def three_reviewer_machine(config_dir: ConfigDir, llama_server_bin, tmp_path):
+    """Three reviewer models (three files) on a simulated machine with room for two of them at once."""
+    import os
+    import shutil
+
+    from launcher.calibration import CalibrationCache
+    from launcher.memory import FixedProbe
+
+    real = (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").resolve()
+    models = config_dir.models()
+    for name in ("rev-a", "rev-b", "rev-c"):
+        try:
+            os.link(real, config_dir.models_dir / f"{name}.gguf")
+        except OSError:
+            shutil.copy(real, config_dir.models_dir / f"{name}.gguf")
+        models["models"][name] = {**models["models"]["gemma3-270m"], "file": f"{name}.gguf"}
+    config_dir.write_models(models)
+    total = 4 * 2**30
+    probe = FixedProbe(ram_total_bytes=total, ram_available_bytes=total)
+    rt = Runtime(load_config(config_dir.path), probe=probe, calibration=CalibrationCache(tmp_path / "calib"))
+    one = rt.memory_guard.need(rt.server_spec("rev-a", n_ctx=1024)).ram_bytes
+    margin = int(total * 0.10) + 512 * 2**20
+    probe.ram_available_bytes = margin + 2 * one + one // 2  # two reviewers fit together, three do not
+    yield rt
+    rt.close()
+
+
+def review_panel() -> PipelineSpec:
+    return manual([
+        {"name": "draft", "models": ["rev-a"], "prompt": "Q: {{ question }}\nA:"},
+        {"name": "review", "models": ["rev-a", "rev-b", "rev-c"], "prompt": "Improve: {{ previous }}",
+         "aggregation": {"type": "synthesis", "synthesis_model": "rev-b"}},
+    ], n_ctx=1024)
+
+
+@pytest.mark.parametrize("mode", ["base", "manual"])
+def test_every_reviewer_answers_through_waves_on_a_small_machine(three_reviewer_machine, mode: str) -> None:
+    asked = []
+
+    def allow(question) -> bool:
+        asked.append(question)
+        return True
+
+    record, events = run(three_reviewer_machine, review_panel(), mode=mode, engine={"allow_sequential": allow})
+    review = record.stages[1]
+    assert record.status == "completed", (record.error, [(r.label, r.error) for r in review.responses])
+    assert all(r.ok for r in review.responses)
+    assert len(review.waves) == 2 and sorted(label for w in review.waves for label in w) == ["rev-a", "rev-b",
+                                                                                              "rev-c"]
+    notices = [e.message for e in events if e.type == "notice"]
+    assert any("2 waves" in n for n in notices)
+    assert len(asked) == (1 if mode == "manual" else 0)  # manual mode asks once, before anything runs
+    first_model_start = next(i for i, e in enumerate(events) if e.type == "model_started")
+    assert all(i < first_model_start for i, e in enumerate(events) if e.type == "notice")
+
+
+def test_an_idle_warm_server_is_stopped_before_the_wave_that_needs_its_room(three_reviewer_machine) -> None:
+    rt = three_reviewer_machine
+    with rt.pool.lease(rt.server_spec("gemma3-270m", n_ctx=1024)):
+        pass  # warm and idle, holding room
+    record, _ = run(rt, review_panel(), mode="base")
+    assert record.status == "completed", record.error
+    assert "gemma3-270m" not in {s.model for s in rt.running_servers()}
+    assert all(r.ok for r in record.stages[1].responses)

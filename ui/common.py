@@ -57,12 +57,14 @@ def fmt_time(ts: object) -> str:
 # expander labels).
 
 _MD_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character (CommonMark escapes)
+_MD_SYNTAX = re.compile(r"([!-/;-@\[-`{-~])")  # the same but ':' (Streamlit's :color[...] needs '[', and
+# :emoji: / :material/icon: shortcodes fetch nothing), so labels such as "Step 1: answer" read as they are
 
 
 def md_escape(text: object) -> str:
-    """`text` for a Markdown-rendering widget, shown as it is: every ASCII punctuation is backslash-escaped,
-    so no link, image, HTML, emphasis, directive or math is formed; newlines stay line breaks."""
-    return _MD_PUNCTUATION.sub(r"\\\1", str(text)).replace("\n", "  \n")
+    """`text` for a Markdown-rendering widget, shown as it is: ASCII punctuation is backslash-escaped, so no
+    link, image, HTML, emphasis, directive or math is formed; newlines stay line breaks."""
+    return _MD_SYNTAX.sub(r"\\\1", str(text)).replace("\n", "  \n")
 
 
 def html_text(text: str) -> str:

@@ -167,7 +167,7 @@ class VoteOptions(Strict):
         return self
 
 
-AggregationType = Literal["concat", "majority_vote", "synthesis", "custom_template", "custom"]
+AggregationType = Literal["concat", "majority_vote", "synthesis", "custom_template", "custom", "judge"]
 
 
 class AggregationSpec(Strict):
@@ -179,8 +179,11 @@ class AggregationSpec(Strict):
     template: str | None = None
     function: str | None = None
     vote: VoteOptions = VoteOptions()
+    judge_model: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None  # type judge: scores every answer
+    judge_prompt: str | None = None  # Jinja: question, answer, reference (score); answer_a, answer_b (pairwise)
+    judge_mode: Literal["score", "pairwise"] = "score"
 
-    _check_templates = field_validator("synthesis_prompt", "template")(_check_template)
+    _check_templates = field_validator("synthesis_prompt", "template", "judge_prompt")(_check_template)
 
     @model_validator(mode="after")
     def _needs(self) -> AggregationSpec:
@@ -192,6 +195,8 @@ class AggregationSpec(Strict):
             raise ValueError("aggregation 'custom_template' needs 'template'")
         if self.type == "custom" and not (self.function and re.match(r"^[\w.]+:[\w]+$", self.function)):
             raise ValueError("aggregation 'custom' needs 'function' as 'module:function'")
+        if self.type == "judge" and not self.judge_model:
+            raise ValueError("aggregation 'judge' needs 'judge_model'")
         return self
 
 

@@ -1,5 +1,8 @@
 """The merge step of a stage: turn the answers of a stage's models into one output.
 
+Kinds: concat, majority_vote, synthesis, custom_template, custom, and judge (a judge model scores the
+answers, or compares them in pairs with positions swapped, and the best one wins; eval/judge.py reads it).
+
 `aggregate` is the single entry point. It always returns a complete AggregationRecord or raises
 AggregationError; whatever users supply (templates, regex, custom functions) fails as a ChorusError.
 Templates render off the event loop with a time limit (`render_async`), vote patterns run in the `regex`
@@ -26,6 +29,7 @@ from launcher.errors import ChorusError
 from orchestrator.config.schema import AggregationSpec, VoteOptions
 from orchestrator.engine import aggregators
 from orchestrator.engine.templates import TemplateError, render_async
+from orchestrator.eval.judge import JudgeUnparseable, PairVerdict, ScoreVerdict, judge_pair, judge_score
 from orchestrator.records import AggregationRecord, error_dict
 
 
@@ -100,6 +104,8 @@ async def aggregate(spec: AggregationSpec, question: str, candidates: list[Candi
         output, details = await _custom_template(spec, question, inputs, context)
     elif kind == "custom":
         output, details = await _custom(spec, question, inputs, config_dir)
+    elif kind == "judge":
+        output, details = await _judge(spec, question, candidates, synthesize, context)
     else:
         raise AggregationError(kind, f"unknown aggregation type {kind!r}")
     return AggregationRecord(kind=kind, inputs=inputs, output=output, details=details)
@@ -392,6 +398,65 @@ async def _custom_template(spec: AggregationSpec, question: str, inputs: list[di
     output = await _render("custom_template", template, _template_context(question, inputs, context),
                            "aggregation template")
     return output.strip(), {"template": template}
+
+
+# ---------------------------------------------------------------- judge
+
+async def _judge(spec: AggregationSpec, question: str, candidates: Sequence[Candidate],
+                 synthesize: SynthesizeFn | None, context: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The judge model scores every answer (or compares them two at a time, both orders); the best one wins.
+
+    Ties go to the earliest answer. Every verdict, with the judge's reason, prompt and replies, is kept.
+    """
+    model = spec.judge_model
+    if synthesize is None or not model:
+        raise AggregationError("judge", "needs a judge_model and a synthesize function")
+    details: dict[str, Any] = {"judge_model": model, "judge_mode": spec.judge_mode,
+                               "judge_prompt_template": spec.judge_prompt}
+    labels = [c.label for c in candidates]
+    try:
+        if spec.judge_mode == "pairwise":
+            points, pairs = await _judge_pairs(model, spec.judge_prompt, question, candidates, synthesize, context)
+            details.update(pairs=[p.to_dict() for p in pairs], points=dict(zip(labels, points, strict=True)),
+                           consistent_pairs=sum(p.consistent for p in pairs))
+        else:
+            scores: list[ScoreVerdict] = []
+            for c in candidates:  # one at a time: the judge's server has one slot for the stage's merge
+                scores.append(await judge_score(synthesize, model, question, c.text, template=spec.judge_prompt,
+                                                context={**(context or {}), "label": c.label, "model": c.model}))
+            points = [s.score for s in scores]
+            details["scores"] = [{"label": c.label, "model": c.model, **s.to_dict()}
+                                 for c, s in zip(candidates, scores, strict=True)]
+    except JudgeUnparseable as exc:
+        raise AggregationError("judge", exc.message, hint=exc.hint,
+                               details={**details, "replies": exc.replies}) from exc
+    except TemplateError as exc:
+        raise AggregationError("judge", str(exc), details={**details, "template_error": exc.to_dict()}) from exc
+    except ChorusError as exc:
+        raise AggregationError("judge", f"judge model '{model}' failed: {exc}",
+                               details={**details, "judge_error": error_dict(exc)}) from exc
+    best = max(points)
+    winner = points.index(best)
+    details.update(winner_label=labels[winner], winner_score=best,
+                   tie=[label for label, p in zip(labels, points, strict=True) if p == best] if points.count(best) > 1
+                   else None)
+    return candidates[winner].text, details
+
+
+async def _judge_pairs(model: str, template: str | None, question: str, candidates: Sequence[Candidate],
+                       synthesize: SynthesizeFn, context: dict[str, Any] | None) -> tuple[list[float], list[PairVerdict]]:
+    """Every pair in both orders; an answer's points are its wins (1) and ties (0.5) summed over its pairs."""
+    points = [0.0] * len(candidates)
+    pairs: list[PairVerdict] = []
+    for i, a in enumerate(candidates):
+        for j in range(i + 1, len(candidates)):
+            b = candidates[j]
+            pair = await judge_pair(synthesize, model, question, (a.label, a.text), (b.label, b.text),
+                                    template=template, context=context)
+            pairs.append(pair)
+            points[i] += pair.points_a
+            points[j] += 1 - pair.points_a
+    return points, pairs
 
 
 # ---------------------------------------------------------------- custom functions

@@ -7,13 +7,13 @@ logic is tested in milliseconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from launcher.client import Endpoint, GenerationRequest, GenerationResult
-from orchestrator.plan.resolve import StagePlan, Target
+from orchestrator.plan.resolve import CallPlan, StagePlan, Target
 
 TokenCallback = Callable[[str], None]
 
@@ -44,4 +44,8 @@ class Backend(Protocol):
 
     async def plan_waves(self, stage: StagePlan) -> WavePlan:
         """Whether the stage's local servers fit in memory together now, else in which waves."""
+        ...
+
+    async def make_room(self, calls: Sequence[CallPlan]) -> None:
+        """Before a wave: stop idle warm servers whose room the wave's servers need."""
         ...

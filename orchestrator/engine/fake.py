@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from launcher.client import Endpoint, GenerationRequest, GenerationResult
 from launcher.errors import ChorusError, RequestTimeout, ServerCrashed
 from orchestrator.engine.backend import TokenCallback, WavePlan
-from orchestrator.plan.resolve import StagePlan, Target
+from orchestrator.plan.resolve import CallPlan, StagePlan, Target
 
 Reply = str | Callable[[GenerationRequest], str] | BaseException
 
@@ -37,6 +37,7 @@ class FakeBackend:
     requests: list[tuple[str, GenerationRequest]] = field(default_factory=list)
     endpoints_opened: list[Target] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)
+    waves_started: list[list[str]] = field(default_factory=list)
     active: int = 0
     peak_active: int = 0
 
@@ -75,6 +76,9 @@ class FakeBackend:
 
     async def discard(self, endpoint: Endpoint) -> None:
         self.discarded.append(endpoint.model)
+
+    async def make_room(self, calls: Sequence[CallPlan]) -> None:
+        self.waves_started.append([c.label for c in calls])
 
     async def plan_waves(self, stage: StagePlan) -> WavePlan:
         if self.waves is not None:

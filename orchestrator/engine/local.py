@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from launcher.client import Endpoint, GenerationClient, GenerationRequest, GenerationResult
 from orchestrator.engine.backend import TokenCallback, WavePlan
 from orchestrator.plan.memory import plan_stage_memory
-from orchestrator.plan.resolve import StagePlan, Target, remote_api_key
+from orchestrator.plan.resolve import CallPlan, StagePlan, Target, remote_api_key
 from orchestrator.runtime import Runtime
 
 
@@ -51,6 +51,11 @@ class LocalBackend:
         # stopping a hung server may take stop_grace_s: off the event loop
         await asyncio.to_thread(self.runtime.discard_server, endpoint)
 
+    async def make_room(self, calls: Sequence[CallPlan]) -> None:
+        specs = list(dict.fromkeys(c.target.server for c in calls if c.target.server is not None))
+        await asyncio.to_thread(self.runtime.make_room, specs)
+
     async def plan_waves(self, stage: StagePlan) -> WavePlan:
         memory = await asyncio.to_thread(plan_stage_memory, self.runtime, stage)
-        return WavePlan(memory.fits_together, [list(w) for w in memory.waves], memory.reason, list(memory.unfit))
+        unfit = [label for m in memory.unfit_servers for label in m.labels]
+        return WavePlan(memory.fits_together, [list(w) for w in memory.waves], memory.reason, unfit)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from launcher.errors import ChorusError, RequestTimeout
 from orchestrator.engine.aggregation import AggregationError, Candidate, aggregate
-from orchestrator.engine.backend import Backend
+from orchestrator.engine.backend import Backend, WavePlan
 from orchestrator.engine.events import (
     AggregationDone,
     Event,
@@ -72,6 +72,16 @@ class StageRefused(ChorusError):
                          hint="Allow sequential execution (--allow-sequential, or the UI's 'run sequentially').")
         self.stage = stage
         self.reason = reason
+
+
+class RunRefused(ChorusError):
+    """Before anything ran: some model of the run does not fit in memory even alone."""
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        stages = "; ".join(f"stage '{s}': {r}" for s, r in reasons.items())
+        super().__init__(f"the run does not fit in memory: {stages}",
+                         hint="Use a smaller n_ctx or fewer slots, a smaller model, or free memory (`chorus ps`).")
+        self.reasons = dict(reasons)
 
 
 class SynthesisFailed(ChorusError):
@@ -175,11 +185,13 @@ class Engine:
             copied.status = "copied"
             run.stages.append(copied)
             self._emit(run, StageFinished(run, copied))
-        for stage in plan.stages[len(prior):]:
+        to_run = plan.stages[len(prior):]
+        in_waves = await self._preflight(run, to_run)
+        for stage in to_run:
             if cancel.cancelled:
                 run.status = "cancelled"
                 return
-            record = await self._run_stage(run, plan, stage, cancel)
+            record = await self._run_stage(run, plan, stage, cancel, stage.index in in_waves)
             run.stages.append(record)
             self._emit(run, StageFinished(run, record))
             if record.status in ("failed", "cancelled"):
@@ -192,7 +204,38 @@ class Engine:
 
     # ---------------------------------------------------------------- one stage
 
-    async def _run_stage(self, run: RunRecord, plan: RunPlan, stage: StagePlan, cancel: CancelToken) -> StageRecord:
+    async def _preflight(self, run: RunRecord, stages: Sequence[StagePlan]) -> set[int]:
+        """Plan the whole run's memory before stage 1, so nothing runs only to be refused later.
+
+        A model that does not fit even alone refuses the run; every stage whose models must run in waves
+        is announced (and in manual mode asked about) now. Returns the indexes of those stages.
+        """
+        in_waves: set[int] = set()
+        unfit: dict[str, str] = {}
+        for stage in stages:
+            if not any(c.target.kind == "local" for c in stage.all_calls()):
+                continue
+            waves = await self.backend.plan_waves(stage)
+            if waves.unfit:
+                unfit[stage.name] = waves.reason
+            elif not waves.fits_together and stage.spec.execution == "auto" and len(stage.labels) > 1:
+                self._allow_waves(run, stage.name, waves)
+                in_waves.add(stage.index)
+        if unfit:
+            raise RunRefused(unfit)
+        return in_waves
+
+    def _allow_waves(self, run: RunRecord, stage: str, waves: WavePlan) -> list[list[str]]:
+        """Ask (manual mode) and announce that `stage` runs in waves; raise StageRefused on a no."""
+        question = SequentialQuestion(stage, [list(w) for w in waves.waves], waves.reason)
+        if run.mode == "manual" and not self._ask_sequential(question):
+            raise StageRefused(stage, question.reason or "not enough memory")
+        self._emit(run, Notice(stage, f"models of stage '{stage}' do not fit in memory together: running in "
+                                      f"{len(question.waves)} waves ({question.reason})", question.waves))
+        return question.waves
+
+    async def _run_stage(self, run: RunRecord, plan: RunPlan, stage: StagePlan, cancel: CancelToken,
+                         allowed_waves: bool = False) -> StageRecord:
         spec = stage.spec
         record = StageRecord(index=stage.index, name=stage.name, system_prompt=spec.system_prompt,
                              params={"execution": spec.execution, "on_error": spec.on_error,
@@ -205,7 +248,7 @@ class Engine:
         context = build_context(run.question, previous, run.stages)
         try:
             record.prompt = await render_async(spec.prompt, context, where=f"stage '{stage.name}' prompt")
-            waves = await self._waves(run, stage)
+            waves = await self._waves(run, stage, allowed_waves)
         except ChorusError as exc:
             return self._finish(run, record, "failed", error=error_dict(exc))
         record.waves = waves
@@ -214,6 +257,7 @@ class Engine:
                                            prompt=record.prompt, params=c.public_params()) for c in stage.calls]
         responses = {r.label: r for r in record.responses}
         for wave in waves:
+            await self.backend.make_room([stage.call(label) for label in wave])
             await asyncio.gather(*(self._call(run, stage.name, stage.call(label), responses[label], cancel)
                                    for label in wave))
             if cancel.cancelled:
@@ -249,8 +293,11 @@ class Engine:
         record.finished_at = time.time()
         return record
 
-    async def _waves(self, run: RunRecord, stage: StagePlan) -> list[list[str]]:
-        """All labels in one wave when they fit together (or when forced), else the backend's waves."""
+    async def _waves(self, run: RunRecord, stage: StagePlan, allowed: bool) -> list[list[str]]:
+        """All labels in one wave when they fit together now (or when forced), else the backend's waves.
+
+        Asked again only if the stage did not need waves when the run was planned (memory changed since).
+        """
         labels = stage.labels
         if stage.spec.execution == "sequential":
             return _one_model_at_a_time(stage.calls)
@@ -259,12 +306,9 @@ class Engine:
         waves = await self.backend.plan_waves(stage)
         if waves.fits_together:
             return [labels]
-        question = SequentialQuestion(stage.name, [list(w) for w in waves.waves], waves.reason)
-        if run.mode == "manual" and not self._ask_sequential(question):
-            raise StageRefused(stage.name, question.reason or "not enough memory")
-        self._emit(run, Notice(stage.name, f"models of stage '{stage.name}' do not fit in memory together: "
-                                           f"running in {len(question.waves)} waves", question.waves))
-        return question.waves
+        if allowed:
+            return [list(w) for w in waves.waves]
+        return self._allow_waves(run, stage.name, waves)
 
     def _ask_sequential(self, question: SequentialQuestion) -> bool:
         if isinstance(self.allow_sequential, bool):

@@ -9,13 +9,16 @@ Writes are in order and stop at the first failure: a session never has step 3 wi
 failure only session.json is still attempted, with the stages that were written and a 'history_error',
 so the session lists as damaged rather than silently short. `close()` returns that first failure.
 
-session.json carries the writer's pid, process start time and host while the run is going: a session
-left 'running' by a process that died (SIGKILL, a second Ctrl-C, a crash) is marked 'interrupted' the
+While it writes, the recorder holds an flock on the session's `.lock` file, and session.json carries its
+pid, process start time and host: a session left 'running' by a process that died (SIGKILL, a second
+Ctrl-C, a crash) or by a recorder that could not write its end (a full disk) is marked 'interrupted' the
 next time history is read (SessionStore.load / list).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -50,8 +53,7 @@ from orchestrator.records import StageRecord, stage_from_dict, to_dict
 log = logging.getLogger("chorus.history")
 
 CLOSE_TIMEOUT_S = 120.0  # a disk that hangs longer than this is reported, not waited for
-_CLOSED: set[str] = set()  # sessions whose recorder in this process has finished writing
-_CLOSED_LOCK = threading.Lock()
+LOCK_FILE = ".lock"  # held (flock) by the recorder while it writes; the kernel releases it if the process dies
 
 
 def writer_identity() -> dict[str, Any]:
@@ -65,17 +67,19 @@ def writer_identity() -> dict[str, Any]:
 
 
 def writer_alive(writer: Any, session_dir: Path | None = None) -> bool | None:
-    """Whether the process that writes a session still does: None when it cannot be told (no record of
-    the writer, an older session, or another host sharing the sessions dir). In this process, a recorder
-    that was closed (its last write failed, a full disk) no longer writes either."""
+    """Whether a recorder still writes a session: None when it cannot be told (no record of the writer, an
+    older session, or another host sharing the sessions dir).
+
+    The session's lock file says it best (held while a recorder writes, released when it closes or its
+    process dies, whatever the pid); without one, the writer's pid and process start time (a reused pid
+    is another process)."""
     if not isinstance(writer, dict) or not isinstance(writer.get("pid"), int):
         return None
     if writer.get("host") != socket.gethostname():
         return None
-    if writer["pid"] == os.getpid() and session_dir is not None:
-        with _CLOSED_LOCK:
-            if str(session_dir.absolute()) in _CLOSED:
-                return False
+    held = _lock_held(session_dir / LOCK_FILE) if session_dir is not None else None
+    if held is not None:
+        return held
     try:
         proc = psutil.Process(writer["pid"])
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -86,6 +90,36 @@ def writer_alive(writer: Any, session_dir: Path | None = None) -> bool | None:
         return False
     except psutil.Error:  # access denied: it exists
         return True
+
+
+def _lock_held(path: Path) -> bool | None:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases our shared lock, if we got it
+    return False
+
+
+def _take_lock(path: Path) -> int | None:
+    """An exclusive lock on the session's lock file, or None where locks are not available."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 @dataclass
@@ -121,8 +155,14 @@ class Recorder:
         self.created_at = time.time()
         self.writer = writer_identity()
         self._meta = first_meta(self.id, snapshot, created_at=self.created_at, writer=self.writer)
-        self._write(SNAPSHOT_FILE, snapshot)  # raises SessionError: the store removes the folder
-        self._write(SESSION_FILE, self._meta)
+        self._lock_guard = threading.Lock()
+        self._lock_fd = _take_lock(self.dir / LOCK_FILE)
+        try:
+            self._write(SNAPSHOT_FILE, snapshot)  # raises SessionError: the store removes the folder
+            self._write(SESSION_FILE, self._meta)
+        except SessionError:
+            self._release()
+            raise
         self._queue: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -189,9 +229,19 @@ class Recorder:
             drained = self._pending == 0
         if drained:
             self._thread.join(timeout)
-            with _CLOSED_LOCK:
-                _CLOSED.add(str(self.dir.absolute()))
+            # from now on readers know nobody writes this session; if its end could not be written (a full
+            # disk), the released lock file stays, so it is seen as interrupted, whoever holds this pid
+            self._release(remove=self._meta.get("status") != "running")
         return error
+
+    def _release(self, *, remove: bool = True) -> None:
+        with self._lock_guard:
+            fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            if remove:
+                with contextlib.suppress(OSError):
+                    (self.dir / LOCK_FILE).unlink()
+            os.close(fd)
 
     @property
     def error(self) -> SessionError | None:

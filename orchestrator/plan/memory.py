@@ -53,11 +53,20 @@ class StageMemory:
     unfit: list[str] = field(default_factory=list)  # labels that do not fit even alone
     unavailable: list[str] = field(default_factory=list)  # labels of models the registry could not register
     need: dict[str, int] = field(default_factory=dict)  # of the stage's servers together, per device
+    have_at_most: dict[str, int] = field(default_factory=dict)  # usable with every evictable server stopped
+
+    @property
+    def unfit_servers(self) -> list[ServerNeed]:
+        out = [m for m in self.models if not m.fits_alone and m.source != "unavailable"]
+        if self.synthesis is not None and not self.synthesis.fits_alone and self.synthesis.source != "unavailable":
+            out.append(self.synthesis)
+        return out
 
     @property
     def reason(self) -> str:
-        if self.unfit:
-            return f"{', '.join(self.unfit)} do not fit in memory even alone"
+        unfit = self.unfit_servers
+        if unfit:
+            return "; ".join(f"{', '.join(m.labels)} does not fit even alone ({self._short(m.need)})" for m in unfit)
         if self.fits_together:
             return ""
         have = self.available.have()
@@ -65,6 +74,13 @@ class StageMemory:
         parts = ", ".join(f"{d}: {fmt_bytes(self.need.get(d, 0))} needed, {fmt_bytes(have.get(d, 0))} usable"
                           for d in short)
         return f"{parts}; running in {len(self.waves)} waves"
+
+    def _short(self, need: dict[str, int]) -> str:
+        """'ram: needs 330 MiB, 250 MiB usable with every idle server stopped' for the short devices."""
+        have = self.have_at_most or self.available.have()
+        short = [d for d, n in need.items() if n > have.get(d, 0)] or list(need)[:1]
+        return ", ".join(f"{d}: needs {fmt_bytes(need.get(d, 0))}, {fmt_bytes(have.get(d, 0))} usable with every "
+                         "idle server stopped" for d in short)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.stage, "models": [asdict(m) for m in self.models], "fits_together": self.fits_together,
@@ -135,7 +151,7 @@ def plan_stage_memory(runtime: Runtime, stage: StagePlan) -> StageMemory:
     needs, specs, spec_need = _group(list(stage.calls))
     syn_needs, syn_specs, _ = _group([stage.synthesis]) if stage.synthesis is not None else ([], [], [])
     groups = [specs] + ([syn_specs] if syn_specs else [])
-    fit: FitPlan = runtime.memory_guard.plan(groups, runtime.running_servers())
+    fit: FitPlan = runtime.memory_guard.plan(groups, runtime.running_servers(), evictable=runtime.is_idle)
     group = fit.groups[0]
     for i, planned in enumerate(group.specs):
         _fill(needs[spec_need[i]], planned, i not in group.unfit)
@@ -152,8 +168,10 @@ def plan_stage_memory(runtime: Runtime, stage: StagePlan) -> StageMemory:
     if synthesis is not None and syn_specs:
         sg = fit.groups[1]
         _fill(synthesis, sg.specs[0], not sg.unfit)
+    have = fit.available.have()
+    have_at_most = {d: n + fit.evictable.get(d, 0) for d, n in have.items()}
     return StageMemory(stage.name, needs, group.fits_together, waves, fit.available, synthesis,
-                       [s.model for s in group.evict], unfit, unavailable, group.need)
+                       [s.model for s in group.evict], unfit, unavailable, group.need, have_at_most)
 
 
 def plan_memory(runtime: Runtime, plan: RunPlan) -> MemoryPlan:

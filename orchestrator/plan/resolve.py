@@ -34,6 +34,7 @@ class Machine:
 
     has_gpu: bool = False
     gpu_note: str | None = None  # why there is no GPU, when there is none
+    cores: int = 1               # the cores this process may use (affinity, cgroup quota): servers share them
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,9 @@ def _stage_calls(pipeline: PipelineSpec, stage: StageSpec, registry: Registry,
         calls.append(CallPlan(slot.label or slot.model, _target(registry, slot.model, machine, n_ctx, ngl),
                               GenerationRequest(prompt="", system_prompt=system, **gen)))
     synthesis = None
-    if stage.aggregation.synthesis_model:
-        model = stage.aggregation.synthesis_model
+    agg = stage.aggregation  # the stage's one aggregation model call: the judge's, or the synthesis model's
+    model = agg.judge_model if agg.type == "judge" else agg.synthesis_model
+    if model:
         synthesis = CallPlan(f"{model}-synthesis", _target(registry, model, machine, n_ctx, ngl),
                              GenerationRequest(prompt="", system_prompt="", **base))
     return calls, synthesis
@@ -233,13 +235,16 @@ def build_plan(pipeline: PipelineSpec, registry: Registry, machine: Machine | No
             local.setdefault(synthesis.target.server.family, 1)
         for key, n in local.items():
             slots[key] = max(slots.get(key, 0), n)
+    threads = _thread_shares(pipeline, resolved, machine.cores)
     # one server per family: two model names for one file with the same settings share it, as the pool does
     servers: dict[tuple[object, ...], ServerSpec] = {}
     for calls, synthesis in resolved:
         for call in [*calls, *([synthesis] if synthesis else [])]:
             spec = call.target.server
             if spec is not None and spec.family not in servers:
-                servers[spec.family] = dataclasses.replace(spec, slots=max(spec.slots, slots[spec.family]))
+                servers[spec.family] = dataclasses.replace(
+                    spec, slots=max(spec.slots, slots[spec.family]),
+                    threads=spec.threads if spec.threads is not None else threads[spec.family])
     stages = tuple(
         StagePlan(index, stage, tuple(_shared(c, servers) for c in calls),
                   _shared(synthesis, servers) if synthesis is not None else None)
@@ -251,6 +256,26 @@ def build_plan(pipeline: PipelineSpec, registry: Registry, machine: Machine | No
         except PipelineBlocked as exc:
             blocked = error_dict(exc)
     return RunPlan(pipeline, mode, stages, machine, config_dir, blocked)
+
+
+def _thread_shares(pipeline: PipelineSpec, resolved: list[tuple[list[CallPlan], CallPlan | None]],
+                   cores: int) -> dict[tuple[object, ...], int]:
+    """Per server family, its share of the cores: servers that run at the same time split them.
+
+    llama-server takes every core by default; three servers of a parallel stage then fight over them
+    (2-10 tok/s each where one thread each gave about 35 on 2 cores). The concurrency of a server is the
+    most distinct servers any stage runs at once with it (a sequential stage runs one at a time; the
+    synthesis call runs alone). A model's own `threads:` in models.yaml is kept as it is.
+    """
+    share: dict[tuple[object, ...], int] = {}
+    for stage, (calls, synthesis) in zip(pipeline.stages, resolved, strict=True):
+        families = list(dict.fromkeys(c.target.server.family for c in calls if c.target.server is not None))
+        together = 1 if stage.execution == "sequential" else max(1, len(families))
+        for family in families:
+            share[family] = min(share.get(family, cores), max(1, cores // together))
+        if synthesis is not None and synthesis.target.server is not None:
+            share.setdefault(synthesis.target.server.family, max(1, cores))
+    return share
 
 
 def remote_api_key(target: Target) -> str | None:

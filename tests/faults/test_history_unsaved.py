@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine.events import Event
+from orchestrator.engine.events import Event, StageStarted
 from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner
 from tests.conftest import REPO, ConfigDir
@@ -121,7 +121,7 @@ def test_full_disk_loses_the_history_not_the_answer_and_recovers(
 
         filler.unlink()  # room at the start, then the disk fills up during the run
         def fill_at_stage_two(event: Event) -> None:
-            if event.type == "stage_started" and event.stage == "two":
+            if isinstance(event, StageStarted) and event.stage == "two":
                 fill(disk)
 
         midway, _ = run(runtime, two_stages, QUESTION, on_event=fill_at_stage_two)
@@ -131,7 +131,8 @@ def test_full_disk_loses_the_history_not_the_answer_and_recovers(
         out = chorus(config_dir, "run", QUESTION, *SMALL)  # the user's view on the full disk
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
         assert out.stdout.strip() and "warning: history could not be saved" in out.stderr
-        assert "incomplete)" in out.stderr
+        assert "session:" not in out.stderr  # its first write failed: no session, and no empty folder left
+        assert all((d / "session.json").is_file() for d in sessions.glob("session_*"))
 
         filler.unlink()  # room again: history works as before
         back, _ = run(runtime, two_stages, QUESTION)
@@ -143,6 +144,8 @@ def test_full_disk_loses_the_history_not_the_answer_and_recovers(
     assert listed.returncode == 0, listed.stderr
     ids = [r["id"] for r in json.loads(listed.stdout)]
     assert back.session_id in ids
+    assert full.session_id is None  # a full disk from the start: nothing to list
+    assert {r["id"]: r["status"] for r in json.loads(listed.stdout)}[midway.session_id] == "interrupted"
     for sid in {full.session_id, midway.session_id} - {None}:  # half-written sessions never crash the history
         shown = chorus(config_dir, "history", "show", sid)  # type: ignore[arg-type]
         assert "Traceback" not in shown.stderr, shown.stderr

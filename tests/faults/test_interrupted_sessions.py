@@ -74,6 +74,8 @@ def test_a_live_writer_keeps_its_session_running_and_a_reused_pid_does_not(tmp_p
 
     meta_path = recorder.dir / "session.json"
     meta = json.loads(meta_path.read_text())
+    (recorder.dir / ".lock").unlink()  # no lock file (an older session): the pid and its start time decide
+    assert store.load(recorder.id).meta["status"] == "running"
     meta["writer"]["started"] -= 3600  # same pid, another process (the pid was reused)
     meta_path.write_text(json.dumps(meta))
     assert store.load(recorder.id).meta["status"] == "interrupted"
@@ -128,7 +130,8 @@ def test_a_disk_that_fills_up_mid_run_keeps_the_stages_before_it_in_order(tmp_pa
     assert calls[4] == "step2_facts.json"
     assert not [c for c in calls[5:] if c.startswith("step")]  # nothing after the gap was even tried
     names = sorted(p.name for p in recorder.dir.iterdir())
-    assert names == ["aggregation.json", "config_snapshot.json", "session.json", "step1.json"]
+    # .lock: released but kept, since session.json still says running (its last write failed)
+    assert names == [".lock", "aggregation.json", "config_snapshot.json", "session.json", "step1.json"]
 
     disk_full_from(10**9)  # room again
     session = store.load(recorder.id)
