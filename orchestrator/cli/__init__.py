@@ -1,5 +1,1 @@
-"""The `chorus` command line: one module per command group."""
-
-from orchestrator.cli.main import main
-
-__all__ = ["main"]
+"""The `chorus` command line: one module per command group (main.py wires them)."""

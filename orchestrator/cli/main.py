@@ -16,6 +16,7 @@ from launcher.binary import binary_version, find_llama_server
 from launcher.errors import ChorusError
 from launcher.server import MIN_N_CTX, install_signal_cleanup
 from launcher.state import list_running
+from orchestrator.cli import api as cli_api
 from orchestrator.cli import init as cli_init
 from orchestrator.cli import run as cli_run
 from orchestrator.cli import ui as cli_ui
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_init.register(sub, common)
     cli_run.register(sub, common)
     cli_ui.register(sub, common)
+    cli_api.register(sub, common)
     return parser
 
 

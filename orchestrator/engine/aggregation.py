@@ -444,7 +444,8 @@ async def _judge(spec: AggregationSpec, question: str, candidates: Sequence[Cand
 
 
 async def _judge_pairs(model: str, template: str | None, question: str, candidates: Sequence[Candidate],
-                       synthesize: SynthesizeFn, context: dict[str, Any] | None) -> tuple[list[float], list[PairVerdict]]:
+                       synthesize: SynthesizeFn, context: dict[str, Any] | None,
+                       ) -> tuple[list[float], list[PairVerdict]]:
     """Every pair in both orders; an answer's points are its wins (1) and ties (0.5) summed over its pairs."""
     points = [0.0] * len(candidates)
     pairs: list[PairVerdict] = []

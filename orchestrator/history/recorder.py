@@ -131,6 +131,7 @@ class _Batch:
     final: str | None = None
     meta: dict[str, Any] | None = None
     failure: SessionError | None = None  # the loop could not take a copy of the event's data
+    interrupted: bool = False  # closed without RunFinished: session.json says so
     last: bool = False
 
 
@@ -154,7 +155,8 @@ class Recorder:
         self.index = index
         self.created_at = time.time()
         self.writer = writer_identity()
-        self._meta = first_meta(self.id, snapshot, created_at=self.created_at, writer=self.writer)
+        self._meta = first_meta(self.id, snapshot, created_at=self.created_at, writer=self.writer)  # as on disk
+        self._last_meta = self._meta  # as the run last told (the writer thread's)
         self._lock_guard = threading.Lock()
         self._lock_fd = _take_lock(self.dir / LOCK_FILE)
         try:
@@ -220,10 +222,7 @@ class Recorder:
         with self._lock:
             ended = self._ended
         if not ended:  # no RunFinished: the run was aborted
-            meta = {**self._meta, "status": "interrupted", "finished_at": time.time(),
-                    "error": self._meta.get("error") or {"type": "Interrupted",
-                                                         "message": "the run stopped before it finished"}}
-            self._put(_Batch(meta=meta, last=True))
+            self._put(_Batch(interrupted=True, last=True))
         error = self.flush(timeout)
         with self._lock:
             drained = self._pending == 0
@@ -278,7 +277,12 @@ class Recorder:
                     self._aggregations = next((d for n, d in batch.files if n == AGGREGATION_FILE), [])
                 if batch.final is not None:
                     self._final = batch.final
+        if batch.interrupted:
+            batch.meta = {**self._last_meta, "status": "interrupted", "finished_at": time.time(),
+                          "error": self._last_meta.get("error") or {
+                              "type": "Interrupted", "message": "the run stopped before it finished"}}
         if batch.meta is not None:
+            self._last_meta = batch.meta
             meta = {**batch.meta, "stages": [s.name for s in self._stages]}  # only what is on disk
             if self._error is not None:
                 meta["history_error"] = self._error.detail
@@ -292,7 +296,7 @@ class Recorder:
         except SessionError as exc:
             if self._error is None:
                 self._error = exc
-            log.warning("%s", exc)
+            log.info("%s", exc)  # close() returns the first one: the caller reports it once
             return False
 
     def _write(self, name: str, data: Any) -> None:

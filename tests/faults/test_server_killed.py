@@ -46,7 +46,7 @@ def test_kill_9_mid_generation_fails_only_that_model_and_the_rerun_works(config_
         outcome, events = run(runtime, spec, on_event=kill_b_on_its_first_token)
         assert killed, "gemma-b never streamed a token"
         run_rec = outcome.run
-        assert run_rec.status == "completed", run_rec.error
+        assert run_rec.status == "partial", run_rec.error  # a call failed: the run says so
         panel = run_rec.stages[0]
         assert panel.status == "partial"
         a, b = panel.response("a"), panel.response("b")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from launcher import server as server_mod
-from orchestrator.cli import main as cli
+from orchestrator.cli import main as cli  # the module
 from tests.conftest import ConfigDir
 from tests.faults.conftest import (
     DEMO,

@@ -1,0 +1,75 @@
+"""An OpenAI request onto a pipeline run: the question, the earlier turns, and the sampling fields.
+
+- The question is the last user message; the messages before it are the history.
+- A sampling field the request sets (temperature, top_p, max_tokens, seed, stop) applies to every call of
+  this run: it becomes the pipeline default and replaces any stage or slot value of that field, so
+  `max_tokens: 8` means at most 8 tokens per call. The pipeline file is not changed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.errors import BadRequest
+from api.schemas import SAMPLING_KEYS, ChatRequest, CompletionFields
+from orchestrator.config.schema import PipelineSpec
+from orchestrator.runs import Runner
+
+Turn = dict[str, str]
+
+
+def conversation(request: ChatRequest) -> tuple[str, list[Turn]]:
+    """(question, history): the last user message, and every message before it as {role, content}."""
+    last_user = max((i for i, m in enumerate(request.messages) if m.role == "user"), default=None)
+    if last_user is None:
+        raise BadRequest("no user message: the last user message is the question", param="messages")
+    if last_user != len(request.messages) - 1:
+        raise BadRequest("the last message must be the user's question (a pipeline does not continue an "
+                         "assistant message)", param="messages")
+    question = request.messages[last_user].text()
+    if not question.strip():
+        raise BadRequest("the last user message is empty", param="messages")
+    history = [{"role": m.role, "content": m.text()} for m in request.messages[:last_user]]
+    return question, history
+
+
+def check_pipeline_request(request: CompletionFields) -> None:
+    """What a pipeline cannot honour is refused rather than silently answered otherwise."""
+    if request.n != 1:
+        raise BadRequest("a pipeline gives one answer: n must be 1", param="n")
+    extra = request.model_extra or {}
+    if extra.get("tools") or extra.get("functions"):
+        raise BadRequest("a pipeline cannot call tools", param="tools")
+
+
+def with_sampling(pipeline: PipelineSpec, request: CompletionFields) -> PipelineSpec:
+    """`pipeline` with the request's sampling fields applied to every call (a new spec)."""
+    values = request.sampling()
+    if not values:
+        return pipeline
+    data = pipeline.model_dump(mode="python")
+    data["defaults"].update(values)
+    for stage in data["stages"]:
+        for key in values:
+            stage[key] = None
+            for slot in stage["models"]:
+                slot[key] = None
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = next((str(p) for p in err.get("loc", ()) if p in SAMPLING_KEYS), None)
+        raise BadRequest(f"{key or 'request'}: {err.get('msg', 'invalid value')}", param=key) from None
+
+
+def history_kwargs(history: list[Turn]) -> dict[str, Any]:
+    """`history=` for Runner.arun once the engine takes it (it then reaches the templates as `history`).
+
+    Until then the earlier turns are not passed, and the response says so (`chorus.history_used`).
+    """
+    if history and "history" in inspect.signature(Runner.arun).parameters:
+        return {"history": history}
+    return {}

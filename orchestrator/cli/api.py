@@ -1,0 +1,129 @@
+"""`chorus api`: serve the OpenAI-compatible HTTP API (the `api` package) with uvicorn, in a child process.
+
+The orchestrator never imports a front end, so the app is started by name (`python -m uvicorn
+api.app:create_app --factory`) in a child process that gets its own process group; SIGTERM, SIGINT and
+SIGHUP are passed on to it (uvicorn then finishes open answers briefly and stops the llama-servers), and
+it dies with us even on kill -9. Settings go to the child in its environment, the API key included (not
+on its command line, where `ps` would show it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.errors import ChorusError
+from launcher.server import own_group_dying_with_parent
+from orchestrator.cli.ui import supervise
+from orchestrator.config.schema import default_config_dir, load_config
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8642
+DEFAULT_MAX_RUNS = 4
+DEFAULT_MAX_BODY_KIB = 4096
+
+# what the child reads (api/settings.py): one name per setting
+ENV_HOST = "CHORUS_API_HOST"
+ENV_KEY = "CHORUS_API_KEY"
+ENV_MAX_RUNS = "CHORUS_API_MAX_RUNS"
+ENV_MAX_BODY = "CHORUS_API_MAX_BODY_BYTES"
+GRACEFUL_SHUTDOWN_S = 5
+
+
+class ApiKeyRequired(ChorusError):
+    """The API would listen beyond this machine without a key."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"an API key is required to listen on {host}: other machines could run your models",
+                         hint=f"Pass --api-key, or set ${ENV_KEY}; or listen on 127.0.0.1 (the default).")
+        self.host = host
+
+
+class ApiNotInstalled(ChorusError):
+    def __init__(self) -> None:
+        super().__init__("the chorus 'api' package is not installed",
+                         hint="Reinstall chorus (pip install gguf-chorus), or run from a chorus checkout.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and not api_key:
+        raise ApiKeyRequired(host)
+
+
+def app_dir() -> Path:
+    """The folder holding the `api` package (found, not imported), for uvicorn's --app-dir."""
+    spec = importlib.util.find_spec("api")
+    if spec is None or spec.origin is None or not (Path(spec.origin).parent / "app.py").is_file():
+        raise ApiNotInstalled()
+    return Path(spec.origin).parent.parent
+
+
+def uvicorn_command(host: str, port: int, *, verbose: bool = False) -> list[str]:
+    command = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--app-dir", str(app_dir()),
+               "--host", host, "--port", str(port), "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_S),
+               "--log-level", "info" if verbose else "warning"]
+    return command if verbose else [*command, "--no-access-log"]
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    api_key = args.api_key or os.environ.get(ENV_KEY) or None
+    check_bind(args.host, api_key)
+    config_dir = Path(args.config_dir or default_config_dir()).expanduser().resolve()
+    load_config(config_dir)  # a broken config fails here, as one paragraph, before anything starts
+    env = {**os.environ, "CHORUS_CONFIG_DIR": str(config_dir), ENV_HOST: args.host,
+           ENV_MAX_RUNS: str(args.max_runs), ENV_MAX_BODY: str(args.max_body_kib * 1024)}
+    env.pop(ENV_KEY, None)
+    if api_key:
+        env[ENV_KEY] = api_key
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"chorus API on http://{host}:{args.port}/v1 (config: {config_dir}"
+          f"{', API key required' if api_key else ''}); Ctrl-C stops it.", file=sys.stderr, flush=True)
+    child = subprocess.Popen(uvicorn_command(args.host, args.port, verbose=args.verbose), env=env,
+                             preexec_fn=lambda: own_group_dying_with_parent(signal.SIGTERM))
+    return supervise(child, grace_s=GRACEFUL_SHUTDOWN_S + 10.0)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("api", parents=[common],
+                       help="serve every pipeline and model through an OpenAI-compatible HTTP API",
+                       description="Serve the OpenAI-compatible API: GET /v1/models, POST /v1/chat/completions "
+                                   "and /v1/completions. Pipelines are the models chorus/base and "
+                                   "chorus/<name> (config dir's pipelines/<name>.yaml); registered models are "
+                                   "proxied to their llama-server.")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="address to listen on (default: 127.0.0.1, this machine only; any other needs a key)")
+    p.add_argument("--port", type=_positive, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    p.add_argument("--api-key", default=None,
+                   help=f"key clients must send as 'Authorization: Bearer KEY' (default: ${ENV_KEY}); "
+                        "required when --host is not a loopback address")
+    p.add_argument("--max-runs", type=_positive, default=DEFAULT_MAX_RUNS,
+                   help=f"pipeline runs and model requests at once; more answer 429 (default: {DEFAULT_MAX_RUNS})")
+    p.add_argument("--max-body-kib", type=_positive, default=DEFAULT_MAX_BODY_KIB,
+                   help=f"largest request body in KiB; larger answer 413 (default: {DEFAULT_MAX_BODY_KIB})")
+    p.set_defaults(func=cmd_api)

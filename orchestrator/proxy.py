@@ -1,0 +1,160 @@
+"""One registered model behind an OpenAI request: lease its server from the pool, forward, stream back.
+
+The HTTP API's "llama-swap" use. A local model's server is resolved by the same rule as `chorus serve`
+(`Runtime.server_spec`), admitted by the same memory check, and leased from the same pool as pipeline
+runs: started on demand, kept warm between requests, stopped when idle (the pool's reaper). A remote model
+(`url:` in models.yaml) is forwarded to its endpoint with its key. The lease is held until the caller has
+read the whole answer, so an idle-timeout stop or an LRU eviction never cuts a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from launcher.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
+from launcher.server import ModelServer
+from orchestrator.runtime import Runtime
+
+log = logging.getLogger("chorus.proxy")
+
+Route = Literal["chat/completions", "completions"]
+ROUTES: tuple[Route, ...] = ("chat/completions", "completions")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where one request goes: a leased local llama-server, or a remote OpenAI base URL (…/v1)."""
+
+    model: str
+    base_url: str
+    api_key: str | None
+    remote: bool
+    server: ModelServer | None = None  # local only: explains a lost connection (exit status, log tail)
+
+    def url(self, route: Route) -> str:
+        root = self.base_url.rstrip("/")
+        return f"{root}/{route}" if self.remote else f"{root}/v1/{route}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+class UpstreamResponse:
+    """The upstream answer, still streaming; lines and JSON read through typed errors."""
+
+    def __init__(self, upstream: Upstream, response: httpx.Response) -> None:
+        self.upstream = upstream
+        self.response = response
+
+    @property
+    def status_code(self) -> int:
+        return self.response.status_code
+
+    async def json(self) -> Any:
+        """The whole body as JSON (a non-streamed answer or an error)."""
+        raw = await self._guard(self.response.aread())
+        try:
+            return json.loads(raw)
+        except ValueError:
+            text = raw.decode("utf-8", errors="replace")[:500]
+            raise RequestFailed(self.upstream.model, f"HTTP {self.status_code}, not JSON: {text}") from None
+
+    async def lines(self) -> AsyncIterator[str]:
+        """The body line by line (SSE), a lost connection raised as ServerCrashed naming the model."""
+        iterator = self.response.aiter_lines()
+        while True:
+            try:
+                line = await self._guard(iterator.__anext__())
+            except StopAsyncIteration:
+                return
+            yield line
+
+    async def _guard(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except httpx.TimeoutException as exc:
+            raise RequestTimeout(self.upstream.model, f"no answer in time ({type(exc).__name__})") from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise await _lost(self.upstream, exc) from None
+
+
+class ModelProxy:
+    """Forwards OpenAI requests to registered models; one shared httpx client (connection reuse)."""
+
+    def __init__(self, runtime: Runtime, *, client: httpx.AsyncClient | None = None) -> None:
+        self.runtime = runtime
+        timeout = httpx.Timeout(runtime.config.app.server.request_timeout_s, connect=10.0)
+        self._client = client or httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=64))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lease(self, model: str) -> AsyncIterator[Upstream]:
+        """The model's endpoint, its server started (after the memory fit check) and held for the block.
+
+        Raises ModelUnavailable (unknown or missing model), InsufficientMemory (does not fit, even after
+        stopping idle servers) or a ServerStartError subclass (the server would not start).
+        """
+        record = self.runtime.registry.get(model)
+        if record.is_remote:
+            key = _remote_key(record.entry.api_key_env)
+            yield Upstream(record.name, record.entry.url or "", key, remote=True)
+            return
+        spec = self.runtime.server_spec(record)
+        pool = self.runtime.pool
+        server = await pool.aacquire(spec)  # admission and start run in a worker thread
+        try:
+            yield Upstream(record.name, server.base_url, server.api_key, remote=False, server=server)
+        finally:
+            pool.release(server)
+
+    @contextlib.asynccontextmanager
+    async def open(self, model: str, route: Route, body: dict[str, Any]) -> AsyncIterator[UpstreamResponse]:
+        """Lease `model`'s server and send `body` to its `route`; the response streams inside the block.
+
+        The body goes as the client sent it (llama-server understands sampling fields chorus does not
+        model: top_k, min_p, penalties...), with `model` set to what the upstream expects.
+        """
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}")
+        async with self.lease(model) as upstream:
+            payload = {**body, "model": model}
+            request = self._client.build_request("POST", upstream.url(route), json=payload, headers=upstream.headers)
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TimeoutException as exc:
+                raise RequestTimeout(model, f"no answer from {upstream.url(route)} in time "
+                                            f"({type(exc).__name__})") from None
+            except httpx.HTTPError as exc:
+                raise await _lost(upstream, exc) from None
+            try:
+                yield UpstreamResponse(upstream, response)
+            finally:
+                await response.aclose()  # closing the stream stops the server's generation
+
+
+def _remote_key(env_name: str | None) -> str | None:
+    return os.environ.get(env_name) if env_name else None
+
+
+async def _lost(upstream: Upstream, exc: BaseException) -> ServerError:
+    """A lost connection as ServerCrashed; for a server we started, with its exit status and log tail."""
+    lost = ServerCrashed(upstream.model, f"connection to {upstream.base_url} lost: {exc or type(exc).__name__}",
+                         hint="The server may have crashed; it is restarted on the next request.")
+    if upstream.server is None:
+        return lost
+    return await asyncio.to_thread(upstream.server.explain_lost_connection, lost)
+
+
+__all__ = ["ROUTES", "ModelProxy", "Route", "Upstream", "UpstreamResponse"]
