@@ -25,6 +25,7 @@ NOT_FOUND = Status(404, "invalid_request_error", "model_not_found")
 BAD_REQUEST = Status(400, "invalid_request_error", "invalid_request")
 NO_MEMORY = Status(503, "server_error", "insufficient_memory")
 UPSTREAM = Status(502, "server_error", "model_server_error")
+PIPELINE = Status(500, "server_error", "pipeline_error")  # the pipeline's own templates or merge failed
 INTERNAL = Status(500, "server_error", "internal_error")
 
 # chorus error type name -> status. Keys are class names so recorded errors (dicts) map the same way.
@@ -52,6 +53,10 @@ STATUS_BY_TYPE: dict[str, Status] = {
     "Unauthorized": Status(401, "invalid_request_error", "invalid_api_key"),
     "BodyTooLarge": Status(413, "invalid_request_error", "request_too_large"),
     "Cancelled": Status(499, "server_error", "cancelled"),
+    "TemplateError": PIPELINE,
+    "AggregationError": PIPELINE,
+    "SessionError": Status(500, "server_error", "history_error"),
+    "RecordError": Status(500, "server_error", "history_error"),
 }
 
 # fields of a chorus error worth showing a client (never the server's command line or log tail)
@@ -94,7 +99,8 @@ def status_of(error: BaseException | dict[str, Any]) -> Status:
     if isinstance(error, BaseException):
         names = [cls.__name__ for cls in type(error).__mro__]
     else:
-        names = [str(error.get("type") or "")]
+        known = _error_types().get(str(error.get("type") or ""))
+        names = [cls.__name__ for cls in known.__mro__] if known else [str(error.get("type") or "")]
         if "need" in error and "have" in error:
             names.append("InsufficientMemory")
         if "exit_code" in error or "log_tail" in error:
@@ -105,6 +111,17 @@ def status_of(error: BaseException | dict[str, Any]) -> Status:
         if name in STATUS_BY_TYPE:
             return STATUS_BY_TYPE[name]
     return INTERNAL
+
+
+def _error_types() -> dict[str, type]:
+    """Every ChorusError subclass loaded, by name: a recorded error's type name gives its parents too."""
+    found: dict[str, type] = {}
+    todo: list[type] = [ChorusError]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.__name__, cls)
+        todo.extend(cls.__subclasses__())
+    return found
 
 
 def error_body(error: BaseException | dict[str, Any], *, session_id: str | None = None) -> dict[str, Any]:
@@ -128,5 +145,14 @@ def error_body(error: BaseException | dict[str, Any], *, session_id: str | None 
     return {"error": body}
 
 
-__all__ = ["ApiError", "BadRequest", "BodyTooLarge", "STATUS_BY_TYPE", "Status", "TooManyRuns", "Unauthorized",
-           "error_body", "status_of"]
+__all__ = [
+    "STATUS_BY_TYPE",
+    "ApiError",
+    "BadRequest",
+    "BodyTooLarge",
+    "Status",
+    "TooManyRuns",
+    "Unauthorized",
+    "error_body",
+    "status_of",
+]

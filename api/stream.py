@@ -67,7 +67,8 @@ def answer_writer(plan: RunPlan) -> tuple[str, str, bool] | None:
 
 
 class FinalText:
-    """The answer as streamed so far; with `strip`, leading and trailing whitespace held back."""
+    """The answer as streamed so far. Trailing whitespace is held back until more text follows (the run's
+    answer may end without it); with `strip`, leading whitespace is dropped (a stripped synthesis)."""
 
     def __init__(self, strip: bool) -> None:
         self.strip = strip
@@ -75,11 +76,8 @@ class FinalText:
         self._pending = ""
 
     def feed(self, piece: str) -> str:
-        if not self.strip:
-            self.sent += piece
-            return piece
         text = self._pending + piece
-        if not self.sent:
+        if self.strip and not self.sent:
             text = text.lstrip()
         body = text.rstrip()
         self._pending = text[len(body):]

@@ -6,13 +6,20 @@ For every model, n_ctx (per slot) and slot count: estimate the server's RAM from
 (`MemoryGuard.estimate`, i.e. launcher/estimate.py), start the real server (at -lv 4, so llama.cpp logs its
 buffer sizes), send one request, measure it, stop it. One row each, then the worst row.
 
-"Measured" is the server's *peak* RSS: what it holds when every buffer it allocated is in use. A request
-that fills a 32768-token context three times over takes hours on two cores, so the server runs with
-glibc's ``MALLOC_PERTURB_`` set: every allocation (KV cache, compute buffer, logits, repacked weights) is
-written once when it is made, so each of its pages is resident, as it is when the context is full. The
-mapped model file is resident anyway (llama.cpp maps it with MAP_POPULATE). Where it is practical
-(n_ctx <= --fill-max) the request also really fills slot 0's context (n_ctx - 8 prompt tokens), so those
-rows are the peak of a real run too. The RSS is read after the request (`launcher.calibration.measure_server`).
+"Measured" is the server's *peak* RSS, read after the request (`launcher.calibration.measure_server`):
+
+- n_ctx <= --fill-max (512 and 4096): the request really fills slot 0's context (n_ctx - 8 prompt tokens),
+  so every buffer is as full as a real run makes it: the RSS then is the peak.
+- larger n_ctx (32768): filling 32768 tokens per slot takes far too long on two cores, so the server runs
+  with glibc's ``MALLOC_PERTURB_``, which writes every allocation once when it is made (KV cache, compute
+  buffer, logits, repacked weights: all resident, as with a full context), and gets a short request. That
+  also makes resident what a real run allocates and never touches (about 40 MiB: HTTP and tokenizer
+  buffers), so that amount, measured per model and slot count as perturbed minus real RSS of the filled
+  512 run, is taken off. No estimate enters a measured figure.
+
+The mapped model file is resident in every case (llama.cpp maps it with MAP_POPULATE). Servers run with
+``--ctx-checkpoints 0``: a SWA model's server otherwise keeps a copy of the slot's SWA cache per prompt
+(up to 32 per slot), which one request does not show; `EstimatorSettings.ctx_checkpoints` counts them.
 With a GPU, VRAM is measured per process through NVML and added.
 
 Each row says how its compute buffer was sized: ``formula`` (launcher/estimate.py's closed form for the
@@ -69,12 +76,15 @@ def mib(n: int | float | None) -> str:
     return "-" if n is None else f"{n / MiB:8.1f}"
 
 
+SERVER_ARGS = ("--ctx-checkpoints", "0")
+
+
 def run_one(binary: Path, name: str, model: Path, n_ctx: int, slots: int, ngl: int, logs: Path,
-            guard: MemoryGuard, fill_max: int, perturb: bool) -> dict[str, object]:
-    spec = ServerSpec(name, model, n_ctx=n_ctx, n_gpu_layers=ngl, slots=slots)
+            guard: MemoryGuard, fill: bool, perturb: bool) -> dict[str, object]:
+    """Start, one request, measure, stop: one server's figures."""
+    spec = ServerSpec(name, model, n_ctx=n_ctx, n_gpu_layers=ngl, slots=slots, extra_args=SERVER_ARGS)
     est = guard.estimate(spec)
     meta = read_gguf(model)
-    fill = n_ctx <= fill_max
     options = ServerOptions(log_verbosity=4, startup_timeout_s=300, env=PERTURB if perturb else {})
     server = ModelServer(spec, binary, logs, options).start()
     try:
@@ -96,7 +106,8 @@ def run_one(binary: Path, name: str, model: Path, n_ctx: int, slots: int, ngl: i
         "model": name, "arch": meta.architecture, "n_ctx": n_ctx, "slots": slots, "n_gpu_layers": ngl,
         "estimate_bytes": estimate, "measured_bytes": measured,
         "error_pct": round((estimate - measured) / measured * 100, 1) + 0.0,  # no -0.0
-        "compute_basis": compute_basis(meta), "filled": fill, "request": req, "request_s": round(req_s, 1),
+        "compute_basis": compute_basis(meta), "filled": fill, "perturbed": perturb,
+        "request": req, "request_s": round(req_s, 1),
         "rss_bytes": m.rss_bytes, "rss_anon_bytes": m.rss_anon_bytes, "rss_file_bytes": m.rss_file_bytes,
         "vram_bytes": sum(m.vram_bytes.values()),
         "est_weights": kind(est.breakdown, "weights", "weights_repacked"), "log_weights": kind(m.buffers, "weights"),
@@ -109,7 +120,7 @@ def run_one(binary: Path, name: str, model: Path, n_ctx: int, slots: int, ngl: i
 
 HEADER = (f"{'model':14} {'n_ctx':>6} {'sl':>2} | {'estimate':>8} {'measured':>8} {'error':>7} | {'est wts':>8} "
           f"{'log wts':>8} {'est KV':>8} {'log KV':>8} {'est cmp':>8} {'log cmp':>8} | {'anon':>8} {'file':>8} "
-          f"| fill  compute  (MiB)")
+          f"| how   compute  (MiB)")
 
 
 def row_text(r: dict[str, object]) -> str:
@@ -117,7 +128,7 @@ def row_text(r: dict[str, object]) -> str:
             f"{mib(r['measured_bytes'])} {r['error_pct']:>+6.1f}% | {mib(r['est_weights'])} "  # type: ignore[arg-type]
             f"{mib(r['log_weights'])} {mib(r['est_kv'])} {mib(r['log_kv'])} "  # type: ignore[arg-type]
             f"{mib(r['est_compute'])} {mib(r['log_compute'])} | {mib(r['rss_anon_bytes'])} "  # type: ignore[arg-type]
-            f"{mib(r['rss_file_bytes'])} | {'yes' if r['filled'] else 'no ':4}  {r['compute_basis']}")  # type: ignore[arg-type]
+            f"{mib(r['rss_file_bytes'])} | {'fill' if r['filled'] else 'pert':5}  {r['compute_basis']}")  # type: ignore[arg-type]
 
 
 def main() -> int:
@@ -127,7 +138,8 @@ def main() -> int:
     parser.add_argument("--slots", default=",".join(map(str, SLOTS)))
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--fill-max", type=int, default=4096, help="really fill the context up to this n_ctx")
-    parser.add_argument("--no-perturb", action="store_true", help="measure without MALLOC_PERTURB_")
+    parser.add_argument("--no-perturb", action="store_true", help="never use MALLOC_PERTURB_ (short requests "
+                        "above --fill-max then measure less than the peak)")
     args = parser.parse_args()
     install_signal_cleanup()  # a timeout's SIGTERM stops the server being measured, then exits
     binary = find_llama_server()
@@ -141,18 +153,29 @@ def main() -> int:
     slot_counts = [int(x) for x in args.slots.split(",")]
     print(f"models {', '.join(models)}; n_gpu_layers {args.n_gpu_layers}; "
           f"{'GPUs: ' + ', '.join(g.name for g in gpus) if gpus else guard.gpu_note}")
-    print("measured = peak RSS (every allocation touched: MALLOC_PERTURB_) after one request; fill = the request "
-          f"filled slot 0's context (n_ctx <= {args.fill_max}); estimate = launcher/estimate.py")
+    print(f"measured = peak RSS: after a request that fills slot 0's context (fill: n_ctx <= {args.fill_max}), else "
+          "with MALLOC_PERTURB_ less the never-touched allocations (perturbed - real RSS, filled 512 run)")
+    print("estimate = launcher/estimate.py via MemoryGuard.estimate; compute: formula or calibrated per architecture")
     print()
     print(HEADER)
     print("-" * len(HEADER))
     results = []
     t0 = time.perf_counter()
     for name, path in models.items():
-        for n_ctx in n_ctxs:
-            for slots in slot_counts:
-                r = run_one(binary, name, path, n_ctx, slots, args.n_gpu_layers, logs, guard, args.fill_max,
-                            not args.no_perturb)
+        for slots in slot_counts:
+            gap: int | None = None  # allocated, never touched by a real run: perturbed minus real, filled
+            for n_ctx in n_ctxs:
+                fill = n_ctx <= args.fill_max
+                r = run_one(binary, name, path, n_ctx, slots, args.n_gpu_layers, logs, guard, fill, False if fill
+                            else not args.no_perturb)
+                if fill and gap is None and not args.no_perturb and any(c > args.fill_max for c in n_ctxs):
+                    p = run_one(binary, name, path, n_ctx, slots, args.n_gpu_layers, logs, guard, True, True)
+                    gap = int(p["measured_bytes"]) - int(r["measured_bytes"])  # type: ignore[call-overload]
+                if r["perturbed"]:
+                    r["untouched_bytes"] = gap or 0
+                    r["measured_bytes"] = int(r["measured_bytes"]) - (gap or 0)  # type: ignore[call-overload]
+                    est_b, meas_b = int(r["estimate_bytes"]), int(r["measured_bytes"])  # type: ignore[call-overload]
+                    r["error_pct"] = round((est_b - meas_b) / meas_b * 100, 1) + 0.0
                 results.append(r)
                 print(row_text(r), flush=True)
     elapsed = time.perf_counter() - t0
@@ -165,10 +188,13 @@ def main() -> int:
           f"{len(results) - len(failing)}/{len(results)} rows within target, {elapsed:.0f} s")
     summary = {
         "bench": "memory_accuracy", "models": list(models), "n_gpu_layers": args.n_gpu_layers,
-        "measured": "peak RSS with MALLOC_PERTURB_" + ("" if not args.no_perturb else " (off)")
-                    + f", context filled for n_ctx <= {args.fill_max}" + (" + NVML VRAM" if gpus else ""),
+        "measured": f"RSS after filling slot 0's context for n_ctx <= {args.fill_max}; above: RSS with "
+                    "MALLOC_PERTURB_ less (perturbed - real RSS of the filled 512 run)"
+                    + (" + NVML VRAM" if gpus else ""),
+        "server_args": list(SERVER_ARGS),
         "rows": [{k: r[k] for k in ("model", "n_ctx", "slots", "estimate_bytes", "measured_bytes", "error_pct",
-                                    "compute_basis", "filled")} for r in results],
+                                    "compute_basis", "filled", "perturbed", "untouched_bytes")
+                  if k in r} for r in results],
         "worst": {k: worst[k] for k in ("model", "n_ctx", "slots", "error_pct")},
         "worst_abs_error_pct": worst_pct, "target_abs_error_pct_max": TARGET_ABS_ERROR_PCT,
         "rows_failing": len(failing), "target_met": not failing, "elapsed_s": round(elapsed, 1),

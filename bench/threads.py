@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -32,8 +33,8 @@ from orchestrator.config.schema import PipelineSpec, load_config  # noqa: E402
 from orchestrator.plan.resolve import Machine, build_plan  # noqa: E402
 
 MODEL = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
-ROUNDS = 3
-TOKENS = 48
+ROUNDS = int(os.environ.get("CHORUS_BENCH_RUNS", "3"))
+TOKENS = 32
 
 
 def plan_specs(models_dir: Path, cores: int) -> list[ServerSpec]:
@@ -51,7 +52,7 @@ def plan_specs(models_dir: Path, cores: int) -> list[ServerSpec]:
 
 async def generate_together(servers: list[ModelServer]) -> float:
     """Aggregate completion tokens/s of one request per server, all at once."""
-    async with GenerationClient(timeout_s=300) as client:
+    async with GenerationClient(timeout_s=900) as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(client.generate(
             Endpoint(s.model, s.base_url, "completion", s.api_key),

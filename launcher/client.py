@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import httpx
@@ -20,17 +20,50 @@ from launcher.server import find_server
 
 Mode = Literal["chat", "completion"]
 TokenCallback = Callable[[str], None]
+_NATIVE_NAMES = {"max_tokens": "n_predict"}  # llama-server's /completion name, where it differs from OpenAI's
 
 
 @dataclass
 class GenerationRequest:
+    """One generation: the prompt and every sampling parameter, None = the server's default.
+
+    The sampling fields mirror orchestrator/config/schema.py's GenerationParams name for name (the
+    launcher cannot import the config layer; tests/test_sampling.py keeps the two in step).
+    """
+
     prompt: str
     system_prompt: str = ""
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
     max_tokens: int | None = None
     seed: int | None = None
     stop: list[str] | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling parameters that are set, under the request's names (url_and_body renames)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SAMPLING}
+        out = {k: v for k, v in out.items() if v is not None}
+        if "stop" in out:
+            out["stop"] = list(out["stop"])
+            if not out["stop"]:  # an empty list means the server's own stop strings, as no list does
+                del out["stop"]
+        return out
+
+
+_NOT_SAMPLING = frozenset({"prompt", "system_prompt"})
 
 
 @dataclass
@@ -63,35 +96,33 @@ class Endpoint:
     model_id: str | None = None  # the `model` field remote servers (vLLM, Ollama) need
 
     def url_and_body(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        params: dict[str, Any] = {"stream": True}
-        for key in ("temperature", "top_p", "seed"):
-            value = getattr(req, key)
-            if value is not None:
-                params[key] = value
-        if req.stop:
-            params["stop"] = list(req.stop)
+        """The URL and JSON body for `req`, each parameter under the name that endpoint reads.
+
+        OpenAI endpoints (/v1/chat/completions, /v1/completions) get OpenAI's names where OpenAI has the
+        parameter (max_tokens, a json_schema as `response_format` in chat); llama-server reads its own
+        extras (top_k, repeat_penalty, mirostat, grammar...) from the same body. The native /completion
+        gets the native names (n_predict).
+        """
+        params = req.sampling()
         root = self.base_url.rstrip("/")
         if self.mode == "chat":
             messages = ([{"role": "system", "content": req.system_prompt}] if req.system_prompt else [])
             messages.append({"role": "user", "content": req.prompt})
-            body = {**params, "messages": messages}
-            if req.max_tokens is not None:
-                body["max_tokens"] = req.max_tokens
-            body["stream_options"] = {"include_usage": True}
+            schema = params.pop("json_schema", None)
+            if schema is not None:
+                params["response_format"] = {"type": "json_schema",
+                                             "json_schema": {"name": "answer", "schema": schema}}
+            body = {"stream": True, **params, "messages": messages, "stream_options": {"include_usage": True}}
             if self.remote:
                 body["model"] = self.model_id or self.model
                 return f"{root}/chat/completions", body
             return f"{root}/v1/chat/completions", body
         prompt = f"{req.system_prompt}\n\n{req.prompt}" if req.system_prompt else req.prompt
         if self.remote:
-            body = {**params, "prompt": prompt, "model": self.model_id or self.model}
-            if req.max_tokens is not None:
-                body["max_tokens"] = req.max_tokens
-            return f"{root}/completions", body
-        body = {**params, "prompt": prompt, "cache_prompt": True}
-        if req.max_tokens is not None:
-            body["n_predict"] = req.max_tokens
-        return f"{root}/completion", body
+            return f"{root}/completions", {"stream": True, **params, "prompt": prompt,
+                                           "model": self.model_id or self.model}
+        native = {_NATIVE_NAMES.get(k, k): v for k, v in params.items()}
+        return f"{root}/completion", {"stream": True, **native, "prompt": prompt, "cache_prompt": True}
 
 
 def _parse_chunk(data: dict[str, Any], result: GenerationResult) -> str:

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from launcher.gguf import GGUFMetadata, TensorInfo, block_index, read_gguf, validate_header
+from launcher.gguf import ArrayInfo, GGUFMetadata, TensorInfo, block_index, read_gguf, validate_header
 from launcher.memory import GpuMemory
 from launcher.server import ServerSpec
 from launcher.units import MiB
@@ -68,9 +68,13 @@ class EstimatorSettings:
     kv_unified: bool = False         # llama-server's default
     swa_full: bool = False
     offload_kqv: bool = True
-    host_base_bytes: int = 24 * MiB  # the llama-server process: code, libraries, HTTP server, slots
+    # The llama-server process beyond its buffers, fitted once against RSS across the zoo (bench/memory_accuracy.py):
+    host_base_bytes: int = 24 * MiB  # code and libraries resident, HTTP server, threads, CPU backend
     host_per_vocab_bytes: int = 72   # tokenizer tables and the token-to-piece cache, per vocab entry
+    host_per_merge_bytes: int = 0    # BPE merge ranks (std::map of string pairs), per merge
     host_per_slot_bytes: int = 1 * MiB
+    host_per_cell_bytes: int = 40    # llama_kv_cells per cell: pos + shift (int32) + a 256-bit seq set (formula)
+    ctx_checkpoints: int = 0         # SWA context checkpoints per slot (-ctxcp); llama-server's own default is 32
     gpu_context_bytes: int = 400 * MiB  # CUDA context + cuBLAS workspace, per GPU a process uses
     gpu_host_bytes: int = 256 * MiB     # the CUDA runtime's libraries and pinned buffers in RAM
     repack_types: frozenset[str] | None = None  # None: what this CPU repacks (x86 AVX2/AVX512, ARM)
@@ -101,6 +105,8 @@ class EstimatorSettings:
                 changes["swa_full"] = True
             elif name in ("-nkvo", "--no-kv-offload"):
                 changes["offload_kqv"] = False
+            elif name in ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"):
+                changes["ctx_checkpoints"] = max(0, int(value()))
         return replace(self, **changes) if changes else self
 
 
@@ -195,6 +201,34 @@ def kv_bytes_per_layer(meta: GGUFMetadata, n_ctx: int, slots: int,
     return out
 
 
+def kv_cell_count(meta: GGUFMetadata, n_ctx: int, slots: int, settings: EstimatorSettings) -> int:
+    """Cells llama.cpp keeps bookkeeping for (llama_kv_cells): the full cache's, plus the SWA cache's when the
+    model has both kinds of layers (llama_kv_cache_iswa makes two caches)."""
+    n_layer = meta.block_count or 0
+    kv_size, swa_cells, streams = kv_cells(meta, n_ctx, slots, settings)
+    swa = [meta.is_swa_layer(il) for il in range(n_layer)] if meta.sliding_window else [False] * n_layer
+    return streams * ((kv_size if not all(swa) else 0) + (swa_cells if any(swa) else 0))
+
+
+def checkpoint_bytes(meta: GGUFMetadata, n_ctx: int, slots: int, settings: EstimatorSettings) -> int:
+    """Context checkpoints: llama-server copies a slot's SWA cache after a prompt (up to -ctxcp per slot).
+
+    One checkpoint holds at most the SWA layers' cells of one stream; only SWA models make them."""
+    if not settings.ctx_checkpoints or not meta.sliding_window or not meta.block_count:
+        return 0
+    streams = kv_cells(meta, n_ctx, slots, settings)[2]
+    per_layer = kv_bytes_per_layer(meta, n_ctx, slots, settings)
+    swa = sum(n for il, n in enumerate(per_layer) if meta.is_swa_layer(il)) // max(1, streams)
+    return settings.ctx_checkpoints * max(1, slots) * swa
+
+
+def merge_count(meta: GGUFMetadata) -> int:
+    merges = meta.fields.get("tokenizer.ggml.merges")
+    if isinstance(merges, ArrayInfo):
+        return merges.length
+    return len(merges) if isinstance(merges, tuple) else 0
+
+
 def compute_buffer_bytes(meta: GGUFMetadata, n_ctx: int, slots: int, settings: EstimatorSettings) -> int:
     """One backend's compute buffer (graph intermediates for one ubatch), for the whole graph."""
     kv_size, _, _ = kv_cells(meta, n_ctx, slots, settings)
@@ -238,6 +272,13 @@ def detect_repack_types() -> frozenset[str]:
     if machine in ("aarch64", "arm64") and ("asimddp" in flags or "i8mm" in flags):
         return _REPACK_ARM_DOTPROD
     return frozenset()
+
+
+def _repacked(t: TensorInfo, repack: frozenset[str]) -> bool:
+    """Whether the CPU backend repacks this weight (ggml-cpu/repack.cpp: 2-D and 3-D (expert) matrices
+    whose rows come in groups of 8)."""
+    return (t.type_name in repack and len(t.shape) in (2, 3) and t.shape[1] % 8 == 0
+            and not t.name.endswith("norm.weight"))
 
 
 def _layer_of(tensor: TensorInfo, n_layer: int) -> int | None:
@@ -299,21 +340,26 @@ def estimate_memory(meta: GGUFMetadata, spec: ServerSpec, gpus: Sequence[GpuMemo
     used = sum(d != "ram" for d in devices)
     breakdown: dict[str, dict[str, int]] = {"ram": {}}
 
-    # weights
-    mapped = 0
+    # weights: the CPU's mapped span, repacked copies, and each GPU's layers
+    first, last = None, 0
     has_output = any(t.name == "output.weight" for t in meta.tensors)
     for t in meta.tensors:
         layer = _layer_of(t, n_layer)
         device = "ram" if layer is None else devices[layer]
         if device == "ram":
-            mapped += t.n_bytes
-            if (layer is not None and t.type_name in repack and len(t.shape) == 2
-                    and t.shape[1] % 8 == 0 and not t.name.endswith("norm.weight")):
+            if layer is not None and _repacked(t, repack):
                 _add(breakdown, "ram", "weights_repacked", t.n_bytes)
+            else:
+                first = t.offset if first is None else min(first, t.offset)
+                last = max(last, t.offset + t.n_bytes)
         else:
             _add(breakdown, device, "weights", t.n_bytes)
         if t.name == "token_embd.weight" and not has_output and devices[n_layer] != "ram":
             _add(breakdown, devices[n_layer], "weights", t.n_bytes)  # tied output: a copy on the GPU
+    # llama.cpp keeps the file mapped from the first to the last tensor it uses in place and unmaps the
+    # rest (llama-model-loader.cpp load_all_data: unmap_fragment): tensors copied elsewhere (GPU, repack)
+    # between two mapped ones stay resident, those before the first or after the last do not.
+    mapped = last - first if first is not None else 0
     _add(breakdown, "ram", "weights", mapped)
 
     # KV cache, on each layer's device
@@ -330,10 +376,13 @@ def estimate_memory(meta: GGUFMetadata, spec: ServerSpec, gpus: Sequence[GpuMemo
     all_on_gpu = all(d != "ram" for d in devices)
     _add(breakdown, "ram", "compute", host_compute_bytes(meta, settings, slots) if all_on_gpu else compute)
 
-    # host: logits, process and tokenizer, CUDA runtime
+    # host: logits, context checkpoints, process and tokenizer, KV bookkeeping, CUDA runtime
     _add(breakdown, "ram", "output", slots * (meta.vocab_size or 0) * 4)
+    _add(breakdown, "ram", "checkpoints", checkpoint_bytes(meta, spec.n_ctx, slots, settings))
     overhead = (settings.host_base_bytes + settings.host_per_vocab_bytes * (meta.vocab_size or 0)
-                + settings.host_per_slot_bytes * slots + (settings.gpu_host_bytes if gpu_devices else 0))
+                + settings.host_per_merge_bytes * merge_count(meta) + settings.host_per_slot_bytes * slots
+                + settings.host_per_cell_bytes * kv_cell_count(meta, spec.n_ctx, slots, settings)
+                + (settings.gpu_host_bytes if gpu_devices else 0))
     _add(breakdown, "ram", "overhead", overhead)
 
     return MemoryEstimate(model=spec.model, model_path=_resolved(spec.model_path), n_ctx=spec.n_ctx, slots=slots,
@@ -398,3 +447,8 @@ def _resolved(path: os.PathLike[str] | str) -> str:
         return str(Path(path).resolve())
     except OSError:
         return str(path)
+
+
+def compute_basis(meta: GGUFMetadata) -> str:
+    """How the compute buffer of this architecture is sized: 'formula' or 'calibrated'."""
+    return "formula"

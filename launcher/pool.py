@@ -1,7 +1,8 @@
 """A pool of warm llama-servers, one per (file, n_ctx, n_gpu_layers, slots), shared across runs.
 
 Servers stay up between stages and runs so nothing reloads; the least recently used idle one is
-stopped when room is needed, and any idle past the timeout. Thread-safe; `aacquire` for asyncio.
+stopped when room is needed, and any idle past its keep-alive (the model's own `idle_timeout_s`, else
+the pool's). Thread-safe; `aacquire` for asyncio.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ log = logging.getLogger("chorus.pool")
 # Raises InsufficientMemory when `spec` cannot start next to the `running` servers.
 FitCheck = Callable[[ServerSpec, list[ModelServer]], None]
 
+# A server's own keep-alive in seconds (a model's `idle_timeout_s`), or None for the pool's.
+IdleTimeoutFor = Callable[[ServerSpec], float | None]
+
 
 @dataclass
 class _Entry:
     server: ModelServer
     in_use: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    idle_timeout_s: float | None = None  # this server's keep-alive; None: never stopped for idleness
+
+
+def _longer(a: float | None, b: float | None) -> float | None:
+    """The longer of two keep-alives (None is forever): a server shared by two models lives by the longer."""
+    return None if a is None or b is None else max(a, b)
 
 
 def file_size_estimate(spec: ServerSpec) -> int:
@@ -55,11 +65,15 @@ def budget_fit_check(budget_bytes: int | None,
 
 class ServerPool:
     def __init__(self, binary: Path, logs_dir: Path, *, options: ServerOptions | None = None,
-                 idle_timeout_s: float | None = 900.0, fit_check: FitCheck | None = None) -> None:
+                 idle_timeout_s: float | None = 900.0, fit_check: FitCheck | None = None,
+                 idle_timeout_for: IdleTimeoutFor | None = None) -> None:
+        """`idle_timeout_for(spec)` gives a server its own keep-alive (None: `idle_timeout_s`). It is kept
+        on the pool entry, not in the spec: the keep-alive does not change what a server can serve."""
         self.binary = Path(binary)
         self.logs_dir = Path(logs_dir)
         self.options = options or ServerOptions()
         self.idle_timeout_s = idle_timeout_s
+        self.idle_timeout_for = idle_timeout_for
         self.fit_check: FitCheck = fit_check or budget_fit_check(None)
         self.starts = 0  # servers started over the pool's life (tests and `chorus ps` read it)
         self._entries: dict[tuple, _Entry] = {}
@@ -97,11 +111,17 @@ class ServerPool:
                 if entry is not None:
                     entry.in_use += 1
                     entry.last_used = time.monotonic()
+                    entry.idle_timeout_s = _longer(entry.idle_timeout_s, self.keep_alive(spec))
                     return entry.server
             server = self._start(spec)
             with self._lock:
-                self._entries[spec.key] = _Entry(server, in_use=1)
+                self._entries[spec.key] = _Entry(server, in_use=1, idle_timeout_s=self.keep_alive(spec))
             return server
+
+    def keep_alive(self, spec: ServerSpec) -> float | None:
+        """How long a server of `spec` may stay idle: its model's own keep-alive, else the pool's."""
+        own = self.idle_timeout_for(spec) if self.idle_timeout_for is not None else None
+        return own if own is not None else self.idle_timeout_s
 
     async def aacquire(self, spec: ServerSpec) -> ModelServer:
         return await asyncio.to_thread(self.acquire, spec)
@@ -164,29 +184,35 @@ class ServerPool:
         server.stop()
 
     def evict_idle(self, now: float | None = None) -> list[ModelServer]:
-        if self.idle_timeout_s is None:
-            return []
+        """Stop the servers idle past their own keep-alive; returns them."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            stale = [e.server for e in self._entries.values()
-                     if e.in_use == 0 and now - e.last_used > self.idle_timeout_s]
-        for server in stale:
-            log.info("stopping '%s': idle for more than %.0fs", server.model, self.idle_timeout_s)
-            self.stop(server)
-        return stale
+            stale = [e for e in self._entries.values()
+                     if e.in_use == 0 and e.idle_timeout_s is not None and now - e.last_used > e.idle_timeout_s]
+        for entry in stale:
+            log.info("stopping '%s': idle for more than %.0fs", entry.server.model, entry.idle_timeout_s)
+            self.stop(entry.server)
+        return [e.server for e in stale]
 
     def shutdown(self) -> None:
         self._closed.set()
         for server in self.servers():
             self.stop(server)
 
+    def _reap_interval(self) -> float:
+        """A quarter of the shortest keep-alive in the pool, between 1 and 30 seconds."""
+        with self._lock:
+            timeouts = [e.idle_timeout_s for e in self._entries.values() if e.idle_timeout_s is not None]
+        if self.idle_timeout_s is not None:
+            timeouts.append(self.idle_timeout_s)
+        return max(1.0, min(30.0, min(timeouts, default=120.0) / 4))
+
     def _ensure_reaper(self) -> None:
-        if self.idle_timeout_s is None or self._reaper is not None:
+        if self._reaper is not None or (self.idle_timeout_s is None and self.idle_timeout_for is None):
             return
-        interval = max(1.0, min(30.0, self.idle_timeout_s / 4))
 
         def reap() -> None:
-            while not self._closed.wait(interval):
+            while not self._closed.wait(self._reap_interval()):
                 with contextlib.suppress(Exception):
                     self.evict_idle()
 

@@ -132,7 +132,11 @@ class Runner:
         if overrides:
             pipeline = apply_overrides(pipeline, overrides, config_dir=self.runtime.config.paths.config_dir)
         prior = parent.stages[: stage - 1]
-        return self.run(pipeline, parent.meta.get("question", ""), mode=parent.meta.get("mode", "manual"),
+        damaged = [p for p in parent.problems if any(f"step{i}" in p for i in range(1, stage))]
+        if damaged:
+            raise SessionError(parent.dir, f"cannot rerun from stage {stage}: the steps before it are damaged "
+                               f"({'; '.join(damaged)})", hint="Rerun from stage 1, or from an earlier stage.")
+        return self.run(pipeline, parent.meta.get("question") or "", mode=parent.meta.get("mode") or "manual",
                         observers=observers, cancel=cancel, allow_sequential=allow_sequential,
                         prior_stages=prior, parent_session=parent.id)
 

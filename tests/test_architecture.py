@@ -10,11 +10,12 @@ import pytest
 
 from tests.conftest import REPO
 
-PACKAGES = ("launcher", "orchestrator", "ui")
+PACKAGES = ("launcher", "orchestrator", "ui", "api")
 FORBIDDEN = {
-    "launcher": {"orchestrator", "ui", "streamlit"},
-    "orchestrator": {"ui", "streamlit"},
-    "ui": {"launcher"},  # a front end talks to the orchestrator only
+    "launcher": {"orchestrator", "ui", "api", "streamlit"},
+    "orchestrator": {"ui", "api", "streamlit"},
+    "ui": {"launcher", "api"},  # a front end talks to the orchestrator only
+    "api": {"launcher", "ui", "streamlit"},
 }
 
 

@@ -478,3 +478,97 @@ def test_chorus_plan_json_has_the_documented_keys(config_dir: ConfigDir) -> None
     text = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert text.returncode == 0 and "stage 'review'" in text.stdout and "fits together" in text.stdout
+
+
+# ---------------------------------------------------------------- VRAM through a fake NVML
+
+
+class FakeNvml:
+    """The part of pynvml chorus calls, for a machine with these GPUs (total, used) and per-process VRAM."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus: list[tuple[str, int, int]], procs: dict[int, dict[int, int]] | None = None) -> None:
+        self.gpus, self.procs = gpus, procs or {}
+        self.inits = 0
+
+    def nvmlInit(self) -> None:
+        self.inits += 1
+
+    def nvmlShutdown(self) -> None:
+        self.inits -= 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return self.gpus[h][0].encode()
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> object:
+        _, total, used = self.gpus[h]
+        return type("Mem", (), {"total": total, "free": total - used, "used": used})()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[object]:
+        return [type("Proc", (), {"pid": pid, "usedGpuMemory": per_gpu[h]})()
+                for pid, per_gpu in self.procs.items() if h in per_gpu]
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
+    nvml = FakeNvml([("Fake A100 80GB", 80 * GiB, 2 * GiB), ("Fake L4", 24 * GiB, 0)])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    return nvml
+
+
+def test_system_probe_sees_the_gpus_nvml_reports_and_the_estimate_plans_vram_on_them(
+        fake_nvml: FakeNvml, demo_model: Path) -> None:
+    snap = SystemProbe().snapshot()
+    assert [(g.index, g.name, g.total_bytes, g.free_bytes) for g in snap.gpus] == [
+        (0, "Fake A100 80GB", 80 * GiB, 78 * GiB), (1, "Fake L4", 24 * GiB, 24 * GiB)]
+    assert fake_nvml.inits == 0  # every nvmlInit is shut down again
+    g = MemoryGuard(SystemProbe(), settings=NO_REPACK)
+    full = g.estimate(spec(demo_model, n_gpu_layers=-1))
+    assert full.gpu_layers_used == 19 and {"gpu0", "gpu1"} <= set(full.need())  # split by free memory
+    assert full.vram_bytes > full.breakdown["gpu0"]["weights"] + full.breakdown["gpu1"]["weights"]
+    cpu = g.estimate(spec(demo_model, n_gpu_layers=0))
+    assert cpu.vram_bytes == 0 and "kv" not in full.breakdown["ram"] and cpu.breakdown["ram"]["kv"] > 0
+    assert full.mapped_bytes < cpu.mapped_bytes  # only the input layer stays mapped on the CPU
+    assert full.breakdown["ram"]["overhead"] - cpu.breakdown["ram"]["overhead"] == NO_REPACK.gpu_host_bytes
+
+
+def test_server_vram_from_nvml_is_measured_per_gpu_and_calibrates_the_next_need(
+        fake_nvml: FakeNvml, demo_model: Path, tmp_path: Path) -> None:
+    import os
+
+    fake_nvml.procs = {os.getpid(): {0: 700 * MiB, 1: 300 * MiB}, 1: {0: 5 * GiB}}  # pid 1: not ours
+    server = FakeServer(spec(demo_model, n_gpu_layers=-1))
+    server.process = type("P", (), {"pid": os.getpid(), "poll": lambda self: None})()  # type: ignore[assignment]
+    assert server.pid == os.getpid()
+    m = measure_server(server)
+    assert m is not None and m.vram_bytes == {0: 700 * MiB, 1: 300 * MiB}
+    cache = CalibrationCache(tmp_path / "cal")
+    g = MemoryGuard(SystemProbe(), calibration=cache, settings=NO_REPACK)
+    est = g.estimate(server.spec)
+    rec = cache.record(server.spec, m, est)
+    assert rec is not None and rec.vram_bytes == {"gpu0": 700 * MiB, "gpu1": 300 * MiB}
+    assert set(rec.error_pct) >= {"ram", "gpu0", "gpu1"}
+    need = g.need(server.spec)
+    assert need.source == "calibrated" and need.need()["gpu0"] == 700 * MiB and need.need()["gpu1"] == 300 * MiB
+
+
+def test_no_driver_means_no_gpu_and_a_cpu_only_estimate(monkeypatch: pytest.MonkeyPatch, demo_model: Path) -> None:
+    broken = FakeNvml([])
+
+    def fail() -> None:
+        raise FakeNvml.NVMLError("NVML Shared Library Not Found")
+
+    broken.nvmlInit = fail  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    snap = SystemProbe().snapshot()
+    assert snap.gpus == () and snap.gpu_note and "no GPU" in snap.gpu_note
+    est = MemoryGuard(SystemProbe(), settings=NO_REPACK).estimate(spec(demo_model, n_gpu_layers=99))
+    assert est.vram_bytes == 0 and est.gpu_layers_used == 0

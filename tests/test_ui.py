@@ -109,7 +109,7 @@ def test_history_shows_a_saved_session(ui_env: ConfigDir, llama_server_bin: Path
     assert not at.exception
     table = at.dataframe[0].value
     assert outcome.session_id in list(table["id"])
-    assert any("What colour is the sea?" in m.value for m in at.markdown)
+    assert any("What colour is the sea?" in t.value for t in at.text)  # user text is shown as text
     assert any("Step 1: answer" in e.label for e in at.expander)
 
 

@@ -13,6 +13,7 @@ page = st.navigation([
     st.Page(PAGES / "run.py", title="Run", icon=":material/play_arrow:", default=True),
     st.Page(PAGES / "results.py", title="Results", icon=":material/article:"),
     st.Page(PAGES / "history.py", title="History", icon=":material/history:"),
+    st.Page(PAGES / "eval.py", title="Eval", icon=":material/leaderboard:"),
     st.Page(PAGES / "models.py", title="Models", icon=":material/memory:"),
 ])
 page.run()

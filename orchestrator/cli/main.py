@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 import time
@@ -17,15 +18,18 @@ from launcher.errors import ChorusError
 from launcher.server import MIN_N_CTX, install_signal_cleanup
 from launcher.state import list_running
 from orchestrator.cli import api as cli_api
+from orchestrator.cli import eval as cli_eval
 from orchestrator.cli import init as cli_init
+from orchestrator.cli import models as cli_models
 from orchestrator.cli import run as cli_run
+from orchestrator.cli import stop as cli_stop
 from orchestrator.cli import ui as cli_ui
 from orchestrator.cli.output import gib as _gib
 from orchestrator.cli.output import mib as _mib
 from orchestrator.cli.output import print_table
-from orchestrator.config.registry import Registry
+from orchestrator.config.registry import PipelineStatus, Registry
 from orchestrator.config.schema import ChorusConfig, load_config
-from orchestrator.plan.memory import MemoryPlan
+from orchestrator.plan.memory import MemoryPlan, ServerNeed
 from orchestrator.plan.resolve import RunPlan
 from orchestrator.runtime import Runtime
 from orchestrator.units import fmt_bytes
@@ -41,19 +45,6 @@ def _config(args: argparse.Namespace) -> ChorusConfig:
 
 # ---------------------------------------------------------------- commands
 
-def cmd_models(args: argparse.Namespace) -> int:
-    registry = Registry(_config(args))
-    records = [r.to_dict() for r in registry.records.values()]
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return 0
-    print_table(
-        [(r["name"], r["file"] or r["url"], _mib(r["size_bytes"]), r["architecture"], r["size_label"],
-          r["quantization"], r["context_length"], r["status"], r["reason"]) for r in records],
-        ["NAME", "FILE", "SIZE", "ARCH", "PARAMS", "QUANT", "MAX CTX", "STATUS", "REASON"])
-    return 0
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     runtime = Runtime(config)
@@ -65,6 +56,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         server = {"path": str(binary), "version": binary_version(binary), "error": None}
     except ChorusError as exc:
         server = {"path": None, "version": None, "error": str(exc)}
+    if server["path"] is None and base_needs_local_server(config, registry):
+        # the models are there but nothing can run them: base mode is not available either
+        status = PipelineStatus(False, {**status.missing,
+                                        "llama-server": "not found: local models cannot run without it"})
     report = {
         "llama_server": server,
         "config_dir": str(config.paths.config_dir),
@@ -90,7 +85,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if status.available:
         print("base pipeline: available")
     else:
-        print("base pipeline: BLOCKED (manual mode still works)")
+        still = "manual mode can use remote models only" if server["path"] is None else "manual mode still works"
+        print(f"base pipeline: BLOCKED, base mode is unavailable ({still})")
         for model, reason in status.missing.items():
             print(f"  - {model}: {reason}")
     print()
@@ -108,6 +104,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"VRAM: {mem.gpu_note or 'no GPU'}")
     return 0
+
+
+def base_needs_local_server(config: ChorusConfig, registry: Registry) -> bool:
+    """Whether the base pipeline has a local model (one llama-server must run); a broken pipeline.yaml
+    is reported on its own."""
+    try:
+        pipeline = config.load_pipeline()
+    except ChorusError:
+        return False
+    return any(rec is None or not rec.is_remote for rec in map(registry.records.get, pipeline.model_names()))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -174,27 +180,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"pipeline '{plan.pipeline}': usable now RAM {_gib(avail.ram_bytes)}{vram} "
           f"(free minus the margin of {runtime.config.app.resources.fraction:.0%} + "
           f"{runtime.config.app.resources.fixed_mib} MiB)")
+    if run_plan.blocked is not None:
+        print(str(run_plan.blocked.get("message", run_plan.blocked)))
     for stage in plan.stages:
         print()
         together = "fits together" if stage.fits_together else f"does NOT fit together: {len(stage.waves)} waves"
         print(f"stage '{stage.stage}': {together}")
         models = stage.models + ([stage.synthesis] if stage.synthesis else [])
         print_table([(("synthesis: " if m is stage.synthesis else "") + m.name, ", ".join(m.labels),
-                      m.n_ctx, m.n_gpu_layers, m.slots or None,
-                      "remote" if m.remote else _gib(m.ram_bytes), "-" if m.remote else _gib(m.vram_bytes),
-                      m.reason or m.source) for m in models],
+                      m.n_ctx, m.n_gpu_layers, m.slots or None, *_plan_memory_cells(m)) for m in models],
                     ["MODEL", "LABELS", "N_CTX", "NGL", "SLOTS", "RAM", "VRAM", "FIGURE"])
         if not stage.fits_together:
             for i, wave in enumerate(stage.waves, 1):
                 print(f"  wave {i}: {', '.join(wave)}")
         if stage.synthesis:
-            print(f"  then: {', '.join(stage.synthesis.labels)}"
-                  + ("" if stage.synthesis.fits_alone else "  (does NOT fit)"))
+            syn = stage.synthesis
+            after = (f"  (missing: {syn.reason or 'not registered'})" if syn.source == "unavailable"
+                     else "" if syn.fits_alone else "  (does NOT fit)")
+            print(f"  then: {', '.join(syn.labels)}{after}")
         if stage.evict:
             print(f"  stops first: {', '.join(stage.evict)}")
         if stage.unfit:
             print(f"  does not fit even alone: {', '.join(stage.unfit)}")
-    return 0 if plan.fits else 1
+    return 0 if plan.fits and run_plan.blocked is None else 1
+
+
+def _plan_memory_cells(m: ServerNeed) -> tuple[str, str, str]:
+    """RAM, VRAM and FIGURE of one row: a missing model says so instead of showing zero bytes."""
+    if m.source == "unavailable":
+        return "-", "-", f"missing: {m.reason or 'not registered'}"
+    if m.remote:
+        return "remote", "-", m.source
+    return _gib(m.ram_bytes), _gib(m.vram_bytes), m.reason or m.source
 
 
 def plan_json(run_plan: RunPlan, memory: MemoryPlan) -> dict[str, Any]:
@@ -210,23 +227,31 @@ def plan_json(run_plan: RunPlan, memory: MemoryPlan) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- wiring
 
-def build_parser() -> argparse.ArgumentParser:
+def global_options(*, defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name. The top parser holds the defaults; the
+    subcommands' copies default to SUPPRESS, so an option given before the subcommand is not overwritten
+    by the subcommand's own default (`chorus --config-dir X check`, `chorus -v run ...`)."""
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config-dir", type=Path, default=None,
+    common.add_argument("--config-dir", type=Path, default=default(None),
                         help="folder with app.yaml, models.yaml, pipeline.yaml "
                              "(default: $CHORUS_CONFIG_DIR, $CHORUS_HOME/config, ./config, ~/.config/chorus, else "
                              "the packaged default config; see `chorus init`)")
-    common.add_argument("-v", "--verbose", action="store_true",
-                        help="log debug details; with run and rerun, also stream the tokens")
+    common.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log chorus's debug details to stderr")
+    return common
 
-    parser = argparse.ArgumentParser(prog="chorus", parents=[common],
+
+def build_parser() -> argparse.ArgumentParser:
+    common = global_options(defaults=False)
+    parser = argparse.ArgumentParser(prog="chorus", parents=[global_options(defaults=True)],
                                      description="Run several local GGUF models together in pipelines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("models", parents=[common], help="list configured models and whether they are usable")
-    p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.set_defaults(func=cmd_models)
+    cli_models.register(sub, common)
 
     p = sub.add_parser("check", parents=[common],
                        help="show the registry, the base pipeline's status and free RAM/VRAM")
@@ -245,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ps", parents=[common], help="list running llama-server processes")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_ps)
+    cli_stop.register(sub, common)
 
     p = sub.add_parser("plan", parents=[common],
                        help="per stage: each model's RAM/VRAM estimate, whether the stage fits, else its waves")
@@ -255,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_init.register(sub, common)
     cli_run.register(sub, common)
     cli_ui.register(sub, common)
+    cli_eval.register(sub, common)
     cli_api.register(sub, common)
     return parser
 
@@ -266,13 +293,54 @@ def format_error(exc: ChorusError) -> str:
     return textwrap.fill(text, width=100, break_on_hyphens=False, break_long_words=False)
 
 
+class OneLineFormatter(logging.Formatter):
+    """Log records on stderr as one line each: a debug or info record's traceback (NVML not there, a probe
+    that failed) is shortened to its exception's one-line text; warnings and errors keep theirs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and record.levelno < logging.WARNING:
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+            record.args = None
+        return super().format(record)
+
+
+def setup_stderr_logging(verbose: bool) -> None:
+    """Warnings on stderr; with -v chorus's own debug lines too, not those of the HTTP or asyncio libraries."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "chorus_stderr", False)]:
+        root.removeHandler(old)  # main() called again in one process (tests): one stderr handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.chorus_stderr = True  # type: ignore[attr-defined]
+    handler.setFormatter(OneLineFormatter("chorus: %(levelname)s: %(message)s"))
+    handler.setLevel(logging.DEBUG if verbose else logging.WARNING)  # a log file may want more than stderr
+    root.addHandler(handler)  # the root stays at WARNING: other libraries' debug lines never show
+    if verbose:
+        logging.getLogger("chorus").setLevel(logging.DEBUG)
+
+
+def quiet_broken_pipe() -> int:
+    """stdout's reader went away (`chorus ... | head`): no traceback, and no second error when Python flushes
+    stdout at exit (the Python docs' recipe). 141 = 128 + SIGPIPE, what a shell reports for such a pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="chorus: %(levelname)s: %(message)s", stream=sys.stderr)
+    setup_stderr_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a pipe's reader that left shows here, not at exit
+        return code
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except ChorusError as exc:
         print(format_error(exc), file=sys.stderr)
         return 2

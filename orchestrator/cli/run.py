@@ -11,66 +11,18 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from launcher.server import install_signal_cleanup
+from orchestrator.cli.progress import ProgressPrinter
 from orchestrator.config.inputs import clean_question
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import PipelineSpec, load_config, load_pipeline
-from orchestrator.engine.events import (
-    AggregationDone,
-    Event,
-    ModelFinished,
-    Notice,
-    RunStarted,
-    StageFinished,
-    StageStarted,
-    Token,
-)
 from orchestrator.engine.run import CancelToken, SequentialQuestion
 from orchestrator.history.store import SessionStore
 from orchestrator.records import error_text
 from orchestrator.runs import Runner, RunOutcome
 from orchestrator.runtime import Runtime
-
-
-class ProgressPrinter:
-    """Short progress lines on stderr; with --verbose the tokens stream too."""
-
-    def __init__(self, out: TextIO = sys.stderr, *, stream_tokens: bool = False) -> None:
-        self.out = out
-        self.stream_tokens = stream_tokens
-        self.total = 0
-
-    def __call__(self, event: Event) -> None:
-        match event:
-            case RunStarted(run=run):
-                self.total = len(run.pipeline.get("stages", []))
-            case StageStarted(index=index, stage=stage, labels=labels):
-                self._line(f"[{index}/{self.total}] {stage}: {', '.join(labels)}")
-            case Notice(message=message):
-                self._line(f"  note: {message}")
-            case Token(text=text) if self.stream_tokens:
-                self.out.write(text)
-                self.out.flush()
-            case ModelFinished(response=r):
-                if r.ok:
-                    rate = f", {r.tokens_per_s:.1f} tok/s" if r.tokens_per_s else ""
-                    cut = " (cut at max_tokens)" if r.finish_reason == "length" else ""
-                    self._line(f"  {r.label}: {r.completion_tokens or 0} tokens in {r.total_s or 0:.1f}s{rate}{cut}")
-                else:
-                    self._line(f"  {r.label}: {r.status.upper()}: {error_text(r.error)}")
-            case AggregationDone(aggregation=agg) if len(agg.inputs) > 1:
-                extra = f" (agreement {agg.details['agreement']:.0%})" if "agreement" in agg.details else ""
-                self._line(f"  merged by {agg.kind}{extra}")
-            case StageFinished(record=st) if st.status not in ("ok", "copied"):
-                err = error_text(st.error)
-                self._line(f"  stage {st.name}: {st.status}" + (f": {err}" if err else ""))
-
-    def _line(self, text: str) -> None:
-        if self.stream_tokens:
-            self.out.write("\n")
-        print(text, file=self.out, flush=True)
 
 
 def ask_sequential_on_tty(question: SequentialQuestion) -> bool:
@@ -113,11 +65,15 @@ def require_binary(runtime: Runtime, pipeline: PipelineSpec) -> None:
         runtime.binary  # noqa: B018 - raises BinaryNotFound
 
 
-def emit_outcome(outcome: RunOutcome, as_json: bool) -> int:
+def emit_outcome(outcome: RunOutcome, as_json: bool, printer: ProgressPrinter | None = None) -> int:
+    """The JSON view, or the answer (unless `printer` streamed it already) and the status on stderr."""
+    if printer is not None and printer.broken_pipe:
+        raise BrokenPipeError  # stdout's reader went away (`| head`): main ends quietly
     if as_json:
         print(json.dumps(outcome.to_dict(), indent=2, ensure_ascii=False, default=str))
     else:
-        if outcome.run.status in ("completed", "partial"):
+        shown = printer is not None and printer.answer_shown(outcome.run.final)
+        if outcome.run.status in ("completed", "partial") and not shown:
             print(outcome.run.final.strip())
         err = error_text(outcome.run.error)
         print(f"\nstatus: {outcome.run.status}" + (f" ({err})" if err else ""), file=sys.stderr)
@@ -132,8 +88,19 @@ def emit_outcome(outcome: RunOutcome, as_json: bool) -> int:
 EXIT_CODES = {"completed": 0, "partial": 3}  # failed, cancelled: 1; errors before the run: 2
 
 
+def read_question(text: str) -> str:
+    """The question as given, or all of stdin for `-` (`echo ... | chorus run -`)."""
+    return sys.stdin.read() if text == "-" else text
+
+
+def terminal_printer(as_json: bool) -> ProgressPrinter:
+    """Progress on stderr; the answer streams to stdout unless stdout carries JSON."""
+    return ProgressPrinter(sys.stderr, answer_out=None if as_json else sys.stdout)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    question = clean_question(args.question)  # before anything is started or saved: a clear error, no session
+    # before anything is started or saved: a clear error, no session
+    question = clean_question(read_question(args.question))
     config = load_config(args.config_dir)
     manual = args.manual is not None
     pipeline = load_pipeline(args.manual or args.pipeline or config.paths.pipeline)
@@ -145,15 +112,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     require_binary(runtime, pipeline)
     install_signal_cleanup()
     cancel = CancelToken()
+    printer = terminal_printer(args.json)
     try:
         with ctrl_c_cancels(cancel):
             outcome = Runner(runtime).run(
-                pipeline, question, mode="manual" if manual else "base", cancel=cancel,
-                observers=[ProgressPrinter(stream_tokens=args.verbose)],
+                pipeline, question, mode="manual" if manual else "base", cancel=cancel, observers=[printer],
                 allow_sequential=sequential_policy(args, manual))
     finally:
+        printer.close()
         runtime.close()
-    return emit_outcome(outcome, args.json)
+    return emit_outcome(outcome, args.json, printer)
 
 
 # ---------------------------------------------------------------- history
@@ -247,11 +215,11 @@ def cmd_history_rerun(args: argparse.Namespace) -> int:
     try:
         with ctrl_c_cancels(cancel):
             outcome = Runner(runtime).rerun(args.id, args.stage, overrides=args.set, cancel=cancel,
-                                            observers=[ProgressPrinter(stream_tokens=args.verbose)],
+                                            observers=[printer := terminal_printer(args.json)],
                                             allow_sequential=sequential_policy(args, manual=True))
     finally:
         runtime.close()
-    return emit_outcome(outcome, args.json)
+    return emit_outcome(outcome, args.json, printer)
 
 
 def cmd_history_reindex(args: argparse.Namespace) -> int:
@@ -271,7 +239,7 @@ def cmd_history_reindex(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", parents=[common], help="run the base pipeline (or a manual one) for a question")
-    p.add_argument("question")
+    p.add_argument("question", help="the question; - reads it from stdin")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pipeline", type=Path, help="a base-mode pipeline file instead of config/pipeline.yaml")
     src.add_argument("--manual", type=Path, help="a manual pipeline file (runs with whatever models are available)")

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.config.schema import PipelineSpec
+from orchestrator.config.schema import PipelineSpec, StageSpec
 from orchestrator.config.yamlio import field_path
 from orchestrator.engine import aggregators
 from orchestrator.errors import ConfigError
@@ -24,7 +24,8 @@ def apply_overrides(pipeline: PipelineSpec, assignments: Iterable[str], *, sourc
                     config_dir: Path | None = None) -> PipelineSpec:
     """Return a new spec with each `stage.param=value` (or `defaults.param=value`) applied.
 
-    `stage.aggregation.type=concat` reaches nested keys; values are YAML (numbers, lists, strings).
+    `stage.aggregation.type=concat` reaches nested keys, `stage.LABEL.param=value` one model slot of the
+    stage; values are YAML (numbers, lists `[a, b]`, mappings `{"15043": -100}`, strings).
     Given the config folder, custom aggregation functions are checked against what it allows.
     """
     data = pipeline.model_dump(mode="python", exclude_unset=False)
@@ -35,7 +36,8 @@ def apply_overrides(pipeline: PipelineSpec, assignments: Iterable[str], *, sourc
         result = PipelineSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        raise ConfigError(source, err.get("msg", "invalid value"), field=field_path(tuple(err.get("loc", ()))),
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise ConfigError(source, msg, field=field_path(tuple(err.get("loc", ()))),
                           hint="Check the value given with --set.") from None
     if config_dir is not None:
         aggregators.check_pipeline(result, config_dir, source=source)
@@ -65,8 +67,24 @@ def _assign(data: dict[str, Any], parts: list[str], value: Any, text: str, sourc
             names = ", ".join(s["name"] for s in data["stages"])
             raise ConfigError(source, f"no stage named '{head}' in '{text}'", field=head,
                               hint=f"Stages are: {names}, or use 'defaults'.")
+        slot = _slot(node, rest)
+        if slot is not None:  # review.reviewer-facts.top_k=40: one model call of the stage
+            node, rest = slot, rest[1:]
     for part in rest[:-1]:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
     node[rest[-1]] = value
+    if len(rest) == 1 and rest[0] in _CONSTRAINTS and value is not None:
+        for other in _CONSTRAINTS - {rest[0]}:  # a grammar given on the command line replaces a json_schema
+            node[other] = None
+
+
+_CONSTRAINTS = frozenset({"grammar", "json_schema"})
+
+
+def _slot(stage: dict[str, Any], rest: list[str]) -> dict[str, Any] | None:
+    """The model slot `rest[0]` names by its label, when it is not one of the stage's own keys."""
+    if len(rest) < 2 or rest[0] in StageSpec.model_fields:
+        return None
+    return next((m for m in stage.get("models", []) if isinstance(m, dict) and m.get("label") == rest[0]), None)

@@ -7,13 +7,14 @@ raise: the model is kept apart as unavailable with its reason and a warning is l
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from launcher.errors import GGUFError
 from launcher.gguf import GGUFMetadata, read_gguf
-from orchestrator.config.schema import ChorusConfig, ModelEntry, PipelineSpec
+from orchestrator.config.schema import NAME_PATTERN, ChorusConfig, ModelEntry, PipelineSpec
 from orchestrator.errors import ConfigError, ModelUnavailable, PipelineBlocked
 
 log = logging.getLogger("chorus.registry")
@@ -74,6 +75,66 @@ class ModelRecord:
             "default_gpu_layers": self.entry.default_gpu_layers,
             "has_chat_template": meta.has_chat_template if meta else None,
         }
+
+
+SUGGESTED_N_CTX = 4096          # a new entry's default_n_ctx, unless the model's own context is smaller
+_LATER_SPLIT_PART = re.compile(r"-(?!0*1-of-)\d+-of-\d+\.gguf$", re.IGNORECASE)  # llama.cpp loads part 1
+
+
+@dataclass
+class UnregisteredFile:
+    """A .gguf file in models_dir that no models.yaml entry uses: what it is, and the entry that would add it."""
+
+    path: Path
+    size_bytes: int | None
+    suggested_name: str
+    metadata: GGUFMetadata | None = None
+    reason: str | None = None      # why it cannot be added (not a valid GGUF file)
+
+    @property
+    def file(self) -> str:
+        return self.path.name
+
+    def entry(self) -> dict[str, Any] | None:
+        """The models.yaml entry for this file (None for a file that is not a valid GGUF)."""
+        meta = self.metadata
+        if meta is None:
+            return None
+        what = " ".join(p for p in (meta.architecture, meta.size_label, meta.quantization) if p)
+        mode = "chat template" if meta.has_chat_template else "no chat template: completion mode"
+        n_ctx = min(SUGGESTED_N_CTX, meta.context_length) if meta.context_length else SUGGESTED_N_CTX
+        return {"file": self.file, "default_n_ctx": max(64, n_ctx), "default_gpu_layers": -1,
+                "description": f"{what} ({mode})"}
+
+    def to_dict(self) -> dict[str, object]:
+        meta = self.metadata
+        return {
+            "name": None,
+            "suggested_name": self.suggested_name,
+            "file": self.file,
+            "url": None,
+            "path": str(self.path),
+            "status": "unregistered",
+            "reason": self.reason,
+            "size_bytes": self.size_bytes,
+            "architecture": meta.architecture if meta else None,
+            "size_label": meta.size_label if meta else None,
+            "quantization": meta.quantization if meta else None,
+            "context_length": meta.context_length if meta else None,
+            "block_count": meta.block_count if meta else None,
+            "has_chat_template": meta.has_chat_template if meta else None,
+            "entry": self.entry(),
+        }
+
+
+def suggest_name(file_name: str, taken: set[str] | dict[str, Any]) -> str:
+    """A models.yaml name for a file: its stem in lower case with other characters as '-', unique."""
+    stem = file_name[:-5] if file_name.lower().endswith(".gguf") else file_name
+    base = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:60] or "model"
+    name, n = base, 2
+    while name in taken or not re.match(NAME_PATTERN, name):
+        name, n = f"{base}-{n}", n + 1
+    return name
 
 
 @dataclass(frozen=True)
@@ -138,6 +199,38 @@ class Registry:
             return ModelRecord(name, entry, "invalid", f"not a valid GGUF file: {exc.message}", path,
                                st.st_size, st.st_mtime_ns)
         return ModelRecord(name, entry, "available", None, path, st.st_size, st.st_mtime_ns, meta)
+
+    def unregistered_files(self) -> list[UnregisteredFile]:
+        """The .gguf files at the top of models_dir that no entry uses (the first part of a split model only),
+        each with its metadata and a suggested entry; nothing is registered by listing them."""
+        models_dir = self.config.models_dir
+        try:
+            candidates = sorted(p for p in models_dir.iterdir() if p.name.lower().endswith(".gguf"))
+        except OSError:
+            return []
+        used = set()
+        for rec in self.records.values():
+            if rec.path is not None:
+                try:
+                    used.add(rec.path.resolve())
+                except (OSError, RuntimeError):
+                    continue
+        taken: set[str] = set(self.records)
+        out = []
+        for path in candidates:
+            try:
+                if path.resolve() in used or _LATER_SPLIT_PART.search(path.name) or not path.is_file():
+                    continue
+                size: int | None = path.stat().st_size
+            except (OSError, RuntimeError):
+                continue
+            name = suggest_name(path.name, taken)
+            taken.add(name)
+            try:
+                out.append(UnregisteredFile(path, size, name, read_gguf(path)))
+            except GGUFError as exc:
+                out.append(UnregisteredFile(path, size, name, reason=f"not a valid GGUF file: {exc.message}"))
+        return out
 
     @property
     def available(self) -> dict[str, ModelRecord]:

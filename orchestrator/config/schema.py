@@ -5,6 +5,7 @@ Unknown keys are rejected everywhere so a typo is an error, not a silently ignor
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from launcher.units import MiB
 from orchestrator.config.locations import find_config_dir, relative_base
@@ -92,6 +93,37 @@ class AppConfig(Strict):
 
 # ---------------------------------------------------------------- models.yaml
 
+# llama-server flags chorus sets itself (argv in launcher/server.py), each with what to use instead.
+_MANAGED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file",
+                     "-dr", "--docker-repo"), "the model's 'file'"),
+    **dict.fromkeys(("--host", "--port", "--path", "--api-prefix", "--ssl-key-file", "--ssl-cert-file",
+                     "--reuse-port"), "nothing: chorus picks the address of each server it starts"),
+    **dict.fromkeys(("--api-key", "--api-key-file"), "nothing: chorus gives each server its own key"),
+    **dict.fromkeys(("-c", "--ctx-size"), "'default_n_ctx' (or n_ctx in pipeline.yaml)"),
+    **dict.fromkeys(("-np", "--parallel"), "'parallel'"),
+    **dict.fromkeys(("-ngl", "--gpu-layers", "--n-gpu-layers"), "'default_gpu_layers' (or n_gpu_layers)"),
+    **dict.fromkeys(("-t", "--threads"), "'threads'"),
+    **dict.fromkeys(("--chat-template", "--chat-template-file"), "'chat_template'"),
+    **dict.fromkeys(("--ui", "--webui", "--no-ui", "--no-webui", "--metrics", "-fit", "--fit", "-cram",
+                     "--cache-ram", "--log-file", "--models-dir", "--models-preset", "--models-max"),
+                    "nothing: chorus sets it (memory checks, logs and `chorus ps` depend on it)"),
+}
+
+
+def _check_extra_arg(value: str) -> str:
+    """One argv item of a model's `extra_args`: not a flag chorus manages itself (it would fight ours)."""
+    if not value or "\x00" in value:
+        raise ValueError("an extra argument cannot be empty or contain a NUL character")
+    flag = value.split("=", 1)[0]
+    if flag.startswith("--"):
+        flag = flag.replace("_", "-")  # llama.cpp reads --ctx_size as --ctx-size
+    instead = _MANAGED_FLAGS.get(flag)
+    if instead is not None:
+        raise ValueError(f"'{flag}' is set by chorus itself and cannot be given in extra_args; use {instead}")
+    return value
+
+
 class ModelEntry(Strict):
     file: str | None = None
     default_n_ctx: int = Field(4096, ge=64, le=4_194_304)
@@ -103,8 +135,15 @@ class ModelEntry(Strict):
     parallel: int = Field(1, ge=1, le=64)
     url: str | None = None
     api_key_env: str | None = None
+    idle_timeout_s: float | None = Field(None, gt=0)  # keep-alive of this model's servers; app.yaml's when unset
+    extra_args: list[Annotated[str, AfterValidator(_check_extra_arg)]] = Field(default_factory=list, max_length=256)
 
     _check_file = field_validator("file")(_check_path)
+
+    @field_validator("extra_args", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
 
     @model_validator(mode="after")
     def _file_or_url(self) -> ModelEntry:
@@ -114,6 +153,8 @@ class ModelEntry(Strict):
             raise ValueError("give 'file' or 'url', not both")
         if self.url and not re.match(r"^https?://", self.url):
             raise ValueError("'url' must start with http:// or https://")
+        if self.url and self.extra_args:
+            raise ValueError("'extra_args' are flags for a local llama-server; a remote 'url' runs none here")
         return self
 
 
@@ -129,11 +170,66 @@ class ModelsFile(Strict):
 # ---------------------------------------------------------------- pipeline.yaml
 
 class GenerationParams(Strict):
+    """Every sampling parameter llama-server takes, defined once: the pipeline's defaults, a stage and a
+    model slot inherit these fields, resolve.py layers them (slot → stage → defaults) and launcher/client.py's
+    GenerationRequest carries them under the same names. None means "not set here": the server's default.
+
+    Ranges are llama-server's own: repeat_penalty 1.0, top_k 0, min_p 0.0, typical_p 1.0 and mirostat 0 are
+    "off". OpenAI's presence/frequency penalties and logit_bias keep OpenAI's ranges.
+    """
+
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=1_000_000)           # 0 = every token
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, gt=0, le=1)             # 1 = off
+    repeat_penalty: float | None = Field(None, ge=0, le=10)       # 1 = off; 1.1-1.3 stops small models looping
+    repeat_last_n: int | None = Field(None, ge=-1, le=1_000_000)  # tokens the penalties look back; -1 = context
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    mirostat: Literal[0, 1, 2] | None = None                      # 0 = off, 1 = Mirostat, 2 = Mirostat 2.0
+    mirostat_tau: float | None = Field(None, ge=0, le=100)
+    mirostat_eta: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    seed: int | None = None
-    stop: list[str] | None = None
+    seed: int | None = Field(None, ge=-1, le=2**32 - 1)           # -1 = random
+    stop: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(None, max_length=64)
+    grammar: str | None = Field(None, min_length=1, max_length=100_000)  # GBNF; exclusive with json_schema
+    json_schema: dict[str, Any] | None = None                     # output constrained to this JSON schema
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1000)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _token_ids_as_keys(cls, value: Any) -> Any:
+        """YAML reads `{15043: -100}` with an int key: a token id, kept as its text as in OpenAI's API."""
+        if isinstance(value, dict):
+            return {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in value.items()}
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema_is_json(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as exc:  # a YAML date, a set, NaN: not JSON
+                raise ValueError(f"json_schema must be plain JSON data: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerationParams:
+        if self.grammar is not None and self.json_schema is not None:
+            raise ValueError("give 'grammar' or 'json_schema', not both (llama-server refuses the pair)")
+        return self
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The generation parameter names (GenerationParams' own fields, not a subclass's)."""
+        return tuple(GenerationParams.model_fields)
 
 
 class LoadParams(Strict):

@@ -79,7 +79,7 @@ class JudgeUnparseable(ChorusError):
 
 # ---------------------------------------------------------------- reading replies
 
-_NUM = r"(\d+(?:\.\d+)?)"
+_NUM = r"(-?\d+(?:\.\d+)?)"
 _OUT_OF = r"\s*(?:/|out\s+of)\s*"
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}")
 _LABELLED = re.compile(rf"(?i)\b(?:score|rating|grade|mark)s?\b[^\d\n]{{0,12}}?{_NUM}(?:{_OUT_OF}{_NUM})?")

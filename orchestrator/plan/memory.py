@@ -98,8 +98,9 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        """Every model fits at least alone (stages may still run in waves)."""
-        return not any(s.unfit or (s.synthesis and not s.synthesis.fits_alone) for s in self.stages)
+        """Every model fits at least alone (stages may still run in waves). A model the registry could not
+        register is missing, not too big: it does not count here (the run plan's `blocked` says so)."""
+        return not any(s.unfit or s.unfit_servers for s in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "fits": self.fits, "available": self.available.to_dict(),

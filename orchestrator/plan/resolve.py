@@ -20,11 +20,12 @@ from typing import Any, Literal
 from launcher.client import GenerationRequest
 from launcher.server import ServerSpec
 from orchestrator.config.registry import ModelRecord, Registry
-from orchestrator.config.schema import PipelineSpec, StageSpec
+from orchestrator.config.schema import GenerationParams, PipelineSpec, StageSpec
 from orchestrator.errors import ModelUnavailable, PipelineBlocked
 from orchestrator.records import error_dict
 
-GENERATION_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop")
+GENERATION_KEYS = GenerationParams.keys()  # every sampling parameter, named once in config/schema.py
+_CONSTRAINTS = ("grammar", "json_schema")   # one output constraint: the most specific level setting either wins
 RunMode = Literal["base", "manual"]
 
 
@@ -156,6 +157,18 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+def _layered(*levels: GenerationParams) -> dict[str, Any]:
+    """Each generation parameter from the most specific level that sets it (slot, stage, defaults).
+
+    grammar and json_schema are one choice: a slot's json_schema replaces its stage's grammar rather than
+    joining it (llama-server refuses a request with both).
+    """
+    out = {k: _first(*(getattr(level, k) for level in levels)) for k in GENERATION_KEYS}
+    owner = next((lv for lv in levels if any(getattr(lv, k) is not None for k in _CONSTRAINTS)), None)
+    out.update({k: getattr(owner, k) if owner is not None else None for k in _CONSTRAINTS})
+    return out
+
+
 # ---------------------------------------------------------------- resolution
 
 
@@ -170,7 +183,7 @@ def resolve_server(record: ModelRecord, machine: Machine, *, n_ctx: int | None =
         ngl = 0
     return ServerSpec(model=record.name, model_path=record.path, n_ctx=n_ctx or entry.default_n_ctx,
                       n_gpu_layers=ngl, slots=max(slots, entry.parallel), threads=entry.threads,
-                      chat_template=entry.chat_template)
+                      chat_template=entry.chat_template, extra_args=tuple(entry.extra_args))
 
 
 def _target(registry: Registry, model: str, machine: Machine, n_ctx: int | None,
@@ -191,10 +204,10 @@ def _stage_calls(pipeline: PipelineSpec, stage: StageSpec, registry: Registry,
                  machine: Machine) -> tuple[list[CallPlan], CallPlan | None]:
     d = pipeline.defaults
     n_ctx, ngl = _first(stage.n_ctx, d.n_ctx), _first(stage.n_gpu_layers, d.n_gpu_layers)
-    base = {k: _first(getattr(stage, k), getattr(d, k)) for k in GENERATION_KEYS}
+    base = _layered(stage, d)
     calls = []
     for slot in stage.models:
-        gen = {k: _first(getattr(slot, k), base[k]) for k in GENERATION_KEYS}
+        gen = _layered(slot, stage, d)
         system = slot.system_prompt if slot.system_prompt is not None else stage.system_prompt
         calls.append(CallPlan(slot.label or slot.model, _target(registry, slot.model, machine, n_ctx, ngl),
                               GenerationRequest(prompt="", system_prompt=system, **gen)))

@@ -24,7 +24,7 @@ from orchestrator.engine.events import Event, StageStarted
 from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner
 from tests.conftest import REPO, ConfigDir
-from tests.faults.conftest import DEMO, answered, assert_session_valid, chorus, make_runtime, manual, run
+from tests.faults.conftest import answered, assert_session_valid, chorus, make_runtime, manual, run
 
 pytestmark = pytest.mark.integration
 
@@ -161,7 +161,9 @@ def test_file_size_limit_loses_the_history_not_the_answer(config_dir: ConfigDir,
         from orchestrator.runtime import Runtime
         runtime = Runtime(load_config({str(config_dir.path)!r}))
         spec = PipelineSpec.model_validate({{"stages": [{answered("s", max_tokens=4, n_ctx=512)!r}]}})
-        runtime.pool.release(runtime.pool.acquire(runtime.server_spec("{DEMO}", n_ctx=512, slots=2)))  # warm
+        plan = runtime.plan(spec, "manual")  # warm the very servers the run's plan resolves
+        for call in [c for stage in plan.stages for c in stage.all_calls() if c.target.server is not None]:
+            runtime.pool.release(runtime.pool.acquire(call.target.server))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))  # no file may grow: EFBIG
         outcome = Runner(runtime).run(spec, {QUESTION!r})

@@ -1,0 +1,192 @@
+"""The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, and /health.
+
+`create_app()` with no arguments is uvicorn's factory (`chorus api`): it reads the config dir and the
+API settings from the environment and builds the one Runtime (registry, memory guard, pool) the app
+shares across requests; its llama-servers are stopped when the app shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import catalog
+from api.errors import BodyTooLarge, Unauthorized, error_body, status_of
+from api.forward import EventStream, forward
+from api.mapping import conversation
+from api.runs import PipelineRuns, RunLimiter, answer, stream
+from api.schemas import ChatRequest, CompletionFields, CompletionRequest
+from api.settings import ApiSettings
+from api.stream import Chunks, Kind
+from orchestrator.config.schema import load_config
+from orchestrator.engine.backend import Backend
+from orchestrator.errors import ChorusError
+from orchestrator.proxy import ModelProxy, Route
+from orchestrator.runtime import Runtime
+
+log = logging.getLogger("chorus.api")
+
+
+class BodyLimit:
+    """Refuses a request body over `max_bytes` (413) before the app reads any of it into a model."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        body = bytearray()
+        while True:  # read it all here, bounded, then replay it to the app
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # later: the disconnect, which cancels a run
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exc = BodyTooLarge(self.max_bytes)
+        await JSONResponse(error_body(exc), status_code=status_of(exc).http)(scope, receive, send)
+
+
+def error_response(exc: BaseException | dict[str, Any]) -> JSONResponse:
+    status = status_of(exc)
+    headers = {"Retry-After": "1"} if status.http == 429 else {}
+    if status.http == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc), status_code=status.http, headers=headers)
+
+
+def create_app(runtime: Runtime | None = None, settings: ApiSettings | None = None, *,
+               backend_factory: Callable[[], Backend] | None = None, proxy: ModelProxy | None = None) -> FastAPI:
+    """The app over `runtime` (default: the config dir's; then closed with the app).
+
+    `backend_factory` replaces the real backend of pipeline runs (tests: FakeBackend); `proxy` the model
+    proxy (tests: one over a mock transport).
+    """
+    settings = settings or ApiSettings.from_env()
+    owned = runtime is None
+    runtime = runtime or Runtime(load_config(None))
+    limiter = RunLimiter(settings.max_runs)
+    runs = PipelineRuns(runtime, limiter, backend_factory=backend_factory)
+    model_proxy = proxy or ModelProxy(runtime)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await runs.shutdown()
+            await model_proxy.aclose()
+            if owned:
+                await asyncio.to_thread(runtime.close)  # stops the pool's llama-servers
+
+    async def require_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise Unauthorized("missing or wrong API key", hint="Send the header 'Authorization: Bearer <key>'.")
+
+    app = FastAPI(title="chorus", description="Every chorus pipeline and model behind the OpenAI API.",
+                  lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.state.runtime, app.state.runs, app.state.limiter = runtime, runs, limiter
+
+    @app.exception_handler(ChorusError)
+    async def on_chorus_error(_request: Request, exc: ChorusError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        bad_json = first.get("type") == "json_invalid"
+        message = ("the request body is not valid JSON" if bad_json
+                   else f"{param or 'body'}: {first.get('msg', 'invalid value')}")
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                          "code": "invalid_json" if bad_json else "invalid_value"}}
+        return JSONResponse(body, status_code=400 if bad_json else 422)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(_request: Request, exc: HTTPException) -> JSONResponse:
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
+                          "code": f"http_{exc.status_code}"}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def on_bug(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        body = {"error": {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "server_error",
+                          "param": None, "code": "internal_error"}}
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "runs": limiter.active, "max_runs": limiter.limit}
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def models() -> dict[str, Any]:
+        created = int(runtime.config.paths.models.stat().st_mtime) if runtime.config.paths.models.exists() else 0
+        return {"object": "list", "data": [m.to_dict(created) for m in catalog.list_models(runtime)]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
+    async def model(model_id: str) -> dict[str, Any]:
+        return catalog.resolve(runtime, model_id).to_dict(0)
+
+    async def complete(request: Request, body: CompletionFields, kind: Kind, route: Route,
+                       question: Callable[[], tuple[str, list[dict[str, str]]]]) -> Response:
+        entry = catalog.resolve(runtime, body.model)
+        if isinstance(entry, catalog.RegisteredModel):
+            return await forward(request, model_proxy, limiter, entry.id, route, body)
+        text, history = question()
+        started = await runs.start(entry, body, text, history)
+        chunks = Chunks(kind, body.model)
+        if not body.stream:
+            return await answer(request, started, chunks)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        headers = {"X-Chorus-Session": started.session_id} if started.session_id else {}
+        return EventStream(stream(started, chunks, include_usage=include_usage, heartbeat_s=settings.heartbeat_s),
+                           headers=headers)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        return await complete(request, body, "chat", "chat/completions", lambda: conversation(body))
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await complete(request, body, "text", "completions", lambda: (body.text(), []))
+
+    return app

@@ -1,0 +1,119 @@
+"""A registered model's request, forwarded to its llama-server through `orchestrator.proxy`.
+
+The server is leased (started on demand after the memory fit check) before the response starts, so a
+model that does not fit answers 503 and one whose server will not start answers 502, streamed or not.
+The upstream answer is passed on with `model` set to the registry name; a lost connection mid-stream
+ends the stream with an OpenAI error chunk naming the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Send
+
+from api.errors import error_body
+from api.runs import GONE, RunLimiter, until_done_or_gone
+from api.schemas import CompletionFields
+from api.stream import sse
+from orchestrator.errors import ChorusError
+from orchestrator.proxy import ModelProxy, Route
+
+log = logging.getLogger("chorus.api")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class EventStream(StreamingResponse):
+    """A streaming response that always closes its generator when the response ends, client gone or not
+    (its `finally` cancels the run or releases the server at once, not when the generator is collected)."""
+
+    def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+        self._generator = content
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self._generator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+def renamed(data: Any, model: str) -> Any:
+    """The upstream JSON with `model` set to the name the client asked for."""
+    if isinstance(data, dict) and "model" in data:
+        data["model"] = model
+    return data
+
+
+class _Held:
+    """The upstream response and the run slot, given back once, shielded from cancellation."""
+
+    def __init__(self, limiter: RunLimiter) -> None:
+        self.limiter = limiter
+        self.stack = contextlib.AsyncExitStack()
+        self.closed = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.stack.aclose()
+        finally:
+            self.limiter.release()
+
+
+async def forward(request: Request, proxy: ModelProxy, limiter: RunLimiter, model: str, route: Route,
+                  body: CompletionFields) -> Response:
+    limiter.acquire()
+    held = _Held(limiter)
+    try:
+        upstream = await held.stack.enter_async_context(proxy.open(model, route, body.wire()))
+    except BaseException:
+        await held.close()
+        raise
+    if upstream.status_code != 200 or not body.stream:
+        try:
+            finished, data = await until_done_or_gone(request, upstream.json(), lambda: None)
+        finally:
+            await held.close()
+        if not finished:
+            return Response(status_code=GONE)
+        return JSONResponse(renamed(data, model), status_code=upstream.status_code)
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for line in upstream.lines():
+                yield _rename_line(line, model) + "\n"
+        except ChorusError as exc:
+            log.warning("%s", exc)
+            yield sse(error_body(exc))
+        finally:
+            await held.close()
+
+    return EventStream(lines())
+
+
+def _rename_line(line: str, model: str) -> str:
+    if not line.startswith("data:"):
+        return line
+    payload = line[5:].strip()
+    if not payload.startswith("{"):
+        return line
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return line
+    return "data: " + json.dumps(renamed(data, model), ensure_ascii=False)

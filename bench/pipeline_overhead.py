@@ -1,0 +1,241 @@
+"""A chorus pipeline vs the same generations driven by hand against the same llama-server, in one run.
+
+Workload W: draft → refine → 3 experts in parallel → synthesis: 6 completions of 64 tokens, greedy, a fixed
+seed, on the demo model (Gemma 3 270M, completion mode). The baseline is a short script (below, run as its
+own process) that starts the same llama-server binary with the same flags (3 slots) and sends the same 6
+requests with httpx, the 3 experts concurrently. Chorus runs W as `chorus run --manual W.yaml`.
+
+Measured, baseline and chorus interleaved (>= 3 each), each after the CPU has gone idle:
+  - cold: wall time from process start to final answer, the server's start included;
+  - warm: wall time of W with the server already up (chorus: a second run in the same process).
+Targets: warm ratio <= 1.03, cold ratio <= 1.05, a second identical run starts 0 servers, and both produce
+the same final text. The last line is one JSON object with the figures, targets and pass/fail.
+
+Every process it starts is stopped on every way out (finally, SIGTERM/SIGHUP/Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
+RUNS = int(os.environ.get("CHORUS_BENCH_RUNS", "3"))
+QUESTION = "Why do leaves change colour in autumn?"
+N_CTX, SLOTS, TOKENS, SEED = 1024, 3, 64, 42
+
+ROLES = ["botanist", "chemist", "teacher"]
+
+
+def pipeline_spec() -> dict:
+    """W as a chorus pipeline. In completion mode chorus sends `system_prompt + "\n\n" + prompt`, and a single
+    answer passes through a stage unchanged: the baseline below builds exactly the same prompts."""
+    return {"name": "W", "defaults": {"temperature": 0, "seed": SEED, "max_tokens": TOKENS, "n_ctx": N_CTX},
+            "stages": [
+                {"name": "draft", "models": ["gemma3-270m"], "prompt": "Question: {{ question }}\nAnswer:"},
+                {"name": "refine", "models": ["gemma3-270m"],
+                 "prompt": "Question: {{ question }}\nDraft: {{ previous }}\nBetter answer:"},
+                {"name": "experts",
+                 "models": [{"model": "gemma3-270m", "label": role, "system_prompt": f"As a {role}."}
+                            for role in ROLES],
+                 "prompt": "Question: {{ question }}\nAnswer: {{ previous }}\nComment:",
+                 "aggregation": {"type": "synthesis", "synthesis_model": "gemma3-270m",
+                                 "synthesis_prompt": "Question: {{ question }}\n{% for r in responses %}"
+                                                     "Answer {{ loop.index }}: {{ r.text }}\n{% endfor %}"
+                                                     "Final answer:"}},
+            ]}
+
+
+# ---------------------------------------------------------------- the two sides, each run as its own process
+
+
+def baseline_child(binary: str, question: str) -> dict:
+    """The hand-written script: start llama-server with chorus's flags, send W's 6 requests with httpx."""
+    import asyncio
+    import secrets
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    key = secrets.token_hex(16)
+    key_file = Path(tempfile.mkdtemp()) / "key"
+    key_file.touch(0o600)
+    key_file.write_text(key)
+    cmd = [binary, "-m", str(MODEL), "-c", str(N_CTX * SLOTS), "-ngl", "0", "-np", str(SLOTS), "--host",
+           "127.0.0.1", "--port", str(port), "--no-webui", "--api-key-file", str(key_file), "--metrics",
+           "--fit", "off", "--cache-ram", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+
+        async def gen(client: httpx.AsyncClient, prompt: str) -> str:
+            body = {"stream": True, "temperature": 0, "seed": SEED, "prompt": prompt, "cache_prompt": True,
+                    "n_predict": TOKENS}
+            text = ""
+            async with client.stream("POST", url + "/completion", json=body, headers=headers) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data:"):
+                        text += json.loads(line[5:]).get("content") or ""
+            return text
+
+        async def workload() -> str:
+            async with httpx.AsyncClient(timeout=600) as c:
+                draft = await gen(c, f"Question: {question}\nAnswer:")
+                better = await gen(c, f"Question: {question}\nDraft: {draft}\nBetter answer:")
+                experts = await asyncio.gather(*(
+                    gen(c, f"As a {role}.\n\nQuestion: {question}\nAnswer: {better}\nComment:") for role in ROLES))
+                answers = "".join(f"Answer {i + 1}: {t}\n" for i, t in enumerate(experts))
+                return (await gen(c, f"Question: {question}\n{answers}Final answer:")).strip()
+
+        final = asyncio.run(workload())
+        cold = since_process_start()
+        t1 = time.perf_counter()
+        asyncio.run(workload())
+        return {"cold_s": cold, "warm_s": time.perf_counter() - t1, "final": final}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def since_process_start() -> float:
+    """Seconds since this process was created (the interpreter's own start-up included)."""
+    return time.time() - psutil.Process().create_time()
+
+
+def chorus_child(config_dir: str, spec_path: str, question: str) -> dict:
+    """chorus as a user's script would drive it: load the config, run W, run it again warm."""
+    from orchestrator.config.schema import load_config, load_pipeline
+    from orchestrator.runs import Runner
+    from orchestrator.runtime import Runtime
+
+    runtime = Runtime(load_config(config_dir))
+    try:
+        pipeline = load_pipeline(spec_path)
+        outcome = Runner(runtime).run(pipeline, question, mode="manual")
+        cold = since_process_start()
+        starts = runtime.pool.starts
+        t1 = time.perf_counter()
+        Runner(runtime).run(pipeline, question, mode="manual")
+        return {"cold_s": cold, "warm_s": time.perf_counter() - t1, "final": outcome.run.final.strip(),
+                "status": outcome.run.status, "starts_second": runtime.pool.starts - starts}
+    finally:
+        runtime.close()
+
+
+def wait_idle(threshold: float = 15.0, timeout_s: float = 60.0) -> float:
+    """Wait until the CPU is mostly idle (other work on a shared machine skews a timing)."""
+    deadline = time.monotonic() + timeout_s
+    load = psutil.cpu_percent(interval=1.0)
+    while load > threshold and time.monotonic() < deadline:
+        load = psutil.cpu_percent(interval=1.0)
+    return load
+
+
+def run_child(cmd: list[str], env: dict[str, str], children: list[subprocess.Popen]) -> dict:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    children.append(proc)
+    out, err = proc.communicate(timeout=900)
+    children.remove(proc)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[1:3]} failed ({proc.returncode}): {err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    sys.path.insert(0, str(REPO))
+    from launcher.binary import find_llama_server
+
+    binary = find_llama_server()
+    children: list[subprocess.Popen] = []
+
+    def stop_children(*_: object) -> None:
+        for proc in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        sys.exit(130)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, stop_children)
+    work = Path(tempfile.mkdtemp(prefix="chorus-overhead-"))
+    config = work / "config"
+    config.mkdir()
+    (config / "app.yaml").write_text(json.dumps({
+        "models_dir": str(MODEL.parent), "sessions_dir": str(work / "sessions"), "logs_dir": str(work / "logs")}))
+    (config / "models.yaml").write_text(json.dumps({"models": {"gemma3-270m": {
+        "file": MODEL.name, "default_n_ctx": N_CTX, "default_gpu_layers": 0}}}))
+    spec = pipeline_spec()
+    spec_path = work / "W.yaml"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base_cmd = [sys.executable, __file__, "--child", "baseline", str(binary), QUESTION]
+    chorus_cmd = [sys.executable, __file__, "--child", "chorus", str(config), str(spec_path), QUESTION]
+    base, ours = [], []
+    try:
+        for i in range(RUNS):
+            wait_idle()
+            base.append(run_child(base_cmd, env, children))
+            wait_idle()
+            ours.append(run_child(chorus_cmd, env, children))
+            print(f"run {i + 1}: baseline cold {base[-1]['cold_s']:.2f}s warm {base[-1]['warm_s']:.2f}s | "
+                  f"chorus cold {ours[-1]['cold_s']:.2f}s warm {ours[-1]['warm_s']:.2f}s", flush=True)
+    finally:
+        for proc in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    med = statistics.median
+    cold_ratio = med(o["cold_s"] for o in ours) / med(b["cold_s"] for b in base)
+    warm_ratio = med(o["warm_s"] for o in ours) / med(b["warm_s"] for b in base)
+    same_text = all(o["final"] == b["final"] for o, b in zip(ours, base, strict=True))
+    zero_starts = all(o["starts_second"] == 0 for o in ours)
+    print(f"median cold: baseline {med(b['cold_s'] for b in base):.2f}s, chorus {med(o['cold_s'] for o in ours):.2f}s"
+          f" → ratio {cold_ratio:.3f} (target ≤ 1.05)")
+    print(f"median warm: baseline {med(b['warm_s'] for b in base):.2f}s, chorus "
+          f"{med(o['warm_s'] for o in ours):.2f}s → ratio {warm_ratio:.3f} (target ≤ 1.03)")
+    print(f"same final text: {same_text}; second run started {[o['starts_second'] for o in ours]} servers")
+    if not same_text:
+        print(f"baseline final: {base[0]['final']!r}\nchorus final:   {ours[0]['final']!r}")
+    result = {"bench": "pipeline_overhead", "runs": RUNS,
+              "baseline_cold_s": [round(b["cold_s"], 3) for b in base],
+              "chorus_cold_s": [round(o["cold_s"], 3) for o in ours],
+              "baseline_warm_s": [round(b["warm_s"], 3) for b in base],
+              "chorus_warm_s": [round(o["warm_s"], 3) for o in ours],
+              "cold_ratio": round(cold_ratio, 4), "warm_ratio": round(warm_ratio, 4),
+              "target_cold_ratio_max": 1.05, "target_warm_ratio_max": 1.03,
+              "same_final_text": same_text, "second_run_server_starts": [o["starts_second"] for o in ours],
+              "pass": cold_ratio <= 1.05 and warm_ratio <= 1.03 and same_text and zero_starts}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        side, args = sys.argv[2], sys.argv[3:]
+        out = baseline_child(*args) if side == "baseline" else chorus_child(*args)
+        print(json.dumps(out))
+        sys.exit(0)
+    sys.exit(main())

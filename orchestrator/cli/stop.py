@@ -1,0 +1,53 @@
+"""`chorus stop MODEL|--all`: stop llama-servers that any chorus process of this user started.
+
+`chorus serve`, the UI, the API and runs record their servers in `<logs_dir>/running/`; this stops the
+recorded ones (the whole process group, SIGTERM then SIGKILL after the grace of app.yaml's
+`server.stop_grace_s`) and says what it stopped. The owning process sees its server gone and starts a
+fresh one when it needs it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launcher.state import ServerRecord, list_running, stop_recorded
+from orchestrator.config.schema import load_config
+
+_DONE = {"stopped": "stopped", "killed": "killed (it did not stop within the grace period)",
+         "gone": "had already exited", "not ours": "skipped: run by another user"}
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    if args.all == bool(args.model):
+        args.parser.error("give a model name or --all (one of them)")
+    config = load_config(args.config_dir)
+    state_dir = config.app.logs_dir / "running"
+    running = list_running(state_dir)
+    chosen = running if args.all else [r for r in running if r.model == args.model]
+    if not chosen:
+        if args.all:
+            print("no llama-server running")
+            return 0
+        others = sorted({r.model for r in running})
+        print(f"no llama-server of '{args.model}' is running"
+              + (f" (running: {', '.join(others)})" if others else ""), file=sys.stderr)
+        return 1
+    grace = config.app.server.stop_grace_s
+    failed = 0
+    for record in chosen:
+        result = stop_recorded(state_dir, record, grace_s=grace)
+        failed += result == "not ours"
+        print(f"{_what(record)}: {_DONE[result]}")
+    return 1 if failed else 0
+
+
+def _what(r: ServerRecord) -> str:
+    return f"{r.model} (pid {r.pid}, port {r.port}, started by pid {r.owner_pid})"
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("stop", parents=[common], help="stop the llama-servers of a model (or all) that chorus started")
+    p.add_argument("model", nargs="?", help="a model name, as `chorus ps` lists it")
+    p.add_argument("--all", action="store_true", help="stop every llama-server chorus started (this user's)")
+    p.set_defaults(func=cmd_stop, parser=p)
