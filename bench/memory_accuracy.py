@@ -8,14 +8,15 @@ buffer sizes), send one request, measure it, stop it. One row each, then the wor
 
 "Measured" is the server's *peak* RSS, read after the request (`launcher.calibration.measure_server`):
 
-- n_ctx <= --fill-max (512 and 4096): the request really fills slot 0's context (n_ctx - 8 prompt tokens),
-  so every buffer is as full as a real run makes it: the RSS then is the peak.
-- larger n_ctx (32768): filling 32768 tokens per slot takes far too long on two cores, so the server runs
-  with glibc's ``MALLOC_PERTURB_``, which writes every allocation once when it is made (KV cache, compute
-  buffer, logits, repacked weights: all resident, as with a full context), and gets a short request. That
-  also makes resident what a real run allocates and never touches (about 40 MiB: HTTP and tokenizer
-  buffers), so that amount, measured per model and slot count as perturbed minus real RSS of the filled
-  512 run, is taken off. No estimate enters a measured figure.
+- n_ctx <= --fill-max (default 512): the request really fills slot 0's context (n_ctx - 8 prompt tokens), so
+  every buffer is as full as a real run makes it: the RSS then is the peak.
+- larger n_ctx (4096, 32768): filling them takes minutes to hours per row on two shared cores, so the
+  server runs with glibc's ``MALLOC_PERTURB_``, which writes every allocation once when it is made (KV
+  cache, compute buffer, logits, repacked weights: all resident, as with a full context), and gets a short
+  request. That also makes resident what a real run allocates and never touches (26-42 MiB here: HTTP and
+  tokenizer buffers), so that amount, measured per model and slot count as perturbed minus real RSS of
+  the filled 512 run, is taken off. No estimate enters a measured figure. ``--fill-max 4096`` really
+  fills the 4096 rows too (about 3 minutes a row on two busy cores).
 
 The mapped model file is resident in every case (llama.cpp maps it with MAP_POPULATE). Servers run with
 ``--ctx-checkpoints 0``: a SWA model's server otherwise keeps a copy of the slot's SWA cache per prompt
@@ -137,7 +138,7 @@ def main() -> int:
     parser.add_argument("--n-ctx", default=",".join(map(str, N_CTX)))
     parser.add_argument("--slots", default=",".join(map(str, SLOTS)))
     parser.add_argument("--n-gpu-layers", type=int, default=0)
-    parser.add_argument("--fill-max", type=int, default=4096, help="really fill the context up to this n_ctx")
+    parser.add_argument("--fill-max", type=int, default=512, help="really fill the context up to this n_ctx")
     parser.add_argument("--no-perturb", action="store_true", help="never use MALLOC_PERTURB_ (short requests "
                         "above --fill-max then measure less than the peak)")
     args = parser.parse_args()

@@ -92,11 +92,17 @@ def baseline_child(binary: str, question: str) -> dict:
         async def gen(client: httpx.AsyncClient, prompt: str) -> str:
             body = {"stream": True, "temperature": 0, "seed": SEED, "prompt": prompt, "cache_prompt": True,
                     "n_predict": TOKENS}
-            text = ""
-            async with client.stream("POST", url + "/completion", json=body, headers=headers) as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("data:"):
-                        text += json.loads(line[5:]).get("content") or ""
+            for attempt in (1, 2):  # llama-server may close an idle keep-alive connection: resend once
+                text = ""
+                try:
+                    async with client.stream("POST", url + "/completion", json=body, headers=headers) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data:"):
+                                text += json.loads(line[5:]).get("content") or ""
+                    return text
+                except httpx.RemoteProtocolError:
+                    if attempt == 2 or text:
+                        raise
             return text
 
         async def workload() -> str:

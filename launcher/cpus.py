@@ -23,19 +23,19 @@ def cgroup_cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Pa
             candidates = [cgroup_root / rel / "cpu.max", cgroup_root / "cpu.max"]
             for path in candidates:
                 try:
-                    quota, period = path.read_text().split()[:2]
+                    max_text, period_text = path.read_text().split()[:2]
                 except (OSError, ValueError):
                     continue
-                return None if quota == "max" else int(quota) / int(period)
+                return None if max_text == "max" else int(max_text) / int(period_text)
         elif "cpu" in controllers.split(","):
             base = cgroup_root / controllers
             for folder in (base / rel, base):
                 try:
-                    quota = int((folder / "cpu.cfs_quota_us").read_text())
-                    period = int((folder / "cpu.cfs_period_us").read_text())
+                    quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+                    period_us = int((folder / "cpu.cfs_period_us").read_text())
                 except (OSError, ValueError):
                     continue
-                return None if quota <= 0 else quota / period
+                return None if quota_us <= 0 else quota_us / period_us
     return None
 
 

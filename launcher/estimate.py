@@ -6,16 +6,20 @@ The figures follow the pinned llama.cpp (src/llama-model.cpp, llama-context.cpp,
   output layer counts as layer ``n_layer``, so it is the first one offloaded. ``token_embd`` (the input
   layer) always stays on the CPU. A model without ``output.weight`` ties the output to ``token_embd``:
   when the output layer is on a GPU, llama.cpp loads a second copy of it there. Several GPUs split the
-  offloaded layers in proportion to their free memory. CPU weights are memory-mapped from the file;
-  on x86 with AVX2 the Q4_0/Q4_K/IQ4_NL/MXFP4 matrices are also repacked into anonymous memory.
+  offloaded layers in proportion to their free memory. CPU weights are memory-mapped from the file; llama.cpp
+  keeps the span from the first to the last tensor it uses in place mapped and unmaps the rest. On x86 with
+  AVX2 the Q4_0/Q4_K/IQ4_NL/MXFP4 matrices are repacked into anonymous memory (CPU_REPACK).
 - **KV cache**, per layer on that layer's device: ``cells x streams x (K row + V row)`` where the cache
   type sets the bytes per element. ``n_ctx`` (per slot) is padded to 256; with the server's default
   ``kv_unified = false`` every slot is its own stream. Sliding-window layers keep only
   ``pad256(min(n_ctx, n_swa + n_ubatch))`` cells.
-- **Compute buffer**, per backend: ``n_ubatch`` tokens of activations plus the attention mask
-  (``n_ubatch x n_ctx`` f16 with flash attention) and one row of logits.
+- **Compute buffer**, per backend: ``n_ubatch`` tokens of activations (dense or routed-expert FFN) plus the
+  attention mask (``n_ubatch x n_ctx`` f16 with flash attention) and one row of logits; an architecture in
+  `COMPUTE_CALIBRATION` has its activation term scaled by a factor measured once.
 - **Output buffer** (host): ``slots x n_vocab`` floats of logits.
-- **Overheads**: the process itself and the tokenizer tables (host), and per GPU a CUDA context.
+- **Context checkpoints** (host, SWA models): ``-ctxcp`` copies of a slot's SWA cache per slot.
+- **Overheads**: the process, the tokenizer (per token and per BPE merge), the KV cells' bookkeeping and
+  per slot (host, fitted once over the zoo), and per GPU a CUDA context.
 
 The per-layer loops are bounded: `estimate_memory` validates the header first (`launcher.gguf.validate_header`:
 at most 512 layers, every ``blk.N`` tensor below ``block_count``), and `estimate_for` caches estimates by the
@@ -23,7 +27,8 @@ file's identity (path, size, mtime_ns) and the spec, so a page that asks again c
 
 Everything here is an estimate; `launcher.calibration` replaces it with what a running server really
 holds, per configuration. llama.cpp prints its own buffer sizes at ``-lv 4``; the constants below were
-tuned against those lines and the RSS of the demo model (see bench/memory_accuracy.py).
+tuned against those lines and the peak RSS of the demo model and the synthetic zoo (bench/memory_accuracy.py,
+docs/memory.md).
 """
 
 from __future__ import annotations
@@ -69,10 +74,10 @@ class EstimatorSettings:
     swa_full: bool = False
     offload_kqv: bool = True
     # The llama-server process beyond its buffers, fitted once against RSS across the zoo (bench/memory_accuracy.py):
-    host_base_bytes: int = 24 * MiB  # code and libraries resident, HTTP server, threads, CPU backend
-    host_per_vocab_bytes: int = 72   # tokenizer tables and the token-to-piece cache, per vocab entry
-    host_per_merge_bytes: int = 0    # BPE merge ranks (std::map of string pairs), per merge
-    host_per_slot_bytes: int = 1 * MiB
+    host_base_bytes: int = 12 * MiB + MiB // 2  # code and libraries resident, HTTP server, threads
+    host_per_vocab_bytes: int = 197  # tokenizer: token text, score, attributes, token-to-id map, piece cache
+    host_per_merge_bytes: int = 115  # BPE merge ranks (a std::map of string pairs), per merge
+    host_per_slot_bytes: int = 256 * 1024
     host_per_cell_bytes: int = 40    # llama_kv_cells per cell: pos + shift (int32) + a 256-bit seq set (formula)
     ctx_checkpoints: int = 0         # SWA context checkpoints per slot (-ctxcp); llama-server's own default is 32
     gpu_context_bytes: int = 400 * MiB  # CUDA context + cuBLAS workspace, per GPU a process uses
@@ -229,8 +234,39 @@ def merge_count(meta: GGUFMetadata) -> int:
     return len(merges) if isinstance(merges, tuple) else 0
 
 
+# Per-architecture factors on the activation term of the compute buffer, measured once against llama.cpp's
+# logged "CPU compute buffer size" (bench/memory_accuracy.py, zoo model of that family, n_ubatch 512). An
+# architecture listed here is "calibrated"; every other one is sized by the formula alone.
+COMPUTE_CALIBRATION: dict[str, float] = {
+    "phi3": 0.845,  # fused QKV and gate/up: views of one tensor, fewer live intermediates than the formula
+}
+
+
+def compute_basis(meta: GGUFMetadata) -> str:
+    """How the compute buffer of this architecture is sized: 'formula' or 'calibrated' (COMPUTE_CALIBRATION)."""
+    return "calibrated" if meta.architecture in COMPUTE_CALIBRATION else "formula"
+
+
+def _expert_shape(meta: GGUFMetadata) -> tuple[int, int, int]:
+    """(experts, experts used per token, expert FFN width); (0, 0, 0) for a dense model."""
+    arch = meta.architecture
+    count = meta.fields.get(f"{arch}.expert_count")
+    used = meta.fields.get(f"{arch}.expert_used_count")
+    width = meta.fields.get(f"{arch}.expert_feed_forward_length", meta.feed_forward_length)
+    if not isinstance(count, int) or count <= 0 or not isinstance(used, int) or not isinstance(width, int):
+        return 0, 0, 0
+    return count, used, width
+
+
 def compute_buffer_bytes(meta: GGUFMetadata, n_ctx: int, slots: int, settings: EstimatorSettings) -> int:
-    """One backend's compute buffer (graph intermediates for one ubatch), for the whole graph."""
+    """One backend's compute buffer (graph intermediates for one ubatch), for the whole graph.
+
+    f32 activations per token of the ubatch: the residual and its norm (2 n_embd), Q/K/V (H d + 2 Hkv d),
+    and the FFN: gate, up and their product (3 n_ff) for a dense layer; for a MoE layer the same for each
+    expert a token is routed to plus each expert's output (n_used x (3 n_ff_exp + n_embd)) and the router's
+    logits, probabilities, weights and selection (4 n_expert). Plus the attention mask (f16 with flash
+    attention: n_ubatch x n_kv; without: f32 mask and the f32 KQ matrix of every head) and one row of logits.
+    """
     kv_size, _, _ = kv_cells(meta, n_ctx, slots, settings)
     n_embd = meta.embedding_length or 0
     n_ff = meta.feed_forward_length or 0
@@ -238,7 +274,10 @@ def compute_buffer_bytes(meta: GGUFMetadata, n_ctx: int, slots: int, settings: E
     heads_kv = meta.head_count_kv if isinstance(meta.head_count_kv, int) else max(meta.head_count_kv or (heads,))
     d_k = meta.key_length or 0
     ub = settings.n_ubatch
-    per_token = 4 * (2 * n_embd + 3 * n_ff + heads * d_k + 2 * heads_kv * d_k)
+    n_expert, n_used, n_ff_exp = _expert_shape(meta)
+    ffn = n_used * (3 * n_ff_exp + n_embd) + 4 * n_expert if n_expert else 3 * n_ff
+    per_token = 4 * (2 * n_embd + ffn + heads * d_k + 2 * heads_kv * d_k)
+    per_token = int(per_token * COMPUTE_CALIBRATION.get(meta.architecture, 1.0))
     # flash attention: the f16 KQ mask; without it: an f32 mask and the f32 KQ matrix per head
     attention = ub * kv_size * 2 if settings.flash_attn else ub * kv_size * 4 * (1 + heads)
     logits = (meta.vocab_size or 0) * 4
@@ -448,7 +487,3 @@ def _resolved(path: os.PathLike[str] | str) -> str:
     except OSError:
         return str(path)
 
-
-def compute_basis(meta: GGUFMetadata) -> str:
-    """How the compute buffer of this architecture is sized: 'formula' or 'calibrated'."""
-    return "formula"

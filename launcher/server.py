@@ -5,6 +5,11 @@ Children die with chorus: PR_SET_PDEATHSIG in the child, plus atexit and signal 
 server leads its own process group and is stopped as a group, so a `llama_server:` wrapper script
 that does not `exec` cannot leave the real server behind.
 
+Each start writes its own log, `<logs_dir>/<model>-<port>.log` (llama-server's stdout and stderr). Before a
+start the model's older logs are pruned (`prune_server_logs`): the newest `log_keep` (5) per model stay, each
+cut to its last `log_cap_bytes` (2 MiB, where a failure shows), and the log of a server still running (its
+port is bound) is never touched.
+
 Files are owner-only: the logs dir is created 0700, logs and `running/` records are 0600, and the
 API key reaches the server through `--api-key-file`, a 0600 file in `<logs_dir>/runtime` (0700),
 never through argv (which any local user reads with `ps`). The key file is removed when the server
@@ -56,6 +61,8 @@ PR_SET_PDEATHSIG = 1
 MIN_N_CTX = 64          # per slot; the same floor as models.yaml's default_n_ctx
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
+LOG_KEEP = 5                    # llama-server logs kept per model, the new one included
+LOG_CAP_BYTES = 2 * 1024 * 1024  # an older log is cut to its last 2 MiB
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,8 @@ class ServerOptions:
     port_retries: int = 3
     rlimit_as_bytes: int | None = None  # address-space cap for the child (tests, hard limits)
     log_verbosity: int | None = None    # llama.cpp -lv; higher shows buffer sizes
+    log_keep: int = LOG_KEEP            # logs kept per model (see prune_server_logs)
+    log_cap_bytes: int = LOG_CAP_BYTES  # each older log cut to its tail of this size
     state_dir: Path | None = None       # where running servers are recorded for `chorus ps`
     runtime_dir: Path | None = None     # where key files live; default <logs_dir>/runtime
     env: dict[str, str] = field(default_factory=dict)
@@ -429,6 +438,8 @@ class ModelServer:
         step = self.logs_dir
         try:
             _private_dir(self.logs_dir, tighten=False)  # the user's folder: created 0700, never chmod-ed
+            _prune_quietly(self.logs_dir, self.spec.model, keep=self.options.log_keep - 1,
+                           cap_bytes=self.options.log_cap_bytes, host=self.options.host)
             step = log_path
             fd = _open_private(log_path, os.O_WRONLY | os.O_APPEND)
             step = self.runtime_dir
@@ -608,6 +619,77 @@ def _sweep_stale_keys(runtime_dir: Path) -> None:
         if m and not psutil.pid_exists(int(m.group(1))):
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def prune_server_logs(logs_dir: Path, model: str, *, keep: int, cap_bytes: int = LOG_CAP_BYTES,
+                      host: str = "127.0.0.1") -> list[Path]:
+    """Remove all but the newest `keep` of `model`'s logs (`<model>-<port>.log`); cut the kept ones to their
+    last `cap_bytes`. The log of a server still running (its port is bound) is neither removed nor cut, and
+    it counts among the kept. Returns the removed paths.
+
+    llama-server writes its log through its stdout, so chorus cannot rotate a live one; pruning at each
+    start bounds what piles up (47 files after 25 runs before) to `keep` per model.
+    """
+    pattern = re.compile(re.escape(_slug(model)) + r"-(\d{1,5})\.log")
+    found: list[tuple[float, Path, int]] = []
+    for path in Path(logs_dir).iterdir():
+        m = pattern.fullmatch(path.name)
+        if m and not path.is_symlink() and path.is_file():
+            found.append((path.stat().st_mtime, path, int(m.group(1))))
+    removed: list[Path] = []
+    kept = 0
+    for _mtime, path, port in sorted(found, key=lambda f: f[0], reverse=True):
+        if _port_bound(host, port):
+            kept += 1
+        elif kept < keep:
+            kept += 1
+            _cap_log(path, cap_bytes)
+        else:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _prune_quietly(logs_dir: Path, model: str, *, keep: int, cap_bytes: int, host: str) -> None:
+    """Pruning is housekeeping: a log it cannot remove (read-only folder, a race) never stops a start."""
+    try:
+        removed = prune_server_logs(logs_dir, model, keep=max(0, keep), cap_bytes=cap_bytes, host=host)
+    except OSError as exc:
+        log.debug("cannot prune the logs of %s in %s: %s", model, logs_dir, exc)
+        return
+    if removed:
+        log.debug("removed %d old log(s) of %s", len(removed), model)
+
+
+def _port_bound(host: str, port: int) -> bool:
+    """Whether something listens on `port` (a running server: its log is still being written)."""
+    if not 0 < port < 65536:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _cap_log(path: Path, cap_bytes: int) -> None:
+    """Keep a log's last `cap_bytes` (from a line start), marked as cut, written 0600 in place of the old."""
+    st = path.stat()
+    size = st.st_size
+    if size <= cap_bytes:
+        return
+    with open(path, "rb") as f:
+        f.seek(size - cap_bytes)
+        tail = f.read()
+    tail = tail[tail.find(b"\n") + 1:] if b"\n" in tail else tail
+    tmp = path.with_name(path.name + ".cut")
+    fd = _open_private(tmp, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as f:
+        f.write(f"[chorus: the first {size - len(tail)} bytes of this log were cut]\n".encode())
+        f.write(tail)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # keeps its place in the newest-first order
+    os.replace(tmp, path)
 
 
 def _slug(text: str) -> str:

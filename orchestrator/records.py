@@ -22,9 +22,8 @@ RunStatus = Literal["running", "completed", "partial", "failed", "cancelled", "i
 
 def error_dict(exc: BaseException) -> dict[str, Any]:
     """A typed error as data: its type, message and the fields it carries."""
-    to_dict = getattr(exc, "to_dict", None)
-    if callable(to_dict):
-        return to_dict()
+    if isinstance(exc, ChorusError):
+        return exc.to_dict()
     return {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
 
 

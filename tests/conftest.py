@@ -1,4 +1,4 @@
-"""Shared fixtures: the demo model, and throwaway config dirs built from the shipped ones."""
+"""Shared fixtures: the two demo models, and throwaway config dirs built from the shipped ones."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
+DEMO_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"          # gemma3-270m: a base model, completion mode
+SECOND_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # smollm2-135m: an instruct model, chat mode
 
 
 def demo_model_path() -> Path:
     return Path(os.environ.get("CHORUS_DEMO_MODEL", REPO / "models" / DEMO_MODEL_NAME))
+
+
+def second_model_path() -> Path:
+    return Path(os.environ.get("CHORUS_SECOND_MODEL", REPO / "models" / SECOND_MODEL_NAME))
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +27,15 @@ def demo_model() -> Path:
     path = demo_model_path()
     if not path.is_file():
         pytest.skip(f"demo model not found at {path}: run scripts/setup.sh")
+    return path
+
+
+@pytest.fixture(scope="session")
+def second_model() -> Path:
+    """SmolLM2-135M-Instruct (scripts/fetch_smollm2.py): the base pipeline's chat-mode model."""
+    path = second_model_path()
+    if not path.is_file():
+        pytest.skip(f"second demo model not found at {path}: run scripts/setup.sh")
     return path
 
 
@@ -65,11 +79,12 @@ class ConfigDir:
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path, demo_model: Path) -> ConfigDir:
-    """Shipped config whose models_dir holds (a link to) the demo model."""
+def config_dir(tmp_path: Path, demo_model: Path, second_model: Path) -> ConfigDir:
+    """Shipped config whose models_dir holds (links to) both demo models: the base pipeline uses both."""
     models = tmp_path / "models"
     models.mkdir()
     (models / DEMO_MODEL_NAME).symlink_to(demo_model)
+    (models / SECOND_MODEL_NAME).symlink_to(second_model)
     return ConfigDir(tmp_path, models)
 
 

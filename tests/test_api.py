@@ -40,6 +40,7 @@ from orchestrator.engine import run as engine_run
 from orchestrator.engine.fake import FakeBackend, Script, crash
 from orchestrator.history.store import SessionStore
 from orchestrator.proxy import ModelProxy
+from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
 
@@ -221,6 +222,27 @@ def test_the_last_user_message_is_the_question_and_earlier_turns_the_history() -
     assert question == "And 3+3?"
     assert history == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
                        {"role": "assistant", "content": "4"}]
+
+
+def test_earlier_turns_reach_the_run_as_history_once_the_runner_takes_it(config: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's template context gets `history` from Runner.arun(history=...); the API passes it as soon
+    as the runner has the parameter (until then `chorus.history_used` is false)."""
+    seen: dict[str, Any] = {}
+    original = Runner.arun
+
+    async def arun(self: Runner, pipeline: Any, question: str, *, history: Any = None, **kwargs: Any) -> Any:
+        seen["question"], seen["history"] = question, history
+        return await original(self, pipeline, question, **kwargs)
+
+    monkeypatch.setattr(Runner, "arun", arun)
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3+3?"}]
+    with make_client(config, FakeBackend(default=Script(replies))) as client:
+        r = client.post("/v1/chat/completions", json={"model": "chorus/solo", "messages": messages})
+    assert r.status_code == 200, r.text
+    assert seen == {"question": "And 3+3?", "history": messages[:2]}
+    assert r.json()["chorus"]["history_used"] is True
 
 
 @pytest.mark.parametrize(("messages", "why"), [
@@ -479,7 +501,8 @@ class ApiProcess:
         raise RuntimeError("chorus api did not answer /health in time")
 
     def client(self) -> Any:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300)  # a shared, busy machine
+        # generous timeout: on a shared 2-core machine a 3-call pipeline has taken 45 s
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300)
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:

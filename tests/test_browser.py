@@ -116,3 +116,37 @@ def test_base_pipeline_runs_in_a_real_browser_to_its_final_answer(ui_server: str
         finally:
             browser.close()
     assert (ARTIFACTS / "ui-run.png").stat().st_size > 10_000
+
+
+def test_a_built_two_stage_pipeline_with_one_model_twice_runs_in_a_real_browser(ui_server: str) -> None:
+    """Manual mode in Chromium: two calls of the same model in stage 1, a second stage, short answers; the
+    Run button is clicked straight from the question box (no Tab first) and there is no Deploy button."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.goto(ui_server, timeout=60_000)
+            page.get_by_text("Manual", exact=True).click(timeout=60_000)
+            page.get_by_role("button", name="➕ Add model call").click(timeout=30_000)
+            page.get_by_text("Model call 2").wait_for(timeout=30_000)
+            page.get_by_role("button", name="➕ Add stage").click()
+            stage_max_tokens = page.locator('[class*="st-key-s"][class*="-max_tokens"] input')
+            sync_api.expect(stage_max_tokens).to_have_count(2, timeout=30_000)
+            for i in range(2):
+                stage_max_tokens.nth(i).fill("6")
+                stage_max_tokens.nth(i).press("Enter")
+                sync_api.expect(stage_max_tokens.nth(i)).to_have_value("6", timeout=30_000)
+            page.get_by_label("Question").fill("Name three colours.")
+            page.get_by_role("button", name="Run", exact=True).click(timeout=30_000)  # straight from typing
+            final = page.locator("#chorus-final-answer")
+            final.wait_for(timeout=240_000)
+            assert final.inner_text().strip()
+            assert page.get_by_text("Step 2: stage2").count() >= 1
+            for label in ("gemma3-270m-1", "gemma3-270m-2"):  # both calls of the one model answered
+                assert page.get_by_text(f"{label} (gemma3-270m)", exact=False).count() >= 1, label
+            assert page.get_by_role("button", name="Deploy").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "ui-builder-run.png"), full_page=True)
+        finally:
+            browser.close()

@@ -238,7 +238,7 @@ def test_piping_into_a_reader_that_left_ends_quietly(config_dir: ConfigDir) -> N
 
 def test_run_dash_reads_the_question_from_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("Why is the sky blue?\nIn one line.\n"))
-    assert read_question("-") == "Why is the sky blue?\nIn one line.\n"
+    assert read_question("-") == "Why is the sky blue?\nIn one line."
     assert read_question("plain") == "plain"
 
 
@@ -308,7 +308,11 @@ def test_the_ticker_keeps_elapsed_time_moving_without_tokens() -> None:
     time.sleep(0.4)
     printer(RunFinished(RunRecord(question="q", mode="manual", pipeline={})))
     assert err.getvalue().count("waiting for the first token") >= 3
-    assert not printer._ticker.is_alive() or printer._stop.is_set()  # type: ignore[union-attr]
+    ticker = printer._ticker
+    assert ticker is not None
+    ticker.join(timeout=2)
+    assert not ticker.is_alive()  # the run's end stops the redraws
+    assert err.getvalue().endswith("\x1b[1F\x1b[J")  # and leaves the terminal clean
 
 
 def test_progress_to_a_file_is_plain_lines(registry: Registry) -> None:

@@ -97,3 +97,30 @@ def test_history_before_any_run_is_empty_not_an_error(config_dir: ConfigDir) -> 
     assert out.returncode == 0 and "no sessions yet" in out.stdout
     found = chorus("history", "search", "anything", "--json", "--config-dir", str(config_dir.path))
     assert found.returncode == 0 and json.loads(found.stdout) == []
+
+
+def test_stop_stops_the_server_chorus_serve_started_in_another_terminal(config_dir: ConfigDir,
+                                                                        llama_server_bin) -> None:
+    import os
+
+    import psutil
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    serve = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config-dir", str(config_dir.path), "serve",
+                              "gemma3-270m", "--n-ctx", "512"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO, env=env)
+    try:
+        line = serve.stdout.readline()  # type: ignore[union-attr]
+        assert "ready" in line, serve.stderr.read() if serve.poll() is not None else line  # type: ignore
+        (record,) = json.loads(chorus("ps", "--json", "--config-dir", str(config_dir.path)).stdout)
+        out = chorus("--config-dir", str(config_dir.path), "stop", "gemma3-270m")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().startswith(f"gemma3-270m (pid {record['pid']}, port {record['port']}")
+        assert out.stdout.strip().endswith(": stopped")
+        assert serve.wait(timeout=30) == 0  # `serve` sees its server stopped from outside and ends cleanly
+        assert "stopped from outside" in serve.stderr.read()  # type: ignore[union-attr]
+        assert not psutil.pid_exists(record["pid"]) or psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
+        assert "no llama-server running" in chorus("ps", "--config-dir", str(config_dir.path)).stdout
+    finally:
+        serve.kill()
+        serve.wait(timeout=30)

@@ -70,3 +70,76 @@ def test_bad_set_value_names_the_field(config_dir: ConfigDir) -> None:
 def test_history_show_of_an_unknown_session_is_a_clear_error(config_dir: ConfigDir) -> None:
     out = chorus(config_dir, "history", "show", "42")
     assert out.returncode == 2 and "no session 'session_042'" in " ".join(out.stderr.split())
+
+
+TWO_STAGES = ("stages:\n  - {name: first, models: [gemma3-270m], max_tokens: 8, n_ctx: 512}\n"
+              "  - {name: last, models: [gemma3-270m], max_tokens: 8, n_ctx: 512}\n")
+
+
+def run_in_pty(argv: list[str], timeout: float = 300) -> tuple[int, str]:
+    """Run `argv` with stdin, stdout and stderr on one pseudo-terminal (100 columns), as in a terminal."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, close_fds=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child side closed
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_run_in_a_terminal_shows_live_progress_and_streams_the_answer_once(config_dir: ConfigDir, llama_server_bin,
+                                                                           tmp_path) -> None:
+    import re
+
+    spec = tmp_path / "two.yaml"
+    spec.write_text(TWO_STAGES)
+    code, screen = run_in_pty([sys.executable, "-m", "orchestrator.cli", "--config-dir", str(config_dir.path),
+                               "run", "The capital of France is", "--manual", str(spec)])
+    assert code == 0, screen
+    assert "Traceback" not in screen and "DEBUG" not in screen and "HTTP Request" not in screen
+    assert "[1/2] first: gemma3-270m" in screen and "[2/2] last: gemma3-270m" in screen
+    assert "\x1b[1F\x1b[J" in screen  # the live area is redrawn in place
+    assert re.search(r"gemma3-270m \(gemma3-270m\):\s+\d+ tokens\s+[\d.]+ tok/s\s+[\d.]+s", screen)
+    final = json.loads(chorus(config_dir, "history", "show", "1", "--json").stdout)["final"].strip()
+    assert final and screen.count(final) == 1  # streamed as it came, not printed again at the end
+    assert screen.index(final) < screen.index("status: completed")
+
+
+def test_run_dash_reads_the_question_from_stdin_and_json_stays_pure(config_dir: ConfigDir, llama_server_bin,
+                                                                      tmp_path) -> None:
+    spec = tmp_path / "m.yaml"
+    spec.write_text("stages:\n  - {name: only, models: [gemma3-270m], max_tokens: 6, n_ctx: 512}\n")
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "-v", "run", "-", "--manual", str(spec), "--json",
+                          "--config-dir", str(config_dir.path)], input="The capital of France is\n",
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)  # nothing streamed into the JSON
+    assert data["question"] == "The capital of France is" and data["status"] == "completed"
+    assert "starting llama-server for 'gemma3-270m'" in out.stderr  # -v before the subcommand is kept
+    assert "connect_tcp" not in out.stderr and "Traceback" not in out.stderr  # not the HTTP library's lines

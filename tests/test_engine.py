@@ -296,3 +296,52 @@ def test_responses_keep_finish_reason_tokens_and_server_timings(registry: Regist
     assert r.finish_reason == "stop" and r.server_timings == {"fake": True} and r.completion_tokens == 1
     assert r.server == "fake://gemma3-270m" and r.params["slots"] == 1
 
+
+
+# ---------------------------------------------------------------- moved from the real-server suite: pure logic
+
+
+def test_prompt_templates_see_previous_and_named_stages(registry: Registry) -> None:
+    pipeline = spec([
+        {"name": "one", "models": ["gemma3-270m"], "prompt": "Q: {{ question }}"},
+        {"name": "two", "models": ["gemma3-270m"],
+         "prompt": "prev={{ previous }}|named={{ stages.one.output }}|n={{ stages.one.responses | length }}"},
+    ])
+    record, _ = run(plan_of(registry, pipeline), FakeBackend(default=Script("green")), "colour of grass")
+    assert record.stages[0].prompt == "Q: colour of grass"
+    assert record.stages[1].prompt == "prev=green|named=green|n=1"
+
+
+def test_a_missing_model_fails_its_step_and_the_stage_goes_on(registry: Registry) -> None:
+    pipeline = spec([{"name": "s", "models": ["gemma3-270m", "ghost"], "aggregation": {"type": "concat"}}])
+    record, _ = run(plan_of(registry, pipeline), FakeBackend(default=Script("here")))
+    stage = record.stages[0]
+    assert record.status == "partial" and stage.status == "partial"
+    ghost = stage.response("ghost")
+    assert ghost and ghost.status == "failed" and ghost.error and ghost.error["type"] == "ModelUnavailable"
+    assert stage.output == "here"
+
+
+def test_custom_template_merges_the_answers(registry: Registry) -> None:
+    pipeline = spec([{"name": "s", "models": [{"model": "gemma3-270m", "label": "a"},
+                                              {"model": "gemma3-270m", "label": "b"}],
+                      "aggregation": {"type": "custom_template",
+                                      "template": "{% for r in responses %}<{{ r.label }}>{% endfor %}"}}])
+    record, _ = run(plan_of(registry, pipeline), FakeBackend())
+    assert record.final == "<a><b>"
+
+
+def test_a_template_reaching_python_internals_fails_the_stage_before_any_call(registry: Registry) -> None:
+    backend = FakeBackend()
+    pipeline = spec([{"name": "s", "models": ["gemma3-270m"], "prompt": "{{ ''.__class__.__mro__ }}"}])
+    record, _ = run(plan_of(registry, pipeline), backend)
+    assert record.status == "failed" and record.error and "sandbox" in record.error["message"].lower()
+    assert backend.requests == []
+
+
+def test_unanimous_majority_vote_has_agreement_one(registry: Registry) -> None:
+    pipeline = spec([{"name": "vote", "models": ["gemma3-270m", "gemma3-270m", "gemma3-270m"],
+                      "aggregation": {"type": "majority_vote", "vote": {"extract": "whole"}}}])
+    record, _ = run(plan_of(registry, pipeline), FakeBackend(default=Script("Paris.")))
+    agg = record.stages[0].aggregation
+    assert agg is not None and agg.details["agreement"] == 1.0 and record.final == "Paris."

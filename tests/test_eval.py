@@ -40,7 +40,7 @@ from tests.conftest import REPO, ConfigDir
     ("Score: 8/10", 8.0), ("8", 8.0), ("**8**", 8.0), ('{"score": 7, "reason": "fine"}', 7.0),
     ("Rating: 7 out of 10", 7.0), ("It is right.\n**Score:** 9", 9.0), ("Good answer. 4/5", 8.0),
     ("score = 7.5", 7.5), ("Score: 80/100", 8.0), ('```json\n{"Score": "6/10"}\n```', 6.0),
-    ("Correct, but terse.\n\n6", 6.0), ("Score: 3\nOn reflection, Score: 5", 5.0),
+    ("Correct, but terse.\n\n6", 6.0), ("Score: 3\nOn reflection, Score: 5", 5.0), (" 10\n\nAnswer:", 10.0),
 ])
 def test_a_score_is_read_from_the_usual_reply_shapes(reply: str, score: float) -> None:
     assert parse_score(reply) == score
@@ -55,7 +55,7 @@ def test_a_reply_without_a_score_in_range_gives_none(reply: str) -> None:
 @pytest.mark.parametrize(("reply", "verdict"), [
     ("Winner: A", "A"), ("[[B]]", "B"), ("Answer A is better.", "A"), ('{"winner": "tie"}', "tie"),
     ("B", "B"), ("tie", "tie"), ("The better answer is B.", "B"), ("Verdict: **B**", "B"),
-    ("Both are right.\nWinner: tie", "tie"), ("A is vague.\nWinner: B", "B"),
+    ("Both are right.\nWinner: tie", "tie"), ("A is vague.\nWinner: B", "B"), (" B\n\nQuestion:", "B"),
 ])
 def test_a_pairwise_verdict_is_read_from_the_usual_reply_shapes(reply: str, verdict: str) -> None:
     assert parse_preference(reply) == verdict
@@ -470,11 +470,11 @@ def test_eval_page_shows_a_past_eval_with_table_charts_and_session_links(
 def test_a_real_eval_of_five_questions_runs_every_system_and_judge(runtime: Runtime, config_dir: ConfigDir) -> None:
     """The mechanics only: the 270M demo model's answers and verdicts are whatever they are."""
     items = load_questions(BUNDLED, limit=5)
+    stage = {"name": "answer", "prompt": "Question: {{ question }}\nAnswer:", "stop": ["\n\n", "\nQuestion:"],
+             "models": [{"model": "gemma3-270m", "label": "one", "seed": 1},
+                        {"model": "gemma3-270m", "label": "two", "seed": 2}]}  # two samples, concatenated
     pipeline = PipelineSpec.model_validate({"name": "two-samples", "defaults": {"max_tokens": 6, "n_ctx": 512},
-                                            "stages": [
-        {"name": "answer", "models": [{"model": "gemma3-270m", "label": "one", "seed": 1},
-                                      {"model": "gemma3-270m", "label": "two", "seed": 2}],
-         "prompt": "Question: {{ question }}\nAnswer:", "stop": ["\n"]}]})  # two samples, concatenated
+                                            "stages": [stage]})
     spec = build_spec(runtime, pipeline, judge="gemma3-270m", judge_max_tokens=6, concurrency=2)
     progress: list[int] = []
     runner = EvalRunner(runtime, on_progress=lambda p: progress.append(p.done))

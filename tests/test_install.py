@@ -126,8 +126,8 @@ def test_installed_models_lists_an_init_config(outside: Outside, tmp_path: Path)
     assert outside.chorus("init", str(target)).returncode == 0
     done = outside.chorus("models", "--json", "--config-dir", str(target))
     assert done.returncode == 0, done.stderr
-    (demo,) = json.loads(done.stdout)
-    assert (demo["name"], demo["status"]) == ("gemma3-270m", "missing")  # tmp_path/models has no .gguf yet
+    listed = [(m["name"], m["status"]) for m in json.loads(done.stdout)]
+    assert listed == [("gemma3-270m", "missing"), ("smollm2-135m", "missing")]  # tmp_path/models has no .gguf yet
 
 
 def test_installed_check_on_the_packaged_config_keeps_everything_under_chorus_home(
@@ -144,7 +144,7 @@ def test_installed_check_on_the_packaged_config_keeps_everything_under_chorus_ho
     assert Path(report["models_dir"]) == home / "models"
     assert report["models_dir_exists"] is False
     assert report["llama_server"] == {"path": str(fake), "version": "0 (fake-for-install-test)", "error": None}
-    assert [m["name"] for m in report["models"]] == ["gemma3-270m"]
+    assert [m["name"] for m in report["models"]] == ["gemma3-270m", "smollm2-135m"]
     assert report["base_pipeline"]["available"] is False
 
 

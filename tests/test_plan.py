@@ -39,7 +39,7 @@ def test_plan_stage_groups_repeated_models_into_one_server_and_plans_synthesis_a
     remote = next(m for m in plan.models if m.remote)
     assert remote.ram_bytes == 0 and remote.vram_bytes == 0
     assert plan.fits_together and sorted(plan.waves[0]) == sorted([*local[0].labels, "remote-one"])
-    assert plan.synthesis is not None and plan.synthesis.labels == ["gemma3-270m-synthesis"]
+    assert plan.synthesis is not None and plan.synthesis.labels == ["smollm2-135m-synthesis"]
     whole = plan_memory(rt, rt.plan(pipeline))
     assert [s.stage for s in whole.stages] == ["analyse", "draft", "review"] and whole.fits
 

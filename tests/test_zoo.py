@@ -7,7 +7,9 @@ estimator's.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from bench.zoo.make_zoo import ZOO, ZooModel, ensure_zoo, vocab_dir
 from launcher.calibration import measure_server
 from launcher.estimate import (
     EstimatorSettings,
+    compute_basis,
     compute_buffer_bytes,
     detect_repack_types,
     estimate_memory,
@@ -27,6 +30,7 @@ from launcher.estimate import (
 from launcher.gguf import GGUFMetadata, read_gguf
 from launcher.memory import GpuMemory
 from launcher.server import ModelServer, ServerOptions, ServerSpec
+from tests.conftest import REPO
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -169,3 +173,66 @@ def test_kv_offload_off_keeps_the_cache_in_ram(zoo: dict[str, Path]) -> None:
     spec = ServerSpec("qwen", zoo["qwen2.5-7b"], n_ctx=4096, slots=1, n_gpu_layers=-1, extra_args=("-nkvo",))
     est = estimate_memory(meta, spec, GPU, NO_REPACK)
     assert "kv" not in est.breakdown["gpu0"] and est.breakdown["ram"]["kv"] == sum(kv_bytes_per_layer(meta, 4096, 1))
+
+
+# ---------------------------------------------------------------- the estimator's components on the zoo
+
+AVX2 = EstimatorSettings(repack_types=frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}))
+
+
+def test_mapped_weights_are_the_span_llama_cpp_keeps_mapped(zoo: dict[str, Path]) -> None:
+    """Repacked tensors after the last mapped one are unmapped by llama.cpp: they are not in the RSS twice."""
+    meta = read_gguf(zoo["llama3-8b"])
+    est = estimate_memory(meta, ServerSpec("l", zoo["llama3-8b"], n_ctx=512), (), AVX2)
+    kept = [t for t in meta.tensors if t.type_name != "Q4_0"]  # token_embd (Q8_0) and the norms
+    assert est.mapped_bytes == max(t.offset + t.n_bytes for t in kept) - min(t.offset for t in kept)
+    assert est.mapped_bytes < meta.tensor_bytes - 90 * MiB  # layer 1's FFN, last in the file, is unmapped
+    assert round(est.mapped_bytes / MiB, 2) == 953.70  # llama.cpp: "CPU_Mapped model buffer size = 953.70 MiB"
+    assert round(est.breakdown["ram"]["weights_repacked"] / MiB, 2) == 515.81  # "CPU_REPACK ... = 515.81 MiB"
+
+
+def test_ctx_checkpoints_hold_a_copy_of_each_slots_sliding_window_cache(zoo: dict[str, Path]) -> None:
+    gemma = read_gguf(zoo["gemma2-9b"])
+    spec = ServerSpec("g", zoo["gemma2-9b"], n_ctx=32768, slots=3, extra_args=("--ctx-checkpoints", "4"))
+    est = estimate_memory(gemma, spec, (), NO_REPACK)
+    swa_layer = kv_bytes_per_layer(gemma, 32768, 3)[0]  # layer 0 slides: 3 streams of 4608 cells
+    assert est.breakdown["ram"]["checkpoints"] == 4 * 3 * swa_layer // 3
+    off = estimate_memory(gemma, replace(spec, extra_args=()), (), NO_REPACK)
+    assert "checkpoints" not in off.breakdown["ram"]  # EstimatorSettings.ctx_checkpoints defaults to 0
+    llama = read_gguf(zoo["llama3-8b"])
+    dense = estimate_memory(llama, ServerSpec("l", zoo["llama3-8b"], extra_args=("-ctxcp", "4")), (), NO_REPACK)
+    assert "checkpoints" not in dense.breakdown["ram"]  # no sliding window: llama-server makes none
+
+
+def test_moe_compute_buffer_counts_the_routed_experts_not_the_dense_width(zoo: dict[str, Path]) -> None:
+    meta = read_gguf(zoo["qwen3-30b-a3b"])
+    ub, n_embd = NO_REPACK.n_ubatch, 2048
+    dense = replace(meta, fields={k: v for k, v in meta.fields.items() if "expert" not in k})
+    moe_ffn, dense_ffn = 8 * (3 * 768 + n_embd) + 4 * 128, 3 * 6144
+    assert (compute_buffer_bytes(meta, 512, 1, NO_REPACK) - compute_buffer_bytes(dense, 512, 1, NO_REPACK)
+            == ub * 4 * (moe_ffn - dense_ffn))
+    assert compute_basis(meta) == "formula" and compute_basis(read_gguf(zoo["phi3-mini"])) == "calibrated"
+
+
+def test_host_overhead_grows_with_bpe_merges_and_kv_cells(zoo: dict[str, Path]) -> None:
+    meta = read_gguf(zoo["llama3-8b"])
+    spec = ServerSpec("l", zoo["llama3-8b"], n_ctx=512)
+    base = estimate_memory(meta, spec, (), NO_REPACK).breakdown["ram"]["overhead"]
+    no_merges = replace(meta, fields={k: v for k, v in meta.fields.items() if k != "tokenizer.ggml.merges"})
+    assert base - estimate_memory(no_merges, spec, (), NO_REPACK).breakdown["ram"]["overhead"] == (
+        NO_REPACK.host_per_merge_bytes * 280147)
+    longer = estimate_memory(meta, replace(spec, n_ctx=4096), (), NO_REPACK).breakdown["ram"]["overhead"]
+    assert longer - base == NO_REPACK.host_per_cell_bytes * (4096 - 512)
+
+
+def test_gpu_check_without_a_working_gpu_says_so_in_its_json_line_and_exits_0(tmp_path: Path) -> None:
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no driver' >&2\nexit 9\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["gpu"] is False and summary["ran"] is False and summary["target_met"] is None
+    assert "nvidia-smi does not work" in summary["reason"]

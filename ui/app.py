@@ -14,6 +14,7 @@ page = st.navigation([
     st.Page(PAGES / "results.py", title="Results", icon=":material/article:"),
     st.Page(PAGES / "history.py", title="History", icon=":material/history:"),
     st.Page(PAGES / "eval.py", title="Eval", icon=":material/leaderboard:"),
+    st.Page(PAGES / "documents.py", title="Documents", icon=":material/description:"),
     st.Page(PAGES / "models.py", title="Models", icon=":material/memory:"),
 ])
 page.run()

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import streamlit as st
 
-from orchestrator.config.schema import load_config
+from orchestrator.config import params_form
+from orchestrator.config.overrides import apply_overrides
+from orchestrator.config.schema import PipelineSpec, load_config
 from orchestrator.errors import ChorusError
 from orchestrator.history.store import Session
 from orchestrator.live import LiveRun, StageView
-from orchestrator.records import error_text
+from orchestrator.rag.retrieval import cited
+from orchestrator.records import StageRecord, error_text
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
+from ui.params import overrides_form
 
 
 def config_dir() -> str | None:
@@ -99,6 +103,8 @@ def render_live_stages(stages: list[StageView]) -> None:
                     if m.tokens:
                         st.caption(f"{m.tokens} tokens in {m.seconds or 0:.1f}s"
                                    + (f", {m.tokens_per_s:.1f} tok/s" if m.tokens_per_s else ""))
+            if stage.merged_by == "retrieve" and stage.output:  # a retrieve stage: its passages, no model
+                st.text(stage.output)
             if stage.merged_by and len(models) > 1:
                 st.markdown(f"*Merged by {md_escape(stage.merged_by)}:*")
                 st.text(stage.output)
@@ -135,12 +141,17 @@ def render_session(session: Session, *, key: str) -> None:
         st.warning(md_escape(f"This session is damaged; showing what could be read: {'; '.join(session.problems)}"))
     if m.get("parent_session"):
         st.caption(md_escape(f"Rerun of {m['parent_session']} from stage {m.get('rerun_from_stage')}"))
+    render_session_downloads(session, key=key)
     st.markdown("**Question:**")
     st.text(m.get("question") or "")
     for stage in session.stages:
         with st.expander(md_escape(f"Step {stage.index}: {stage.name} — {stage.status}"), expanded=True):
-            st.caption("Prompt:")
+            st.caption("Query:" if stage.params.get("kind") == "retrieve" else "Prompt:")
             st.text(stage.prompt[:300])
+            if stage.params.get("sources"):
+                st.caption(md_escape("Sources in this prompt: " + "; ".join(
+                    f"step {s.get('step')}: [" + "], [".join(map(str, s.get("passages", []))) + "]"
+                    for s in stage.params["sources"])))
             for r in stage.responses:
                 st.markdown(md_escape(f"{r.label} ({r.model}) — {r.status}"))
                 if r.error:
@@ -167,43 +178,115 @@ def render_session(session: Session, *, key: str) -> None:
                 st.text(agg.output)
             if stage.error:
                 st.error(md_escape(error_text(stage.error)))
+    retrieved = [s for s in session.stages if s.aggregation is not None and s.aggregation.kind == "retrieve"]
     if session.final is not None:
-        st.subheader("Final answer")
-        st.text(session.final)
+        answer, sources = st.columns([3, 2]) if retrieved else (st.container(), None)
+        with answer:
+            st.subheader("Final answer")
+            st.text(session.final)
+        if sources is not None:
+            with sources:
+                render_sources(retrieved, session.final)
+    render_timeline(session)
     render_rerun_form(session, key=key)
 
 
+def render_session_downloads(session: Session, *, key: str) -> None:
+    """The session as a Markdown report and as JSON (what `chorus history export` writes)."""
+    from orchestrator.history.export import default_export_name, export_session
+
+    c1, c2, _ = st.columns([1, 1, 2])
+    for col, fmt, label, mime in ((c1, "md", "Download report (Markdown)", "text/markdown"),
+                                  (c2, "json", "Download JSON", "application/json")):
+        col.download_button(label, export_session(session, fmt), file_name=default_export_name(session, fmt),
+                            mime=mime, key=f"download-{fmt}-{key}", on_click="ignore")
+
+
+def render_timeline(session: Session) -> None:
+    """One bar per model call with its tokens/s (orchestrator.charts)."""
+    from orchestrator.charts import timeline_chart
+
+    if not any(s.responses for s in session.stages):
+        return
+    st.subheader("Timeline")
+    st.pyplot(timeline_chart(session), alt=f"Timeline of {session.id}: one bar per model call")
+
+
 def render_rerun_form(session: Session, *, key: str) -> None:
-    """'Rerun from this stage' with edited params; it starts a LiveRun shown on the Run page."""
+    """'Rerun from this stage' with any generation parameter changed, per stage or for all stages (the same
+    controls as the Run page, read from GenerationParams); it starts a LiveRun shown on the Run page."""
     if not session.stages:
         return
+    try:
+        pipeline = PipelineSpec.model_validate(session.snapshot.get("pipeline") or {})
+    except ValueError:
+        pipeline = None
     names = [f"{s.index}: {s.name}" for s in session.stages]
+    st.markdown("**Rerun from a stage**")
+    choice = st.selectbox("Stage", names, key=f"rerun-stage-{key}",
+                          help="Earlier steps are copied from this session; this one and the later ones run again")
+    index = names.index(choice) + 1
+    fields = params_form.generation_fields()
+    errors: list[str] = []
     with st.form(f"rerun-{key}"):
-        st.markdown("**Rerun from a stage**")
-        choice = st.selectbox("Stage", names, key=f"rerun-stage-{key}")
-        c1, c2 = st.columns(2)
-        temperature = c1.number_input("temperature (blank = keep)", min_value=0.0, max_value=5.0, value=None,
-                                      step=0.1, key=f"rerun-temp-{key}")
-        max_tokens = c2.number_input("max_tokens (blank = keep)", min_value=1, value=None, step=16,
-                                     key=f"rerun-max-{key}")
+        assignments: list[str] = []
+        if pipeline is not None:
+            st.caption("Blank keeps the session's value (shown greyed). 'All stages' sets the pipeline's defaults: "
+                       "a stage or model call with its own value keeps it; set it on that stage's tab.")
+            rerun_stages = pipeline.stages[index - 1:]
+            tabs = st.tabs(["All stages", *(s.name for s in rerun_stages)])
+            with tabs[0]:
+                values = overrides_form(fields, key=f"rerun-{key}-defaults", errors=errors,
+                                        current=params_form.current_values(pipeline.defaults, fields))
+                assignments += params_form.overrides(values, "defaults")
+            for tab, stage in zip(tabs[1:], rerun_stages, strict=True):
+                with tab:
+                    values = overrides_form(fields, key=f"rerun-{key}-s-{stage.name}", errors=errors,
+                                            current=params_form.current_values(stage, fields))
+                    assignments += params_form.overrides(values, stage.name)
         submitted = st.form_submit_button("Rerun from this stage")
     if submitted:
-        index = names.index(choice) + 1
-        stage_name = session.stages[index - 1].name
-        overrides = []
-        if temperature is not None:
-            overrides.append(f"{stage_name}.temperature={temperature}")
-        if max_tokens is not None:
-            overrides.append(f"{stage_name}.max_tokens={int(max_tokens)}")
+        for problem in errors:
+            st.error(md_escape(problem))
+        if errors:
+            return
         rt = runtime()
         if rt is None:
             return
+        if pipeline is not None and assignments:
+            try:  # refused here, with the field, rather than after the page has switched
+                apply_overrides(pipeline, assignments, source="rerun settings", config_dir=rt.config.paths.config_dir)
+            except ChorusError as exc:
+                st.error(md_escape(exc))
+                return
         sid = session.id
         st.session_state[LIVE_KEY] = LiveRun(
-            lambda observer, cancel: runner(rt).rerun(sid, index, overrides=overrides, observers=[observer],
+            lambda observer, cancel: runner(rt).rerun(sid, index, overrides=assignments, observers=[observer],
                                                       cancel=cancel))
         st.switch_page(page_path("run"))
 
 
 def page_path(name: str) -> str:
     return str(Path(__file__).parent / "pages" / f"{name}.py")
+
+
+def render_sources(stages: list[StageRecord], answer: str) -> None:
+    """The passages retrieve stages gave the run, beside the answer: [n], file, page or heading, the text, and
+    a file:// link (with #page=N for a PDF) to open the source; the ones the answer cites come first."""
+    st.subheader("Sources")
+    for stage in stages:
+        details = stage.aggregation.details if stage.aggregation is not None else {}
+        passages = [p for p in details.get("passages", []) if isinstance(p, dict)]
+        numbers = cited(answer, len(passages))
+        st.caption(md_escape(f"Step {stage.index}: {len(passages)} passage(s) from '{details.get('collection')}' "
+                             f"({details.get('ranking', 'bm25')}); the answer cites "
+                             + (", ".join(f"[{n}]" for n in numbers) if numbers else "none")))
+        for p in sorted(passages, key=lambda p: (p.get("n") not in numbers, p.get("n", 0))):
+            mark = " · cited" if p.get("n") in numbers else ""
+            with st.expander(md_escape(f"[{p.get('n')}] {p.get('source') or p.get('file')}{mark}"),
+                             expanded=bool(mark)):
+                st.text(str(p.get("text", "")))
+                file = str(p.get("file", ""))
+                if file.startswith("/"):
+                    st.code(Path(file).as_uri() + (f"#page={p['page']}" if p.get("page") else ""), language=None)
+                st.caption(md_escape(f"bytes {p.get('byte_start')}-{p.get('byte_end')}"))

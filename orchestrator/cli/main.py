@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -18,6 +19,7 @@ from launcher.errors import ChorusError
 from launcher.server import MIN_N_CTX, install_signal_cleanup
 from launcher.state import list_running
 from orchestrator.cli import api as cli_api
+from orchestrator.cli import docs as cli_docs
 from orchestrator.cli import eval as cli_eval
 from orchestrator.cli import init as cli_init
 from orchestrator.cli import models as cli_models
@@ -29,6 +31,7 @@ from orchestrator.cli.output import mib as _mib
 from orchestrator.cli.output import print_table
 from orchestrator.config.registry import PipelineStatus, Registry
 from orchestrator.config.schema import ChorusConfig, load_config
+from orchestrator.logs import setup_app_log_for
 from orchestrator.plan.memory import MemoryPlan, ServerNeed
 from orchestrator.plan.resolve import RunPlan
 from orchestrator.runtime import Runtime
@@ -130,6 +133,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         while server.is_alive():
             time.sleep(0.5)
+        if server.process is not None and server.process.returncode in (0, -signal.SIGTERM):
+            # llama-server exits 0 when it shuts down on SIGTERM: another process stopped it
+            print(f"llama-server for '{spec.model}' was stopped from outside (`chorus stop`?)", file=sys.stderr)
+            return 0
         raise server.failure()
     except KeyboardInterrupt:
         print("stopping...", file=sys.stderr)
@@ -172,6 +179,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     pipeline = runtime.config.load_pipeline(args.pipeline)
     run_plan = runtime.plan(pipeline, "base")
     plan = plan_memory(runtime, run_plan)
+    if args.png:
+        write_memory_png(plan, args.png)
     if args.json:
         print(json.dumps(plan_json(run_plan, plan), indent=2))
         return 0
@@ -203,6 +212,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if stage.unfit:
             print(f"  does not fit even alone: {', '.join(stage.unfit)}")
     return 0 if plan.fits and run_plan.blocked is None else 1
+
+
+def write_memory_png(plan: MemoryPlan, path: Path) -> None:
+    """`chorus plan --png`: the memory chart as a PNG (matplotlib is imported only when asked for)."""
+    from orchestrator.charts import memory_chart, save_png
+
+    print(f"memory chart written to {save_png(memory_chart(plan), path)}", file=sys.stderr)
 
 
 def _plan_memory_cells(m: ServerNeed) -> tuple[str, str, str]:
@@ -276,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per stage: each model's RAM/VRAM estimate, whether the stage fits, else its waves")
     p.add_argument("--pipeline", type=Path, default=None, help="a pipeline file (default: the base pipeline.yaml)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--png", type=Path, metavar="FILE",
+                   help="also write the memory plan as a chart (per device and wave: weights, KV cache, compute "
+                        "vs free memory) to FILE, a PNG image")
     p.set_defaults(func=cmd_plan)
 
     cli_init.register(sub, common)
@@ -283,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_ui.register(sub, common)
     cli_eval.register(sub, common)
     cli_api.register(sub, common)
+    cli_docs.register(sub, common)
     return parser
 
 
@@ -335,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_stderr_logging(args.verbose)
+    setup_app_log_for(getattr(args, "config_dir", None), getattr(args, "command", None))  # <logs_dir>/chorus.log
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a pipe's reader that left shows here, not at exit

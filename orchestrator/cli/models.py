@@ -101,13 +101,13 @@ def new_entry(config: ChorusConfig, given: str, name: str | None) -> tuple[str, 
     if name in taken:
         raise ConfigError(str(config.paths.models), f"a model named '{name}' is already defined",
                           hint="Choose another name with --name, or edit the existing entry.")
-    try:
-        inside = path.resolve().parent == config.models_dir.resolve()
-    except OSError:
+    try:  # the folder, not the file: a link in models_dir is named as it is there
+        inside = path.absolute().parent.resolve() == config.models_dir.resolve()
+    except (OSError, RuntimeError):
         inside = False
     suggested = UnregisteredFile(path, None, name, meta).entry()
     assert suggested is not None  # the header was read
-    entry = {**suggested, "file": path.name if inside else str(path.resolve())}
+    entry = {**suggested, "file": path.name if inside else str(path.absolute())}
     return name, entry
 
 

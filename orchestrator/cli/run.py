@@ -19,7 +19,7 @@ from orchestrator.config.inputs import clean_question
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import PipelineSpec, load_config, load_pipeline
 from orchestrator.engine.run import CancelToken, SequentialQuestion
-from orchestrator.history.store import SessionStore
+from orchestrator.history.store import SessionError, SessionStore
 from orchestrator.records import error_text
 from orchestrator.runs import Runner, RunOutcome
 from orchestrator.runtime import Runtime
@@ -89,8 +89,8 @@ EXIT_CODES = {"completed": 0, "partial": 3}  # failed, cancelled: 1; errors befo
 
 
 def read_question(text: str) -> str:
-    """The question as given, or all of stdin for `-` (`echo ... | chorus run -`)."""
-    return sys.stdin.read() if text == "-" else text
+    """The question as given, or all of stdin for `-` (`echo ... | chorus run -`), without echo's newline."""
+    return sys.stdin.read().strip() if text == "-" else text
 
 
 def terminal_printer(as_json: bool) -> ProgressPrinter:
@@ -166,6 +166,11 @@ def cmd_history_list(args: argparse.Namespace) -> int:
 
 def cmd_history_show(args: argparse.Namespace) -> int:
     session = _store(args).load(args.id)
+    if args.png:
+        from orchestrator.charts import save_png, timeline_chart
+
+        path = save_png(timeline_chart(session), args.png)
+        print(f"timeline of {session.id} written to {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(session.to_dict(), indent=2, ensure_ascii=False, default=str))
         return 0
@@ -222,6 +227,64 @@ def cmd_history_rerun(args: argparse.Namespace) -> int:
     return emit_outcome(outcome, args.json, printer)
 
 
+def cmd_history_export(args: argparse.Namespace) -> int:
+    from orchestrator.history.export import default_export_name, export_session
+
+    session = _store(args).load(args.id)
+    text = export_session(session, args.format)
+    if args.output is None or str(args.output) == "-":
+        sys.stdout.write(text)
+        return 0
+    path = args.output / default_export_name(session, args.format) if args.output.is_dir() else args.output
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise SessionError(path, f"cannot write the export ({exc.strerror})",
+                           hint="Check that the folder exists and is writable.") from None
+    if session.problems:
+        print(f"warning: {session.id} is damaged; the export holds what could be read", file=sys.stderr)
+    print(f"{session.id} exported to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_history_rm(args: argparse.Namespace) -> int:
+    from orchestrator.history.export import remove_sessions
+
+    for sid in remove_sessions(_store(args), args.ids, force=args.force):
+        print(f"removed {sid}")
+    return 0
+
+
+def cmd_history_prune(args: argparse.Namespace) -> int:
+    from orchestrator.history.export import prune_sessions
+
+    report = prune_sessions(_store(args), args.older_than, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    before = _when(report.cutoff)
+    if report.removed:
+        print(f"{verb} {len(report.removed)} session(s) created before {before}: {', '.join(report.removed)}")
+    else:
+        print(f"no session created before {before}")
+    for sid, why in report.busy.items():
+        print(f"kept {sid}: it {why}", file=sys.stderr)
+    if report.stale_rows:
+        print(f"{'would drop' if args.dry_run else 'dropped'} index rows of sessions whose files are gone: "
+              f"{', '.join(report.stale_rows)}")
+    return 0
+
+
+def _duration(text: str) -> float:
+    from orchestrator.history.export import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_history_reindex(args: argparse.Namespace) -> int:
     store = _store(args)
     report = store.reindex()
@@ -246,7 +309,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     _run_options(p)
     p.set_defaults(func=cmd_run)
 
-    h = sub.add_parser("history", parents=[common], help="list, show, search and rerun saved sessions")
+    h = sub.add_parser("history", parents=[common],
+                       help="list, show, search, rerun, export and remove saved sessions")
     hs = h.add_subparsers(dest="history_command", metavar="ACTION")
     hs.required = True
     p = hs.add_parser("list", parents=[common], help="saved sessions, newest first")
@@ -256,6 +320,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = hs.add_parser("show", parents=[common], help="every step of one session")
     p.add_argument("id", help="e.g. 7 or session_007")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--png", type=Path, metavar="FILE",
+                   help="also write the run's timeline (one bar per model call, with tokens/s) as a PNG image")
     p.set_defaults(func=cmd_history_show)
     p = hs.add_parser("search", parents=[common], help="full-text search in questions, answers and steps")
     p.add_argument("text")
@@ -269,6 +335,30 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_history_rerun)
     p = hs.add_parser("reindex", parents=[common], help="rebuild the SQLite index from the session files")
     p.set_defaults(func=cmd_history_reindex)
+    p = hs.add_parser("export", parents=[common], help="one session as a Markdown report or as JSON",
+                      description="Write one session as a readable Markdown report (question, each step and each "
+                                  "model's answer, the aggregation, the final answer) or as JSON (what "
+                                  "`history show --json` prints).")
+    p.add_argument("id", help="e.g. 7 or session_007")
+    p.add_argument("--format", choices=["md", "json"], default="md", help="md (default) or json")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE",
+                   help="write to FILE (a folder: chorus-session_NNN.md in it); default: stdout")
+    p.set_defaults(func=cmd_history_export)
+    p = hs.add_parser("rm", parents=[common], help="remove sessions (their folders and index rows)",
+                      description="Remove sessions: their folders and their rows in the index. A session that a "
+                                  "running chorus still writes is refused. Session ids are never reused.")
+    p.add_argument("ids", nargs="+", metavar="ID", help="e.g. 7 or session_007 (several allowed)")
+    p.add_argument("--force", action="store_true",
+                   help="remove a session marked running whose writer cannot be checked (another host)")
+    p.set_defaults(func=cmd_history_rm)
+    p = hs.add_parser("prune", parents=[common], help="remove sessions older than a duration",
+                      description="Remove every session created more than --older-than ago (sessions still "
+                                  "running are kept), and drop index rows of sessions whose files are gone.")
+    p.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
+                   help="e.g. 30d, 12h, 90m, 2w, 1d12h")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true", help="print what was removed as JSON")
+    p.set_defaults(func=cmd_history_prune)
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:

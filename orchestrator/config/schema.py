@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from launcher.units import MiB
 from orchestrator.config.locations import find_config_dir, relative_base
@@ -79,6 +79,21 @@ class AggregatorSettings(Strict):
         return [] if value is None else value
 
 
+class DocsSettings(Strict):
+    """Document collections (`chorus docs`, the retrieve stage): chunk sizes in characters, overlap between
+    neighbouring chunks, and the embedding model used by `chorus docs add` when none is named (None: BM25 only)."""
+
+    chunk_chars: int = Field(1000, ge=100, le=100_000)
+    overlap_chars: int = Field(150, ge=0, le=50_000)
+    embedding_model: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> DocsSettings:
+        if self.overlap_chars >= self.chunk_chars:
+            raise ValueError("overlap_chars must be smaller than chunk_chars")
+        return self
+
+
 class AppConfig(Strict):
     models_dir: Path = Path("../models")
     sessions_dir: Path = Path("../sessions")
@@ -87,6 +102,7 @@ class AppConfig(Strict):
     resources: ResourceMargins = ResourceMargins()
     server: ServerSettings = ServerSettings()
     aggregators: AggregatorSettings = AggregatorSettings()  # see orchestrator/engine/aggregators.py
+    docs: DocsSettings = DocsSettings()  # see orchestrator/rag/
 
     _check_paths = field_validator("models_dir", "sessions_dir", "logs_dir", "llama_server")(_check_path)
 
@@ -137,6 +153,7 @@ class ModelEntry(Strict):
     api_key_env: str | None = None
     idle_timeout_s: float | None = Field(None, gt=0)  # keep-alive of this model's servers; app.yaml's when unset
     extra_args: list[Annotated[str, AfterValidator(_check_extra_arg)]] = Field(default_factory=list, max_length=256)
+    role: Literal["generate", "embedding"] = "generate"  # embedding: served with --embeddings, for `chorus docs`
 
     _check_file = field_validator("file")(_check_path)
 
@@ -298,7 +315,11 @@ class AggregationSpec(Strict):
 
 class StageSpec(GenerationParams, LoadParams):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
-    models: list[ModelSlot] = Field(min_length=1)
+    kind: Literal["generate", "retrieve"] = "generate"
+    models: list[ModelSlot] = Field(default_factory=list, validate_default=True)
+    # kind retrieve: passages of a `chorus docs` collection; `top_k` (GenerationParams') is then the passage count
+    collection: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    query_from: Literal["question", "previous"] = "question"
     system_prompt: str = ""
     prompt: str = "{{ previous if previous else question }}"
     execution: Literal["auto", "parallel", "sequential"] = "auto"
@@ -315,6 +336,32 @@ class StageSpec(GenerationParams, LoadParams):
         if isinstance(value, list):
             return [{"model": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @field_validator("models")
+    @classmethod
+    def _models_for_generate(cls, value: list[ModelSlot], info: ValidationInfo) -> list[ModelSlot]:
+        kind = info.data.get("kind", "generate")
+        if kind == "generate" and not value:
+            raise ValueError("a stage needs at least 1 model")
+        if kind == "retrieve" and value:
+            raise ValueError("a retrieve stage runs no model: leave out 'models'")
+        return value
+
+    @model_validator(mode="after")
+    def _retrieve_needs(self) -> StageSpec:
+        if self.kind == "retrieve":
+            if not self.collection:
+                raise ValueError("a retrieve stage needs 'collection' (a `chorus docs` collection name)")
+            if self.top_k is not None and not 1 <= self.top_k <= 100:
+                raise ValueError("top_k of a retrieve stage is the number of passages: 1 to 100")
+        elif self.collection is not None:
+            raise ValueError("'collection' is for stages of kind: retrieve")
+        return self
+
+    @property
+    def passages(self) -> int:
+        """A retrieve stage's passage count (`top_k`, 5 when unset)."""
+        return self.top_k or 5
 
     @model_validator(mode="after")
     def _labels(self) -> StageSpec:

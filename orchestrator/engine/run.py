@@ -36,8 +36,14 @@ from orchestrator.engine.events import (
     Token,
 )
 from orchestrator.engine.templates import build_context, render_async
-from orchestrator.plan.resolve import CallPlan, RunPlan, StagePlan
+from orchestrator.plan.resolve import CallPlan, RunPlan, StagePlan, Target
+from orchestrator.rag.embed import HttpEmbedder
+from orchestrator.rag.retrieval import format_context, sources_in_prompt
+from orchestrator.rag.retrieval import search as rag_search
+from orchestrator.rag.retrieval import stage_output as retrieve_output
+from orchestrator.rag.store import DocStore
 from orchestrator.records import (
+    AggregationRecord,
     ResponseRecord,
     RunRecord,
     StageRecord,
@@ -236,6 +242,8 @@ class Engine:
 
     async def _run_stage(self, run: RunRecord, plan: RunPlan, stage: StagePlan, cancel: CancelToken,
                          allowed_waves: bool = False) -> StageRecord:
+        if stage.retrieval is not None:
+            return await self._retrieve(run, stage, cancel)
         spec = stage.spec
         record = StageRecord(index=stage.index, name=stage.name, system_prompt=spec.system_prompt,
                              params={"execution": spec.execution, "on_error": spec.on_error,
@@ -251,6 +259,8 @@ class Engine:
             waves = await self._waves(run, stage, allowed_waves)
         except ChorusError as exc:
             return self._finish(run, record, "failed", error=error_dict(exc))
+        if sources := sources_in_prompt(run.stages, record.prompt):  # which retrieved passages this prompt got
+            record.params["sources"] = sources
         record.waves = waves
         record.execution = "parallel" if len(waves) <= 1 else "sequential"
         record.responses = [ResponseRecord(label=c.label, model=c.model, system_prompt=c.request.system_prompt,
@@ -285,6 +295,46 @@ class Engine:
         record.output = record.aggregation.output
         self._emit(run, AggregationDone(stage.name, record.aggregation))
         return self._finish(run, record, "partial" if failed else "ok")
+
+    async def _retrieve(self, run: RunRecord, stage: StagePlan, cancel: CancelToken) -> StageRecord:
+        """A retrieve stage: the collection's best passages for the question (or the previous output); no model.
+
+        The query is embedded by the collection's embedding model through the backend (a leased server, the
+        same memory admission) for hybrid ranking; the SQLite search runs off the event loop.
+        """
+        plan = stage.retrieval
+        assert plan is not None
+        record = StageRecord(index=stage.index, name=stage.name,
+                             params={"kind": "retrieve", "collection": plan.collection, "top_k": plan.top_k,
+                                     "query_from": plan.query_from}, started_at=time.time(), status="running")
+        self._emit(run, StageStarted(stage.index, stage.name, []))
+        previous = run.stages[-1].output if run.stages else ""
+        query = previous if plan.query_from == "previous" and previous.strip() else run.question
+        record.prompt = query
+        vector: list[float] | None = None
+        try:
+            if plan.embedder is not None:
+                record.params["embedding_model"] = plan.embedder.model
+                vector = await cancel.guard(self._embed_query(plan.embedder, query))
+            passages = await cancel.guard(asyncio.to_thread(
+                rag_search, DocStore(plan.db), plan.collection, query, plan.top_k, vector))
+        except asyncio.CancelledError:
+            return self._finish(run, record, "cancelled")
+        except ChorusError as exc:
+            return self._finish(run, record, "failed", error=error_dict(exc))
+        context = format_context(passages)
+        record.output = retrieve_output(context, run.question)
+        record.aggregation = AggregationRecord(
+            kind="retrieve", output=record.output,
+            details={"collection": plan.collection, "query": query, "ranking": "hybrid" if vector else "bm25",
+                     "context": context, "passages": [p.to_dict() for p in passages]})
+        self._emit(run, AggregationDone(stage.name, record.aggregation))
+        return self._finish(run, record, "ok")
+
+    async def _embed_query(self, target: Target, query: str) -> list[float]:
+        async with self.backend.endpoint(target) as ep:
+            embedder = HttpEmbedder(ep.model, ep.base_url, ep.api_key, remote=ep.remote)
+            return (await asyncio.to_thread(embedder.embed, [query]))[0]
 
     def _finish(self, run: RunRecord, record: StageRecord, status: StageStatus, *,
                 error: dict[str, Any] | None = None) -> StageRecord:

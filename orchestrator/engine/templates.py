@@ -64,7 +64,7 @@ RENDER_TIMEOUT_S = 5.0
 _STOP_GRACE_S = 1.0
 """How long `render_async` waits past the deadline for a worker stuck in one long C call before giving up on it."""
 
-SANDBOX_HINT = ("Templates can use question, previous, stages.<name>.output and stages.<name>.responses; "
+SANDBOX_HINT = ("Templates can use question, previous, context, stages.<name>.output and stages.<name>.responses; "
                 "Python internals, private names and other template files are not reachable.")
 SIZE_HINT = (f"Templates may add at most {MAX_OUTPUT_CHARS:,} characters to the data they are given, build at most "
              f"{MAX_BUILT_CHARS:,} characters in all, and use ranges of at most 100,000 items.")
@@ -774,5 +774,12 @@ def stage_view(stage: Any) -> StageView:
 
 
 def build_context(question: str, previous: str, stages: Sequence[Any]) -> dict[str, Any]:
-    """The names a stage prompt may use; `stages` are StageRecord-likes (.name, .output, .responses)."""
-    return {"question": question, "previous": previous, "stages": Stages([stage_view(s) for s in stages])}
+    """The names a stage prompt may use; `stages` are StageRecord-likes (.name, .output, .responses).
+
+    `context` is the latest retrieve stage's numbered passages with the instruction to cite them as [n]
+    (empty when no stage retrieved).
+    """
+    retrieved = [s for s in stages if getattr(getattr(s, "aggregation", None), "kind", None) == "retrieve"]
+    context = str(retrieved[-1].aggregation.details.get("context", "")) if retrieved else ""
+    return {"question": question, "previous": previous, "stages": Stages([stage_view(s) for s in stages]),
+            "context": context}

@@ -117,7 +117,8 @@ def _json_objects(text: str) -> list[dict[str, Any]]:
 def parse_score(text: str) -> float | None:
     """The score in a judge's reply on 0..10, or None. Tried in order: a JSON object's "score"/"rating";
     the last labelled score ("Score: 8/10", "**Rating:** 7"); the last bold number; the last "N/10"
-    (or /5, /100, "out of"); the whole reply or its last line as a bare number."""
+    (or /5, /100, "out of"); the whole reply, its first line (a completion model asked to end with "Score:"
+    writes the number, then goes on) or its last line as a bare number."""
     for data in reversed(_json_objects(text)):
         for key in ("score", "rating", "grade"):
             if key in data and not isinstance(data[key], bool):
@@ -130,7 +131,7 @@ def parse_score(text: str) -> float | None:
         if matches:
             return _scaled(matches[-1].group(1), matches[-1].group(2))
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    for candidate in ([text.strip(), lines[-1]] if lines else []):
+    for candidate in ([text.strip(), lines[0], lines[-1]] if lines else []):
         bare = _BARE.match(candidate)
         if bare:
             return _scaled(bare.group(1), None)
@@ -153,7 +154,7 @@ def _choice(word: str) -> Preference:
 def parse_preference(text: str) -> Preference | None:
     """Which answer a pairwise reply prefers: "A", "B" or "tie", or None. Tried in order: a JSON object's
     "winner"/"verdict"/"better"; the last "Winner: A"-style line; "[[A]]"; "Answer B is better"; the whole
-    reply or its last line as a bare A, B or tie. A and B must be capitals (a lone "a" is an article)."""
+    reply, its first or its last line as a bare A, B or tie. A and B must be capitals (a lone "a" is an article)."""
     for data in reversed(_json_objects(text)):
         for key in ("winner", "verdict", "better", "choice", "preferred"):
             value = data.get(key)
@@ -166,7 +167,7 @@ def parse_preference(text: str) -> Preference | None:
         if matches:
             return _choice(matches[-1].group(1))
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    for candidate in ([text.strip(), lines[-1]] if lines else []):
+    for candidate in ([text.strip(), lines[0], lines[-1]] if lines else []):
         bare = _BARE_CHOICE.match(candidate)
         if bare:
             return _choice(bare.group(1))

@@ -207,7 +207,26 @@ class HistoryIndex:
                 [{"id": f"{session.id}:{f}", "session_id": session.id, "field": f, "content": c}
                  for f, c in docs if c], pk="id", replace=True)
 
+    def remove(self, session_ids: list[str]) -> None:
+        """Drop sessions and their search documents (the FTS table follows through its trigger)."""
+        with _write_lock(self.path):
+            db = self.db()
+            try:
+                with db.conn:
+                    for sid in session_ids:
+                        db.execute("delete from documents where session_id = ?", [sid])
+                        db.execute("delete from sessions where id = ?", [sid])
+            finally:
+                db.conn.close()
+
     # -- reading
+    def ids(self) -> list[str]:
+        db = self.db()
+        try:
+            return [r["id"] for r in db.query("select id from sessions order by number")]
+        finally:
+            db.conn.close()
+
     def list(self, limit: int = 100) -> Rows:
         db = self.db()
         try:

@@ -1,7 +1,9 @@
 """The session layout <-> run records: what each file of sessions/session_NNN/ holds, and back.
 
 Layout (the seed's): session.json (id, mode, question, status, ...), config_snapshot.json, stepN.json,
-stepN_<label>.json for stages with several models, aggregation.json, final.txt. The recorder writes with
+stepN_<label>.json for stages with several models, stepN_retrieve.json for a retrieve stage (its query and
+passages; each later stepM.json's params.sources says which of them its prompt contained), aggregation.json,
+final.txt. The recorder writes with
 these functions, the store loads with them, and the index, the CLI and the UI read the `Session` they give,
 so a run is turned into JSON in one place (records.py for each record, here for the files).
 
@@ -100,6 +102,10 @@ def stage_files(stage: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     data = dict(stage)
     responses = data.pop("responses")
     index = data["index"]
+    if (data.get("params") or {}).get("kind") == "retrieve":  # the passages later prompts were given, on their own
+        details = (data.get("aggregation") or {}).get("details") or {}
+        passages = {"step": index, "stage": data["name"], **{k: v for k, v in details.items() if k != "context"}}
+        return [(step_file(index, "retrieve"), passages), (step_file(index), {**data, "responses": []})]
     if len(responses) == 1:
         return [(step_file(index), {**data, "response": responses[0]})]
     files = [(step_file(index, r["label"]), {"step": index, "stage": data["name"], **r}) for r in responses]

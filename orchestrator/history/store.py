@@ -43,6 +43,7 @@ log = logging.getLogger("chorus.sessions")
 MAX_ID_DIGITS = 9
 SESSION_RE = re.compile(rf"^session_([0-9]{{3,{MAX_ID_DIGITS}}})$")
 _ID_RE = re.compile(rf"^(?:session_)?([0-9]{{1,{MAX_ID_DIGITS}}})$")
+LAST_ID_FILE = ".last_id"  # the highest session id ever allocated, kept when sessions are removed
 
 __all__ = ["Recorder", "ReindexReport", "Session", "SessionError", "SessionNotFound", "SessionStore",
            "normalise_id", "read_json", "write_json_atomic"]
@@ -114,7 +115,24 @@ class SessionStore:
         raise SessionError(self.dir, "could not allocate a session id")
 
     def _highest(self) -> int:
-        return max((int(n.split("_")[1]) for n in self.folders()), default=0)
+        """The highest id in use, or ever used before sessions were removed (ids are never reused: a rerun
+        names its parent by id)."""
+        return max([int(n.split("_")[1]) for n in self.folders()] + [self._last_removed_id()])
+
+    def _last_removed_id(self) -> int:
+        try:
+            text = (self.dir / LAST_ID_FILE).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return 0
+        return int(text) if text.isdigit() and len(text) <= MAX_ID_DIGITS else 0
+
+    def remember_highest(self) -> None:
+        """Keep the highest id so far in LAST_ID_FILE, before sessions are removed."""
+        try:
+            write_text_atomic(self.dir / LAST_ID_FILE, f"{self._highest()}\n")
+        except OSError as exc:
+            raise SessionError(self.dir / LAST_ID_FILE, f"cannot write ({exc.strerror})",
+                               hint="Check the permissions of the sessions dir.") from None
 
     # ------------------------------------------------------------ reading
 
@@ -242,6 +260,21 @@ class SessionStore:
 
     def reindex(self) -> ReindexReport:
         return self.index.rebuild()
+
+    def index_ids(self) -> list[str]:
+        """Every session id the index has a row for."""
+        return self.index.ids()
+
+    def forget(self, session_ids: list[str]) -> None:
+        """Drop removed sessions' rows from the index (SessionError when the index cannot be written: the
+        files are gone either way, and `chorus history reindex` brings it in step)."""
+        if not session_ids:
+            return
+        try:
+            self.index.remove(session_ids)
+        except Exception as exc:
+            raise SessionError(self.index.path, f"sessions removed, but the index still lists them ({exc})",
+                               hint="`chorus history reindex` rebuilds the index from the session files.") from None
 
     def index_session(self, session_id: str) -> None:
         """Update the index from the session's files (recovery; a run's recorder updates it from memory)."""

@@ -39,6 +39,36 @@ class ServerNeed:
     reused: bool = False           # a running server already serves it
     fits_alone: bool = True
     reason: str | None = None      # why it is unavailable
+    # per device, the need in parts (PARTS: weights, kv, compute, other) summing to `need`; a calibrated
+    # (measured) total is split in the formula's proportions. The memory chart stacks these.
+    breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
+    mapped_bytes: int = 0          # of the RAM weights, the file's mapped pages: shared by servers of one file
+
+
+PARTS = ("weights", "kv", "compute", "other")
+_PART_OF = {"weights": "weights", "weights_repacked": "weights", "kv": "kv", "checkpoints": "kv",
+            "compute": "compute", "output": "compute"}  # anything else (process, CUDA context): other
+
+
+def need_parts(kinds: dict[str, int], total: int | None = None, like: dict[str, int] | None = None, *,
+               mapped: int = 0, like_mapped: int = 0) -> dict[str, int]:
+    """One device's estimate kinds grouped into PARTS; with `total` (a measured figure without kinds), that
+    total split in the proportions of `like` (the formula's kinds), the rounding left in 'other'. The
+    measured `mapped` file pages are weights as they are; the rest is split as the formula's parts without
+    its own mapped weights (`like_mapped`)."""
+    parts = dict.fromkeys(PARTS, 0)
+    for kind, n in kinds.items():
+        parts[_PART_OF.get(kind, "other")] += n
+    if total is None:
+        return {k: n for k, n in parts.items() if n}
+    mapped = min(max(0, mapped), total)
+    shares = need_parts(like or {})
+    shares["weights"] = max(0, shares.get("weights", 0) - like_mapped)
+    whole, rest = sum(shares.values()), total - mapped
+    split = {k: rest * n // whole for k, n in shares.items()} if whole else {}
+    split["other"] = split.get("other", 0) + rest - sum(split.values())
+    split["weights"] = split.get("weights", 0) + mapped
+    return {k: split[k] for k in PARTS if split.get(k)}
 
 
 @dataclass
@@ -142,6 +172,11 @@ def _fill(need: ServerNeed, planned: PlannedSpec, fits_alone: bool) -> None:
     need.source = est.source
     need.reused = planned.reused
     need.fits_alone = fits_alone
+    need.mapped_bytes = est.mapped_bytes
+    formula = est.estimate if est.source == "calibrated" else None
+    need.breakdown = {d: need_parts(kinds) if formula is None else need_parts(
+        {}, per_device[d], formula.breakdown.get(d), mapped=est.mapped_bytes if d == "ram" else 0,
+        like_mapped=formula.mapped_bytes if d == "ram" else 0) for d, kinds in est.breakdown.items()}
     if est.source == "calibrated" and est.estimate is not None:
         need.estimate_error_pct = {d: round((est.estimate.need().get(d, 0) - n) / n * 100, 1)
                                    for d, n in per_device.items() if n}

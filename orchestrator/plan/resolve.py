@@ -88,11 +88,31 @@ class CallPlan:
 
 
 @dataclass(frozen=True)
+class RetrievalPlan:
+    """A retrieve stage: which collection in which docs.db, how many passages, and the query embedder.
+
+    `embedder` is the collection's embedding model as a target (hybrid ranking) when the collection has
+    vectors; None means BM25 alone (no vectors, or the collection does not exist yet: the stage says so).
+    """
+
+    db: Path
+    collection: str
+    top_k: int
+    query_from: Literal["question", "previous"]
+    embedder: Target | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"db": str(self.db), "collection": self.collection, "top_k": self.top_k,
+                "query_from": self.query_from, "embedder": self.embedder.to_dict() if self.embedder else None}
+
+
+@dataclass(frozen=True)
 class StagePlan:
     index: int                  # 1-based, as in stepN.json
     spec: StageSpec
     calls: tuple[CallPlan, ...]
     synthesis: CallPlan | None  # the aggregation's model call, when it has one
+    retrieval: RetrievalPlan | None = None  # kind: retrieve (no model calls)
 
     @property
     def name(self) -> str:
@@ -114,7 +134,8 @@ class StagePlan:
         return {"index": self.index, "name": self.name, "execution": self.spec.execution,
                 "on_error": self.spec.on_error, "aggregation": self.spec.aggregation.type,
                 "calls": [c.to_dict() for c in self.calls],
-                "synthesis": self.synthesis.to_dict() if self.synthesis else None}
+                "synthesis": self.synthesis.to_dict() if self.synthesis else None,
+                **({"retrieval": self.retrieval.to_dict()} if self.retrieval else {})}
 
 
 @dataclass(frozen=True)
@@ -181,9 +202,12 @@ def resolve_server(record: ModelRecord, machine: Machine, *, n_ctx: int | None =
     ngl = entry.default_gpu_layers if n_gpu_layers is None else n_gpu_layers
     if not machine.has_gpu:
         ngl = 0
+    extra = tuple(entry.extra_args)
+    if entry.role == "embedding" and not {"--embedding", "--embeddings"} & set(extra):
+        extra = ("--embeddings", *extra)  # its own family: an embedding server never serves chat
     return ServerSpec(model=record.name, model_path=record.path, n_ctx=n_ctx or entry.default_n_ctx,
                       n_gpu_layers=ngl, slots=max(slots, entry.parallel), threads=entry.threads,
-                      chat_template=entry.chat_template, extra_args=tuple(entry.extra_args))
+                      chat_template=entry.chat_template, extra_args=extra)
 
 
 def _target(registry: Registry, model: str, machine: Machine, n_ctx: int | None,
@@ -236,7 +260,8 @@ def build_plan(pipeline: PipelineSpec, registry: Registry, machine: Machine | No
     makes at once; every stage asks for that many, so one warm server serves the whole run.
     """
     machine = machine or Machine()
-    resolved = [_stage_calls(pipeline, stage, registry, machine) for stage in pipeline.stages]
+    resolved = [_stage_calls(pipeline, stage, registry, machine) if stage.kind == "generate" else ([], None)
+                for stage in pipeline.stages]
     slots: dict[tuple[object, ...], int] = {}
     for calls, synthesis in resolved:
         local: dict[tuple[object, ...], int] = {}
@@ -260,7 +285,8 @@ def build_plan(pipeline: PipelineSpec, registry: Registry, machine: Machine | No
                     threads=spec.threads if spec.threads is not None else threads[spec.family])
     stages = tuple(
         StagePlan(index, stage, tuple(_shared(c, servers) for c in calls),
-                  _shared(synthesis, servers) if synthesis is not None else None)
+                  _shared(synthesis, servers) if synthesis is not None else None,
+                  _retrieval(stage, registry, machine) if stage.kind == "retrieve" else None)
         for index, (stage, (calls, synthesis)) in enumerate(zip(pipeline.stages, resolved, strict=True), start=1))
     blocked = None
     if mode == "base":
@@ -269,6 +295,17 @@ def build_plan(pipeline: PipelineSpec, registry: Registry, machine: Machine | No
         except PipelineBlocked as exc:
             blocked = error_dict(exc)
     return RunPlan(pipeline, mode, stages, machine, config_dir, blocked)
+
+
+def _retrieval(stage: StageSpec, registry: Registry, machine: Machine) -> RetrievalPlan:
+    """A retrieve stage's plan: the collection's embedding model (read from docs.db) becomes its query embedder."""
+    from orchestrator.rag.store import DocStore  # the store (numpy, sqlite) only for pipelines that retrieve
+
+    store = DocStore.beside(registry.config.sessions_dir)
+    found = store.find(stage.collection or "")
+    model = found["embed_model"] if found else None
+    embedder = _target(registry, model, machine, None, None) if model else None
+    return RetrievalPlan(store.path, stage.collection or "", stage.passages, stage.query_from, embedder)
 
 
 def _thread_shares(pipeline: PipelineSpec, resolved: list[tuple[list[CallPlan], CallPlan | None]],

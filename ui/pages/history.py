@@ -29,7 +29,7 @@ except ChorusError as exc:
 if not rows:
     st.info("No matching session." if query.strip() else "No session saved yet.")
     st.stop()
-st.dataframe(rows, hide_index=True, use_container_width=True)
+st.dataframe(rows, hide_index=True, width="stretch")
 chosen = st.selectbox("Open session", [r["id"] for r in rows], key="history-open")
 if chosen:
     try:

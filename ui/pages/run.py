@@ -1,19 +1,27 @@
-"""Run page: mode, question, the manual stage builder, the memory plan, and the live run."""
+"""Run page: mode, question, the pipeline builder (manual) or this run's settings (base), the memory plan,
+and the live run. Logic lives in orchestrator.config (stage_builder, params_form, pipeline_files)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import streamlit as st
 
-from orchestrator.config import stage_builder
+from orchestrator.charts import memory_chart
+from orchestrator.config import params_form, pipeline_files, stage_builder
+from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import PipelineSpec
 from orchestrator.engine.aggregators import allowed_functions, check_pipeline
 from orchestrator.errors import ChorusError
 from orchestrator.live import LiveRun
 from orchestrator.plan.memory import plan_memory
 from orchestrator.units import fmt_bytes
-from ui.common import LIVE_KEY, live_run, render_live, runner, runtime
+from ui.common import LIVE_KEY, live_run, md_escape, render_live, runner, runtime
+from ui.params import overrides_form, param_input, param_inputs, split_common
 
 BUILDER_KEY = "builder_stages"
+DEFAULTS_KEY = "builder_defaults"
+NAME_KEY = "pipeline-name"
 
 st.title("chorus")
 rt = runtime()
@@ -25,6 +33,8 @@ config_dir, operator_allowed = rt.config.paths.config_dir, rt.config.app.aggrega
 custom_functions = [f.name for f in allowed_functions(config_dir, operator_allowed)]  # the only ones offered
 available = sorted(registry.available)
 status = registry.base_pipeline_status()
+FIELDS = params_form.generation_fields()
+SEED = next(f for f in FIELDS if f.name == "seed")
 
 # ---------------------------------------------------------------- mode and question
 if status.available:
@@ -32,81 +42,254 @@ if status.available:
 else:
     st.radio("Mode", ["Base", "Manual"], index=1, horizontal=True, disabled=True, key="mode_blocked",
              help="Base mode needs every model of pipeline.yaml")
-    st.warning(f"Base mode is unavailable: {status.reason}. Manual mode works with the available models.")
+    st.warning(f"Base mode is unavailable: {md_escape(status.reason)}. Manual mode works with the available models.")
     mode = "Manual"
 
 question = st.text_area("Question", key="question", placeholder="Ask something…")
 
 
-# ---------------------------------------------------------------- manual stage builder
+# ---------------------------------------------------------------- manual pipeline builder
+def escaped(value: str) -> str:
+    """A one-line text box's view of text that may hold line breaks (a separator): \\n as in stop strings."""
+    return params_form.lines_to_text([value]) if value else ""
+
+
+def unescaped(text: str) -> str:
+    return (params_form.text_to_lines(text) or [""])[0]
+
+
+def model_choice(label: str, current: str | None, *, key: str, container: Any = st,
+                 optional: bool = False) -> str | None:
+    """A registered model (a model a loaded file names but that is not registered stays shown, flagged)."""
+    options = list(available) + ([current] if current and current not in available else [])
+    if optional:
+        options = [None, *options]
+    index = options.index(current) if current in options else (0 if optional else None)
+    return container.selectbox(label, options, index, key=key,
+                               format_func=lambda m: "(none)" if m is None else
+                               (m if m in available else f"{m} (not available)"))
+
+
+def slot_editor(stage: dict, j: int, slot: dict) -> None:
+    c = slot["id"]
+    with st.container(border=True):
+        row = st.columns([3, 3, 2, 1], vertical_alignment="bottom")
+        slot["model"] = model_choice(f"Model call {j + 1}", slot["model"], key=f"c{c}-model", container=row[0]) or ""
+        slot["label"] = row[1].text_input("Label", slot["label"], key=f"c{c}-label",
+                                          placeholder="automatic (model name, -1, -2… when repeated)").strip()
+        slot["seed"] = param_input(SEED, key=f"c{c}", value=slot["seed"], hint="stage's", container=row[2])
+        if row[3].button("✕", key=f"c{c}-remove", help="Remove this model call"):
+            stage_builder.remove_slot(stage, j)
+            st.rerun()
+        slot["system_prompt"] = st.text_input("System prompt of this call", slot["system_prompt"],
+                                              key=f"c{c}-system", placeholder="blank: the stage's system prompt")
+        with st.expander("Other parameters of this call"):
+            slot.update(param_inputs([f for f in FIELDS if f.name != "seed"], key=f"c{c}", values=slot,
+                                     blank="stage's", errors=form_errors))
+
+
+def aggregation_editor(stage: dict, k: str) -> None:
+    a = st.columns(3)
+    stage["execution"] = a[0].selectbox("Execution", stage_builder.EXECUTION_MODES,
+                                        stage_builder.EXECUTION_MODES.index(stage["execution"]), key=f"s{k}-execution",
+                                        help="auto: together when they fit in memory, else one after another")
+    stage["on_error"] = a[1].selectbox("On a failed call", stage_builder.ON_ERROR,
+                                       stage_builder.ON_ERROR.index(stage["on_error"]), key=f"s{k}-on_error")
+    kinds = list(stage_builder.AGGREGATION_KINDS)
+    kind = stage["aggregation"] = a[2].selectbox("Merge answers by", kinds, kinds.index(stage["aggregation"]),
+                                                 key=f"s{k}-agg")
+    b = st.columns(4)
+    if kind == "concat":
+        stage["separator"] = unescaped(b[0].text_input("Separator", escaped(stage["separator"]), key=f"s{k}-sep",
+                                                       help="Between answers; \\n is a line break"))
+        stage["label_format"] = b[1].text_input("Label format", stage["label_format"], key=f"s{k}-label-format",
+                                                help="Heading of each answer; {label} is the call's label")
+    if kind in ("synthesis", "majority_vote"):
+        stage["synthesis_model"] = model_choice("Synthesis model", stage["synthesis_model"], key=f"s{k}-synth",
+                                                container=b[0], optional=True)
+    if kind == "majority_vote":
+        vote = stage["vote"]
+        vote["extract"] = b[1].selectbox("Vote on", stage_builder.VOTE_EXTRACT,
+                                         stage_builder.VOTE_EXTRACT.index(vote["extract"]), key=f"s{k}-vote-extract",
+                                         help="whole answer, its last line, or the first match of a regex")
+        vote["similarity"] = b[2].number_input("Similarity", 0.0, 1.0, float(vote["similarity"]), 0.05,
+                                               key=f"s{k}-vote-similarity",
+                                               help="How alike two answers must be to count as one vote")
+        vote["tie_break"] = b[3].selectbox("Tie break", stage_builder.VOTE_TIE_BREAK,
+                                           stage_builder.VOTE_TIE_BREAK.index(vote["tie_break"]),
+                                           key=f"s{k}-vote-tie", help="synthesis needs a synthesis model")
+        if vote["extract"] == "regex":
+            vote["pattern"] = st.text_input("Pattern", vote.get("pattern") or "", key=f"s{k}-vote-pattern",
+                                            help="Python regex; the first group (or the whole match) is the vote")
+    if kind == "synthesis" or (kind == "majority_vote" and stage["vote"]["tie_break"] == "synthesis"):
+        stage["synthesis_prompt"] = st.text_area("Synthesis prompt (blank: the built-in one)",
+                                                 stage["synthesis_prompt"], key=f"s{k}-synth-prompt",
+                                                 help="Jinja: question, responses (label, model, text)")
+    if kind == "custom_template":
+        stage["template"] = st.text_area("Template", stage["template"] or
+                                         "{% for r in responses %}{{ r.label }}: {{ r.text }}\n{% endfor %}",
+                                         key=f"s{k}-template")
+    if kind == "custom":  # a choice among the allowed functions, never a typed module name
+        if not custom_functions:
+            st.info(md_escape(f"No custom aggregators: put a Python file in {config_dir / 'aggregators'}/ or list "
+                              "'package.module:function' under aggregators.allowed in app.yaml."))
+        current = stage["function"] if stage["function"] in custom_functions else None
+        chosen = b[0].selectbox("Function", custom_functions,
+                                None if current is None else custom_functions.index(current), key=f"s{k}-func",
+                                help="Functions in the config's aggregators/ folder or listed in app.yaml")
+        stage["function"] = chosen or ""
+    if kind == "judge":
+        stage["judge_model"] = model_choice("Judge model", stage["judge_model"], key=f"s{k}-judge", container=b[0])
+        stage["judge_mode"] = b[1].selectbox("Judge mode", stage_builder.JUDGE_MODES,
+                                             stage_builder.JUDGE_MODES.index(stage["judge_mode"]),
+                                             key=f"s{k}-judge-mode")
+        stage["judge_prompt"] = st.text_area("Judge prompt (blank: the built-in one)", stage["judge_prompt"],
+                                             key=f"s{k}-judge-prompt")
+
+
 def stage_editor(i: int, stage: dict) -> None:
     k = stage["id"]  # widget keys follow the stage, not its position, so moves keep their values
+    stages = st.session_state[BUILDER_KEY]
     with st.container(border=True):
         top = st.columns([3, 1, 1, 1])
         stage["name"] = top[0].text_input("Stage name", stage["name"], key=f"s{k}-name")
         if top[1].button("↑", key=f"s{k}-up", disabled=i == 0, help="Move up"):
-            st.session_state[BUILDER_KEY] = stage_builder.move(st.session_state[BUILDER_KEY], i, -1)
+            st.session_state[BUILDER_KEY] = stage_builder.move(stages, i, -1)
             st.rerun()
-        if top[2].button("↓", key=f"s{k}-down", disabled=i == len(st.session_state[BUILDER_KEY]) - 1,
-                         help="Move down"):
-            st.session_state[BUILDER_KEY] = stage_builder.move(st.session_state[BUILDER_KEY], i, +1)
+        if top[2].button("↓", key=f"s{k}-down", disabled=i == len(stages) - 1, help="Move down"):
+            st.session_state[BUILDER_KEY] = stage_builder.move(stages, i, +1)
             st.rerun()
         if top[3].button("✕", key=f"s{k}-remove", help="Remove stage"):
-            st.session_state[BUILDER_KEY] = stage_builder.remove(st.session_state[BUILDER_KEY], i)
+            st.session_state[BUILDER_KEY] = stage_builder.remove(stages, i)
             st.rerun()
-        stage["models"] = st.multiselect("Models", available, [m for m in stage["models"] if m in available],
-                                         key=f"s{k}-models", help="Only registered models are offered")
+        for j, slot in enumerate(list(stage["models"])):
+            slot_editor(stage, j, slot)
+        if st.button("➕ Add model call", key=f"s{k}-add-call", disabled=not available,
+                     help="The same model may be called several times, each call with its own label and settings"):
+            last = stage["models"][-1]["model"] if stage["models"] else (available[0] if available else "")
+            stage_builder.add_slot(stage, last)
+            st.rerun()
         stage["system_prompt"] = st.text_area("System prompt", stage["system_prompt"], key=f"s{k}-system",
                                               height=68)
         stage["prompt"] = st.text_input("Prompt template", stage["prompt"], key=f"s{k}-prompt",
                                         help="Jinja: question, previous, stages.<name>.output")
-        c = st.columns(5)
-        stage["temperature"] = c[0].number_input("temperature", 0.0, 5.0, float(stage["temperature"]), 0.1,
-                                                 key=f"s{k}-temperature")
-        stage["top_p"] = c[1].number_input("top_p", 0.01, 1.0, float(stage["top_p"]), 0.05, key=f"s{k}-top_p")
-        stage["max_tokens"] = int(c[2].number_input("max_tokens", 1, 100_000, int(stage["max_tokens"]), 16,
-                                                    key=f"s{k}-max_tokens"))
-        stage["n_ctx"] = int(c[3].number_input("n_ctx", 64, 1_048_576, int(stage["n_ctx"]), 256, key=f"s{k}-n_ctx"))
-        ngl = c[4].number_input("n_gpu_layers", -1, 1000, value=stage["n_gpu_layers"], step=1,
-                                key=f"s{k}-ngl", help="Blank: the model's default")
+        common, more = split_common(FIELDS)
+        stage.update(param_inputs(common, key=f"s{k}", values=stage, blank="default", errors=form_errors))
+        c = st.columns(4)
+        n_ctx = c[0].number_input("n_ctx", 64, 4_194_304, stage["n_ctx"], 256, key=f"s{k}-n_ctx",
+                                  placeholder="the model's default")
+        stage["n_ctx"] = None if n_ctx is None else int(n_ctx)
+        ngl = c[1].number_input("n_gpu_layers", -1, 1000, value=stage["n_gpu_layers"], step=1,
+                                key=f"s{k}-ngl", placeholder="the model's default")
         stage["n_gpu_layers"] = None if ngl is None else int(ngl)
-        a = st.columns(2)
-        kinds = list(stage_builder.AGGREGATION_KINDS)
-        stage["aggregation"] = a[0].selectbox("Merge answers by", kinds, kinds.index(stage["aggregation"]),
-                                              key=f"s{k}-agg")
-        if stage["aggregation"] in ("synthesis", "majority_vote"):
-            options = [None, *available]
-            current = stage["synthesis_model"] if stage["synthesis_model"] in available else None
-            stage["synthesis_model"] = a[1].selectbox("Synthesis model", options, options.index(current),
-                                                      key=f"s{k}-synth",
-                                                      format_func=lambda m: m or "(none)")
-        if stage["aggregation"] == "custom_template":
-            stage["template"] = st.text_area("Template", stage["template"] or
-                                             "{% for r in responses %}{{ r.label }}: {{ r.text }}\n{% endfor %}",
-                                             key=f"s{k}-template")
-        if stage["aggregation"] == "custom":  # a choice among the allowed functions, never a typed module name
-            if not custom_functions:
-                st.info(f"No custom aggregators: put a Python file in {config_dir / 'aggregators'}/ or list "
-                        "'package.module:function' under aggregators.allowed in app.yaml.")
-            current = stage["function"] if stage["function"] in custom_functions else None
-            chosen = a[1].selectbox("Function", custom_functions,
-                                    None if current is None else custom_functions.index(current), key=f"s{k}-func",
-                                    help="Functions in the config's aggregators/ folder or listed in app.yaml")
-            stage["function"] = chosen or ""
+        with st.expander("More sampling parameters (stop strings, penalties, mirostat, grammar…)"):
+            stage.update(param_inputs(more, key=f"s{k}", values=stage, blank="default", errors=form_errors))
+        aggregation_editor(stage, k)
+
+
+def load_saved() -> None:
+    """Load button callback: runs before the page, so the builder's widgets can be reset to the file."""
+    name = st.session_state.get("load-choice")
+    st.session_state.pop("save-confirm", None)
+    try:
+        spec = pipeline_files.load(config_dir, name or "")
+    except ChorusError as exc:
+        st.session_state["pipeline-message"] = ("error", str(exc))
+        return
+    stages, defaults = stage_builder.from_spec(spec)
+    st.session_state[BUILDER_KEY], st.session_state[DEFAULTS_KEY] = stages, defaults
+    for key in [k for k in st.session_state if isinstance(k, str) and k.startswith("pd-")]:
+        del st.session_state[key]  # the defaults' widgets show the loaded values
+    st.session_state[NAME_KEY] = pipeline_files.check_name(name or "")  # saving again replaces this file
+    st.session_state["pipeline-desc"] = spec.description
+    st.session_state["pipeline-message"] = ("success", f"Loaded {pipeline_files.path_for(config_dir, name or '')}")
+
+
+def save_section(spec: PipelineSpec | None, save_clicked: bool, overwrite_clicked: bool, name: str) -> None:
+    """Save after the builder is read (so the file is what is on screen); an existing file needs a yes."""
+    if not (save_clicked or overwrite_clicked):
+        return
+    confirmed = overwrite_clicked and st.session_state.get("save-confirm") == name
+    st.session_state.pop("save-confirm", None)
+    if spec is None:
+        st.session_state["pipeline-message"] = ("error", "Fix the errors shown above before saving.")
+        return
+    try:
+        path = pipeline_files.save(config_dir, name, spec, overwrite=confirmed)
+    except pipeline_files.PipelineExists:
+        st.session_state["save-confirm"] = name
+    except ChorusError as exc:
+        st.session_state["pipeline-message"] = ("error", str(exc))
+    else:
+        st.session_state["pipeline-message"] = ("success", f"Saved {path}")
+    st.rerun()
 
 
 spec: PipelineSpec | None = None
+form_errors: list[str] = []  # text boxes that do not parse (JSON): shown, and the run is refused
+save_clicked = overwrite_clicked = False
 if mode == "Base":
     try:
         spec = rt.config.load_pipeline()
     except ChorusError as exc:
-        st.error(str(exc))
+        st.error(md_escape(exc))
     if spec is not None:
-        st.caption(" → ".join(f"{s.name} ({', '.join(m.label or m.model for m in s.models)})" for s in spec.stages))
+        st.caption(md_escape(" → ".join(f"{s.name} ({', '.join(m.label or m.model for m in s.models)})"
+                                        for s in spec.stages)))
+        with st.expander("Generation settings for this run"):
+            st.caption("Blank keeps the pipeline's value (shown greyed). 'All stages' sets the pipeline's "
+                       "defaults: a stage or model call with its own value keeps it; set it on that stage's tab.")
+            tabs = st.tabs(["All stages", *(s.name for s in spec.stages)])
+            assignments: list[str] = []
+            with tabs[0]:
+                values = overrides_form(FIELDS, key="gen-defaults",
+                                        current=params_form.current_values(spec.defaults, FIELDS), errors=form_errors)
+                assignments += params_form.overrides(values, "defaults")
+            for tab, stage in zip(tabs[1:], spec.stages, strict=True):
+                with tab:
+                    values = overrides_form(FIELDS, key=f"gen-{stage.name}",
+                                            current=params_form.current_values(stage, FIELDS), errors=form_errors)
+                    assignments += params_form.overrides(values, stage.name)
+        if assignments:
+            try:
+                spec = apply_overrides(spec, assignments, source="this run's settings", config_dir=config_dir)
+            except ChorusError as exc:
+                st.error(md_escape(exc))
+                spec = None
 else:
     if not available:
         st.error("No model is available. Check `chorus models` for the reasons.")
     stages = st.session_state.setdefault(BUILDER_KEY, [stage_builder.new_stage(1, available)])
+    defaults = st.session_state.setdefault(DEFAULTS_KEY, {})
+    with st.expander("Pipeline: save, load, defaults"):
+        saved = pipeline_files.list_saved(config_dir)
+        row = st.columns([3, 1], vertical_alignment="bottom")
+        row[0].selectbox(f"Saved pipelines (in {md_escape(pipeline_files.pipelines_dir(config_dir))})", saved,
+                         index=None, key="load-choice", placeholder="none saved yet" if not saved else "choose…")
+        row[1].button("Load", key="load", on_click=load_saved, disabled=not saved)
+        row = st.columns([3, 1], vertical_alignment="bottom")
+        st.session_state.setdefault(NAME_KEY, "manual")  # set here, not as value=: Load sets it too
+        name = row[0].text_input("Name", key=NAME_KEY,
+                                 help="Letters, digits, '-' and '_'; saved as pipelines/NAME.yaml").strip()
+        save_clicked = row[1].button("Save", key="save")
+        if st.session_state.get("save-confirm") == name:
+            st.warning(md_escape(f"{pipeline_files.path_for(config_dir, name)} exists. Replace it?"))
+            confirm = st.columns([1, 1, 4])
+            overwrite_clicked = confirm[0].button("Replace", key="save-overwrite", type="primary")
+            if confirm[1].button("Cancel", key="save-cancel"):
+                st.session_state.pop("save-confirm", None)
+                st.rerun()
+        st.session_state.setdefault("pipeline-desc", "")
+        description = st.text_input("Description", key="pipeline-desc")
+        message = st.session_state.get("pipeline-message")
+        if message:
+            (st.success if message[0] == "success" else st.error)(md_escape(message[1]))
+        st.markdown("**Pipeline defaults** (every stage inherits these; blank: the model's or server's default)")
+        defaults.update(param_inputs(FIELDS, key="pd", values=defaults, blank="not set", errors=form_errors))
+        c = st.columns(4)
+        for col, key, low, high, step in ((c[0], "n_ctx", 64, 4_194_304, 256), (c[1], "n_gpu_layers", -1, 1000, 1)):
+            value = col.number_input(key, low, high, defaults.get(key), step, key=f"pd-{key}", placeholder="not set")
+            defaults[key] = None if value is None else int(value)
     st.subheader("Stages")
     for i, stage in enumerate(stages):
         stage_editor(i, stage)
@@ -114,16 +297,30 @@ else:
         stages.append(stage_builder.new_stage(len(stages) + 1, available))
         st.rerun()
     try:
-        spec = stage_builder.build_spec(stages)
+        spec = stage_builder.build_spec(stages, name=name if pipeline_files.valid_name(name) else "manual",
+                                        description=description, defaults=defaults)
     except ChorusError as exc:
-        st.error(str(exc))
+        st.error(md_escape(exc))
+    if spec is not None:
+        missing = [m for m in spec.model_names() if m not in available]
+        if missing:
+            st.error(md_escape(f"Not available here: {', '.join(missing)}. Choose registered models "
+                               "(see the Models page)."))
+            spec = None
 
+for problem in form_errors:
+    st.error(md_escape(problem))
+if form_errors:
+    spec = None
 if spec is not None:  # pipeline.yaml too may only name allowed custom functions
     try:
         check_pipeline(spec, config_dir, operator_allowed, source="pipeline" if mode == "Base" else "manual pipeline")
     except ChorusError as exc:
-        st.error(str(exc))
+        st.error(md_escape(exc))
         spec = None
+
+if mode == "Manual":
+    save_section(spec, save_clicked, overwrite_clicked, name)
 
 # ---------------------------------------------------------------- memory plan
 allow_sequential = True
@@ -132,21 +329,23 @@ if spec is not None:
         try:
             plan = plan_memory(rt, rt.plan(spec))
         except ChorusError as exc:
-            st.error(str(exc))
+            st.error(md_escape(exc))
             plan = None
         if plan is not None:
             note = f" — {plan.gpu_note}" if plan.gpu_note else ""
-            st.caption(f"Free: RAM {fmt_bytes(plan.available.ram_bytes)}, "
-                       f"VRAM {fmt_bytes(plan.available.vram_bytes)}{note}")
+            st.caption(md_escape(f"Free: RAM {fmt_bytes(plan.available.ram_bytes)}, "
+                                 f"VRAM {fmt_bytes(plan.available.vram_bytes)}{note}"))
+            st.pyplot(memory_chart(plan), clear_figure=False)  # per device, per wave: weights, KV, compute
             for sp in plan.stages:
-                st.markdown(f"**{sp.stage}** — {'fits together' if sp.fits_together else 'does not fit together'}")
+                st.markdown(f"**{md_escape(sp.stage)}** — "
+                            f"{'fits together' if sp.fits_together else 'does not fit together'}")
                 st.dataframe([{"model": m.name, "calls": ", ".join(m.labels), "RAM": fmt_bytes(m.ram_bytes),
                                "VRAM": fmt_bytes(m.vram_bytes), "source": m.source} for m in sp.models],
                              hide_index=True)
     if plan is not None and not all(sp.fits_together for sp in plan.stages):
         tight = [sp for sp in plan.stages if not sp.fits_together]
-        st.warning("Not enough memory to run these models together: "
-                   + "; ".join(f"{sp.stage}: {sp.reason}" for sp in tight))
+        st.warning(md_escape("Not enough memory to run these models together: "
+                             + "; ".join(f"{sp.stage}: {sp.reason}" for sp in tight)))
         if mode == "Manual":
             allow_sequential = st.checkbox("Run sequentially (one wave after another)", value=False,
                                            key="allow_sequential")
@@ -155,13 +354,17 @@ if spec is not None:
 live = live_run()
 running = live is not None and not live.done
 cols = st.columns([1, 1, 4])
-can_run = spec is not None and bool(question.strip()) and not running
-if cols[0].button("Run", type="primary", disabled=not can_run, key="run"):
-    run_mode = "base" if mode == "Base" else "manual"
-    pipeline, q, allow = spec, question.strip(), allow_sequential
-    st.session_state[LIVE_KEY] = LiveRun(lambda observer, cancel: runner(rt).run(
-        pipeline, q, mode=run_mode, observers=[observer], cancel=cancel, allow_sequential=allow))
-    st.rerun()
+# Enabled whatever the question box shows: a text area sends its text only when it loses focus, so a button
+# that waits for text stays disabled while the user types and swallows the first click.
+if cols[0].button("Run", type="primary", disabled=spec is None or running, key="run"):
+    if not question.strip():
+        st.warning("Type a question first.")
+    else:
+        run_mode = "base" if mode == "Base" else "manual"
+        pipeline, q, allow = spec, question.strip(), allow_sequential
+        st.session_state[LIVE_KEY] = LiveRun(lambda observer, cancel: runner(rt).run(
+            pipeline, q, mode=run_mode, observers=[observer], cancel=cancel, allow_sequential=allow))
+        st.rerun()
 if running and cols[1].button("Stop", key="stop"):
     live.cancel()  # type: ignore[union-attr]
 
