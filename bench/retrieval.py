@@ -4,8 +4,9 @@
    words Zipf-distributed as in real text, seeded) is indexed into a fresh docs.db; then 200 keyword
    queries are searched with BM25 (FTS5) and p50/p95 latency measured (target: p95 <= 50 ms). Queries of
    only the most common words (each in a sixth or more of all chunks) are timed too: FTS5 scores every
-   matching chunk, so that is the worst case, reported beside the target. The same corpus indexed with random 640-dimensional vectors
-   gives the dense scan and fusion latency at that size (the query's own embedding call is measured apart).
+   matching chunk, so that is the worst case, reported beside the target. The same corpus indexed with
+   random 640-dimensional vectors gives the dense scan and fusion latency at that size (the query's own
+   embedding call is measured apart).
 2. Recall@5: twelve facts written for this bench, each in its own file among 60 filler files, each with a
    question whose answer is known (a phrase of the fact). Some questions share the fact's words, some
    paraphrase them. A question counts as found when one of the top 5 passages contains its answer phrase.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -97,7 +99,8 @@ class Corpus:
     """Paragraphs whose words follow a Zipf law (as text does): a few very common words, a long tail of rare ones.
 
     A paragraph mixes function words (about a third), its topic's words and the Zipf vocabulary; a query is
-    two or three topic words and two to four words drawn from the same Zipf law, like a user's keywords.
+    two or three topic words and two to four content words drawn from the same law past its 100 most frequent
+    words (which play the part of function words, left out of real queries).
     """
 
     def __init__(self, seed: int) -> None:
@@ -119,9 +122,14 @@ class Corpus:
         return " ".join(sentences)
 
     def query(self) -> str:
+        """Keywords as a user types them: content words, not the 100 most frequent (function words in real text)."""
         topic = TOPICS[self.rng.choice(list(TOPICS))].split()
-        return " ".join(self.rng.sample(topic, self.rng.randint(2, 3)) +
-                        [self.zipf() for _ in range(self.rng.randint(2, 4))]) + "?"
+        content: list[str] = []
+        while len(content) < self.rng.randint(2, 4):
+            word = self.zipf()
+            if self.vocab.index(word) >= 100:
+                content.append(word)
+        return " ".join(self.rng.sample(topic, self.rng.randint(2, 3)) + content) + "?"
 
 
 def write_corpus(root: Path, files: int, paragraphs: int, seed: int) -> Corpus:
@@ -152,12 +160,16 @@ def pct(values: list[float], q: float) -> float:
 
 
 def latency(store: DocStore, name: str, queries: list[str], vectors: list[list[float]] | None) -> dict[str, float]:
-    times = []
+    """Wall time per query, and this process's CPU time per query (what the query costs when the cores are
+    shared with other work: on a loaded machine wall time mostly measures waiting for a core)."""
+    times, cpu = [], []
     for i, q in enumerate(queries):
-        started = time.perf_counter()
+        started, cpu0 = time.perf_counter(), time.process_time()
         search(store, name, q, 5, vectors[i] if vectors else None)
         times.append((time.perf_counter() - started) * 1000)
-    return {"p50_ms": round(pct(times, 50), 2), "p95_ms": round(pct(times, 95), 2), "max_ms": round(max(times), 2)}
+        cpu.append((time.process_time() - cpu0) * 1000)
+    return {"p50_ms": round(pct(times, 50), 2), "p95_ms": round(pct(times, 95), 2), "max_ms": round(max(times), 2),
+            "cpu_p50_ms": round(pct(cpu, 50), 2), "cpu_p95_ms": round(pct(cpu, 95), 2)}
 
 
 def recall(store: DocStore, name: str, embed: Callable[[str], list[float]] | None) -> tuple[float, list[bool]]:
@@ -195,7 +207,8 @@ def run(work: Path, args: argparse.Namespace) -> int:
     latency(store, "scale", queries[:10], None)  # warm the page cache and the connection path
     bm25 = latency(store, "scale", queries, None)
     print(f"BM25 query latency at {chunks} chunks: p50 {bm25['p50_ms']} ms, p95 {bm25['p95_ms']} ms "
-          f"(target p95 <= {TARGET_BM25_P95_MS:g} ms)")
+          f"(target p95 <= {TARGET_BM25_P95_MS:g} ms); CPU per query p50 {bm25['cpu_p50_ms']} ms, "
+          f"p95 {bm25['cpu_p95_ms']} ms (load average {os.getloadavg()[0]:.1f})")
     # the worst case, reported, not the target: only topic words, each in a sixth or more of all chunks
     common = [" ".join(corpus.rng.sample(TOPICS[t].split(), 5)) for t in list(TOPICS) * 5]
     bm25_common = latency(store, "scale", common, None)
@@ -232,6 +245,8 @@ def run(work: Path, args: argparse.Namespace) -> int:
         print(f"recall@5 hybrid: {result['recall_at_5']['hybrid']}  ({result['embedding_model']}; "  # type: ignore[index]
               f"query embedding p50 {result.get('query_embed_ms_p50')} ms)")
     ok = bm25["p95_ms"] <= TARGET_BM25_P95_MS and chunks >= 9_000
+    result["load_avg_1m"] = round(os.getloadavg()[0], 2)  # a shared machine inflates every latency above
+    result["bm25_cpu_p95_within_target"] = bm25["cpu_p95_ms"] <= TARGET_BM25_P95_MS  # reported, not the pass
     result.update({"target_bm25_p95_ms_max": TARGET_BM25_P95_MS, "target_chunks_min": 9_000, "pass": ok})
     print(json.dumps(result))
     return 0 if ok else 1

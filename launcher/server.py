@@ -636,12 +636,11 @@ def prune_server_logs(logs_dir: Path, model: str, *, keep: int, cap_bytes: int =
         m = pattern.fullmatch(path.name)
         if m and not path.is_symlink() and path.is_file():
             found.append((path.stat().st_mtime, path, int(m.group(1))))
+    idle = [(mtime, path) for mtime, path, port in found if not _port_bound(host, port)]
+    kept = len(found) - len(idle)  # the running servers' logs come first among the kept
     removed: list[Path] = []
-    kept = 0
-    for _mtime, path, port in sorted(found, key=lambda f: f[0], reverse=True):
-        if _port_bound(host, port):
-            kept += 1
-        elif kept < keep:
+    for _mtime, path in sorted(idle, key=lambda f: f[0], reverse=True):
+        if kept < keep:
             kept += 1
             _cap_log(path, cap_bytes)
         else:

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
 from launcher.errors import ChorusError
 from orchestrator.history.serialize import Session
 from orchestrator.plan.memory import PARTS, MemoryPlan, ServerNeed, StageMemory
-from orchestrator.records import ResponseRecord, RunRecord, response_from_dict
+from orchestrator.records import ResponseRecord, RunRecord, RunStatus, response_from_dict
 from orchestrator.units import GiB, MiB
 
 PART_LABELS = {"weights": "weights", "kv": "KV cache", "compute": "compute", "other": "process & buffers"}
@@ -134,7 +134,10 @@ def memory_chart(plan: MemoryPlan) -> Figure:
     fig = new_figure(width, 3.2 * len(devices) + 0.6)
     axes = fig.subplots(len(devices), 1, squeeze=False)[:, 0]
     usable, free = plan.available.have(), plan.available.free
-    fig.suptitle(f"Memory plan of '{plan.pipeline}'" + ("" if plan.fits else " — does NOT fit"))
+    sources = sorted({m.source for c in columns for m in c.servers})
+    measured = " (measured, split as the estimate's parts)" if "calibrated" in sources else ""
+    fig.suptitle(f"Memory plan of '{plan.pipeline}'" + ("" if plan.fits else " — does NOT fit")
+                 + (f"\nfigures: {', '.join(sources)}{measured}" if sources else ""), fontsize=11)
     for ax, device in zip(axes, devices, strict=True):
         heights = [column_parts(c, device) for c in columns]
         totals = [sum(h.values()) for h in heights]
@@ -292,7 +295,7 @@ def _run_of(session: Session) -> RunRecord:
     m = session.meta
     created = m.get("created_at")
     return RunRecord(question=m.get("question") or "", mode=m.get("mode") or "manual", pipeline={},
-                     stages=list(session.stages), status=m.get("status") or "unknown",
+                     stages=list(session.stages), status=cast(RunStatus, m.get("status") or "unknown"),
                      started_at=created if isinstance(created, int | float) else 0.0,
                      parent_session=m.get("parent_session"))
 
@@ -322,7 +325,7 @@ def describe(fig: Figure) -> list[dict[str, Any]]:
     for ax in fig.axes:
         for p in ax.patches:
             gid = p.get_gid()
-            if gid:
+            if gid and isinstance(p, Rectangle):
                 out.append({"gid": gid, "x": p.get_x(), "y": p.get_y(), "width": p.get_width(),
                             "height": p.get_height()})
     return out

@@ -91,9 +91,14 @@ class Runtime:
             if self._pool is None:
                 s = self.config.app.server
                 self._pool = CalibratingPool(self.binary, self.config.app.logs_dir, options=self.server_options(),
-                                             idle_timeout_s=s.idle_timeout_s, fit_check=self.memory_guard.check_fit,
-                                             guard=self.memory_guard)
+                                             idle_timeout_s=s.idle_timeout_s, idle_timeout_for=self._keep_alive,
+                                             fit_check=self.memory_guard.check_fit, guard=self.memory_guard)
             return self._pool
+
+    def _keep_alive(self, spec: ServerSpec) -> float | None:
+        """A model's own idle_timeout_s from models.yaml (None: app.yaml's server.idle_timeout_s)."""
+        entry = self.config.models.get(spec.model)
+        return entry.idle_timeout_s if entry is not None else None
 
     @property
     def has_pool(self) -> bool:

@@ -244,7 +244,7 @@ def test_cli_plan_png_writes_the_memory_chart(config_dir: ConfigDir, tmp_path: P
     assert done.returncode in (0, 1), done.stderr  # 1: the base pipeline does not fit or a model is missing
     assert f"memory chart written to {out}" in said(done.stderr)
     assert out.read_bytes()[:8] == PNG_MAGIC
-    assert "stage 'analyse'" in done.stdout  # the text plan is still printed
+    assert "analyse" in done.stdout  # the text plan is still printed
 
 
 def test_cli_history_show_png_writes_the_timeline(config_dir: ConfigDir, tmp_path: Path) -> None:

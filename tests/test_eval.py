@@ -467,6 +467,7 @@ def test_eval_page_shows_a_past_eval_with_table_charts_and_session_links(
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(900)  # about 40 small calls; minutes on a busy 2-core machine
 def test_a_real_eval_of_five_questions_runs_every_system_and_judge(runtime: Runtime, config_dir: ConfigDir) -> None:
     """The mechanics only: the 270M demo model's answers and verdicts are whatever they are."""
     items = load_questions(BUNDLED, limit=5)
@@ -475,7 +476,7 @@ def test_a_real_eval_of_five_questions_runs_every_system_and_judge(runtime: Runt
                         {"model": "gemma3-270m", "label": "two", "seed": 2}]}  # two samples, concatenated
     pipeline = PipelineSpec.model_validate({"name": "two-samples", "defaults": {"max_tokens": 6, "n_ctx": 512},
                                             "stages": [stage]})
-    spec = build_spec(runtime, pipeline, judge="gemma3-270m", judge_max_tokens=6, concurrency=2)
+    spec = build_spec(runtime, pipeline, judge="gemma3-270m", judge_max_tokens=6, concurrency=3)
     progress: list[int] = []
     runner = EvalRunner(runtime, on_progress=lambda p: progress.append(p.done))
     eval_id = runner.start(spec, items, source="bundled:basic.jsonl")

@@ -21,9 +21,9 @@ from orchestrator.cli.models import append_entry_text
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import ModelEntry, load_config
 from orchestrator.errors import ConfigError
-from tests.conftest import REPO, ConfigDir
+from tests.conftest import REPO, SECOND_MODEL_NAME, ConfigDir
 
-SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL = SECOND_MODEL_NAME
 COMMENTED_MODELS = """\
 # My models. Comments, blank lines and key order must survive `chorus models add`.
 
@@ -45,14 +45,9 @@ def chorus(config_dir: ConfigDir, *args: str, timeout: int = 120) -> subprocess.
 
 @pytest.fixture
 def smol(config_dir: ConfigDir) -> Path:
-    """The SmolLM2 instruct file in models_dir, with no entry for it in models.yaml."""
-    source = Path(os.environ.get("CHORUS_SMOL_MODEL", REPO / "models" / SMOL))
-    if not source.is_file():
-        pytest.skip(f"{source} not found: run scripts/setup.sh")
+    """The SmolLM2 instruct file in models_dir (the fixture links it there), with no entry for it."""
     config_dir.write_models(COMMENTED_MODELS)
-    link = config_dir.models_dir / SMOL
-    link.symlink_to(source)
-    return link
+    return config_dir.models_dir / SMOL
 
 
 # ---------------------------------------------------------------- listing unregistered files

@@ -193,11 +193,11 @@ def render_session(session: Session, *, key: str) -> None:
 
 def render_session_downloads(session: Session, *, key: str) -> None:
     """The session as a Markdown report and as JSON (what `chorus history export` writes)."""
-    from orchestrator.history.export import default_export_name, export_session
+    from orchestrator.history.export import FORMATS, default_export_name, export_session
 
-    c1, c2, _ = st.columns([1, 1, 2])
-    for col, fmt, label, mime in ((c1, "md", "Download report (Markdown)", "text/markdown"),
-                                  (c2, "json", "Download JSON", "application/json")):
+    labels = {"md": ("Download report (Markdown)", "text/markdown"), "json": ("Download JSON", "application/json")}
+    for col, fmt in zip(st.columns([1, 1, 2])[:2], FORMATS, strict=True):
+        label, mime = labels[fmt]
         col.download_button(label, export_session(session, fmt), file_name=default_export_name(session, fmt),
                             mime=mime, key=f"download-{fmt}-{key}", on_click="ignore")
 

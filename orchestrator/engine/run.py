@@ -221,7 +221,11 @@ class Engine:
         for stage in stages:
             if not any(c.target.kind == "local" for c in stage.all_calls()):
                 continue
-            waves = await self.backend.plan_waves(stage)
+            try:
+                waves = await self.backend.plan_waves(stage)
+            except ChorusError as exc:  # no estimate (a file damaged since registration): its call reports it
+                log.info("no memory plan for stage '%s': %s", stage.name, exc)
+                continue
             if waves.unfit:
                 unfit[stage.name] = waves.reason
             elif not waves.fits_together and stage.spec.execution == "auto" and len(stage.labels) > 1:

@@ -106,7 +106,8 @@ def session_markdown(session: Session) -> str:
             out += [f"Error: {_inline(error_text(stage.error))}", ""]
     out += ["", "## Final answer", ""]
     out.append(_block(session.final) if session.final is not None else "_(no final answer)_")
-    return plain_text("\n".join(out).rstrip() + "\n")
+    lines = [line for i, line in enumerate(out) if line or i == 0 or out[i - 1]]  # one blank line between parts
+    return plain_text("\n".join(lines).rstrip() + "\n")
 
 
 def _figures(tokens: Any, seconds: Any, speed: Any, ngl: Any) -> str:
@@ -123,9 +124,11 @@ def _figures(tokens: Any, seconds: Any, speed: Any, ngl: Any) -> str:
 
 
 def _block(text: str) -> str:
+    """`text` in a fenced block (blank lines around it dropped), fenced longer than any backtick run in it."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
-    return f"{fence}text\n{text.rstrip()}\n{fence}"
+    body = re.sub(r"\A(?:[ \t]*\n)+", "", text).rstrip()
+    return f"{fence}text\n{body}\n{fence}"
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")

@@ -46,6 +46,7 @@ _SCHEMA = [
     f"PRAGMA user_version={SCHEMA_VERSION}",
 ]
 Rows = list[dict[str, Any]]  # (a name: `list` is a method of the classes below)
+Ids = list[str]
 _WRITE_LOCKS: dict[str, threading.RLock] = {}
 _WRITE_LOCKS_GUARD = threading.Lock()
 
@@ -207,7 +208,7 @@ class HistoryIndex:
                 [{"id": f"{session.id}:{f}", "session_id": session.id, "field": f, "content": c}
                  for f, c in docs if c], pk="id", replace=True)
 
-    def remove(self, session_ids: list[str]) -> None:
+    def remove(self, session_ids: Ids) -> None:
         """Drop sessions and their search documents (the FTS table follows through its trigger)."""
         with _write_lock(self.path):
             db = self.db()
@@ -220,7 +221,7 @@ class HistoryIndex:
                 db.conn.close()
 
     # -- reading
-    def ids(self) -> list[str]:
+    def ids(self) -> Ids:
         db = self.db()
         try:
             return [r["id"] for r in db.query("select id from sessions order by number")]

@@ -44,6 +44,7 @@ MAX_ID_DIGITS = 9
 SESSION_RE = re.compile(rf"^session_([0-9]{{3,{MAX_ID_DIGITS}}})$")
 _ID_RE = re.compile(rf"^(?:session_)?([0-9]{{1,{MAX_ID_DIGITS}}})$")
 LAST_ID_FILE = ".last_id"  # the highest session id ever allocated, kept when sessions are removed
+Ids = list[str]  # (a name: `list` is a method of SessionStore)
 
 __all__ = ["Recorder", "ReindexReport", "Session", "SessionError", "SessionNotFound", "SessionStore",
            "normalise_id", "read_json", "write_json_atomic"]
@@ -261,11 +262,11 @@ class SessionStore:
     def reindex(self) -> ReindexReport:
         return self.index.rebuild()
 
-    def index_ids(self) -> list[str]:
+    def index_ids(self) -> Ids:
         """Every session id the index has a row for."""
         return self.index.ids()
 
-    def forget(self, session_ids: list[str]) -> None:
+    def forget(self, session_ids: Ids) -> None:
         """Drop removed sessions' rows from the index (SessionError when the index cannot be written: the
         files are gone either way, and `chorus history reindex` brings it in step)."""
         if not session_ids:

@@ -2,7 +2,8 @@
 
 Tables: collections (chunk sizes and embedding model fixed at creation, a version bumped on every change),
 files (per collection: absolute path, SHA-256 of the content, kind, chunk count), chunks (text, heading or
-page, byte range) with an FTS5 mirror kept by triggers (BM25), and vectors (float32, unit length) when the
+page, byte range) with an FTS5 mirror kept by triggers (BM25; `rank` is bm25 with the heading at half the
+text's weight), and vectors (float32, unit length) when the
 collection has an embedding model.
 
 Re-adding is incremental by content hash: an unchanged file is not read again, a changed one is re-chunked,
@@ -53,6 +54,7 @@ CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
     INSERT INTO chunks_fts (rowid, text, heading) VALUES (new.id, new.text, new.heading); END;
 CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts (chunks_fts, rowid, text, heading) VALUES ('delete', old.id, old.text, old.heading); END;
+INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('rank', 'bm25(1.0, 0.5)');
 CREATE TABLE IF NOT EXISTS vectors (chunk_id INTEGER PRIMARY KEY, collection TEXT, vec BLOB);
 CREATE INDEX IF NOT EXISTS vectors_collection ON vectors (collection);
 """
@@ -178,24 +180,30 @@ class DocStore:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A connection (autocommit off: one transaction per `with conn`); the file is created owner-only."""
+        """A connection (autocommit off: one transaction per `with conn`); the file is created owner-only.
+
+        The first connection of this instance creates the file, the schema and WAL mode (kept in the file);
+        later ones only connect (a query's whole budget is milliseconds).
+        """
+        first = not (self._ready and self.path.exists())
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, OWNER_ONLY))
-            if self.path.stat().st_mode & 0o777 != OWNER_ONLY:
-                self.path.chmod(OWNER_ONLY)
+            if first:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, OWNER_ONLY))
+                if self.path.stat().st_mode & 0o777 != OWNER_ONLY:
+                    self.path.chmod(OWNER_ONLY)
             conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise DocsError(self.path, f"cannot open ({getattr(exc, 'strerror', None) or exc})",
                             hint="Check sessions_dir in app.yaml and its permissions.") from None
         conn.row_factory = sqlite3.Row
         try:
-            with contextlib.suppress(sqlite3.OperationalError):
-                conn.execute("PRAGMA journal_mode=WAL")
-            for suffix in ("-wal", "-shm"):
-                with contextlib.suppress(OSError):
-                    Path(str(self.path) + suffix).chmod(OWNER_ONLY)
-            if not self._ready:
+            if first:
+                with contextlib.suppress(sqlite3.OperationalError):
+                    conn.execute("PRAGMA journal_mode=WAL")
+                for suffix in ("-wal", "-shm"):
+                    with contextlib.suppress(OSError):
+                        Path(str(self.path) + suffix).chmod(OWNER_ONLY)
                 conn.executescript(_SCHEMA)
                 self._ready = True
             yield conn
@@ -274,8 +282,9 @@ class DocStore:
             return []
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT k.id, bm25(chunks_fts, 1.0, 0.5) AS s FROM chunks_fts JOIN chunks k ON k.id = chunks_fts.rowid "
-                "WHERE chunks_fts MATCH ? AND k.collection = ? ORDER BY s LIMIT ?", (match, name, limit)).fetchall()
+                "SELECT k.id, chunks_fts.rank FROM chunks_fts JOIN chunks k ON k.id = chunks_fts.rowid "
+                "WHERE chunks_fts MATCH ? AND k.collection = ? ORDER BY chunks_fts.rank LIMIT ?",
+                (match, name, limit)).fetchall()
         return [(r[0], -r[1]) for r in rows]  # FTS5's bm25() is negative, lower better
 
     def dense(self, name: str, vector: Sequence[float], limit: int) -> list[tuple[int, float]]:
@@ -373,6 +382,9 @@ class DocStore:
                 old_roots = json.loads(coll["roots"] or "[]")
                 conn.execute("UPDATE collections SET updated_at = ?, roots = ?, version = version + 1 WHERE name = ?",
                              (time.time(), json.dumps(list(dict.fromkeys([*old_roots, *map(str, roots)]))), name))
+            if report.added or report.updated or report.removed:  # one b-tree per term: queries read one segment
+                with conn:
+                    conn.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('optimize')")
         if progress is not None:
             progress(Progress(len(found), len(found), "done"))
         report.seconds = time.perf_counter() - started

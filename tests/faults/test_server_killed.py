@@ -60,7 +60,7 @@ def test_kill_9_mid_generation_fails_only_that_model_and_the_rerun_works(config_
         assert finished["b"] == "failed" and finished["a"] == "ok"
         assert outcome.history_error is None
 
-        saved = assert_session_valid(config_dir.sessions_dir, outcome.session_id)  # type: ignore[arg-type]
+        saved = assert_session_valid(config_dir.sessions_dir, outcome.session_id, status="partial")  # type: ignore[arg-type]
         saved_b = next(r for r in saved["steps"][0]["responses"] if r["label"] == "b")
         assert saved_b["status"] == "failed" and saved_b["error"]["type"] == "ServerCrashed"
         assert saved["steps"][0]["status"] == "partial"

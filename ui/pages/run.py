@@ -212,8 +212,8 @@ def save_section(spec: PipelineSpec | None, save_clicked: bool, overwrite_clicke
     confirmed = overwrite_clicked and st.session_state.get("save-confirm") == name
     st.session_state.pop("save-confirm", None)
     if spec is None:
-        st.session_state["pipeline-message"] = ("error", "Fix the errors shown above before saving.")
-        return
+        st.session_state["pipeline-message"] = ("error", "Fix the errors shown below the builder before saving.")
+        st.rerun()
     try:
         path = pipeline_files.save(config_dir, name, spec, overwrite=confirmed)
     except pipeline_files.PipelineExists:
