@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,7 +15,6 @@ from pydantic import ValidationError
 from api.errors import BadRequest
 from api.schemas import SAMPLING_KEYS, ChatRequest, CompletionFields
 from orchestrator.config.schema import PipelineSpec
-from orchestrator.runs import Runner
 
 Turn = dict[str, str]
 
@@ -66,10 +64,5 @@ def with_sampling(pipeline: PipelineSpec, request: CompletionFields) -> Pipeline
 
 
 def history_kwargs(history: list[Turn]) -> dict[str, Any]:
-    """`history=` for Runner.arun once the engine takes it (it then reaches the templates as `history`).
-
-    Until then the earlier turns are not passed, and the response says so (`chorus.history_used`).
-    """
-    if history and "history" in inspect.signature(Runner.arun).parameters:
-        return {"history": history}
-    return {}
+    """`history=` for Runner.arun: the earlier turns reach the prompt templates as `history`."""
+    return {"history": history} if history else {}

@@ -7,7 +7,7 @@
    matching chunk, so that is the worst case, reported beside the target. The same corpus indexed with
    random 640-dimensional vectors gives the dense scan and fusion latency at that size (the query's own
    embedding call is measured apart).
-2. Recall@5: twelve facts written for this bench, each in its own file among 60 filler files, each with a
+2. Recall@5: twelve facts written for this bench, each in its own file among 24 filler files, each with a
    question whose answer is known (a phrase of the fact). Some questions share the fact's words, some
    paraphrase them. A question counts as found when one of the top 5 passages contains its answer phrase.
    BM25 alone, then hybrid (BM25 + dense by reciprocal rank fusion) with a real embedding model: the demo
@@ -225,7 +225,7 @@ def run(work: Path, args: argparse.Namespace) -> int:
 
     # ---------------------------------------------------------------- recall@5
     facts_dir = work / "facts"
-    write_corpus(facts_dir, 60, 4, seed=2)
+    write_corpus(facts_dir, 24, 2, seed=2)
     for i, (fact, _, _) in enumerate(FACTS):
         (facts_dir / f"fact{i:02d}.txt").write_text(fact + "\n")
     store.add("facts", [facts_dir], chunk_chars=CHUNK_CHARS, overlap_chars=OVERLAP)

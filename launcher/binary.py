@@ -82,3 +82,28 @@ def binary_version(binary: Path) -> str:
         if line.startswith("version:"):
             return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+RPC_BINARY = "rpc-server"
+
+
+def find_rpc_server(configured_llama_server: Path | None = None) -> Path:
+    """The rpc-server built beside llama-server (scripts/build_llama_server.sh copies both): first next to the
+    llama-server that `find_llama_server` picks, then $RPC_SERVER, then PATH."""
+    searched: list[str] = []
+    candidates: list[Path] = []
+    if os.environ.get("RPC_SERVER"):
+        candidates.append(Path(os.environ["RPC_SERVER"]).expanduser())
+    try:
+        candidates.append(find_llama_server(configured_llama_server).parent / RPC_BINARY)
+    except BinaryNotFound as exc:
+        searched.extend(exc.searched)
+    for path in candidates:
+        searched.append(str(path))
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    on_path = shutil.which(RPC_BINARY)
+    searched.append("PATH")
+    if on_path:
+        return Path(on_path)
+    raise BinaryNotFound(searched, problem="rpc-server not found (it is built beside llama-server)")

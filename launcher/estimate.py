@@ -487,3 +487,28 @@ def _resolved(path: os.PathLike[str] | str) -> str:
     except OSError:
         return str(path)
 
+
+
+# ---------------------------------------------------------------- llama.cpp RPC workers
+
+
+def estimate_rpc_split(meta: GGUFMetadata, spec: ServerSpec, workers_free: Sequence[int],
+                       settings: EstimatorSettings | None = None) -> dict[str, dict[str, int]]:
+    """Per place — 'local' and each of `spec.rpc` in order — the bytes it needs, by kind (weights, kv...).
+
+    llama.cpp treats each RPC worker as a GPU-like device and splits the offloaded layers (-ngl) over the
+    devices in proportion to their free memory, as for several GPUs; so this is `estimate_memory` with one
+    pseudo-GPU per worker (free memory as reported by the worker), each GPU renamed to its worker. A worker
+    runs no CUDA context here, so the per-GPU context and the host's CUDA runtime are left out. Local GPUs
+    are not modelled next to workers: the local part is what stays in this machine's RAM.
+    """
+    if len(workers_free) != len(spec.rpc):
+        raise ValueError(f"{len(spec.rpc)} workers but {len(workers_free)} free-memory figures")
+    base = replace(settings or EstimatorSettings(), gpu_context_bytes=0, gpu_host_bytes=0)
+    gpus = [GpuMemory(i, f"rpc {w}", max(free, 0), max(free, 0))
+            for i, (w, free) in enumerate(zip(spec.rpc, workers_free, strict=True))]
+    est = estimate_memory(meta, spec, gpus if spec.rpc else (), base)
+    out: dict[str, dict[str, int]] = {"local": dict(est.breakdown.get("ram", {}))}
+    for i, worker in enumerate(spec.rpc):
+        out[worker] = dict(est.breakdown.get(f"gpu{i}", {}))
+    return out

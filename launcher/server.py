@@ -77,6 +77,7 @@ class ServerSpec:
     threads: int | None = None
     chat_template: str | None = None
     extra_args: tuple[str, ...] = ()
+    rpc: tuple[str, ...] = ()   # llama.cpp RPC workers (host:port) that hold part of the layers: --rpc
 
     def __post_init__(self) -> None:
         """Refuse values llama-server would misread (-c -1, -np 0) before any process starts."""
@@ -97,7 +98,7 @@ class ServerSpec:
         # The path as configured, made absolute without touching the disk: resolving symlinks would give
         # another key once the file's folder is gone (an unplugged disk), hiding the warm server that has it.
         return (os.path.abspath(self.model_path), self.n_ctx, self.n_gpu_layers, self.chat_template,
-                self.threads, tuple(self.extra_args))
+                self.threads, tuple(self.extra_args), tuple(self.rpc))
 
     def serves(self, wanted: ServerSpec) -> bool:
         """Whether a server of this spec can take `wanted`'s requests."""
@@ -390,6 +391,8 @@ class ModelServer:
             cmd += chat_template_args(s.chat_template)
         if self.options.log_verbosity is not None:
             cmd += ["-lv", str(self.options.log_verbosity)]
+        if s.rpc:
+            cmd += ["--rpc", ",".join(s.rpc)]
         return cmd + list(s.extra_args)
 
     def redacted_command(self) -> list[str]:

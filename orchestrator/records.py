@@ -115,6 +115,7 @@ class RunRecord:
     parent_session: str | None = None
     rerun_from_stage: int | None = None
     warnings: list[str] = field(default_factory=list)  # e.g. history that could not be written
+    history: list[dict[str, str]] = field(default_factory=list)  # earlier chat turns ({role, content}), from the API
 
 
 # ---------------------------------------------------------------- the one serializer (record <-> JSON data)

@@ -75,16 +75,17 @@ class Runner:
     def run(self, pipeline: PipelineSpec, question: str, *, mode: RunMode = "manual",
             observers: Sequence[Observer] = (), cancel: CancelToken | None = None,
             allow_sequential: AllowSequential | bool = True, prior_stages: list[StageRecord] | None = None,
-            parent_session: str | None = None) -> RunOutcome:
+            parent_session: str | None = None, history: Sequence[dict[str, str]] = ()) -> RunOutcome:
         """Run to the end, saving history as it goes. Never raises for model, memory or history trouble."""
         return asyncio.run(self.arun(pipeline, question, mode=mode, observers=observers, cancel=cancel,
                                      allow_sequential=allow_sequential, prior_stages=prior_stages,
-                                     parent_session=parent_session))
+                                     parent_session=parent_session, history=history))
 
     async def arun(self, pipeline: PipelineSpec, question: str, *, mode: RunMode = "manual",
                    observers: Sequence[Observer] = (), cancel: CancelToken | None = None,
                    allow_sequential: AllowSequential | bool = True, prior_stages: list[StageRecord] | None = None,
-                   parent_session: str | None = None, backend: Backend | None = None) -> RunOutcome:
+                   parent_session: str | None = None, backend: Backend | None = None,
+                   history: Sequence[dict[str, str]] = ()) -> RunOutcome:
         """`run` for callers that have an event loop (the HTTP API); `backend` replaces the real one in tests."""
         question = clean_question(question)
         config = self.runtime.config
@@ -104,7 +105,7 @@ class Runner:
                     backend = await stack.enter_async_context(LocalBackend(self.runtime))
                 engine = Engine(backend, allow_sequential=allow_sequential, observers=observers)
                 run = await engine.run(plan, question, cancel=cancel, prior_stages=prior_stages,
-                                       parent_session=parent_session)
+                                       parent_session=parent_session, history=history)
         finally:
             write_error = await asyncio.to_thread(recorder.close) if recorder else None
         if write_error and history_error is None:

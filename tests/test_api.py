@@ -40,7 +40,6 @@ from orchestrator.engine import run as engine_run
 from orchestrator.engine.fake import FakeBackend, Script, crash
 from orchestrator.history.store import SessionStore
 from orchestrator.proxy import ModelProxy
-from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
 
@@ -224,24 +223,17 @@ def test_the_last_user_message_is_the_question_and_earlier_turns_the_history() -
                        {"role": "assistant", "content": "4"}]
 
 
-def test_earlier_turns_reach_the_run_as_history_once_the_runner_takes_it(config: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine's template context gets `history` from Runner.arun(history=...); the API passes it as soon
-    as the runner has the parameter (until then `chorus.history_used` is false)."""
-    seen: dict[str, Any] = {}
-    original = Runner.arun
-
-    async def arun(self: Runner, pipeline: Any, question: str, *, history: Any = None, **kwargs: Any) -> Any:
-        seen["question"], seen["history"] = question, history
-        return await original(self, pipeline, question, **kwargs)
-
-    monkeypatch.setattr(Runner, "arun", arun)
+def test_earlier_turns_reach_the_prompt_templates_as_history(config: Path) -> None:
+    (config / "pipelines" / "chat.yaml").write_text(yaml.safe_dump({"stages": [{
+        "name": "only", "models": ["alpha"],
+        "prompt": "{% for t in history %}{{ t.role }}: {{ t.content }}\n{% endfor %}user: {{ question }}"}]}))
     messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
                 {"role": "user", "content": "And 3+3?"}]
-    with make_client(config, FakeBackend(default=Script(replies))) as client:
-        r = client.post("/v1/chat/completions", json={"model": "chorus/solo", "messages": messages})
+    backend = FakeBackend(default=Script("6"))
+    with make_client(config, backend) as client:
+        r = client.post("/v1/chat/completions", json={"model": "chorus/chat", "messages": messages})
     assert r.status_code == 200, r.text
-    assert seen == {"question": "And 3+3?", "history": messages[:2]}
+    assert backend.requests[0][1].prompt == "user: What is 2+2?\nassistant: 4\nuser: And 3+3?"
     assert r.json()["chorus"]["history_used"] is True
 
 

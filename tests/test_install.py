@@ -24,7 +24,7 @@ from launcher.errors import BinaryNotFound
 from orchestrator.config.locations import CONFIG_FILES
 from tests.conftest import REPO
 
-SOURCES = ("launcher", "orchestrator", "ui", "config", "pyproject.toml", "README.md")
+SOURCES = ("api", "launcher", "orchestrator", "ui", "config", "pyproject.toml", "README.md")
 
 
 def _pip(*args: str, cwd: Path) -> None:
@@ -90,7 +90,7 @@ def test_installed_package_is_imported_from_the_install_not_the_checkout(
     assert checkout == "None"  # an installed copy never looks for a checkout's bin/
     assert Path(config) == site / "orchestrator" / "config" / "defaults"
     top = sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info"))
-    assert top == ["bin", "launcher", "orchestrator", "ui"]  # the user's top level, no tests/ or bench/
+    assert top == ["api", "bin", "launcher", "orchestrator", "ui"]  # the user's top level, no tests/ or bench/
     assert (site / "ui" / "app.py").is_file() and (site / "ui" / "pages" / "run.py").is_file()
 
     helped = outside.chorus("--help")

@@ -44,6 +44,11 @@ def app(page: str | None = None) -> AppTest:
     return at
 
 
+def plain(text: str) -> str:
+    """Page text with md_escape's backslashes taken out, as the user reads it."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
 @pytest.mark.parametrize("page", [None, "run", "results", "history", "models"])
 def test_every_page_renders_without_exception(ui_env: ConfigDir, page: str | None) -> None:
     at = app(page)
@@ -57,7 +62,7 @@ def test_base_mode_is_disabled_with_the_reason_when_a_model_is_missing(ui_env: C
     assert not at.exception
     radio = at.radio(key="mode_blocked")
     assert radio.disabled and radio.value == "Manual"
-    assert any("Base mode is unavailable" in w.value and "gemma3-270m" in w.value for w in at.warning)
+    assert any("Base mode is unavailable" in plain(w.value) and "gemma3-270m" in plain(w.value) for w in at.warning)
 
 
 def test_base_mode_is_offered_when_every_model_is_there(ui_env: ConfigDir) -> None:
@@ -200,7 +205,7 @@ def test_base_pipeline_naming_a_module_is_refused_on_the_page_before_anything_ru
     at = app("run")
     at.text_area(key="question").set_value("What is 2 + 2?").run()
     assert not at.exception
-    errors = [e.value for e in at.error]
+    errors = [plain(e.value) for e in at.error]  # shown escaped: the function name is the file's text
     assert any(f"'{function}' is not an allowed aggregator" in e and "stages.answer.aggregation.function" in e
                and "allowed: none" in e for e in errors), errors
     assert at.button(key="run").disabled
@@ -208,11 +213,6 @@ def test_base_pipeline_naming_a_module_is_refused_on_the_page_before_anything_ru
 
 
 # ---------------------------------------------------------------- issue 14.7: the builder builds what the YAML can
-
-def plain(text: str) -> str:
-    """Page text with md_escape's backslashes taken out, as the user reads it."""
-    return re.sub(r"\\(.)", r"\1", text)
-
 
 def manual(at: AppTest) -> AppTest:
     at.radio(key="mode").set_value("Manual").run()
@@ -319,7 +319,8 @@ def test_base_mode_offers_every_generation_parameter_for_the_run_and_each_stage(
     for scope in ["defaults", *stages]:
         assert {f"gen-{scope}-{n}" for n in names} <= keys, scope
     assert at.number_input(key="gen-defaults-max_tokens").value is None  # blank: the pipeline's own value
-    assert at.number_input(key="gen-defaults-max_tokens").placeholder == "keep: 96"
+    shipped = ui_env.pipeline()["defaults"]["max_tokens"]
+    assert at.number_input(key="gen-defaults-max_tokens").placeholder == f"keep: {shipped}"
 
 
 def test_base_mode_settings_apply_to_that_run_only(ui_env: ConfigDir) -> None:

@@ -140,6 +140,14 @@ def _check_extra_arg(value: str) -> str:
     return value
 
 
+def _check_rpc_worker(value: str) -> str:
+    """host:port of a llama.cpp rpc-server (`chorus worker`)."""
+    from launcher.rpc import parse_endpoint
+
+    parse_endpoint(value)  # ValueError with the expected form
+    return value.strip()
+
+
 class ModelEntry(Strict):
     file: str | None = None
     default_n_ctx: int = Field(4096, ge=64, le=4_194_304)
@@ -154,16 +162,41 @@ class ModelEntry(Strict):
     idle_timeout_s: float | None = Field(None, gt=0)  # keep-alive of this model's servers; app.yaml's when unset
     extra_args: list[Annotated[str, AfterValidator(_check_extra_arg)]] = Field(default_factory=list, max_length=256)
     role: Literal["generate", "embedding"] = "generate"  # embedding: served with --embeddings, for `chorus docs`
+    # llama.cpp RPC workers (`chorus worker` on each) that hold part of this local model's layers
+    rpc: list[Annotated[str, AfterValidator(_check_rpc_worker)]] = Field(default_factory=list, max_length=64)
+    # several OpenAI-compatible base URLs serving this model: calls spread over the healthy ones
+    replicas: list[Annotated[str, Field(pattern=r"^https?://\S+$")]] = Field(default_factory=list, max_length=64)
 
     _check_file = field_validator("file")(_check_path)
 
-    @field_validator("extra_args", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _endpoints_alias(cls, data: Any) -> Any:
+        """`endpoints:` is another name for `replicas:`; with replicas and no url, the first replica is the url."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if "endpoints" in data:
+                if "replicas" in data:
+                    raise ValueError("give 'replicas' or 'endpoints' (the same list), not both")
+                data["replicas"] = data.pop("endpoints")
+            replicas = data.get("replicas")
+            if isinstance(replicas, list) and replicas and not data.get("url") and not data.get("file"):
+                data["url"] = replicas[0]
+        return data
+
+    @field_validator("extra_args", "rpc", "replicas", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return [] if value is None else value
 
     @model_validator(mode="after")
     def _file_or_url(self) -> ModelEntry:
+        if self.rpc and not self.file:
+            raise ValueError("'rpc' workers hold layers of a local model: give 'file', not 'url'")
+        if self.replicas and self.file:
+            raise ValueError("'replicas' are remote URLs serving the model: give them instead of 'file'")
+        if len(set(self.rpc)) != len(self.rpc):
+            raise ValueError("'rpc' names a worker twice")
         if not self.file and not self.url:
             raise ValueError("give either 'file' (a .gguf in models_dir) or 'url' (a remote endpoint)")
         if self.file and self.url:

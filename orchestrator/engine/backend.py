@@ -42,6 +42,10 @@ class Backend(Protocol):
         """The server behind `endpoint` hung: stop it so the next use starts a fresh one."""
         ...
 
+    async def mark_down(self, endpoint: Endpoint) -> None:
+        """The replica behind `endpoint` failed at the connection level: choose others until it is probed again."""
+        ...
+
     async def plan_waves(self, stage: StagePlan) -> WavePlan:
         """Whether the stage's local servers fit in memory together now, else in which waves."""
         ...

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from launcher.client import Endpoint, GenerationRequest, GenerationResult
 from launcher.errors import ChorusError, RequestTimeout, ServerCrashed
 from orchestrator.engine.backend import TokenCallback, WavePlan
+from orchestrator.engine.replicas import ReplicaSet
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target
 
 Reply = str | Callable[[GenerationRequest], str] | BaseException
@@ -40,6 +41,10 @@ class FakeBackend:
     waves_started: list[list[str]] = field(default_factory=list)
     active: int = 0
     peak_active: int = 0
+    # replicas (targets with several urls): a URL here fails at the connection level, as a dead server does
+    failing_urls: set[str] = field(default_factory=set)
+    marked_down: list[str] = field(default_factory=list)
+    replica_sets: dict[tuple[str, ...], ReplicaSet] = field(default_factory=dict)
 
     def script(self, model: str, reply: Reply = "ok", *, delay_s: float = 0.0) -> FakeBackend:
         self.scripts[model] = Script(reply, delay_s)
@@ -48,6 +53,14 @@ class FakeBackend:
     @contextlib.asynccontextmanager
     async def endpoint(self, target: Target) -> AsyncIterator[Endpoint]:
         self.endpoints_opened.append(target)
+        if len(target.urls) > 1:
+            replicas = self.replica_sets.setdefault(target.urls, ReplicaSet(target.urls))
+            url = replicas.choose()
+            try:
+                yield Endpoint(target.model, url, "chat", None, remote=True)
+            finally:
+                replicas.release(url)
+            return
         yield Endpoint(target.model, f"fake://{target.model}", "chat", None, remote=target.kind == "remote")
 
     async def generate(self, endpoint: Endpoint, request: GenerationRequest,
@@ -59,6 +72,8 @@ class FakeBackend:
         try:
             if script.delay_s:
                 await asyncio.sleep(script.delay_s)
+            if endpoint.base_url in self.failing_urls:
+                raise ServerCrashed(endpoint.model, f"connection to {endpoint.base_url} lost: refused")
             reply = script.reply
             if isinstance(reply, BaseException):
                 raise reply
@@ -76,6 +91,11 @@ class FakeBackend:
 
     async def discard(self, endpoint: Endpoint) -> None:
         self.discarded.append(endpoint.model)
+
+    async def mark_down(self, endpoint: Endpoint) -> None:
+        self.marked_down.append(endpoint.base_url)
+        for replicas in self.replica_sets.values():
+            replicas.mark_down(endpoint.base_url)
 
     async def make_room(self, calls: Sequence[CallPlan]) -> None:
         self.waves_started.append([c.label for c in calls])

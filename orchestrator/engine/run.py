@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from launcher.errors import ChorusError, RequestTimeout
+from launcher.errors import ChorusError, RequestTimeout, ServerCrashed
 from orchestrator.engine.aggregation import AggregationError, Candidate, aggregate
 from orchestrator.engine.backend import Backend, WavePlan
 from orchestrator.engine.events import (
@@ -148,7 +148,8 @@ class Engine:
         self.allow_sequential = allow_sequential
 
     async def run(self, plan: RunPlan, question: str, *, prior_stages: Sequence[StageRecord] | None = None,
-                  parent_session: str | None = None, cancel: CancelToken | None = None) -> RunRecord:
+                  parent_session: str | None = None, cancel: CancelToken | None = None,
+                  history: Sequence[dict[str, str]] = ()) -> RunRecord:
         """Run to the end and return the record; observers see every event on the way.
 
         With `prior_stages` (a rerun), those records are copied as they are and running starts at the
@@ -159,7 +160,8 @@ class Engine:
         prior = list(prior_stages or [])
         run = RunRecord(question=question, mode=plan.mode, pipeline=plan.pipeline.model_dump(mode="json"),
                         parent_session=parent_session,
-                        rerun_from_stage=len(prior) + 1 if prior_stages is not None else None)
+                        rerun_from_stage=len(prior) + 1 if prior_stages is not None else None,
+                        history=[dict(turn) for turn in history])
         self._emit(run, RunStarted(run, plan))
         try:
             if plan.blocked is not None:
@@ -257,7 +259,7 @@ class Engine:
                              started_at=time.time(), status="running")
         self._emit(run, StageStarted(stage.index, stage.name, stage.labels))
         previous = run.stages[-1].output if run.stages else ""
-        context = build_context(run.question, previous, run.stages)
+        context = build_context(run.question, previous, run.stages, run.history)
         try:
             record.prompt = await render_async(spec.prompt, context, where=f"stage '{stage.name}' prompt")
             waves = await self._waves(run, stage, allowed_waves)
@@ -397,12 +399,21 @@ class Engine:
 
     async def _generate(self, call: CallPlan, rec: ResponseRecord, on_token: Callable[[str], None]) -> None:
         request = dataclasses.replace(call.request, prompt=rec.prompt)
-        async with self.backend.endpoint(call.target) as endpoint:
-            try:
-                result = await self.backend.generate(endpoint, request, on_token)
-            except RequestTimeout:
-                await self.backend.discard(endpoint)  # a hung server is replaced on next use
-                raise
+        tries = 2 if len(call.target.urls) > 1 else 1  # replicas: a connection-level failure is retried once
+        for attempt in range(tries):
+            async with self.backend.endpoint(call.target) as endpoint:
+                try:
+                    result = await self.backend.generate(endpoint, request, on_token)
+                    break
+                except RequestTimeout:
+                    await self.backend.discard(endpoint)  # a hung server is replaced on next use
+                    raise
+                except ServerCrashed as exc:  # the connection failed: that replica is down, try another once
+                    if attempt + 1 >= tries:
+                        raise
+                    await self.backend.mark_down(endpoint)
+                    log.warning("%s: replica %s failed (%s); retrying on another", call.label,
+                                endpoint.base_url, exc.detail)
         rec.server = endpoint.base_url
         rec.text = result.text
         rec.prompt_tokens, rec.completion_tokens = result.prompt_tokens, result.completion_tokens

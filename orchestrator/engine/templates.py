@@ -773,8 +773,11 @@ def stage_view(stage: Any) -> StageView:
     return StageView(name=stage.name, output=stage.output or "", responses=response_dicts(stage.responses))
 
 
-def build_context(question: str, previous: str, stages: Sequence[Any]) -> dict[str, Any]:
+def build_context(question: str, previous: str, stages: Sequence[Any],
+                  history: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """The names a stage prompt may use; `stages` are StageRecord-likes (.name, .output, .responses).
+
+    `history` is the conversation before the question (a chat client's earlier turns: {role, content}).
 
     `context` is the latest retrieve stage's numbered passages with the instruction to cite them as [n]
     (empty when no stage retrieved).
@@ -782,4 +785,4 @@ def build_context(question: str, previous: str, stages: Sequence[Any]) -> dict[s
     retrieved = [s for s in stages if getattr(getattr(s, "aggregation", None), "kind", None) == "retrieve"]
     context = str(retrieved[-1].aggregation.details.get("context", "")) if retrieved else ""
     return {"question": question, "previous": previous, "stages": Stages([stage_view(s) for s in stages]),
-            "context": context}
+            "context": context, "history": [dict(turn) for turn in history]}

@@ -47,6 +47,7 @@ class Target:
     mode: str = "chat"                      # chat | completion
     server: ServerSpec | None = None        # local
     url: str | None = None                  # remote
+    urls: tuple[str, ...] = ()              # remote with replicas: every base URL (url first)
     api_key_env: str | None = None          # remote: the environment variable holding the key
     reason: str | None = None               # unavailable
     error: dict[str, Any] | None = None     # unavailable: the typed error to record on the step
@@ -57,6 +58,8 @@ class Target:
             out["server"] = server_dict(self.server)
         if self.url:
             out["url"] = self.url
+        if len(self.urls) > 1:
+            out["replicas"] = list(self.urls)
         if self.reason:
             out["reason"] = self.reason
         return out
@@ -171,7 +174,7 @@ class RunPlan:
 def server_dict(spec: ServerSpec) -> dict[str, Any]:
     return {"model": spec.model, "file": str(spec.model_path), "n_ctx": spec.n_ctx,
             "n_gpu_layers": spec.n_gpu_layers, "slots": spec.slots, "threads": spec.threads,
-            "chat_template": spec.chat_template, "extra_args": list(spec.extra_args)}
+            "chat_template": spec.chat_template, "extra_args": list(spec.extra_args), "rpc": list(spec.rpc)}
 
 
 def _first(*values: Any) -> Any:
@@ -200,14 +203,14 @@ def resolve_server(record: ModelRecord, machine: Machine, *, n_ctx: int | None =
         raise ValueError(f"{record.name} is a remote model: it has no local server")
     entry = record.entry
     ngl = entry.default_gpu_layers if n_gpu_layers is None else n_gpu_layers
-    if not machine.has_gpu:
-        ngl = 0
+    if not machine.has_gpu and not entry.rpc:
+        ngl = 0  # with RPC workers the offloaded layers go to them (llama.cpp counts them as GPUs)
     extra = tuple(entry.extra_args)
     if entry.role == "embedding" and not {"--embedding", "--embeddings"} & set(extra):
         extra = ("--embeddings", *extra)  # its own family: an embedding server never serves chat
     return ServerSpec(model=record.name, model_path=record.path, n_ctx=n_ctx or entry.default_n_ctx,
                       n_gpu_layers=ngl, slots=max(slots, entry.parallel), threads=entry.threads,
-                      chat_template=entry.chat_template, extra_args=extra)
+                      chat_template=entry.chat_template, extra_args=extra, rpc=tuple(entry.rpc))
 
 
 def _target(registry: Registry, model: str, machine: Machine, n_ctx: int | None,
@@ -218,7 +221,8 @@ def _target(registry: Registry, model: str, machine: Machine, n_ctx: int | None,
                                else (record.reason or record.status))
         return Target(model, "unavailable", reason=exc.reason, error=error_dict(exc))
     if record.is_remote:
-        return Target(model, "remote", mode=record.mode, url=record.entry.url,
+        urls = tuple(dict.fromkeys([u for u in [record.entry.url, *record.entry.replicas] if u]))
+        return Target(model, "remote", mode=record.mode, url=record.entry.url, urls=urls,
                       api_key_env=record.entry.api_key_env)
     return Target(model, "local", mode=record.mode,
                   server=resolve_server(record, machine, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers))

@@ -1,0 +1,110 @@
+"""Replica choice for a model served at several OpenAI-compatible URLs (models.yaml `replicas:`).
+
+Each call goes to the healthy replica with the fewest outstanding requests (ties: the order in models.yaml).
+A replica that fails at the connection level is marked down; it is left alone for a backoff that grows with
+each failure in a row (tenacity's exponential wait, capped), then probed again: the next choice may pick it
+once its backoff has passed, and a caller with a probe (LocalBackend: GET <url>/models) checks it first.
+When every replica is down, the one whose backoff ends first is tried rather than failing outright.
+
+Pure bookkeeping (no I/O, injectable clock): the engine's retry-once lives in engine/run.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from tenacity import RetryCallState, wait_exponential
+
+BACKOFF = wait_exponential(multiplier=1, min=1, max=60)  # 1 s, 2 s, 4 s ... 60 s after 1, 2, 3 ... failures
+
+
+def backoff_s(failures: int) -> float:
+    """Seconds a replica stays down after `failures` failures in a row (tenacity's exponential wait)."""
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(1, failures)
+    return float(BACKOFF(state))
+
+
+@dataclass
+class ReplicaState:
+    url: str
+    outstanding: int = 0
+    failures: int = 0        # in a row; 0 = healthy
+    down_until: float = 0.0  # monotonic time before which it is not chosen (while others are up)
+    served: int = 0
+
+    def up(self, now: float) -> bool:
+        return self.failures == 0 or now >= self.down_until
+
+
+class ReplicaSet:
+    """The replicas of one model: least-outstanding choice, mark-down with backoff, probe again later."""
+
+    def __init__(self, urls: Iterable[str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.replicas = [ReplicaState(u) for u in dict.fromkeys(urls)]
+        if not self.replicas:
+            raise ValueError("a replica set needs at least one URL")
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    def _get(self, url: str) -> ReplicaState | None:
+        return next((r for r in self.replicas if r.url == url), None)
+
+    def choose(self, exclude: Iterable[str] = ()) -> str:
+        """The URL for the next call (counted as outstanding until `release`)."""
+        skip = set(exclude)
+        with self._lock:
+            now = self.clock()
+            pool = [r for r in self.replicas if r.url not in skip] or list(self.replicas)
+            healthy = [r for r in pool if r.up(now)]
+            if healthy:
+                best = min(healthy, key=lambda r: (r.outstanding, r.failures))
+            else:
+                best = min(pool, key=lambda r: r.down_until)  # all down: try the one due back first
+            best.outstanding += 1
+            return best.url
+
+    def release(self, url: str, *, ok: bool | None = None) -> None:
+        """The call on `url` is over; ok=True clears its failures (a probe by real traffic succeeded)."""
+        with self._lock:
+            r = self._get(url)
+            if r is None:
+                return
+            r.outstanding = max(0, r.outstanding - 1)
+            if ok:
+                r.failures, r.down_until = 0, 0.0
+                r.served += 1
+
+    def mark_down(self, url: str) -> float:
+        """`url` failed: down for the backoff of its failures in a row; returns the backoff in seconds."""
+        with self._lock:
+            r = self._get(url)
+            if r is None:
+                return 0.0
+            r.failures += 1
+            wait = backoff_s(r.failures)
+            r.down_until = self.clock() + wait
+            return wait
+
+    def mark_up(self, url: str) -> None:
+        with self._lock:
+            r = self._get(url)
+            if r is not None:
+                r.failures, r.down_until = 0, 0.0
+
+    def due_for_probe(self, url: str) -> bool:
+        """Down before, backoff over: check it before sending a real call."""
+        with self._lock:
+            r = self._get(url)
+            return r is not None and r.failures > 0 and self.clock() >= r.down_until
+
+    def healthy(self) -> list[str]:
+        now = self.clock()
+        return [r.url for r in self.replicas if r.up(now)]
+
+    def down(self) -> list[str]:
+        now = self.clock()
+        return [r.url for r in self.replicas if not r.up(now)]
