@@ -44,7 +44,7 @@ from pathlib import Path
 
 from launcher.gguf import ArrayInfo, GGUFMetadata, TensorInfo, block_index, read_gguf, validate_header
 from launcher.memory import GpuMemory
-from launcher.server import ServerSpec
+from launcher.server import CTX_CHECKPOINTS, ServerSpec
 from launcher.units import MiB
 
 KV_PAD = 256  # llama-context.cpp pads n_ctx and n_ctx_seq to 256; the SWA cache is padded to 256 too
@@ -79,7 +79,7 @@ class EstimatorSettings:
     host_per_merge_bytes: int = 115  # BPE merge ranks (a std::map of string pairs), per merge
     host_per_slot_bytes: int = 256 * 1024
     host_per_cell_bytes: int = 40    # llama_kv_cells per cell: pos + shift (int32) + a 256-bit seq set (formula)
-    ctx_checkpoints: int = 0         # SWA context checkpoints per slot (-ctxcp); llama-server's own default is 32
+    ctx_checkpoints: int = CTX_CHECKPOINTS  # SWA context checkpoints per slot, as chorus starts its servers
     gpu_context_bytes: int = 400 * MiB  # CUDA context + cuBLAS workspace, per GPU a process uses
     gpu_host_bytes: int = 256 * MiB     # the CUDA runtime's libraries and pinned buffers in RAM
     repack_types: frozenset[str] | None = None  # None: what this CPU repacks (x86 AVX2/AVX512, ARM)

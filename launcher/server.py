@@ -54,6 +54,11 @@ from launcher.errors import (
     ServerStartTimeout,
 )
 
+# llama-server keeps up to 32 copies of a slot's SWA cache by default (1.4 GiB for the demo at 32k x 3 slots),
+# outside what the fit check admitted; chorus keeps a few and the memory estimate counts them.
+CTX_CHECKPOINTS = 2
+CHECKPOINT_FLAGS = frozenset({"-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"})
+
 log = logging.getLogger("chorus.server")
 
 LOG_TAIL_LINES = 25
@@ -393,6 +398,8 @@ class ModelServer:
             cmd += ["-lv", str(self.options.log_verbosity)]
         if s.rpc:
             cmd += ["--rpc", ",".join(s.rpc)]
+        if not CHECKPOINT_FLAGS & set(s.extra_args):  # bounded, and counted by the estimate (launcher/estimate.py)
+            cmd += ["--ctx-checkpoints", str(CTX_CHECKPOINTS)]
         return cmd + list(s.extra_args)
 
     def redacted_command(self) -> list[str]:

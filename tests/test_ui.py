@@ -379,8 +379,7 @@ def test_the_rerun_form_offers_every_parameter_per_stage_and_applies_them(ui_env
     assert live.outcome.run.parent_session == parent.session_id
 
 
-@pytest.mark.parametrize("page", [None, "run", "results", "history", pytest.param("models", marks=pytest.mark.xfail(
-    strict=True, reason="ui/pages/models.py still passes use_container_width (not this change's file)"))])
+@pytest.mark.parametrize("page", [None, "run", "results", "history", "models"])
 def test_pages_log_no_deprecation_warning(ui_env: ConfigDir, page: str | None,
                                           caplog: pytest.LogCaptureFixture) -> None:
     import streamlit.deprecation_util as deprecation

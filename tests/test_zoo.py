@@ -29,7 +29,7 @@ from launcher.estimate import (
 )
 from launcher.gguf import GGUFMetadata, read_gguf
 from launcher.memory import GpuMemory
-from launcher.server import ModelServer, ServerOptions, ServerSpec
+from launcher.server import CTX_CHECKPOINTS, ModelServer, ServerOptions, ServerSpec
 from tests.conftest import REPO
 
 MiB = 1 << 20
@@ -197,8 +197,10 @@ def test_ctx_checkpoints_hold_a_copy_of_each_slots_sliding_window_cache(zoo: dic
     est = estimate_memory(gemma, spec, (), NO_REPACK)
     swa_layer = kv_bytes_per_layer(gemma, 32768, 3)[0]  # layer 0 slides: 3 streams of 4608 cells
     assert est.breakdown["ram"]["checkpoints"] == 4 * 3 * swa_layer // 3
-    off = estimate_memory(gemma, replace(spec, extra_args=()), (), NO_REPACK)
-    assert "checkpoints" not in off.breakdown["ram"]  # EstimatorSettings.ctx_checkpoints defaults to 0
+    default = estimate_memory(gemma, replace(spec, extra_args=()), (), NO_REPACK)
+    assert default.breakdown["ram"]["checkpoints"] == CTX_CHECKPOINTS * 3 * swa_layer // 3  # what chorus starts
+    off = estimate_memory(gemma, replace(spec, extra_args=("-ctxcp", "0")), (), NO_REPACK)
+    assert "checkpoints" not in off.breakdown["ram"]
     llama = read_gguf(zoo["llama3-8b"])
     dense = estimate_memory(llama, ServerSpec("l", zoo["llama3-8b"], extra_args=("-ctxcp", "4")), (), NO_REPACK)
     assert "checkpoints" not in dense.breakdown["ram"]  # no sliding window: llama-server makes none

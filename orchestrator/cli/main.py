@@ -26,6 +26,7 @@ from orchestrator.cli import models as cli_models
 from orchestrator.cli import run as cli_run
 from orchestrator.cli import stop as cli_stop
 from orchestrator.cli import ui as cli_ui
+from orchestrator.cli import worker as cli_worker
 from orchestrator.cli.output import gib as _gib
 from orchestrator.cli.output import mib as _mib
 from orchestrator.cli.output import print_table
@@ -173,7 +174,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from orchestrator.plan.memory import plan_memory
+    from orchestrator.plan.memory import machine_view, plan_memory
 
     runtime = Runtime(_config(args))
     pipeline = runtime.config.load_pipeline(args.pipeline)
@@ -181,8 +182,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_memory(runtime, run_plan)
     if args.png:
         write_memory_png(plan, args.png)
+    machines = machine_view(run_plan, plan)
     if args.json:
-        print(json.dumps(plan_json(run_plan, plan), indent=2))
+        print(json.dumps({**plan_json(run_plan, plan), "machines": [m.to_dict() for m in machines]}, indent=2))
         return 0
     avail = plan.available
     vram = f", VRAM {_gib(avail.vram_bytes)}" if avail.vram_bytes else f" ({plan.gpu_note or 'no GPU'})"
@@ -211,7 +213,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  stops first: {', '.join(stage.evict)}")
         if stage.unfit:
             print(f"  does not fit even alone: {', '.join(stage.unfit)}")
-    return 0 if plan.fits and run_plan.blocked is None else 1
+    if len(machines) > 1:  # RPC workers or remote endpoints: where each part runs
+        print("\nper machine:")
+        print_table([(m.machine, ", ".join(m.models) or "-", fmt_bytes(m.need_bytes) if m.need_bytes is not None
+                      else "-", fmt_bytes(m.have_bytes) if m.have_bytes is not None else "-", m.note)
+                     for m in machines], ["MACHINE", "RUNS", "NEEDS", "FREE", "NOTE"])
+    workers_short = any(m.kind == "rpc" and m.note for m in machines)
+    return 0 if plan.fits and run_plan.blocked is None and not workers_short else 1
 
 
 def write_memory_png(plan: MemoryPlan, path: Path) -> None:
@@ -303,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_eval.register(sub, common)
     cli_api.register(sub, common)
     cli_docs.register(sub, common)
+    cli_worker.register(sub, common)
     return parser
 
 

@@ -2,6 +2,12 @@
 
 Open it with `async with LocalBackend(runtime) as backend:` around a run, so the HTTP client lives on
 that run's event loop and is closed with it.
+
+A remote model with several URLs (`replicas:`) gets a `ReplicaSet` per run: least outstanding requests,
+a replica marked down by the engine is skipped for its backoff, then probed (GET <url>/models) before a
+real call goes there again. A local server with RPC workers (`rpc:`) is checked before it starts (every
+worker answers, each has room for its share: `plan.memory.check_rpc_workers`); when such a server fails
+mid-answer, the workers are probed and a dead one is named in the error (`RpcWorkerLost`).
 """
 
 from __future__ import annotations
@@ -10,9 +16,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
+import httpx
+
 from launcher.client import Endpoint, GenerationClient, GenerationRequest, GenerationResult
+from launcher.errors import ServerError
+from launcher.rpc import RpcWorkerLost, probe
+from launcher.server import ServerSpec
 from orchestrator.engine.backend import TokenCallback, WavePlan
-from orchestrator.plan.memory import plan_stage_memory
+from orchestrator.engine.replicas import ReplicaSet
+from orchestrator.plan.memory import check_rpc_workers, plan_stage_memory
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target, remote_api_key
 from orchestrator.runtime import Runtime
 
@@ -21,6 +33,8 @@ class LocalBackend:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.client = GenerationClient(timeout_s=runtime.config.app.server.request_timeout_s)
+        self.replicas: dict[tuple[str, ...], ReplicaSet] = {}
+        self._rpc_specs: dict[str, ServerSpec] = {}  # base URL of a running server -> its spec (with workers)
 
     async def __aenter__(self) -> LocalBackend:
         return self
@@ -30,6 +44,14 @@ class LocalBackend:
 
     @contextlib.asynccontextmanager
     async def endpoint(self, target: Target) -> AsyncIterator[Endpoint]:
+        if target.kind == "remote" and len(target.urls) > 1:
+            replicas = self.replicas.setdefault(target.urls, ReplicaSet(target.urls))
+            url = await self._choose(replicas, target)
+            try:
+                yield Endpoint(target.model, url, target.mode, remote_api_key(target), remote=True)  # type: ignore[arg-type]
+            finally:
+                replicas.release(url)
+            return
         if target.kind == "remote":
             yield Endpoint(target.model, target.url or "", target.mode, remote_api_key(target),  # type: ignore[arg-type]
                            remote=True)
@@ -37,15 +59,58 @@ class LocalBackend:
         if target.server is None:
             raise ValueError(f"{target.model}: no server to run it on ({target.reason})")
         pool = self.runtime.pool
-        server = await pool.aacquire(target.server)  # a start runs in a worker thread, not on the event loop
+        spec = target.server
+        if spec.rpc and not any(s.spec.serves(spec) and s.is_alive() for s in self.runtime.running_servers()):
+            await asyncio.to_thread(check_rpc_workers, spec)  # before a start: workers up, each with room
+        server = await pool.aacquire(spec)  # a start runs in a worker thread, not on the event loop
+        if spec.rpc:
+            self._rpc_specs[server.base_url] = spec
         try:
             yield Endpoint(target.model, server.base_url, target.mode, server.api_key)  # type: ignore[arg-type]
         finally:
             pool.release(server)
 
+    async def _choose(self, replicas: ReplicaSet, target: Target) -> str:
+        """The least busy healthy replica; one back from its backoff is probed first (down again if it fails)."""
+        tried: list[str] = []
+        while True:
+            url = replicas.choose(exclude=tried)
+            if url in tried or not replicas.due_for_probe(url) or await self._probe(url, target):
+                return url
+            replicas.release(url)
+            replicas.mark_down(url)
+            tried.append(url)
+
+    async def _probe(self, url: str, target: Target) -> bool:
+        key = remote_api_key(target)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            async with httpx.AsyncClient(timeout=3.0) as client:
+                response = await client.get(f"{url.rstrip('/')}/models", headers=headers)
+            return response.status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    async def mark_down(self, endpoint: Endpoint) -> None:
+        for replicas in self.replicas.values():
+            replicas.mark_down(endpoint.base_url)
+
     async def generate(self, endpoint: Endpoint, request: GenerationRequest,
                        on_token: TokenCallback | None = None) -> GenerationResult:
-        return await self.client.generate(endpoint, request, on_token)
+        try:
+            result = await self.client.generate(endpoint, request, on_token)
+        except ServerError as exc:
+            spec = self._rpc_specs.get(endpoint.base_url)
+            if spec is None:
+                raise
+            dead = [w for w in spec.rpc if not await asyncio.to_thread(probe, w)]
+            if not dead:
+                raise
+            raise RpcWorkerLost(endpoint.model, f"RPC worker {', '.join(dead)} does not answer ({exc.detail})",
+                                log_tail=exc.log_tail, exit_code=exc.exit_code, log_path=exc.log_path) from exc
+        for replicas in self.replicas.values():
+            replicas.mark_up(endpoint.base_url)  # it answered: healthy again
+        return result
 
     async def discard(self, endpoint: Endpoint) -> None:
         # stopping a hung server may take stop_grace_s: off the event loop

@@ -215,3 +215,130 @@ def plan_memory(runtime: Runtime, plan: RunPlan) -> MemoryPlan:
     stages = [plan_stage_memory(runtime, stage) for stage in plan.stages]
     available = stages[0].available if stages else runtime.memory_guard.available(runtime.running_servers())
     return MemoryPlan(plan.pipeline.name, stages, available, runtime.memory_guard.gpu_note)
+
+
+# ---------------------------------------------------------------- RPC workers and remote machines
+
+
+@dataclass
+class WorkerNeed:
+    """One RPC worker of a model's server: its share of the layers and what it reports free."""
+
+    worker: str
+    need_bytes: int
+    free_bytes: int | None         # None: the worker did not answer
+    error: str | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is not None and self.need_bytes <= self.free_bytes
+
+
+def rpc_needs(spec: ServerSpec, *, timeout_s: float = 2.0) -> tuple[int, list[WorkerNeed]]:
+    """(bytes this machine needs, one WorkerNeed per worker) for a server that splits its layers over
+    `spec.rpc`, the split as llama.cpp makes it: in proportion to each worker's reported free memory (a
+    worker that does not answer is weighted like the best one, to show what it would get)."""
+    from launcher.estimate import estimate_rpc_split
+    from launcher.gguf import read_gguf
+    from launcher.rpc import RpcError, query_memory
+
+    free: list[int | None] = []
+    errors: list[str | None] = []
+    for worker in spec.rpc:
+        try:
+            free.append(query_memory(worker, timeout_s=timeout_s).free_bytes)
+            errors.append(None)
+        except RpcError as exc:
+            free.append(None)
+            errors.append(exc.detail)
+    fallback = max((f for f in free if f is not None), default=1)
+    split = estimate_rpc_split(read_gguf(spec.model_path), spec, [f if f is not None else fallback for f in free])
+    workers = [WorkerNeed(w, sum(split[w].values()), f, e) for w, f, e in zip(spec.rpc, free, errors, strict=True)]
+    return sum(split["local"].values()), workers
+
+
+def check_rpc_workers(spec: ServerSpec) -> list[WorkerNeed]:
+    """Before a server with RPC workers starts: every worker answers and has room for its share, else the
+    typed error (RpcError naming the worker; RpcWorkerShort with need vs have per worker)."""
+    from launcher.rpc import RpcError, RpcWorkerShort
+
+    _, workers = rpc_needs(spec)
+    for w in workers:
+        if w.free_bytes is None:
+            raise RpcError(w.worker, f"no answer ({w.error}) for model '{spec.model}'")
+    short = [w for w in workers if not w.fits]
+    if short:
+        raise RpcWorkerShort(spec.model, {w.worker: w.need_bytes for w in workers},
+                             {w.worker: w.free_bytes or 0 for w in workers})
+    return workers
+
+
+@dataclass
+class MachineLoad:
+    """One row of the per-machine plan view: this machine, an RPC worker, or a remote endpoint."""
+
+    machine: str
+    kind: str                      # local | rpc | remote
+    models: list[str]
+    need_bytes: int | None = None  # None: not known here (a remote server's own business)
+    have_bytes: int | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def machine_view(plan: RunPlan, memory: MemoryPlan | None = None, *,
+                 rpc: dict[str, tuple[int, list[WorkerNeed]]] | None = None) -> list[MachineLoad]:
+    """Per machine, what the run puts there and how much memory it needs.
+
+    This machine: the most any one stage's servers need together (the memory plan's stage need, RAM and
+    GPUs summed), with a server that has RPC workers counted by its local part only. Each RPC worker: the
+    sum of its shares of every model placed on it. Each remote URL: the models it serves (its memory is its
+    own). `rpc` is `rpc_needs` per model (computed when not given).
+    """
+    rpc = dict(rpc or {})
+    rpc_specs = {s.model: s for s in plan.servers if s.rpc}
+    for name, spec in rpc_specs.items():
+        if name not in rpc:
+            rpc[name] = rpc_needs(spec)
+    local_models = [s.model for s in plan.servers]
+    local = MachineLoad("this machine", "local", local_models)
+    if memory is not None:
+        peaks = []
+        for st in memory.stages:
+            parts = [*st.models, *([st.synthesis] if st.synthesis else [])]
+            total = 0
+            for m in parts:
+                if m.remote or m.source == "unavailable":
+                    continue
+                whole = sum(m.need.values())
+                total += rpc[m.name][0] if m.name in rpc else whole
+            peaks.append(total)
+        local.need_bytes = max(peaks, default=0)
+        have = memory.available.have()
+        local.have_bytes = sum(n for d, n in have.items() if d == "ram" or d.startswith("gpu"))
+    rows = [local]
+    workers: dict[str, MachineLoad] = {}
+    for name, (_, needs) in rpc.items():
+        for w in needs:
+            row = workers.setdefault(w.worker, MachineLoad(f"rpc {w.worker}", "rpc", [], 0, w.free_bytes))
+            row.models.append(name)
+            row.need_bytes = (row.need_bytes or 0) + w.need_bytes
+            if w.free_bytes is None:
+                row.note = f"does not answer: {w.error}"
+            elif (row.need_bytes or 0) > w.free_bytes:
+                row.note = "too small: needs more than it reports free"
+    rows.extend(workers.values())
+    remotes: dict[str, MachineLoad] = {}
+    for stage in plan.stages:
+        for call in stage.all_calls():
+            t = call.target
+            if t.kind != "remote":
+                continue
+            for url in t.urls or ((t.url,) if t.url else ()):
+                row = remotes.setdefault(url, MachineLoad(url, "remote", [], note="memory: the remote server's own"))
+                if t.model not in row.models:
+                    row.models.append(t.model)
+    rows.extend(remotes.values())
+    return rows

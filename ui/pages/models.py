@@ -37,14 +37,14 @@ for rec in registry.available.values():
         row.update({"RAM at defaults": fmt_bytes(need.ram_bytes), "VRAM at defaults": fmt_bytes(need.vram_bytes)})
     rows.append(row)
 if rows:
-    st.dataframe(rows, hide_index=True, use_container_width=True)
+    st.dataframe(rows, hide_index=True, width="stretch")
 else:
     st.info("No model is registered.")
 
 st.subheader("Unavailable")
 if registry.unavailable:
     st.dataframe([{"name": r.name, "file": r.entry.file, "status": r.status, "reason": r.reason}
-                  for r in registry.unavailable.values()], hide_index=True, use_container_width=True)
+                  for r in registry.unavailable.values()], hide_index=True, width="stretch")
 else:
     st.caption("None: every configured model is usable.")
 

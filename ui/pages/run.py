@@ -14,7 +14,7 @@ from orchestrator.config.schema import PipelineSpec
 from orchestrator.engine.aggregators import allowed_functions, check_pipeline
 from orchestrator.errors import ChorusError
 from orchestrator.live import LiveRun
-from orchestrator.plan.memory import plan_memory
+from orchestrator.plan.memory import machine_view, plan_memory
 from orchestrator.units import fmt_bytes
 from ui.common import LIVE_KEY, live_run, md_escape, render_live, runner, runtime
 from ui.params import overrides_form, param_input, param_inputs, split_common
@@ -342,6 +342,13 @@ if spec is not None:
                 st.dataframe([{"model": m.name, "calls": ", ".join(m.labels), "RAM": fmt_bytes(m.ram_bytes),
                                "VRAM": fmt_bytes(m.vram_bytes), "source": m.source} for m in sp.models],
                              hide_index=True)
+            machines = machine_view(rt.plan(spec), plan)  # RPC workers and remote endpoints, when any
+            if len(machines) > 1:
+                st.markdown("**Per machine**")
+                st.dataframe([{"machine": m.machine, "runs": ", ".join(m.models),
+                               "needs": fmt_bytes(m.need_bytes) if m.need_bytes is not None else "-",
+                               "free": fmt_bytes(m.have_bytes) if m.have_bytes is not None else "-",
+                               "note": m.note} for m in machines], hide_index=True)
     if plan is not None and not all(sp.fits_together for sp in plan.stages):
         tight = [sp for sp in plan.stages if not sp.fits_together]
         st.warning(md_escape("Not enough memory to run these models together: "
