@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.errors import ChorusError, ServerError
+from launcher.errors import ChorusError, ServerError, ServerStartError
 from launcher.units import MiB, fmt_bytes
 
 PROTO_MAJOR = 7
@@ -69,6 +69,14 @@ class RpcWorkerLost(ServerError):
 
     kind = "RPC worker lost"
     hint = "Restart `chorus worker` on that machine (or drop it from the model's `rpc:` list); other models go on."
+
+
+class RpcLoadFailed(ServerStartError):
+    """A server with RPC workers died while loading: llama.cpp aborts when a worker refuses a buffer."""
+
+    kind = "failed to load onto its RPC workers"
+    hint = ("A worker may be short of memory for its share (its `chorus worker --mem` cap, or what the machine "
+            "has free): raise it, add a worker, or lower n_ctx. The server log has llama.cpp's own message.")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,11 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
             raise
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """A full or read-only disk costs the file log, never a traceback on stderr: stop writing to it."""
+        self.close()
+        logging.getLogger().removeHandler(self)
+
 
 def setup_app_log(logs_dir: Path, *, max_bytes: int = MAX_BYTES, backups: int = BACKUPS,
                   level: int = logging.INFO) -> Path | None:

@@ -40,6 +40,6 @@ def test_a_base_run_on_both_models_answers_without_leaking_prompt_labels(runtime
     for stage in record.stages:
         for response in stage.responses:
             assert response.text.strip(), (stage.name, response.label)
-            for label in ("Question:", "Notes:", "Here is a draft answer", "Here are three answers"):
+            for label in ("Question:", "A draft answer:", "Three answers to combine", "Write a better answer"):
                 assert label not in response.text, (stage.name, response.label, response.text)
     assert record.final.strip()

@@ -34,7 +34,7 @@ def test_base_pipeline_runs_all_stages_on_one_warm_server_per_model(runtime: Run
     assert all(r.ok and r.text for r in review.responses)
     assert review.execution == "parallel"
     assert review.aggregation and review.aggregation.kind == "synthesis"
-    assert "Combine what they get right" in review.aggregation.details["synthesis_prompt"]
+    assert "Three answers to combine" in review.aggregation.details["synthesis_prompt"]
     assert record.final == review.output and record.final
     assert runtime.pool.starts == 2  # one server per model: each stage asks for its model's pipeline-wide slots
     types = [e.type for e in events]

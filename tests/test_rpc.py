@@ -347,3 +347,33 @@ def test_two_replicas_share_a_stage_and_one_killed_the_stage_completes(
         for s in servers:
             with contextlib.suppress(Exception):
                 s.stop()
+
+
+@pytest.mark.integration
+def test_a_worker_capped_below_its_share_fails_the_load_naming_the_workers(config_dir, demo_model, rpc_bin,
+                                                                           tmp_path) -> None:
+    from orchestrator.config.schema import load_config
+    from orchestrator.runtime import Runtime
+
+    capped: list[WorkerProcess] = []
+    rt = None
+    try:
+        for i in range(2):  # 20 MiB each (`chorus worker --mem 20`): far below a share of the demo model
+            capped.append(start_worker(rpc_bin, "127.0.0.1", _closed_port(), mem_mb=20,
+                                       log_path=tmp_path / f"capped{i}.log"))
+        _with_split_model(config_dir, demo_model, [w.endpoint for w in capped])
+        rt = Runtime(load_config(config_dir.path))
+        spec = _pipeline([{"name": "s", "models": ["gemma-split", "smollm2-135m"], "prompt": "Hi",
+                           "execution": "sequential"}])
+        record, _ = engine_run(rt, spec)
+        split, other = record.stages[0].responses
+        error = split.error or {}
+        assert split.status == "failed" and error.get("type") == "RpcLoadFailed", error
+        assert all(w.endpoint in error["message"] for w in capped) and "--mem" in (error.get("hint") or "")
+        assert other.ok and record.status == "partial"
+        assert all(w.process.poll() is None for w in capped)  # the workers refused the buffer and live on
+    finally:
+        if rt is not None:
+            rt.close()
+        for w in capped:
+            w.stop()

@@ -214,6 +214,7 @@ def cmd_history_search(args: argparse.Namespace) -> int:
 
 def cmd_history_rerun(args: argparse.Namespace) -> int:
     config = load_config(args.config_dir)
+    SessionStore(config.sessions_dir).path(args.id)  # a bad or unknown id is one short error, before anything loads
     runtime = Runtime(config)
     install_signal_cleanup()
     cancel = CancelToken()

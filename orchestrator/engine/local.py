@@ -20,7 +20,7 @@ import httpx
 
 from launcher.client import Endpoint, GenerationClient, GenerationRequest, GenerationResult
 from launcher.errors import ServerError
-from launcher.rpc import RpcWorkerLost, probe
+from launcher.rpc import RpcLoadFailed, RpcWorkerLost, probe
 from launcher.server import ServerSpec
 from orchestrator.engine.backend import TokenCallback, WavePlan
 from orchestrator.engine.replicas import ReplicaSet
@@ -62,13 +62,33 @@ class LocalBackend:
         spec = target.server
         if spec.rpc and not any(s.spec.serves(spec) and s.is_alive() for s in self.runtime.running_servers()):
             await asyncio.to_thread(check_rpc_workers, spec)  # before a start: workers up, each with room
-        server = await pool.aacquire(spec)  # a start runs in a worker thread, not on the event loop
+        try:
+            server = await pool.aacquire(spec)  # a start runs in a worker thread, not on the event loop
+        except ServerError as exc:
+            if not spec.rpc:
+                raise
+            raise await self._rpc_failure(spec, exc, RpcLoadFailed) or exc from exc
         if spec.rpc:
             self._rpc_specs[server.base_url] = spec
         try:
             yield Endpoint(target.model, server.base_url, target.mode, server.api_key)  # type: ignore[arg-type]
         finally:
             pool.release(server)
+
+    async def _rpc_failure(self, spec: ServerSpec, exc: ServerError,
+                           otherwise: type[ServerError] | None) -> ServerError | None:
+        """The failure of a server with RPC workers, naming them: RpcWorkerLost with the workers that no
+        longer answer when any, else `otherwise` naming every worker (None: nothing to add)."""
+        dead = [w for w in spec.rpc if not await asyncio.to_thread(probe, w)]
+        if dead:
+            kind: type[ServerError] = RpcWorkerLost
+            what = f"RPC worker {', '.join(dead)} does not answer"
+        elif otherwise is not None:
+            kind, what = otherwise, f"RPC workers {', '.join(spec.rpc)} answer, but the server failed"
+        else:
+            return None
+        return kind(spec.model, f"{what} ({exc.detail})", command=exc.command, log_tail=exc.log_tail,
+                    exit_code=exc.exit_code, log_path=exc.log_path)
 
     async def _choose(self, replicas: ReplicaSet, target: Target) -> str:
         """The least busy healthy replica; one back from its backoff is probed first (down again if it fails)."""
@@ -103,11 +123,10 @@ class LocalBackend:
             spec = self._rpc_specs.get(endpoint.base_url)
             if spec is None:
                 raise
-            dead = [w for w in spec.rpc if not await asyncio.to_thread(probe, w)]
-            if not dead:
-                raise
-            raise RpcWorkerLost(endpoint.model, f"RPC worker {', '.join(dead)} does not answer ({exc.detail})",
-                                log_tail=exc.log_tail, exit_code=exc.exit_code, log_path=exc.log_path) from exc
+            failure = await self._rpc_failure(spec, exc, None)
+            if failure is None:
+                raise  # every worker answers: the server's own failure, as it is
+            raise failure from exc
         for replicas in self.replicas.values():
             replicas.mark_up(endpoint.base_url)  # it answered: healthy again
         return result
