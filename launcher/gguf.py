@@ -21,7 +21,7 @@ import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from launcher.errors import GGUFError
 
@@ -294,17 +294,19 @@ class _Cursor:
         if n > self.size - self.pos:
             self.fail(f"truncated: {what} needs {n} bytes, {max(self.size - self.pos, 0)} left")
 
-    def unpack(self, st: struct.Struct, what: str) -> tuple:
+    def unpack(self, st: struct.Struct, what: str) -> tuple[Any, ...]:
         self.need(st.size, what)
         values = st.unpack_from(self.buf, self.pos)
         self.pos += st.size
         return values
 
     def u32(self, what: str) -> int:
-        return self.unpack(_U32, what)[0]
+        value: int = self.unpack(_U32, what)[0]
+        return value
 
     def u64(self, what: str) -> int:
-        return self.unpack(_U64, what)[0]
+        value: int = self.unpack(_U64, what)[0]
+        return value
 
     def string(self, what: str) -> str:
         start = self.pos
@@ -498,7 +500,8 @@ def _tensor_bytes(cur: _Cursor, name: str, ggml_type: int, shape: tuple[int, ...
     return n_elements // block * type_size
 
 
-def _build_tensors(cur: _Cursor, table: list, data_offset: int, alignment: int) -> tuple[TensorInfo, ...]:
+def _build_tensors(cur: _Cursor, table: list[tuple[str, int, tuple[int, ...], int, int]], data_offset: int,
+                   alignment: int) -> tuple[TensorInfo, ...]:
     """TensorInfo per entry, checking alignment and that the data lies inside the file."""
     tensors = []
     for name, ggml_type, shape, offset, n_bytes in table:

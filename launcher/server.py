@@ -36,6 +36,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import httpx
 import psutil
@@ -165,11 +166,21 @@ def _oom_kill_count() -> int | None:
     return None
 
 
+class _ExitDetails(TypedDict):
+    """The keyword arguments every ServerError that classify_exit builds shares."""
+
+    command: list[str]
+    log_tail: str
+    exit_code: int | None
+    log_path: str | None
+
+
 def classify_exit(model: str, returncode: int | None, log_tail: str, *, command: list[str],
                   log_path: str | None, oom_kills_before: int | None = None,
                   starting: bool = True) -> ServerError:
     """Turn an exit status and the end of the log into the most specific typed error."""
-    common = {"command": command, "log_tail": log_tail, "exit_code": returncode, "log_path": log_path}
+    common: _ExitDetails = {"command": command, "log_tail": log_tail, "exit_code": returncode,
+                            "log_path": log_path}
     last = _last_error_line(log_tail)
     if _PORT.search(log_tail):
         return PortInUse(model, _line_matching(_PORT, log_tail), **common)

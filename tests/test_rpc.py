@@ -193,6 +193,7 @@ def test_a_call_fails_when_its_retry_fails_too() -> None:
     calls = run.stages[0].responses
     assert all(c.status == "failed" and c.error and c.error["type"] == "ServerCrashed" for c in calls)
     assert len(backend.requests) == 6  # each call: once, then once more, never a third time
+    assert set(backend.marked_down) == {"http://a/v1", "http://b/v1"}  # both down after failing
 
 
 # ---------------------------------------------------------------- integration: loopback workers and replicas

@@ -237,6 +237,12 @@ class Registry:
         return {n: r for n, r in self.records.items() if r.available}
 
     @property
+    def generators(self) -> dict[str, ModelRecord]:
+        """The available models a generate stage can call (and synthesise or judge with): not `role: embedding`
+        ones, which run as llama-server --embeddings and answer no completion."""
+        return {n: r for n, r in self.available.items() if r.entry.role != "embedding"}
+
+    @property
     def unavailable(self) -> dict[str, ModelRecord]:
         return {n: r for n, r in self.records.items() if not r.available}
 
@@ -257,6 +263,8 @@ class Registry:
                 missing[name] = "not defined in models.yaml"
             elif not rec.available:
                 missing[name] = rec.reason or rec.status
+            elif rec.entry.role == "embedding":
+                missing[name] = "an embedding model (role: embedding) cannot answer in a stage"
         return PipelineStatus(not missing, missing)
 
     def base_pipeline_status(self) -> PipelineStatus:

@@ -431,10 +431,12 @@ class PipelineSpec(Strict):
         return stages
 
     def model_names(self) -> list[str]:
-        """Every model the pipeline needs, in first-use order (synthesis models included)."""
+        """Every model the pipeline needs, in first-use order (synthesis and judge models included: a missing
+        judge blocks base mode like a missing stage model)."""
         out: list[str] = []
         for stage in self.stages:
-            names = [s.model for s in stage.models] + [stage.aggregation.synthesis_model or ""]
+            agg = stage.aggregation
+            names = [s.model for s in stage.models] + [agg.synthesis_model or "", agg.judge_model or ""]
             out.extend(n for n in names if n and n not in out)
         return out
 

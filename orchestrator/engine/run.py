@@ -409,9 +409,11 @@ class Engine:
                     await self.backend.discard(endpoint)  # a hung server is replaced on next use
                     raise
                 except ServerCrashed as exc:  # the connection failed: that replica is down, try another once
-                    if attempt + 1 >= tries:
+                    if tries == 1:
                         raise
                     await self.backend.mark_down(endpoint)
+                    if attempt + 1 >= tries:
+                        raise
                     log.warning("%s: replica %s failed (%s); retrying on another", call.label,
                                 endpoint.base_url, exc.detail)
         rec.server = endpoint.base_url
