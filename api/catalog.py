@@ -87,7 +87,7 @@ def list_models(runtime: Runtime) -> list[Entry]:
             runnable.append(load(runtime, pipeline_id, path, mode))
         except ChorusError as exc:
             log.info("pipeline %s is not offered: %s", pipeline_id, exc)
-    runnable += [RegisteredModel(name, rec) for name, rec in runtime.registry.available.items()]
+    runnable += [RegisteredModel(name, rec) for name, rec in runtime.registry.generators.items()]
     return runnable
 
 

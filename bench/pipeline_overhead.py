@@ -30,6 +30,7 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path[0] = str(REPO)  # not bench/: bench/launcher.py would shadow the launcher package
 MODEL = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
 RUNS = int(os.environ.get("CHORUS_BENCH_RUNS", "3"))
 QUESTION = "Why do leaves change colour in autumn?"
@@ -140,7 +141,7 @@ def chorus_child(config_dir: str, spec_path: str, question: str) -> dict:
 
     runtime = Runtime(load_config(config_dir))
     try:
-        pipeline = load_pipeline(spec_path)
+        pipeline = load_pipeline(Path(spec_path))
         outcome = Runner(runtime).run(pipeline, question, mode="manual")
         cold = since_process_start()
         starts = runtime.pool.starts

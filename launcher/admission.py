@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Unpack
 
 from launcher.calibration import CalibrationCache, CalibrationRecord, measure_server
 from launcher.errors import ChorusError, InsufficientMemory
@@ -38,7 +39,7 @@ from launcher.memory import (
     process_memory,
     process_vram,
 )
-from launcher.needs import Needs
+from launcher.needs import LoadChanges, Needs
 from launcher.packing import FitPlan, GroupPlan, PlannedSpec, plan_group
 from launcher.server import ModelServer, ServerSpec
 from launcher.suggest import MIN_N_CTX, suggestions
@@ -83,8 +84,8 @@ class MemoryGuard:
         self._calibrated: set[int] = set()
         self._lock = threading.Lock()
         # starts admitted but not yet among `running` (concurrent starts must not all see the same free memory)
-        self._pending: dict[tuple, tuple[MemoryEstimate, float, float]] = {}
-        self._settling: dict[tuple, tuple[MemoryEstimate, float]] = {}  # over, server not reported yet
+        self._pending: dict[tuple[object, ...], tuple[MemoryEstimate, float, float]] = {}
+        self._settling: dict[tuple[object, ...], tuple[MemoryEstimate, float]] = {}  # over, server not reported yet
         self._known: dict[int, ModelServer] = {}  # every server seen running, for the shared ledger
         self._check_lock = threading.RLock()
         self.pending_ttl_s = PENDING_TTL_S
@@ -270,7 +271,7 @@ class MemoryGuard:
         raise InsufficientMemory(spec.model, need, {d: have.get(d, 0) for d in need},
                                  self._suggest(spec, est, need, have, holdings, avail, others))
 
-    def _live_pending(self, alive: Sequence[ModelServer], exclude: tuple) -> list[MemoryEstimate]:
+    def _live_pending(self, alive: Sequence[ModelServer], exclude: tuple[object, ...]) -> list[MemoryEstimate]:
         """Admitted starts not yet running; dropped once their server runs, or after `pending_ttl_s`."""
         keys = {s.spec.key for s in alive}
         now = time.monotonic()
@@ -330,7 +331,7 @@ class MemoryGuard:
                  holdings: list[Holding], avail: Availability, others: Devices) -> list[str]:
         shared = {h.path for h in holdings}
 
-        def variant_need(**changes: int) -> Devices | None:
+        def variant_need(**changes: Unpack[LoadChanges]) -> Devices | None:
             try:
                 other = self.needs.variant(spec, est, **changes)
             except ChorusError:

@@ -131,8 +131,8 @@ class CalibrationRecord:
     def error_pct(self) -> dict[str, float]:
         """(estimate - measured) / measured per device, in %: positive means the estimate was high."""
         est = {"ram": self.estimate_ram_bytes, **self.estimate_vram_bytes}
-        return {dev: round((est[dev] - n) / n * 100, 1) for dev, n in self.need().items()
-                if n and est.get(dev) is not None}
+        return {dev: round((e - n) / n * 100, 1) for dev, n in self.need().items()
+                if n and (e := est.get(dev)) is not None}
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "error_pct": self.error_pct}

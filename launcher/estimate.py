@@ -41,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypedDict
 
 from launcher.gguf import ArrayInfo, GGUFMetadata, TensorInfo, block_index, read_gguf, validate_header
 from launcher.memory import GpuMemory
@@ -86,7 +87,7 @@ class EstimatorSettings:
 
     def for_args(self, args: Sequence[str]) -> EstimatorSettings:
         """These settings with a server's extra command-line flags applied (-ub, -ctk, -ctv, -fa...)."""
-        changes: dict[str, object] = {}
+        changes: _FlagChanges = {}
         it = iter(args)
         for arg in it:
             name, _, inline = arg.partition("=")
@@ -113,6 +114,19 @@ class EstimatorSettings:
             elif name in ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"):
                 changes["ctx_checkpoints"] = max(0, int(value()))
         return replace(self, **changes) if changes else self
+
+
+class _FlagChanges(TypedDict, total=False):
+    """The EstimatorSettings fields `EstimatorSettings.for_args` sets from a server's flags."""
+
+    n_ubatch: int
+    cache_type_k: str
+    cache_type_v: str
+    flash_attn: bool
+    kv_unified: bool
+    swa_full: bool
+    offload_kqv: bool
+    ctx_checkpoints: int
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import types
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -114,7 +115,8 @@ class SystemMemory:
 class MemoryProbe(Protocol):
     """Where free memory comes from. `live`: whether running processes' memory is already out of it."""
 
-    live: bool
+    @property
+    def live(self) -> bool: ...  # read-only, so a class attribute or a property satisfies it
 
     def snapshot(self, own_pids: Collection[int] = ()) -> SystemMemory: ...
 
@@ -254,7 +256,7 @@ _nvml_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _nvml() -> Iterator[object]:
+def _nvml() -> Iterator[types.ModuleType]:
     """pynvml, initialised for the block; raises ImportError or an NVMLError when there is none."""
     import pynvml
 
@@ -265,18 +267,18 @@ def _nvml() -> Iterator[object]:
         finally:
             try:
                 pynvml.nvmlShutdown()
-            except Exception:
-                log.debug("nvmlShutdown failed", exc_info=True)
+            except Exception as exc:
+                log.debug("nvmlShutdown failed: %s", _nvml_reason(exc))
 
 
 def _nvml_gpus() -> tuple[tuple[GpuMemory, ...], str | None]:
     try:
         with _nvml() as nvml:
             out = []
-            for i in range(nvml.nvmlDeviceGetCount()):  # type: ignore[attr-defined]
-                handle = nvml.nvmlDeviceGetHandleByIndex(i)  # type: ignore[attr-defined]
-                info = nvml.nvmlDeviceGetMemoryInfo(handle)  # type: ignore[attr-defined]
-                name = nvml.nvmlDeviceGetName(handle)  # type: ignore[attr-defined]
+            for i in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                info = nvml.nvmlDeviceGetMemoryInfo(handle)
+                name = nvml.nvmlDeviceGetName(handle)
                 name = name.decode() if isinstance(name, bytes) else str(name)
                 out.append(GpuMemory(i, name, int(info.total), int(info.free)))
     except ImportError:
@@ -294,14 +296,14 @@ def process_vram(pids: Collection[int]) -> dict[int, dict[int, int]]:
         return out
     try:
         with _nvml() as nvml:
-            for i in range(nvml.nvmlDeviceGetCount()):  # type: ignore[attr-defined]
-                handle = nvml.nvmlDeviceGetHandleByIndex(i)  # type: ignore[attr-defined]
-                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):  # type: ignore[attr-defined]
+            for i in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                     used = getattr(proc, "usedGpuMemory", None)
                     if proc.pid in wanted and isinstance(used, int):
                         out.setdefault(proc.pid, {})[i] = out.get(proc.pid, {}).get(i, 0) + used
-    except Exception:  # ImportError or any NVMLError: no per-process figures
-        log.debug("no per-process VRAM from NVML", exc_info=True)
+    except Exception as exc:  # ImportError or any NVMLError: no per-process figures; no driver is one quiet line
+        log.debug("no per-process VRAM from NVML: %s", _nvml_reason(exc))
     return out
 
 

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import TypedDict, Unpack
 
 from launcher.calibration import CalibrationCache, CalibrationRecord
 from launcher.estimate import EstimatorSettings, MemoryEstimate, estimate_for
 from launcher.fit import minus, plus
 from launcher.memory import GpuMemory
 from launcher.server import ServerSpec
+
+
+class LoadChanges(TypedDict, total=False):
+    """The load parameters a variant may change (what `launcher.suggest` tries)."""
+
+    n_ctx: int
+    n_gpu_layers: int
+    slots: int
 
 
 class Needs:
@@ -36,7 +45,7 @@ class Needs:
         rec = self.calibration.get(spec) if self.calibration is not None else None
         return calibrated(est, rec) if rec is not None else est
 
-    def variant(self, spec: ServerSpec, base: MemoryEstimate, **changes: int) -> MemoryEstimate:
+    def variant(self, spec: ServerSpec, base: MemoryEstimate, **changes: Unpack[LoadChanges]) -> MemoryEstimate:
         """The need of `spec` with other load parameters; a calibrated base moves by the formula's delta."""
         other = dataclasses.replace(spec, **changes)
         est = self.estimate(other)

@@ -76,9 +76,9 @@ class ServerPool:
         self.idle_timeout_for = idle_timeout_for
         self.fit_check: FitCheck = fit_check or budget_fit_check(None)
         self.starts = 0  # servers started over the pool's life (tests and `chorus ps` read it)
-        self._entries: dict[tuple, _Entry] = {}
+        self._entries: dict[tuple[object, ...], _Entry] = {}
         self._lock = threading.RLock()
-        self._key_locks: dict[tuple, threading.Lock] = {}
+        self._key_locks: dict[tuple[object, ...], threading.Lock] = {}
         self._reaper: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -87,7 +87,7 @@ class ServerPool:
         with self._lock:
             return [e.server for e in self._entries.values()]
 
-    def _find(self, spec: ServerSpec) -> tuple | None:
+    def _find(self, spec: ServerSpec) -> tuple[object, ...] | None:
         """The key of a running server that can serve `spec` (same family, fewest slots that suffice)."""
         fits = [(e.server.spec.slots, key) for key, e in self._entries.items() if e.server.spec.serves(spec)]
         return min(fits, key=lambda pair: pair[0])[1] if fits else None
@@ -102,7 +102,7 @@ class ServerPool:
             with self._lock:
                 key = self._find(spec)
                 entry = self._entries.get(key) if key else None
-                if entry is not None and not entry.server.is_alive():
+                if key is not None and entry is not None and not entry.server.is_alive():
                     log.warning("server for '%s' died (%s); starting a new one", spec.model,
                                 entry.server.failure() if not entry.server.stopped_by_us else "stopped")
                     del self._entries[key]

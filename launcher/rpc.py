@@ -221,8 +221,8 @@ def start_worker(binary: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT
         proc = subprocess.Popen(worker_command(binary, host, port, threads=threads), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=setup, env=env)
     finally:
-        if log_path:
-            out.close()  # type: ignore[union-attr]
+        if not isinstance(out, int):  # a log file, not subprocess.DEVNULL
+            out.close()
     worker = WorkerProcess(f"{host}:{port}", proc, log_path)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:

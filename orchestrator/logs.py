@@ -12,6 +12,7 @@ launcher/server.py (`prune_server_logs`).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from logging.handlers import RotatingFileHandler
@@ -35,7 +36,7 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
 
     chorus_app_log = True
 
-    def _open(self):  # type: ignore[no-untyped-def]  # the base class's hook for (re)opening the file
+    def _open(self) -> io.TextIOWrapper:  # the base class's hook for (re)opening the file
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         try:
             os.fchmod(fd, PRIVATE_FILE_MODE)
@@ -44,7 +45,7 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
             raise
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+    def handleError(self, record: logging.LogRecord) -> None:
         """A full or read-only disk costs the file log, never a traceback on stderr: stop writing to it."""
         self.close()
         logging.getLogger().removeHandler(self)

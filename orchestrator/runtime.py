@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 from launcher.admission import MemoryGuard
 from launcher.binary import find_llama_server
@@ -29,8 +30,8 @@ log = logging.getLogger("chorus.runtime")
 class CalibratingPool(ServerPool):
     """The server pool, measuring each new server once (calibration) the first time it is handed out."""
 
-    def __init__(self, *args: object, guard: MemoryGuard, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, guard: MemoryGuard, **kwargs: Any) -> None:  # ServerPool's, passed on as is
+        super().__init__(*args, **kwargs)
         self.guard = guard
 
     def acquire(self, spec: ServerSpec) -> ModelServer:

@@ -17,6 +17,8 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 echo "== ruff"
 .venv/bin/ruff check .
+echo "== mypy"  # strict on launcher/ and orchestrator/ ([tool.mypy] in pyproject.toml); an error stops here
+.venv/bin/mypy
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest "$@"

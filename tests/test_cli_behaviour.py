@@ -8,6 +8,7 @@ tests/test_cli_run.py runs it in a pseudo-terminal against the real llama-server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -356,3 +357,44 @@ def test_plan_says_missing_for_a_missing_model_not_does_not_fit(config_dir: Conf
     assert out.returncode == 1  # base mode cannot run it
     data = json.loads(chorus("plan", "--json", "--config-dir", str(config_dir.path)).stdout)
     assert data["fits"] is True and data["blocked"] is not None  # missing is not "too big"
+
+
+# ---------------------------------------------------------------- a retrieve stage; tables on a redirected stdout
+
+RETRIEVE_RUN = [{"name": "sources", "kind": "retrieve", "collection": "kb", "top_k": 3},
+                {"name": "answer", "models": ["gemma3-270m"]}]
+
+
+def test_progress_names_the_collection_a_retrieve_stage_reads(registry: Registry, tmp_path) -> None:
+    from orchestrator.rag.store import DocStore
+
+    (tmp_path / "guide.md").write_text("# Install\n\nThe daemon listens on port 8125.\n")
+    DocStore.beside(registry.config.sessions_dir).add("kb", [tmp_path / "guide.md"])
+    err = io.StringIO()
+    run = run_with(ProgressPrinter(err, live=False), plan_of(registry, RETRIEVE_RUN),
+                   FakeBackend().script("gemma3-270m", "8125 [1]"))
+    assert run.status == "completed", run.error
+    lines = err.getvalue().splitlines()
+    assert lines[0] == "[1/2] sources: retrieve from kb (top_k 3)"
+    assert lines[1] == "[2/2] answer: gemma3-270m"
+
+
+def test_plan_prints_what_a_retrieve_stage_reads_instead_of_an_empty_model_table(config_dir: ConfigDir) -> None:
+    path = config_dir.path / "rag.yaml"
+    path.write_text(json.dumps({"name": "rag", "stages": RETRIEVE_RUN}))
+    out = chorus("plan", "--pipeline", str(path), "--config-dir", str(config_dir.path))
+    assert out.returncode == 0, out.stderr
+    block = out.stdout.split("stage 'sources'")[1].split("stage 'answer'")[0]
+    assert block.strip() == ": retrieve from kb (top_k 3)"  # no MODEL header, no table
+    assert "MODEL" in out.stdout.split("stage 'answer'")[1]
+
+
+def test_print_table_writes_to_stdout_as_it_is_when_called(capsys) -> None:
+    from orchestrator.cli.output import print_table
+
+    print_table([("a", 1), ("bb", None)], ["NAME", "N"])
+    assert capsys.readouterr().out.splitlines() == ["NAME  N", "----  -", "a     1", "bb    -"]
+    redirected = io.StringIO()
+    with contextlib.redirect_stdout(redirected):
+        print_table([("x", 2)], ["K", "V"])
+    assert redirected.getvalue() == "K  V\n-  -\nx  2\n"

@@ -345,3 +345,15 @@ def test_unanimous_majority_vote_has_agreement_one(registry: Registry) -> None:
     record, _ = run(plan_of(registry, pipeline), FakeBackend(default=Script("Paris.")))
     agg = record.stages[0].aggregation
     assert agg is not None and agg.details["agreement"] == 1.0 and record.final == "Paris."
+
+
+def test_an_embedding_model_named_in_a_stage_is_unavailable_with_the_reason(config_dir: ConfigDir) -> None:
+    models = config_dir.models()
+    models["models"]["embedder"] = {**models["models"]["gemma3-270m"], "role": "embedding"}
+    config_dir.write_models(models)
+    registry = Registry(load_config(config_dir.path))
+    plan = plan_of(registry, spec([{"name": "a", "models": ["embedder", "gemma3-270m"]}]))
+    target = plan.stage(1).calls[0].target
+    assert target.kind == "unavailable" and "embedding model" in (target.reason or "")
+    record, _ = run(plan, FakeBackend())
+    assert record.stages[0].responses[0].error["type"] == "ModelUnavailable"  # type: ignore[index]

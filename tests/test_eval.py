@@ -499,3 +499,13 @@ def test_a_real_eval_of_five_questions_runs_every_system_and_judge(runtime: Runt
 
     history = SessionStore(config_dir.sessions_dir)
     assert all(history.load(sid).meta["status"] in ("completed", "partial") for sid in sessions)
+
+
+def test_progress_bar_without_a_stream_writes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    """`chorus eval` builds ProgressBar() with no stream: it used to call None.isatty() and crash."""
+    from orchestrator.cli.eval import ProgressBar
+
+    bar = ProgressBar()
+    bar(Progress(total=4, done=2, last="q1 · pipeline: completed"))
+    err = capsys.readouterr().err
+    assert "2/4" in err and "q1 · pipeline: completed" in err

@@ -572,3 +572,20 @@ def test_no_driver_means_no_gpu_and_a_cpu_only_estimate(monkeypatch: pytest.Monk
     assert snap.gpus == () and snap.gpu_note and "no GPU" in snap.gpu_note
     est = MemoryGuard(SystemProbe(), settings=NO_REPACK).estimate(spec(demo_model, n_gpu_layers=99))
     assert est.vram_bytes == 0 and est.gpu_layers_used == 0
+
+
+def test_no_driver_is_one_quiet_debug_line_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from launcher.memory import process_vram
+
+    broken = FakeNvml([])
+
+    def fail() -> None:
+        raise FakeNvml.NVMLError("NVML Shared Library Not Found")
+
+    broken.nvmlInit = fail  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    with caplog.at_level(logging.DEBUG, logger="chorus"):
+        assert process_vram([1]) == {}
+    [record] = [r for r in caplog.records if "NVML" in r.getMessage()]
+    assert record.exc_info is None and record.getMessage() == "no per-process VRAM from NVML: NVIDIA driver not found"

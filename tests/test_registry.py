@@ -99,3 +99,34 @@ def test_remote_model_is_available_without_a_file(config_dir: ConfigDir) -> None
     config_dir.write_models(models)
     rec = Registry(load_config(config_dir.path)).get("far")
     assert rec.is_remote and rec.mode == "chat"
+
+
+def test_a_missing_judge_model_blocks_base_mode_and_is_in_the_session_snapshot(config_dir: ConfigDir) -> None:
+    from orchestrator.runs import config_snapshot
+    from orchestrator.runtime import Runtime
+
+    pipeline = config_dir.pipeline()
+    pipeline["stages"][2]["aggregation"] = {"type": "judge", "judge_model": "absent-judge"}
+    config_dir.write_pipeline(pipeline)
+    cfg = load_config(config_dir.path)
+    spec = cfg.load_pipeline()
+    assert spec.model_names()[-1] == "absent-judge"
+    status = Registry(cfg).base_pipeline_status()
+    assert status.missing == {"absent-judge": "not defined in models.yaml"}
+    rt = Runtime(cfg)
+    snapshot = config_snapshot(rt, rt.plan(spec, "manual"), "q")
+    assert snapshot["models"]["absent-judge"] == {"status": "undefined"}
+
+
+def test_an_embedding_model_is_kept_in_records_but_offered_to_no_generate_stage(config_dir: ConfigDir) -> None:
+    models = config_dir.models()
+    models["models"]["embedder"] = {"file": DEMO_MODEL_NAME, "role": "embedding"}
+    config_dir.write_models(models)
+    pipeline = config_dir.pipeline()
+    pipeline["stages"][1]["models"] = ["embedder"]
+    config_dir.write_pipeline(pipeline)
+    reg = Registry(load_config(config_dir.path))
+    assert reg.records["embedder"].available and "embedder" in reg.available  # complete, for `chorus docs`
+    assert "embedder" not in reg.generators and "gemma3-270m" in reg.generators
+    status = reg.base_pipeline_status()
+    assert not status.available and "embedding" in status.missing["embedder"]

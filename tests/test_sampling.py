@@ -244,6 +244,23 @@ def test_extra_args_on_a_remote_model_are_refused(config_dir: ConfigDir) -> None
         load_config(config_dir.path)
 
 
+def test_pooling_is_accepted_in_extra_args_of_an_embedding_model(config_dir: ConfigDir) -> None:
+    config_dir.write_models("models:\n  e:\n    file: gemma-3-270m-q4_k_m.gguf\n    role: embedding\n"
+                            "    extra_args: [--pooling, mean]\n")
+    assert load_config(config_dir.path).models["e"].extra_args == ["--pooling", "mean"]
+
+
+@pytest.mark.parametrize("arg", ["--embedding", "--embeddings"])
+def test_embeddings_flag_on_a_generate_model_is_refused_pointing_at_role(config_dir: ConfigDir, arg: str) -> None:
+    config_dir.write_models(f"models:\n  g:\n    file: gemma-3-270m-q4_k_m.gguf\n    extra_args: [{arg}]\n")
+    with pytest.raises(ConfigError, match="role: embedding") as info:
+        load_config(config_dir.path)
+    assert info.value.file == str(config_dir.path / "models.yaml")
+    config_dir.write_models(f"models:\n  e:\n    file: gemma-3-270m-q4_k_m.gguf\n    role: embedding\n"
+                            f"    extra_args: [{arg}]\n")
+    assert load_config(config_dir.path).models["e"].extra_args == [arg]  # resolve then adds nothing
+
+
 # ---------------------------------------------------------------- the real server
 
 

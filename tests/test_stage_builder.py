@@ -23,6 +23,7 @@ RICH = {
     "description": "every kind of setting the YAML can hold",
     "defaults": {"max_tokens": 32, "n_ctx": 1024, "repeat_penalty": 1.2, "stop": ["\nQ:"]},
     "stages": [
+        {"name": "sources", "kind": "retrieve", "collection": "kb", "top_k": 4, "query_from": "previous"},
         {"name": "ask", "models": [
             {"model": "m", "label": "warm", "system_prompt": "Be warm.", "seed": 1, "temperature": 0.9,
              "logit_bias": {"15043": -100}},
@@ -51,6 +52,16 @@ def test_a_loaded_pipeline_goes_through_the_builder_unchanged(source: str) -> No
     stages, defaults = stage_builder.from_spec(spec)
     rebuilt = stage_builder.build_spec(stages, name=spec.name, description=spec.description, defaults=defaults)
     assert rebuilt.model_dump() == spec.model_dump()
+
+
+def test_a_retrieve_stage_keeps_no_model_parameter_or_aggregation_left_from_its_generate_days() -> None:
+    stage = stage_builder.new_stage(1, ["m"]) | {"aggregation": "synthesis", "synthesis_model": "big"}
+    assert stage["kind"] == "generate"
+    stage |= {"kind": "retrieve", "collection": "kb", "top_k": 3}
+    assert stage_builder.stage_to_yaml_dict(stage) == {"name": "stage1", "kind": "retrieve", "collection": "kb",
+                                                       "top_k": 3, "query_from": "question"}
+    spec = stage_builder.build_spec([stage])
+    assert spec.stages[0].kind == "retrieve" and spec.model_names() == []  # "m" and "big" would not load
 
 
 def test_the_same_model_several_times_keeps_each_calls_label_system_prompt_and_parameters() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from launcher.client import GenerationRequest
 from orchestrator.config import stage_builder
 from orchestrator.config.schema import GenerationParams, PipelineSpec, load_config
 from orchestrator.config.schema import load_pipeline as load_pipeline_file
@@ -49,7 +50,7 @@ def plain(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
 
 
-@pytest.mark.parametrize("page", [None, "run", "results", "history", "models"])
+@pytest.mark.parametrize("page", [None, "run", "results", "history", "models", "eval", "documents"])
 def test_every_page_renders_without_exception(ui_env: ConfigDir, page: str | None) -> None:
     at = app(page)
     assert not at.exception, [e.value for e in at.exception]
@@ -409,3 +410,102 @@ def test_the_ui_command_hides_the_deploy_button() -> None:
 
     argv = streamlit_command("127.0.0.1", 8501)
     assert argv[argv.index("--client.toolbarMode") + 1] == "minimal"
+
+
+# ---------------------------------------------------------------- judge, retrieve stages and embedding models
+
+def with_judge_and_embedder(config: ConfigDir) -> None:
+    """'judge' (the demo file under another name, so the fake backend scripts it apart) and an embedding model."""
+    models = config.models()
+    models["models"]["judge"] = {**models["models"]["gemma3-270m"]}
+    models["models"]["embedder"] = {**models["models"]["gemma3-270m"], "role": "embedding"}
+    config.write_models(models)
+
+
+def test_a_judge_stage_is_built_with_a_judge_model_and_no_embedding_model_is_offered(ui_env: ConfigDir) -> None:
+    with_judge_and_embedder(ui_env)
+    at = manual(app("run"))
+    sid = at.session_state["builder_stages"][0]["id"]
+    at.button(key=f"s{sid}-add-call").click().run()
+    assert "embedder" not in str(at.selectbox(key=f"c{at.session_state['builder_stages'][0]['models'][0]['id']}"
+                                              "-model").options)
+    at.selectbox(key=f"s{sid}-agg").set_value("judge").run()
+    judge = at.selectbox(key=f"s{sid}-judge")
+    assert judge.label == "Judge model" and "embedder" not in str(judge.options) and "judge" in judge.options
+    assert any("judge_model" in plain(e.value) for e in at.error) and at.button(key="run").disabled  # none chosen
+    judge.set_value("judge").run()
+    at.selectbox(key=f"s{sid}-judge-mode").set_value("pairwise").run()
+    at.text_area(key=f"s{sid}-judge-prompt").set_value("A: {{ answer_a }} B: {{ answer_b }} Winner:").run()
+    assert not at.exception and not at.error and not at.button(key="run").disabled
+    agg = stage_builder.build_spec(at.session_state["builder_stages"]).stages[0].aggregation
+    assert (agg.type, agg.judge_model, agg.judge_mode) == ("judge", "judge", "pairwise")
+    assert agg.judge_prompt == "A: {{ answer_a }} B: {{ answer_b }} Winner:"
+
+
+def _judge_reply(request: GenerationRequest) -> str:
+    """The judge: Paris is right. Its reasons carry a Markdown image, which the page must show as text."""
+    prompt = request.prompt
+    if "Answer A:" in prompt:  # the built-in pairwise prompt
+        first_is_paris = prompt.find("Paris") < prompt.find("Lyon")
+        return json.dumps({"winner": "A" if first_is_paris else "B", "reason": "![x](http://evil.example/p) Paris"})
+    good = "Paris" in prompt
+    return json.dumps({"score": 9 if good else 3, "reason": "![x](http://evil.example/s) right" if good
+                       else "Wrong city."})
+
+
+@pytest.mark.parametrize("mode", ["score", "pairwise"])
+def test_history_shows_the_judges_scores_or_pairs_and_the_winner_as_text(ui_env: ConfigDir, mode: str) -> None:
+    with_judge_and_embedder(ui_env)
+    rt = Runtime(load_config(ui_env.path))
+    try:
+        spec = PipelineSpec.model_validate({"stages": [{
+            "name": "answer", "models": [{"model": "gemma3-270m", "label": "lyon"},
+                                         {"model": "smollm2-135m", "label": "paris"}],
+            "aggregation": {"type": "judge", "judge_model": "judge", "judge_mode": mode}}]})
+        backend = FakeBackend().script("gemma3-270m", "Lyon").script("smollm2-135m", "Paris")
+        backend.script("judge", _judge_reply)
+        outcome = asyncio.run(Runner(rt).arun(spec, "What is the capital of France?", backend=backend))
+    finally:
+        rt.close()
+    assert outcome.run.status == "completed" and outcome.run.final == "Paris", outcome.run.error
+    at = app("history")
+    assert not at.exception
+    shown = [plain(m.value) for m in at.markdown] + [plain(c.value) for c in at.caption]
+    texts = [t.value for t in at.text]
+    assert "Judged by judge (" + mode + ")" in shown
+    assert "Winner: paris (" + ("9" if mode == "score" else "1") + ")" in shown
+    if mode == "score":
+        assert "lyon (gemma3-270m): score 3/10" in shown and "paris (smollm2-135m): score 9/10" in shown
+        assert "Wrong city." in texts and "![x](http://evil.example/s) right" in texts
+    else:
+        assert "lyon loses to paris: 0 point(s) of 1" in shown
+        assert "A = lyon, B = paris: paris" in shown and "A = paris, B = lyon: paris" in shown
+        assert texts.count("![x](http://evil.example/p) Paris") == 2
+    assert not any("](http://evil" in m.value for m in [*at.markdown, *at.caption])  # never a live image
+
+
+def test_manual_mode_builds_a_retrieve_stage_then_a_generate_stage(ui_env: ConfigDir) -> None:
+    from orchestrator.rag.store import DocStore
+
+    (ui_env.path.parent / "guide.md").write_text("# Install\n\nThe daemon listens on port 8125.\n")
+    DocStore.beside(ui_env.sessions_dir).add("kb", [ui_env.path.parent / "guide.md"])
+    at = manual(app("run"))
+    at.button(key="add-stage").click().run()
+    first = at.session_state["builder_stages"][0]["id"]
+    at.text_input(key=f"s{first}-name").set_value("sources").run()
+    at.radio(key=f"s{first}-kind").set_value("retrieve").run()
+    assert not any(s.key == f"s{first}-agg" for s in at.selectbox)  # no aggregation, model call or parameter
+    assert not any(n.key == f"s{first}-temperature" for n in at.number_input)
+    assert not any(b.key == f"s{first}-add-call" for b in at.button)
+    assert at.selectbox(key=f"s{first}-collection").options == ["kb"]
+    at.selectbox(key=f"s{first}-collection").set_value("kb").run()
+    at.number_input(key=f"s{first}-retrieve-top_k").set_value(3).run()
+    at.radio(key=f"s{first}-query_from").set_value("question").run()
+    assert not at.exception and not at.error and not at.button(key="run").disabled
+    spec = stage_builder.build_spec(at.session_state["builder_stages"])
+    retrieve, answer = spec.stages
+    assert (retrieve.kind, retrieve.collection, retrieve.top_k, retrieve.query_from, retrieve.models) == (
+        "retrieve", "kb", 3, "question", [])
+    assert answer.kind == "generate" and [m.model for m in answer.models] == ["gemma3-270m"]
+    again, _ = stage_builder.from_spec(spec)  # loaded back, the builder shows the same retrieve stage
+    assert stage_builder.build_spec(again) == spec

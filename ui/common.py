@@ -9,6 +9,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 
@@ -175,6 +176,8 @@ def render_session(session: Session, *, key: str) -> None:
                                      if c.get("completion_tokens") and c.get("total_s"))
                     st.caption(md_escape(f"Synthesis by {agg.details.get('synthesis_model')}{timing}"))
                     st.code(agg.details["synthesis_prompt"], language=None)
+                if agg.kind == "judge":
+                    render_judge(agg.details)
                 st.text(agg.output)
             if stage.error:
                 st.error(md_escape(error_text(stage.error)))
@@ -189,6 +192,37 @@ def render_session(session: Session, *, key: str) -> None:
                 render_sources(retrieved, session.final)
     render_timeline(session)
     render_rerun_form(session, key=key)
+
+
+def _points(value: object) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else "-"
+
+
+def render_judge(details: dict[str, Any]) -> None:
+    """A judge aggregation's verdicts: each answer's score and reason, or each pair in both orders, and the
+    winner. Reasons are model text: shown with st.text, labels escaped."""
+    st.caption(md_escape(f"Judged by {details.get('judge_model')} ({details.get('judge_mode', 'score')})"))
+    for s in details.get("scores") or []:
+        if isinstance(s, dict):
+            st.markdown(md_escape(f"{s.get('label')} ({s.get('model')}): score {_points(s.get('score'))}/10"
+                                  + (" (asked twice)" if s.get("retried") else "")))
+            st.text(str(s.get("reason") or ""))
+    for pair in details.get("pairs") or []:
+        if not isinstance(pair, dict):
+            continue
+        position = "" if pair.get("consistent", True) else " (the verdict depends on the order shown)"
+        verb = {"win": "beats", "tie": "ties with", "loss": "loses to"}.get(str(pair.get("outcome")), "vs")
+        st.markdown(md_escape(f"{pair.get('a')} {verb} {pair.get('b')}: {_points(pair.get('points_a'))} "
+                              f"point(s) of 1{position}"))
+        for order in pair.get("orders") or []:
+            if isinstance(order, dict):
+                st.caption(md_escape(f"A = {order.get('first')}, B = {order.get('second')}: "
+                                     f"{order.get('winner') or 'tie'}"))
+                st.text(str(order.get("reason") or ""))
+    if details.get("winner_label") is not None:
+        tie = details.get("tie")
+        st.markdown(md_escape(f"Winner: {details['winner_label']} ({_points(details.get('winner_score'))})"
+                              + (f", tied with {', '.join(map(str, tie))}: the first wins" if tie else "")))
 
 
 def render_session_downloads(session: Session, *, key: str) -> None:

@@ -140,7 +140,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("docs", parents=[common], help="document collections for the retrieve stage (add, list, "
                                                       "show, rm, search)",
                        description="Index your documents (txt, md, html, pdf) into collections in "

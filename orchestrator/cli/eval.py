@@ -35,7 +35,7 @@ class ProgressBar:
     def __init__(self, out: TextIO | None = None, width: int = 30) -> None:
         self.out = out or sys.stderr
         self.width = width
-        self.tty = out.isatty()
+        self.tty = self.out.isatty()
         self._last_decile = -1
 
     def __call__(self, progress: Progress) -> None:
@@ -199,7 +199,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("eval", parents=[common],
                        help="evaluate the pipeline against its member models on a question set (list, show, resume)",
                        description="chorus eval [QUESTIONS.jsonl] runs every question through the pipeline and each "

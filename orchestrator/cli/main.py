@@ -34,7 +34,7 @@ from orchestrator.config.registry import PipelineStatus, Registry
 from orchestrator.config.schema import ChorusConfig, load_config
 from orchestrator.logs import setup_app_log_for
 from orchestrator.plan.memory import MemoryPlan, ServerNeed
-from orchestrator.plan.resolve import RunPlan
+from orchestrator.plan.resolve import RetrievalPlan, RunPlan
 from orchestrator.runtime import Runtime
 from orchestrator.units import fmt_bytes
 
@@ -193,8 +193,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{runtime.config.app.resources.fixed_mib} MiB)")
     if run_plan.blocked is not None:
         print(str(run_plan.blocked.get("message", run_plan.blocked)))
-    for stage in plan.stages:
+    for stage, resolved in zip(plan.stages, run_plan.stages, strict=True):
         print()
+        if resolved.retrieval is not None:  # no model call: passages from docs.db, nothing to fit in memory
+            print(f"stage '{stage.stage}': {retrieve_text(resolved.retrieval)}")
+            continue
         together = "fits together" if stage.fits_together else f"does NOT fit together: {len(stage.waves)} waves"
         print(f"stage '{stage.stage}': {together}")
         models = stage.models + ([stage.synthesis] if stage.synthesis else [])
@@ -220,6 +223,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      for m in machines], ["MACHINE", "RUNS", "NEEDS", "FREE", "NOTE"])
     workers_short = any(m.kind == "rpc" and m.note for m in machines)
     return 0 if plan.fits and run_plan.blocked is None and not workers_short else 1
+
+
+def retrieve_text(retrieval: RetrievalPlan) -> str:
+    """A retrieve stage in `chorus plan`: its collection and passage count (and the query's embedder)."""
+    embedder = f", query embedded by {retrieval.embedder.model}" if retrieval.embedder is not None else ""
+    return f"retrieve from {retrieval.collection} (top_k {retrieval.top_k}){embedder}"
 
 
 def write_memory_png(plan: MemoryPlan, path: Path) -> None:
@@ -341,7 +350,7 @@ def setup_stderr_logging(verbose: bool) -> None:
     for old in [h for h in root.handlers if getattr(h, "chorus_stderr", False)]:
         root.removeHandler(old)  # main() called again in one process (tests): one stderr handler
     handler = logging.StreamHandler(sys.stderr)
-    handler.chorus_stderr = True  # type: ignore[attr-defined]
+    handler.chorus_stderr = True  # type: ignore[attr-defined]  # our marker on a stdlib handler (getattr above)
     handler.setFormatter(OneLineFormatter("chorus: %(levelname)s: %(message)s"))
     handler.setLevel(logging.DEBUG if verbose else logging.WARNING)  # a log file may want more than stderr
     root.addHandler(handler)  # the root stays at WARNING: other libraries' debug lines never show

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -38,8 +38,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(records + [f.to_dict() for f in loose], indent=2))
         return 0
     print_table(
-        [(r["name"], r["file"] or r["url"], mib(r["size_bytes"]), r["architecture"], r["size_label"],
-          r["quantization"], r["context_length"], r["status"], r["reason"]) for r in records],
+        [(r["name"], r["file"] or r["url"], mib(cast("int | None", r["size_bytes"])), r["architecture"],
+          r["size_label"], r["quantization"], r["context_length"], r["status"], r["reason"]) for r in records],
         ["NAME", "FILE", "SIZE", "ARCH", "PARAMS", "QUANT", "MAX CTX", "STATUS", "REASON"])
     if loose:
         print_unregistered(registry.config, loose)
@@ -199,7 +199,7 @@ def _replace_validated(target: Path, text: str, mode: int, name: str, before: di
 
 # ---------------------------------------------------------------- wiring
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("models", parents=[common],
                        help="list configured models and whether they are usable, and .gguf files not yet added")
     p.add_argument("--json", action="store_true", help="print a JSON list")

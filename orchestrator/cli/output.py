@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from orchestrator.units import GiB, MiB
 
@@ -16,7 +17,9 @@ def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / MiB:.0f} MiB"
 
 
-def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str], out=sys.stdout) -> None:
+def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str], out: TextIO | None = None) -> None:
+    """Columns padded to their widest cell; `out` defaults to sys.stdout as it is at the call (a redirect works)."""
+    out = out or sys.stdout
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for i, row in enumerate(cells):

@@ -142,6 +142,7 @@ class ProgressPrinter:
         self.tick = tick               # redraw on a timer too, so elapsed times move while no token comes
         self._last_draw = 0.0
         self.total = 0
+        self.plan: RunPlan | None = None  # the run's plan, for what a stage does besides calling models
         self.running: dict[tuple[str, str], CallProgress] = {}
         self._answer_key: tuple[str, str] | None = None
         self._answer_open = False
@@ -173,9 +174,10 @@ class ProgressPrinter:
         match event:
             case RunStarted(run=run, plan=plan):
                 self.total = len(run.pipeline.get("stages", []))
+                self.plan = plan
                 self._answer_key = answer_call(plan) if self.answer is not None else None
             case StageStarted(index=index, stage=stage, labels=labels):
-                self._line(f"[{index}/{self.total}] {stage}: {', '.join(labels)}")
+                self._line(f"[{index}/{self.total}] {stage}: {self._stage_work(index, labels)}")
             case Notice(message=message):
                 self._line(f"  note: {message}")
             case ModelStarted(stage=stage, label=label, model=model):
@@ -200,6 +202,14 @@ class ProgressPrinter:
                 self._line(f"  stage {st.name}: {st.status}" + (f": {err}" if err else ""))
             case RunFinished():
                 self.close()
+
+    def _stage_work(self, index: int, labels: list[str]) -> str:
+        """The model calls of a stage, or what a retrieve stage (no model) reads."""
+        stages = self.plan.stages if self.plan is not None else []
+        retrieval = stages[index - 1].retrieval if 0 < index <= len(stages) else None
+        if retrieval is not None:
+            return f"retrieve from {retrieval.collection} (top_k {retrieval.top_k})"
+        return ", ".join(labels)
 
     def _token(self, stage: str, label: str, text: str) -> None:
         call = self.running.get((stage, label))

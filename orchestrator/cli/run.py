@@ -8,7 +8,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ def sequential_policy(args: argparse.Namespace, manual: bool) -> bool | Callable
 
 
 @contextmanager
-def ctrl_c_cancels(cancel: CancelToken):
+def ctrl_c_cancels(cancel: CancelToken) -> Iterator[None]:
     """First Ctrl-C cancels the run cleanly (the session is kept as cancelled); a second one aborts."""
     def handler(_signum: int, _frame: Any) -> None:
         if cancel.cancelled:
@@ -301,7 +301,7 @@ def cmd_history_reindex(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- wiring
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", parents=[common], help="run the base pipeline (or a manual one) for a question")
     p.add_argument("question", help="the question; - reads it from stdin")
     src = p.add_mutually_exclusive_group()

@@ -85,7 +85,7 @@ def supervise(child: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> 
     return 0 if received[0] == signal.SIGINT else 128 + received[0]
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("ui", parents=[common], help="start the Streamlit UI")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8501)

@@ -11,7 +11,7 @@ import json
 import re
 import types
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, cast, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel
@@ -95,16 +95,17 @@ def _kind(annotation: Any) -> tuple[ParamKind, tuple[Any, ...]]:
 
 def _bounds(metadata: list[Any], kind: ParamKind) -> tuple[float | None, float | None]:
     """Inclusive bounds a number input can enforce; an exclusive float bound is left to the schema."""
-    low = high = None
-    for m in metadata:
+    low: float | None = None
+    high: float | None = None
+    for m in metadata:  # the schema's bounds are numbers; annotated_types types them as merely comparable
         if isinstance(m, annotated_types.Ge):
-            low = m.ge
+            low = cast(float, m.ge)
         elif isinstance(m, annotated_types.Gt):
-            low = m.gt + 1 if kind == "int" else m.gt
+            low = cast(float, m.gt) + 1 if kind == "int" else cast(float, m.gt)
         elif isinstance(m, annotated_types.Le):
-            high = m.le
+            high = cast(float, m.le)
         elif isinstance(m, annotated_types.Lt):
-            high = m.lt - 1 if kind == "int" else m.lt
+            high = cast(float, m.lt) - 1 if kind == "int" else cast(float, m.lt)
     return low, high
 
 

@@ -44,7 +44,7 @@ class ModelRecord:
         return self.entry.url is not None
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Literal["chat", "completion"]:
         """chat or completion: the config wins, else a GGUF without a chat template means completion."""
         if self.entry.mode:
             return self.entry.mode

@@ -205,6 +205,9 @@ class ModelEntry(Strict):
             raise ValueError("'url' must start with http:// or https://")
         if self.url and self.extra_args:
             raise ValueError("'extra_args' are flags for a local llama-server; a remote 'url' runs none here")
+        if self.role == "generate" and {"--embedding", "--embeddings"} & {a.split("=", 1)[0] for a in self.extra_args}:
+            raise ValueError("'--embeddings' in extra_args makes a server that answers no completion: give the "
+                             "model 'role: embedding' instead (chorus then adds --embeddings itself)")
         return self
 
 

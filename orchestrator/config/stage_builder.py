@@ -27,6 +27,8 @@ from orchestrator.config.yamlio import field_path
 from orchestrator.errors import ConfigError
 
 AGGREGATION_KINDS: tuple[str, ...] = get_args(AggregationType)
+STAGE_KINDS: tuple[str, ...] = get_args(StageSpec.model_fields["kind"].annotation)
+QUERY_FROM: tuple[str, ...] = get_args(StageSpec.model_fields["query_from"].annotation)
 EXECUTION_MODES: tuple[str, ...] = get_args(StageSpec.model_fields["execution"].annotation)
 ON_ERROR: tuple[str, ...] = get_args(StageSpec.model_fields["on_error"].annotation)
 VOTE_EXTRACT: tuple[str, ...] = get_args(VoteOptions.model_fields["extract"].annotation)
@@ -55,6 +57,7 @@ def new_stage(index: int, models: list[str]) -> dict[str, Any]:
     return {
         "id": _new_id(),
         "name": f"stage{index}",
+        "kind": "generate",
         "models": [new_slot(m) for m in models[:1]],
         "system_prompt": "",
         "prompt": "{{ question }}" if index == 1 else "{{ previous }}",
@@ -77,6 +80,8 @@ def new_stage(index: int, models: list[str]) -> dict[str, Any]:
         "judge_model": None,
         "judge_prompt": "",
         "judge_mode": "score",
+        "collection": None,  # kind retrieve: a `chorus docs` collection; `top_k` is then the passage count
+        "query_from": "question",
     }
 
 
@@ -145,6 +150,9 @@ def aggregation_to_yaml_dict(stage: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_to_yaml_dict(stage: dict[str, Any]) -> dict[str, Any]:
+    if stage.get("kind") == "retrieve":  # no model: the models, parameters and aggregation left on it are not kept
+        return {"name": stage.get("name"), "kind": "retrieve", "collection": stage.get("collection"),
+                "top_k": stage.get("top_k"), "query_from": stage.get("query_from") or "question"}
     out: dict[str, Any] = {"name": stage.get("name"), "models": [slot_to_yaml_dict(s) for s in stage.get("models")
                                                                   or [] if isinstance(s, dict)]}
     out |= _set(stage, ("system_prompt", "prompt"))
@@ -200,6 +208,9 @@ def stage_from_spec(stage: StageSpec) -> dict[str, Any]:
     out = new_stage(1, [])
     out.update({
         "name": stage.name,
+        "kind": stage.kind,
+        "collection": stage.collection,
+        "query_from": stage.query_from,
         "models": [slot_from_spec(s) for s in stage.models],
         "system_prompt": stage.system_prompt,
         "prompt": stage.prompt,
@@ -228,6 +239,6 @@ def from_spec(spec: PipelineSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]
 
 
 __all__ = ["AGGREGATION_KINDS", "EXECUTION_MODES", "GENERATION_KEYS", "JUDGE_MODES", "LOAD_KEYS", "ON_ERROR",
-           "VOTE_EXTRACT", "VOTE_TIE_BREAK", "add_slot", "build_spec", "from_spec", "move", "new_slot",
-           "new_stage", "pipeline_to_yaml_dict", "remove", "remove_slot", "stage_from_spec",
+           "QUERY_FROM", "STAGE_KINDS", "VOTE_EXTRACT", "VOTE_TIE_BREAK", "add_slot", "build_spec", "from_spec",
+           "move", "new_slot", "new_stage", "pipeline_to_yaml_dict", "remove", "remove_slot", "stage_from_spec",
            "stage_to_yaml_dict"]

@@ -50,9 +50,10 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     return data, node
 
 
-def _first_duplicate_key(root: yaml.Node | None) -> tuple[yaml.ScalarNode, yaml.ScalarNode, tuple] | None:
+def _first_duplicate_key(
+        root: yaml.Node | None) -> tuple[yaml.ScalarNode, yaml.ScalarNode, tuple[str | int, ...]] | None:
     """The first key repeated within one mapping (PyYAML keeps the last silently), with the earlier one."""
-    stack: list[tuple[yaml.Node, tuple]] = [(root, ())] if root is not None else []
+    stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())] if root is not None else []
     seen_nodes: set[int] = set()
     while stack:
         node, loc = stack.pop()

@@ -94,6 +94,7 @@ async def aggregate(spec: AggregationSpec, question: str, candidates: list[Candi
     if not candidates:
         raise AggregationError(kind, "no model answered",
                                hint="Every model of the stage failed; see the stage's responses for why.")
+    details: dict[str, Any]
     if kind == "concat":
         output, details = _concat(spec, candidates), {}
     elif kind == "majority_vote":

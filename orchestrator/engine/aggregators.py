@@ -137,7 +137,8 @@ def load(fn: AllowedFunction) -> Callable[..., Any]:
     """Import an allowed function: its file under a private module name, or the operator-listed module."""
     module_name, _, attr = fn.name.partition(":")
     module = _load_file(fn.path) if fn.path else importlib.import_module(module_name)
-    return getattr(module, attr)  # type: ignore[no-any-return]
+    function: Callable[..., Any] = getattr(module, attr)  # the allow-list names a function
+    return function
 
 
 def _load_file(path: Path) -> ModuleType:

@@ -48,12 +48,12 @@ class LocalBackend:
             replicas = self.replicas.setdefault(target.urls, ReplicaSet(target.urls))
             url = await self._choose(replicas, target)
             try:
-                yield Endpoint(target.model, url, target.mode, remote_api_key(target), remote=True)  # type: ignore[arg-type]
+                yield Endpoint(target.model, url, target.mode, remote_api_key(target), remote=True)
             finally:
                 replicas.release(url)
             return
         if target.kind == "remote":
-            yield Endpoint(target.model, target.url or "", target.mode, remote_api_key(target),  # type: ignore[arg-type]
+            yield Endpoint(target.model, target.url or "", target.mode, remote_api_key(target),
                            remote=True)
             return
         if target.server is None:
@@ -71,7 +71,7 @@ class LocalBackend:
         if spec.rpc:
             self._rpc_specs[server.base_url] = spec
         try:
-            yield Endpoint(target.model, server.base_url, target.mode, server.api_key)  # type: ignore[arg-type]
+            yield Endpoint(target.model, server.base_url, target.mode, server.api_key)
         finally:
             pool.release(server)
 

@@ -23,7 +23,7 @@ BACKOFF = wait_exponential(multiplier=1, min=1, max=60)  # 1 s, 2 s, 4 s ... 60 
 
 def backoff_s(failures: int) -> float:
     """Seconds a replica stays down after `failures` failures in a row (tenacity's exponential wait)."""
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]  # wait reads attempt_number only
     state.attempt_number = max(1, failures)
     return float(BACKOFF(state))
 

@@ -37,7 +37,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, update_wrapper
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import jinja2
 from jinja2 import nodes
@@ -152,7 +152,10 @@ def _tick() -> None:
         limits.tick()
 
 
-def _charge_result(result: Any, what: str) -> Any:
+_T = TypeVar("_T")
+
+
+def _charge_result(result: _T, what: str) -> _T:
     """Post-check: count what an operation returned (lazy iterators count when they are materialised)."""
     limits = _CURRENT.get()
     if limits is not None:
@@ -281,8 +284,9 @@ def _binop_size(operator: str, left: Any, right: Any) -> None:
         _require(_printf_size(left, right, what), what)
 
 
-def _replace_size(s: str | bytes, old: str | bytes, new: str | bytes, count: int | None) -> int:
-    hits = (len(s) + 1) if len(old) == 0 else s.count(old)  # type: ignore[arg-type]
+def _replace_size(s: str | bytes | bytearray, old: str | bytes | bytearray, new: str | bytes | bytearray,
+                  count: int | None) -> int:
+    hits = (len(s) + 1) if len(old) == 0 else s.count(old)  # type: ignore[arg-type]  # caller: old is of s's type
     if count is not None and count >= 0:
         hits = min(hits, count)
     return len(s) + hits * max(len(new) - len(old), 0)
@@ -443,7 +447,7 @@ def _check_method(owner: Any, name: str, args: tuple[Any, ...], kwargs: dict[str
         _require_width(args[0], what)
     elif name == "expandtabs":
         tab = args[0] if args else kwargs.get("tabsize", 8)
-        tabs = s.count("\t" if isinstance(s, str) else b"\t")  # type: ignore[arg-type]
+        tabs = s.count("\t") if isinstance(s, str) else s.count(b"\t")
         _require(len(s) + tabs * (tab if isinstance(tab, int) else 0), what)
     elif name == "replace" and len(args) >= 2 and isinstance(args[0], type(s)) and isinstance(args[1], type(s)):
         count = args[2] if len(args) > 2 else kwargs.get("count")
@@ -520,7 +524,8 @@ class _GuardedSandbox(ImmutableSandboxedEnvironment):
                          finalize=_finalize, keep_trailing_newline=True, optimized=False)
         for name, fn in list(self.filters.items()):
             self.filters[name] = _guarded_filter(name, fn)
-        self.globals["lipsum"] = _guarded_lipsum(self.globals["lipsum"])
+        self.globals["lipsum"] = _guarded_lipsum(
+            cast(Callable[..., str], self.globals["lipsum"]))  # jinja2's generate_lorem_ipsum; globals hold objects
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         """Every `{% for %}` iterates through `guarded_iter`, so each iteration checks the deadline."""

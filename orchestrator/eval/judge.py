@@ -148,7 +148,7 @@ _BARE_CHOICE = re.compile(r"^[\s*_`'\"(\[]*(?:(?i:answer|response)\s+)?(A|B|(?i:
 
 
 def _choice(word: str) -> Preference:
-    return word if word in ("A", "B") else "tie"  # type: ignore[return-value]
+    return "A" if word == "A" else "B" if word == "B" else "tie"
 
 
 def parse_preference(text: str) -> Preference | None:

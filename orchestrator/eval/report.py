@@ -95,11 +95,11 @@ def build_report(store: EvalStore, eval_id: str) -> EvalReport:
         for system in systems:
             name = system["name"]
             answer = answers.get((it.index, name))
-            ref, judge = scores.get((it.index, name, "reference")), scores.get((it.index, name, "judge"))
+            ref_score, judge = scores.get((it.index, name, "reference")), scores.get((it.index, name, "judge"))
             per_system[name] = {
                 "session_id": answer["session_id"] if answer else None, "status": answer["status"] if answer else None,
                 "answer": answer["answer"] if answer else None,
-                "correct": None if ref is None else bool(ref["value"]),
+                "correct": None if ref_score is None else bool(ref_score["value"]),
                 "judge_score": judge["value"] if judge else None,
                 "judge_reason": (judge["detail"] or {}).get("reason") if judge else None}
         rows.append({"index": it.index, "id": it.id, "question": it.question,

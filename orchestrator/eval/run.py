@@ -329,6 +329,7 @@ class EvalRunner:
         """A rubric score; a run that gave no answer scores 0 without asking; an unreadable verdict is stored
         as an error (no value) so the report counts it, and the eval goes on."""
         value: float | None
+        detail: dict[str, Any]
         if not answer["answer"]:
             value, detail = 0.0, {"note": f"no answer (run {answer['status']}): scored 0 without the judge"}
         else:

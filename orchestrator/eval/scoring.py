@@ -49,7 +49,7 @@ def score_reference(item: EvalItem, answer: str) -> ReferenceScore | None:
     kind = item.reference_kind
     if kind is None:
         return None
-    expected = item.regex if kind == "regex" else item.reference_text or ""
+    expected = (item.regex if kind == "regex" else item.reference_text) or ""  # kind "regex": regex is set
     if not answer.strip():
         return ReferenceScore(False, "no answer", expected)
     if kind == "answer":

@@ -9,6 +9,7 @@ only what is missing. The eval id -> session id mapping is answers.session_id.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -166,7 +167,7 @@ class EvalStore:
             data["status"] = "interrupted"  # its process is gone: `chorus eval resume` continues it
         return data
 
-    def items(self, eval_id: str) -> list[EvalItem]:
+    def items(self, eval_id: str) -> builtins.list[EvalItem]:  # `list` here is the method above
         with self._connect() as conn:
             rows = conn.execute("SELECT data FROM items WHERE eval_id = ? ORDER BY idx", (eval_id,)).fetchall()
         return [EvalItem.from_dict(_loads(r["data"])) for r in rows]

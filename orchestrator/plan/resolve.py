@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from launcher.client import GenerationRequest
+from launcher.client import GenerationRequest, Mode
 from launcher.server import ServerSpec
 from orchestrator.config.registry import ModelRecord, Registry
 from orchestrator.config.schema import GenerationParams, PipelineSpec, StageSpec
@@ -44,7 +44,7 @@ class Target:
 
     model: str
     kind: Literal["local", "remote", "unavailable"]
-    mode: str = "chat"                      # chat | completion
+    mode: Mode = "chat"                     # chat | completion
     server: ServerSpec | None = None        # local
     url: str | None = None                  # remote
     urls: tuple[str, ...] = ()              # remote with replicas: every base URL (url first)
@@ -219,6 +219,9 @@ def _target(registry: Registry, model: str, machine: Machine, n_ctx: int | None,
     if record is None or not record.available:
         exc = ModelUnavailable(model, "not defined in models.yaml" if record is None
                                else (record.reason or record.status))
+        return Target(model, "unavailable", reason=exc.reason, error=error_dict(exc))
+    if record.entry.role == "embedding":
+        exc = ModelUnavailable(model, "an embedding model (role: embedding) cannot answer in a stage")
         return Target(model, "unavailable", reason=exc.reason, error=error_dict(exc))
     if record.is_remote:
         urls = tuple(dict.fromkeys([u for u in [record.entry.url, *record.entry.replicas] if u]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -167,7 +168,7 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def _joined(items: list[tuple[str, str | None, int | None]]) -> list[Section]:
+def _joined(items: Sequence[tuple[str, str | None, int | None]]) -> list[Section]:
     """Extracted sections placed one after another, separated by a blank line (what offsets count in)."""
     sections, pos = [], 0
     for text, heading, page in items:

@@ -75,7 +75,7 @@ def search(store: DocStore, collection: str, query: str, top_k: int = 5,
     else:
         ranked = lexical[:top_k]
     rows = store.chunks(cid for cid, _ in ranked)
-    out = []
+    out: list[Passage] = []
     for cid, score in ranked:
         r = rows.get(cid)
         if r is None:  # removed between the ranking and this read

@@ -97,7 +97,8 @@ class EmbeddingMismatch(ChorusError):
 class Embedder(Protocol):
     """Texts → vectors, by one named model (orchestrator/rag/embed.py)."""
 
-    model: str
+    @property
+    def model(self) -> str: ...  # read-only, so a frozen dataclass's field satisfies it
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
 
@@ -147,7 +148,7 @@ def fts_query(text: str) -> str | None:
 
 def walk(root: Path) -> list[Path]:
     """Supported files under `root`, sorted; hidden files and folders (.git, .cache) are left out."""
-    out = []
+    out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and kind_of(Path(f)))

@@ -40,7 +40,7 @@ with st.expander("Start an eval", expanded=not store.list(limit=1)):
     concurrency = int(cols[1].number_input("At once", 1, 16, 1, key="eval-concurrency"))
     baselines = cols[2].checkbox("Members alone", True, key="eval-baselines",
                                  help="Each model of the pipeline alone, with its generation parameters")
-    judges = [None, *sorted(rt.registry.available)]
+    judges = [None, *sorted(rt.registry.generators)]
     judge = cols[3].selectbox("Judge model", judges, key="eval-judge", format_func=lambda m: m or "(none)")
     if st.button("Start eval", type="primary", key="eval-start", disabled=running):
         try:

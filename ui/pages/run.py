@@ -10,11 +10,12 @@ import streamlit as st
 from orchestrator.charts import memory_chart
 from orchestrator.config import params_form, pipeline_files, stage_builder
 from orchestrator.config.overrides import apply_overrides
-from orchestrator.config.schema import PipelineSpec
+from orchestrator.config.schema import PipelineSpec, StageSpec
 from orchestrator.engine.aggregators import allowed_functions, check_pipeline
 from orchestrator.errors import ChorusError
 from orchestrator.live import LiveRun
 from orchestrator.plan.memory import machine_view, plan_memory
+from orchestrator.rag.store import DocStore
 from orchestrator.units import fmt_bytes
 from ui.common import LIVE_KEY, live_run, md_escape, render_live, runner, runtime
 from ui.params import overrides_form, param_input, param_inputs, split_common
@@ -31,7 +32,8 @@ if rt is None:
 registry = rt.registry
 config_dir, operator_allowed = rt.config.paths.config_dir, rt.config.app.aggregators.allowed
 custom_functions = [f.name for f in allowed_functions(config_dir, operator_allowed)]  # the only ones offered
-available = sorted(registry.available)
+available = sorted(registry.generators)  # role: embedding models answer no stage: never offered here
+docs_store = DocStore.beside(rt.config.sessions_dir)  # what retrieve stages read; opened only when one is built
 status = registry.base_pipeline_status()
 FIELDS = params_form.generation_fields()
 SEED = next(f for f in FIELDS if f.name == "seed")
@@ -147,6 +149,38 @@ def aggregation_editor(stage: dict, k: str) -> None:
                                              key=f"s{k}-judge-prompt")
 
 
+def collection_names() -> list[str]:
+    """The `chorus docs` collections a retrieve stage can read (docs.db is not created just to list none)."""
+    if not docs_store.path.exists():
+        return []
+    try:
+        return [c["name"] for c in docs_store.collections()]
+    except ChorusError as exc:
+        st.error(md_escape(exc))
+        return []
+
+
+def retrieve_editor(stage: dict[str, Any], k: str) -> None:
+    """A retrieve stage: its collection, passage count and query; it has no model, prompt or aggregation."""
+    names = collection_names()
+    current = stage.get("collection")
+    options = names + ([current] if current and current not in names else [])
+    c = st.columns([3, 1, 2])
+    stage["collection"] = c[0].selectbox(
+        "Collection", options, options.index(current) if current in options else None, key=f"s{k}-collection",
+        placeholder="choose…" if names else "none yet", format_func=lambda n: n if n in names else f"{n} (not found)",
+        help="A document collection (Documents page, `chorus docs add`)")
+    top_k = c[1].number_input("top_k", 1, 100, min(max(int(stage.get("top_k") or 5), 1), 100), 1,
+                              key=f"s{k}-retrieve-top_k", help="How many passages later stages get")
+    stage["top_k"] = int(top_k)
+    query_from = stage.get("query_from") or "question"
+    stage["query_from"] = c[2].radio("Query", stage_builder.QUERY_FROM, stage_builder.QUERY_FROM.index(query_from),
+                                     horizontal=True, key=f"s{k}-query_from",
+                                     help="Search with the question, or with the previous stage's output")
+    if not names:
+        st.info("No document collection yet: add a folder on the Documents page (or `chorus docs add`).")
+
+
 def stage_editor(i: int, stage: dict) -> None:
     k = stage["id"]  # widget keys follow the stage, not its position, so moves keep their values
     stages = st.session_state[BUILDER_KEY]
@@ -162,6 +196,12 @@ def stage_editor(i: int, stage: dict) -> None:
         if top[3].button("✕", key=f"s{k}-remove", help="Remove stage"):
             st.session_state[BUILDER_KEY] = stage_builder.remove(stages, i)
             st.rerun()
+        kinds = stage_builder.STAGE_KINDS
+        stage["kind"] = st.radio("Kind", kinds, kinds.index(stage.get("kind") or "generate"), horizontal=True,
+                                 key=f"s{k}-kind", help="generate: model calls; retrieve: passages from documents")
+        if stage["kind"] == "retrieve":
+            retrieve_editor(stage, k)
+            return
         for j, slot in enumerate(list(stage["models"])):
             slot_editor(stage, j, slot)
         if st.button("➕ Add model call", key=f"s{k}-add-call", disabled=not available,
@@ -185,6 +225,10 @@ def stage_editor(i: int, stage: dict) -> None:
         with st.expander("More sampling parameters (stop strings, penalties, mirostat, grammar…)"):
             stage.update(param_inputs(more, key=f"s{k}", values=stage, blank="default", errors=form_errors))
         aggregation_editor(stage, k)
+
+
+def stage_summary(stage: StageSpec) -> str:
+    return ", ".join(m.label or m.model for m in stage.models) or f"retrieve from {stage.collection}"
 
 
 def load_saved() -> None:
@@ -234,8 +278,7 @@ if mode == "Base":
     except ChorusError as exc:
         st.error(md_escape(exc))
     if spec is not None:
-        st.caption(md_escape(" → ".join(f"{s.name} ({', '.join(m.label or m.model for m in s.models)})"
-                                        for s in spec.stages)))
+        st.caption(md_escape(" → ".join(f"{s.name} ({stage_summary(s)})" for s in spec.stages)))
         with st.expander("Generation settings for this run"):
             st.caption("Blank keeps the pipeline's value (shown greyed). 'All stages' sets the pipeline's "
                        "defaults: a stage or model call with its own value keeps it; set it on that stage's tab.")
