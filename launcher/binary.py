@@ -7,6 +7,7 @@ this code runs from a chorus checkout), the build cache that scripts/build_llama
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -73,9 +74,22 @@ def find_llama_server(configured: Path | None = None) -> Path:
 
 
 def binary_version(binary: Path) -> str:
-    """The first line of `llama-server --version` ('version: 0 (chorus-lcp0.3.36-cpu)'), or 'unknown'."""
+    """The first line of `llama-server --version` ('version: 0 (chorus-lcp0.3.36-cpu)'), or 'unknown'.
+
+    Asked once per binary file (path, size, mtime): every session records it, and starting the binary
+    just to ask (it initialises its backends) costs a run tens of milliseconds.
+    """
     try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+        st = Path(binary).stat()
+    except OSError:
+        return "unknown"
+    return _version_of(str(binary), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _version_of(binary: str, _size: int, _mtime_ns: int) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     for line in (out.stdout + out.stderr).splitlines():

@@ -93,7 +93,6 @@ class Endpoint:
     mode: Mode = "chat"
     api_key: str | None = None
     remote: bool = False
-    model_id: str | None = None  # the `model` field remote servers (vLLM, Ollama) need
 
     def url_and_body(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
         """The URL and JSON body for `req`, each parameter under the name that endpoint reads.
@@ -114,13 +113,13 @@ class Endpoint:
                                              "json_schema": {"name": "answer", "schema": schema}}
             body = {"stream": True, **params, "messages": messages, "stream_options": {"include_usage": True}}
             if self.remote:
-                body["model"] = self.model_id or self.model
+                body["model"] = self.model
                 return f"{root}/chat/completions", body
             return f"{root}/v1/chat/completions", body
         prompt = f"{req.system_prompt}\n\n{req.prompt}" if req.system_prompt else req.prompt
         if self.remote:
             return f"{root}/completions", {"stream": True, **params, "prompt": prompt,
-                                           "model": self.model_id or self.model}
+                                           "model": self.model}
         native = {_NATIVE_NAMES.get(k, k): v for k, v in params.items()}
         return f"{root}/completion", {"stream": True, **native, "prompt": prompt, "cache_prompt": True}
 

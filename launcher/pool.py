@@ -41,26 +41,8 @@ def _longer(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else max(a, b)
 
 
-def file_size_estimate(spec: ServerSpec) -> int:
-    """Crude need of a server (its weights), used until the memory estimator is plugged in."""
-    try:
-        return Path(spec.model_path).stat().st_size
-    except OSError:
-        return 0
-
-
-def budget_fit_check(budget_bytes: int | None,
-                     estimate: Callable[[ServerSpec], int] = file_size_estimate) -> FitCheck:
-    """A fit check that only enforces a fixed cap on what all servers may hold together."""
-    def check(spec: ServerSpec, running: list[ModelServer]) -> None:
-        if budget_bytes is None:
-            return
-        used = sum(estimate(s.spec) for s in running)
-        need = estimate(spec)
-        if used + need > budget_bytes:
-            raise InsufficientMemory(spec.model, {"budget": need}, {"budget": max(0, budget_bytes - used)},
-                                     ["stop other models", "raise server.memory_budget_mib in app.yaml"])
-    return check
+def _no_check(spec: ServerSpec, running: list[ModelServer]) -> None:
+    """No admission: a pool without a memory guard (tests, `chorus serve`-like uses) starts what it is asked."""
 
 
 class ServerPool:
@@ -74,7 +56,7 @@ class ServerPool:
         self.options = options or ServerOptions()
         self.idle_timeout_s = idle_timeout_s
         self.idle_timeout_for = idle_timeout_for
-        self.fit_check: FitCheck = fit_check or budget_fit_check(None)
+        self.fit_check: FitCheck = fit_check or _no_check
         self.starts = 0  # servers started over the pool's life (tests and `chorus ps` read it)
         self._entries: dict[tuple[object, ...], _Entry] = {}
         self._lock = threading.RLock()

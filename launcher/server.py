@@ -527,7 +527,7 @@ class ModelServer:
                 return "waiting"
             return "ready" if r.status_code == 200 else "waiting"
 
-        retryer = Retrying(stop=stop_after_delay(deadline), wait=wait_exponential(multiplier=0.01, max=0.1),
+        retryer = Retrying(stop=stop_after_delay(deadline), wait=wait_exponential(multiplier=0.01, max=0.05),
                            retry=retry_if_result(lambda state: state == "waiting"),
                            retry_error_callback=lambda _state: "timeout")
         state = retryer(probe)

@@ -27,7 +27,7 @@ from launcher.errors import (
     ServerOutOfMemory,
     ServerStartError,
 )
-from launcher.pool import ServerPool, budget_fit_check
+from launcher.pool import ServerPool
 from launcher.server import ModelServer, ServerOptions, ServerSpec, classify_exit
 from tests.conftest import REPO
 
@@ -222,7 +222,15 @@ def test_killing_the_parent_leaves_no_server_behind(llama_server_bin: Path, demo
 def test_lru_idle_server_is_evicted_when_the_budget_is_exceeded(llama_server_bin: Path, demo_model: Path,
                                                                 tmp_path: Path) -> None:
     size = demo_model.stat().st_size
-    pool = ServerPool(llama_server_bin, tmp_path, fit_check=budget_fit_check(int(size * 2.5)))
+    budget = int(size * 2.5)
+
+    def weights_budget(spec: ServerSpec, running: list[ModelServer]) -> None:
+        """A fit check that counts each server as its file's size against a fixed budget."""
+        used = size * len(running)
+        if used + size > budget:
+            raise InsufficientMemory(spec.model, {"budget": size}, {"budget": max(0, budget - used)})
+
+    pool = ServerPool(llama_server_bin, tmp_path, fit_check=weights_budget)
     try:
         a = pool.acquire(spec_for(demo_model, n_ctx=512))
         pool.release(a)

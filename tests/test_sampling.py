@@ -194,7 +194,7 @@ def test_chat_body_uses_openai_names_and_a_json_schema_as_response_format() -> N
 
 
 def test_remote_bodies_name_the_model_and_leave_unset_params_out() -> None:
-    remote = Endpoint("m", "https://x/v1", "chat", remote=True, model_id="llama3")
+    remote = Endpoint("llama3", "https://x/v1", "chat", remote=True)
     url, body = remote.url_and_body(GenerationRequest(prompt="p", top_k=5, stop=[]))
     assert url == "https://x/v1/chat/completions" and body["model"] == "llama3" and body["top_k"] == 5
     assert not {"stop", "temperature", "grammar", "response_format", "logit_bias"} & set(body)

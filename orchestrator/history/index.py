@@ -14,11 +14,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.history.serialize import SESSION_FILE, Session, SessionError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = logging.getLogger("chorus.history")
 
@@ -90,6 +91,8 @@ class HistoryIndex:
         except (OSError, sqlite3.OperationalError) as exc:
             raise SessionError(self.path, f"cannot open the history index ({exc})",
                                hint="Check that sessions_dir exists and is writable.") from None
+        import sqlite_utils  # (~0.25 s with the pandas it pulls in) on the recorder's writer thread, not at start-up
+
         db = sqlite_utils.Database(conn)
         db.execute("PRAGMA busy_timeout=30000")
         with contextlib.suppress(sqlite3.OperationalError):  # another connection is switching it: WAL anyway

@@ -28,12 +28,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from launcher.errors import ChorusError
 from orchestrator.rag.chunking import UnreadableFile, chunk_document, kind_of, read_document
+
+if TYPE_CHECKING:  # numpy is imported where vectors are used: a run without retrieval never loads it
+    import numpy as np
 
 DB_NAME = "docs.db"
 OWNER_ONLY = 0o600
@@ -156,6 +157,8 @@ def walk(root: Path) -> list[Path]:
 
 
 def _normalised(vectors: Sequence[Sequence[float]]) -> np.ndarray:
+    import numpy as np
+
     arr = np.asarray(vectors, dtype=np.float32)
     if arr.ndim != 2 or arr.shape[1] == 0 or not np.isfinite(arr).all():
         raise ValueError("embeddings must be a non-empty list of equal-length finite vectors")
@@ -289,6 +292,8 @@ class DocStore:
         return [(r[0], -r[1]) for r in rows]  # FTS5's bm25() is negative, lower better
 
     def dense(self, name: str, vector: Sequence[float], limit: int) -> list[tuple[int, float]]:
+        import numpy as np
+
         """(chunk id, cosine similarity) of the nearest `limit` chunks of `name` to `vector`."""
         query = _normalised([vector])[0]
         if self.vector_backend == "sqlite-vec":
@@ -311,6 +316,8 @@ class DocStore:
         return [(int(ids[i]), float(sims[i])) for i in top]
 
     def _matrix(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         """The collection's vectors as one matrix, cached per collection version (reloaded after a change)."""
         with self._connect() as conn:
             row = conn.execute("SELECT version, dims FROM collections WHERE name = ?", (name,)).fetchone()
