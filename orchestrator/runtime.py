@@ -15,6 +15,7 @@ from launcher.binary import find_llama_server
 from launcher.calibration import CalibrationCache
 from launcher.client import Endpoint
 from launcher.cpus import usable_cores
+from launcher.errors import ChorusError
 from launcher.memory import MemoryProbe, SystemProbe
 from launcher.pool import ServerPool
 from launcher.server import ModelServer, ServerOptions, ServerSpec
@@ -118,7 +119,11 @@ class Runtime:
         start together; returns the models stopped."""
         if self._pool is None or not specs:
             return []
-        fit = self.memory_guard.plan([specs], self._pool.servers(), evictable=self.is_idle)
+        try:
+            fit = self.memory_guard.plan([specs], self._pool.servers(), evictable=self.is_idle)
+        except ChorusError as exc:  # no estimate (a file gone since registration): the start reports it
+            log.info("no memory plan for %s: %s", ", ".join(s.model for s in specs), exc)
+            return []
         stopped = []
         for server in fit.groups[0].evict:
             if self._pool.is_idle(server):

@@ -513,13 +513,15 @@ class ApiProcess:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, llama_server_bin: Path) -> Iterator[ApiProcess]:
+def api(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, second_model: Path,
+        llama_server_bin: Path) -> Iterator[ApiProcess]:
     """One `chorus api` on the demo model for the module: a tiny pipeline, a long one, and a model entry
     too large for the memory budget (the 503 case)."""
     root = tmp_path_factory.mktemp("api")
     models = root / "models"
     models.mkdir()
     (models / demo_model.name).symlink_to(demo_model)
+    (models / second_model.name).symlink_to(second_model)  # the base pipeline uses both demo models
     config = ConfigDir(root, models)
     config.write_app(models_dir=str(models), sessions_dir=str(config.sessions_dir), logs_dir=str(root / "logs"),
                      server={"memory_budget_mib": 2048, "idle_timeout_s": 300})

@@ -408,8 +408,11 @@ def test_estimate_matches_llama_cpp_buffers_and_measured_rss(llama_server_bin: P
     assert ram["output"] == logged["output"]
     assert abs(ram["weights"] + ram.get("weights_repacked", 0) - logged["weights"]) < 0.02 * MiB * 2
     assert abs(ram["compute"] - logged["compute"]) < 0.10 * logged["compute"]
-    error = (est.ram_bytes - m.rss_bytes) / m.rss_bytes
-    assert abs(error) < 0.15, f"estimate {est.ram_bytes / MiB:.0f} MiB vs RSS {m.rss_bytes / MiB:.0f} MiB"
+    # SWA context checkpoints are an allowance (up to CTX_CHECKPOINTS copies per slot once prompts repeat):
+    # a short generation makes none, so RSS is compared with the estimate without them
+    without = est.ram_bytes - ram.get("checkpoints", 0)
+    error = (without - m.rss_bytes) / m.rss_bytes
+    assert abs(error) < 0.15, f"estimate {without / MiB:.0f} MiB vs RSS {m.rss_bytes / MiB:.0f} MiB"
 
 
 @pytest.mark.integration

@@ -170,6 +170,8 @@ class Engine:
                 await self._stages(run, plan, prior, cancel)
         except asyncio.CancelledError:
             run.status = "cancelled"
+        except ChorusError as exc:  # expected trouble (a refused plan): recorded, no traceback
+            run.status, run.error = "failed", error_dict(exc)
         except Exception as exc:  # the engine never raises into its caller; the run records why
             log.exception("run failed")
             run.status, run.error = "failed", error_dict(exc)

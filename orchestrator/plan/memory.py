@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from launcher.admission import Availability, FitPlan, PlannedSpec
+from launcher.memory import BUDGET
 from launcher.server import ServerSpec
 from launcher.units import fmt_bytes
 from orchestrator.plan.resolve import CallPlan, RunPlan, StagePlan
@@ -71,6 +72,13 @@ def need_parts(kinds: dict[str, int], total: int | None = None, like: dict[str, 
     return {k: split[k] for k in PARTS if split.get(k)}
 
 
+def with_budget(need: dict[str, int], have: dict[str, int]) -> dict[str, int]:
+    """A server's need with the budget device added when one is set: its whole RAM and VRAM count there."""
+    if BUDGET not in have or BUDGET in need:
+        return need
+    return {**need, BUDGET: sum(n for d, n in need.items() if d == "ram" or d.startswith("gpu"))}
+
+
 @dataclass
 class StageMemory:
     stage: str
@@ -108,6 +116,7 @@ class StageMemory:
     def _short(self, need: dict[str, int]) -> str:
         """'ram: needs 330 MiB, 250 MiB usable with every idle server stopped' for the short devices."""
         have = self.have_at_most or self.available.have()
+        need = with_budget(need, have)
         short = [d for d, n in need.items() if n > have.get(d, 0)] or list(need)[:1]
         return ", ".join(f"{d}: needs {fmt_bytes(need.get(d, 0))}, {fmt_bytes(have.get(d, 0))} usable with every "
                          "idle server stopped" for d in short)

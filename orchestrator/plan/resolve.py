@@ -214,14 +214,15 @@ def resolve_server(record: ModelRecord, machine: Machine, *, n_ctx: int | None =
 
 
 def _target(registry: Registry, model: str, machine: Machine, n_ctx: int | None,
-            n_gpu_layers: int | None) -> Target:
+            n_gpu_layers: int | None, *, role: str = "generate") -> Target:
     record = registry.records.get(model)
     if record is None or not record.available:
         exc = ModelUnavailable(model, "not defined in models.yaml" if record is None
                                else (record.reason or record.status))
         return Target(model, "unavailable", reason=exc.reason, error=error_dict(exc))
-    if record.entry.role == "embedding":
-        exc = ModelUnavailable(model, "an embedding model (role: embedding) cannot answer in a stage")
+    if record.entry.role != role:
+        exc = ModelUnavailable(model, "an embedding model (role: embedding) cannot answer in a stage"
+                               if record.entry.role == "embedding" else "not an embedding model (role: embedding)")
         return Target(model, "unavailable", reason=exc.reason, error=error_dict(exc))
     if record.is_remote:
         urls = tuple(dict.fromkeys([u for u in [record.entry.url, *record.entry.replicas] if u]))
@@ -311,7 +312,7 @@ def _retrieval(stage: StageSpec, registry: Registry, machine: Machine) -> Retrie
     store = DocStore.beside(registry.config.sessions_dir)
     found = store.find(stage.collection or "")
     model = found["embed_model"] if found else None
-    embedder = _target(registry, model, machine, None, None) if model else None
+    embedder = _target(registry, model, machine, None, None, role="embedding") if model else None
     return RetrievalPlan(store.path, stage.collection or "", stage.passages, stage.query_from, embedder)
 
 

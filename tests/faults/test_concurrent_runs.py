@@ -34,7 +34,7 @@ def test_eight_concurrent_runs_complete_every_session_and_share_one_server_per_k
     monkeypatch.setattr(ModelServer, "start", counting_start)
     runtime = make_runtime(config_dir)  # cold: the eight runs race for the first start
     runner = Runner(runtime)
-    # the base pipeline (3 stages, 3 parallel reviewers), merged by concat: a synthesis of 4 tokens from a base
+    # the base pipeline (3 stages, 3 parallel reviewers), merged by concat: a synthesis of 4 tokens
     # model may come back empty, which fails the run for reasons that have nothing to do with concurrency
     spec = apply_overrides(small_pipeline(max_tokens=4), ["review.aggregation.type=concat"])
     questions = [f"Question {i}: what is {i} plus {i}?" for i in range(RUNS)]
@@ -48,7 +48,8 @@ def test_eight_concurrent_runs_complete_every_session_and_share_one_server_per_k
     assert [o.run.status for o in outcomes] == ["completed"] * RUNS, [o.run.error for o in outcomes]
     assert all(o.history_error is None for o in outcomes), [o.history_error for o in outcomes]
     assert not [key for key, n in Counter(started).items() if n > 1], started  # no key started twice
-    assert runtime.pool.starts == len(started) == len(servers) == 1
+    models = set(spec.model_names())  # the two demo models: one server each, shared by all eight runs
+    assert runtime.pool.starts == len(started) == len(servers) == len(models) == 2
 
     ids = [o.session_id for o in outcomes]
     assert len(set(ids)) == RUNS and None not in ids

@@ -225,14 +225,15 @@ def test_sigterm_to_chorus_ui_stops_the_llama_server_streamlit_started(config_di
 
 # ---------------------------------------------------------------- (c) benchmarks
 
-@pytest.mark.parametrize(("script", "sig"), [
-    ("bench/launcher.py", signal.SIGTERM),      # `timeout 60 python bench/launcher.py`
-    ("bench/launcher.py", signal.SIGKILL),      # `timeout -s KILL …`: no handler runs
-    ("bench/memory_accuracy.py", signal.SIGTERM),
+@pytest.mark.parametrize(("script", "sig", "args"), [
+    ("bench/launcher.py", signal.SIGTERM, ["--model", "{demo}"]),      # `timeout 60 python bench/launcher.py`
+    ("bench/launcher.py", signal.SIGKILL, ["--model", "{demo}"]),      # `timeout -s KILL …`: no handler runs
+    ("bench/memory_accuracy.py", signal.SIGTERM, ["--models", "demo"]),
 ])
-def test_benchmark_killed_by_a_timeout_leaves_no_server(script: str, sig: int, demo_model: Path,
+def test_benchmark_killed_by_a_timeout_leaves_no_server(script: str, sig: int, args: list[str], demo_model: Path,
                                                         llama_server_bin: Path, reaper: list[int]) -> None:
-    bench = subprocess.Popen([sys.executable, script, "--model", str(demo_model)], cwd=REPO,
+    argv = [a.format(demo=demo_model) for a in args]
+    bench = subprocess.Popen([sys.executable, script, *argv], cwd=REPO,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True, env={**os.environ, "CHORUS_DEMO_MODEL": str(demo_model)})
     reaper.append(bench.pid)
