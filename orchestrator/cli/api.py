@@ -20,6 +20,7 @@ from pathlib import Path
 
 from launcher.errors import ChorusError
 from launcher.server import own_group_dying_with_parent
+from orchestrator.cli.output import positive_int
 from orchestrator.cli.ui import supervise
 from orchestrator.config.schema import default_config_dir, load_config
 
@@ -99,16 +100,6 @@ def cmd_api(args: argparse.Namespace) -> int:
     return supervise(child, grace_s=GRACEFUL_SHUTDOWN_S + 10.0)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("api", parents=[common],
                        help="serve every pipeline and model through an OpenAI-compatible HTTP API",
@@ -118,12 +109,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
                                    "proxied to their llama-server.")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to listen on (default: 127.0.0.1, this machine only; any other needs a key)")
-    p.add_argument("--port", type=_positive, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    p.add_argument("--port", type=positive_int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     p.add_argument("--api-key", default=None,
                    help=f"key clients must send as 'Authorization: Bearer KEY' (default: ${ENV_KEY}); "
                         "required when --host is not a loopback address")
-    p.add_argument("--max-runs", type=_positive, default=DEFAULT_MAX_RUNS,
+    p.add_argument("--max-runs", type=positive_int, default=DEFAULT_MAX_RUNS,
                    help=f"pipeline runs and model requests at once; more answer 429 (default: {DEFAULT_MAX_RUNS})")
-    p.add_argument("--max-body-kib", type=_positive, default=DEFAULT_MAX_BODY_KIB,
+    p.add_argument("--max-body-kib", type=positive_int, default=DEFAULT_MAX_BODY_KIB,
                    help=f"largest request body in KiB; larger answer 413 (default: {DEFAULT_MAX_BODY_KIB})")
     p.set_defaults(func=cmd_api)

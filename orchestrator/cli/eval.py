@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from launcher.server import install_signal_cleanup
-from orchestrator.cli.output import print_table
+from orchestrator.cli.output import positive_int, print_table
 from orchestrator.cli.run import ctrl_c_cancels, require_binary
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import load_config, load_pipeline
@@ -189,16 +189,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _emit(_run(runner, eval_id, runtime), args)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("eval", parents=[common],
                        help="evaluate the pipeline against its member models on a question set (list, show, resume)",
@@ -215,9 +205,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
                    help="members: each model of the pipeline alone, same generation parameters (default)")
     p.add_argument("--judge", default=None, metavar="MODEL",
                    help="a judge model: rubric score of every answer, and pipeline vs each baseline in both orders")
-    p.add_argument("--judge-max-tokens", type=_positive, default=JUDGE_MAX_TOKENS, help="the judge's max_tokens")
-    p.add_argument("--limit", type=_positive, default=None, help="only the first N questions (list: N evals)")
-    p.add_argument("--concurrency", type=_positive, default=1,
+    p.add_argument("--judge-max-tokens", type=positive_int, default=JUDGE_MAX_TOKENS, help="the judge's max_tokens")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions (list: N evals)")
+    p.add_argument("--concurrency", type=positive_int, default=1,
                    help="runs and judge calls at once (each server start still passes the memory check)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE",
                    help="override a pipeline parameter, e.g. defaults.max_tokens=64 (repeatable)")
