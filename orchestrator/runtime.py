@@ -137,7 +137,8 @@ class Runtime:
         has_gpu = guard.has_gpu()
         if not has_gpu and not self._warned_no_gpu:
             self._warned_no_gpu = True
-            log.warning("%s: running on the CPU, n_gpu_layers forced to 0", guard.gpu_note or "no GPU")
+            # a fact of the machine, not a problem of this run: in the app log and `chorus check`, not on stderr
+            log.info("%s: running on the CPU, n_gpu_layers forced to 0", guard.gpu_note or "no GPU")
         return Machine(has_gpu=has_gpu, gpu_note=guard.gpu_note, cores=usable_cores())
 
     def plan(self, pipeline: PipelineSpec, mode: RunMode = "manual") -> RunPlan:

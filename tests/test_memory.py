@@ -257,12 +257,13 @@ def test_concurrent_starts_count_each_other_until_they_run(demo_model: Path) -> 
     g.check_fit(second, [])
 
 
-def test_no_gpu_forces_n_gpu_layers_0_with_one_warning(config_dir: ConfigDir, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_gpu_forces_n_gpu_layers_0_with_one_log_line(config_dir: ConfigDir,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     from orchestrator.config.schema import load_config
     from orchestrator.runtime import Runtime
 
     cpu = Runtime(load_config(config_dir.path), probe=machine(8))
-    with caplog.at_level(logging.WARNING, logger="chorus.runtime"):
+    with caplog.at_level(logging.INFO, logger="chorus.runtime"):
         assert cpu.server_spec("gemma3-270m").n_gpu_layers == 0  # models.yaml asks for 99
         assert cpu.server_spec("gemma3-270m", n_gpu_layers=5).n_gpu_layers == 0
     warnings = [r for r in caplog.records if "n_gpu_layers forced to 0" in r.getMessage()]
