@@ -59,11 +59,13 @@ def fill(folder: Path) -> Path:
     """Write into `folder` until the disk is full."""
     filler = folder / "filler"
     with open(filler, "ab", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+        for size in (65536, 4096, 512, 1):  # then smaller writes, so no partial page is left over
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        os.fsync(f.fileno())
     return filler
 
 
