@@ -74,6 +74,9 @@ def test_history_show_of_an_unknown_session_is_a_clear_error(config_dir: ConfigD
 
 TWO_STAGES = ("stages:\n  - {name: first, models: [gemma3-270m], max_tokens: 8, n_ctx: 512}\n"
               "  - {name: last, models: [gemma3-270m], max_tokens: 8, n_ctx: 512}\n")
+# the first stage generates long enough (~1 s) for the live area's 0.25 s redraws to show its tokens and rate
+LIVE_STAGES = ("stages:\n  - {name: first, models: [gemma3-270m], max_tokens: 64, n_ctx: 512}\n"
+               "  - {name: last, models: [gemma3-270m], max_tokens: 8, n_ctx: 512}\n")
 
 
 def run_in_pty(argv: list[str], timeout: float = 300) -> tuple[int, str]:
@@ -118,7 +121,7 @@ def test_run_in_a_terminal_shows_live_progress_and_streams_the_answer_once(confi
     import re
 
     spec = tmp_path / "two.yaml"
-    spec.write_text(TWO_STAGES)
+    spec.write_text(LIVE_STAGES)
     code, screen = run_in_pty([sys.executable, "-m", "orchestrator.cli", "--config-dir", str(config_dir.path),
                                "run", "The capital of France is", "--manual", str(spec)])
     assert code == 0, screen
