@@ -6,13 +6,11 @@ here, collects events, and a stop button calls `cancel()` from whatever thread i
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from launcher.errors import ChorusError
+from orchestrator.background import Background
 from orchestrator.engine.events import (
     AggregationDone,
     Event,
@@ -24,7 +22,7 @@ from orchestrator.engine.events import (
     Token,
 )
 from orchestrator.engine.run import CancelToken
-from orchestrator.records import error_dict, error_text
+from orchestrator.records import error_text
 from orchestrator.runs import RunOutcome
 
 
@@ -51,38 +49,19 @@ class StageView:
     error: str | None = None
 
 
-class LiveRun:
+class LiveRun(Background[RunOutcome]):
     """Start with a function that runs to completion given (on_event, cancel); read `stages` live."""
 
     def __init__(self, start: Callable[[Callable[[Event], None], CancelToken], RunOutcome]) -> None:
-        self.cancel_token = CancelToken()
+        super().__init__("chorus-live-run")
         self.stages: list[StageView] = []
         self.notices: list[str] = []
-        self.outcome: RunOutcome | None = None
-        self.error: dict[str, Any] | None = None
         self.started_at = time.time()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._main, args=(start,), name="chorus-live-run", daemon=True)
-        self._thread.start()
-
-    def _main(self, start: Callable[[Callable[[Event], None], CancelToken], RunOutcome]) -> None:
-        try:
-            self.outcome = start(self.on_event, self.cancel_token)
-        except ChorusError as exc:
-            self.error = error_dict(exc)
-        except Exception as exc:  # the UI shows it; a thread must never die silently
-            self.error = error_dict(exc)
+        self._begin(lambda cancel: start(self.on_event, cancel))
 
     @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return self.done
-
-    def cancel(self) -> None:
-        self.cancel_token.cancel()
+    def outcome(self) -> RunOutcome | None:
+        return self.result
 
     def on_event(self, event: Event) -> None:
         with self._lock:

@@ -22,6 +22,15 @@ log = logging.getLogger("chorus.registry")
 Status = Literal["available", "missing", "invalid"]
 
 
+def gguf_fields(meta: GGUFMetadata | None) -> dict[str, object]:
+    """What `chorus models` shows of a GGUF header (None for each when the header is unknown)."""
+    return {"architecture": meta.architecture if meta else None, "size_label": meta.size_label if meta else None,
+            "quantization": meta.quantization if meta else None,
+            "context_length": meta.context_length if meta else None,
+            "block_count": meta.block_count if meta else None,
+            "has_chat_template": meta.has_chat_template if meta else None}
+
+
 @dataclass
 class ModelRecord:
     """One models.yaml entry and what the registry found for it."""
@@ -66,14 +75,9 @@ class ModelRecord:
             "description": self.entry.description,
             "mode": self.mode,
             "size_bytes": self.size_bytes,
-            "architecture": meta.architecture if meta else None,
-            "size_label": meta.size_label if meta else None,
-            "quantization": meta.quantization if meta else None,
-            "context_length": meta.context_length if meta else None,
-            "block_count": meta.block_count if meta else None,
+            **gguf_fields(meta),
             "default_n_ctx": self.entry.default_n_ctx,
             "default_gpu_layers": self.entry.default_gpu_layers,
-            "has_chat_template": meta.has_chat_template if meta else None,
         }
 
 
@@ -117,12 +121,7 @@ class UnregisteredFile:
             "status": "unregistered",
             "reason": self.reason,
             "size_bytes": self.size_bytes,
-            "architecture": meta.architecture if meta else None,
-            "size_label": meta.size_label if meta else None,
-            "quantization": meta.quantization if meta else None,
-            "context_length": meta.context_length if meta else None,
-            "block_count": meta.block_count if meta else None,
-            "has_chat_template": meta.has_chat_template if meta else None,
+            **gguf_fields(meta),
             "entry": self.entry(),
         }
 
