@@ -23,11 +23,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import catalog
 from api.errors import BodyTooLarge, Unauthorized, error_body, status_of
 from api.forward import EventStream, forward
+from api.hosts import HostCheck
 from api.mapping import conversation
 from api.runs import PipelineRuns, RunLimiter, answer, stream
 from api.schemas import ChatRequest, CompletionFields, CompletionRequest
 from api.settings import ApiSettings
+from api.shutdown import watching_stop_signals
 from api.stream import Chunks, Kind
+from orchestrator.config.hosts import HostPolicy
 from orchestrator.config.schema import load_config
 from orchestrator.engine.backend import Backend
 from orchestrator.errors import ChorusError
@@ -101,10 +104,15 @@ def create_app(runtime: Runtime | None = None, settings: ApiSettings | None = No
     runs = PipelineRuns(runtime, limiter, backend_factory=backend_factory)
     model_proxy = proxy or ModelProxy(runtime)
 
+    def cancel_runs() -> None:
+        for token in list(runs.tokens):
+            token.cancel()
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         try:
-            yield
+            async with watching_stop_signals(_app.state, on_stop=cancel_runs):  # streams end, runs stop
+                yield
         finally:
             await runs.shutdown()
             await model_proxy.aclose()
@@ -121,6 +129,8 @@ def create_app(runtime: Runtime | None = None, settings: ApiSettings | None = No
     app = FastAPI(title="chorus", description="Every chorus pipeline and model behind the OpenAI API.",
                   lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    allowed = settings.allowed_hosts if settings.allowed_hosts is not None else runtime.config.app.api.allowed_hosts
+    app.add_middleware(HostCheck, policy=HostPolicy.for_bind(settings.host, allowed))  # outermost: first to run
     app.state.runtime, app.state.runs, app.state.limiter = runtime, runs, limiter
 
     @app.exception_handler(ChorusError)

@@ -39,7 +39,8 @@ class PipelineModel:
         description = self.spec.description or f"chorus pipeline: {' -> '.join(stages)}"
         return {"id": self.id, "object": "model", "created": created, "owned_by": "chorus",
                 "description": description,
-                "chorus": {"kind": "pipeline", "mode": self.mode, "stages": stages, "file": str(self.path)}}
+                "chorus": {"kind": "pipeline", "mode": self.mode, "stages": stages,
+                           "file": self.path.name}}  # the name only: clients need not learn this machine's folders
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,6 @@ def resolve(runtime: Runtime, model: str) -> Entry:
             raise ModelUnavailable(model, "no such pipeline (GET /v1/models lists them)")
         try:
             return load(runtime, model, *found)
-        except ChorusError as exc:
-            raise ModelUnavailable(model, exc.message) from None
+        except ChorusError as exc:  # a broken file is named, not shown with its folders
+            raise ModelUnavailable(model, exc.message.replace(str(found[0]), found[0].name)) from None
     return RegisteredModel(model, runtime.registry.get(model))

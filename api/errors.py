@@ -51,8 +51,10 @@ STATUS_BY_TYPE: dict[str, Status] = {
     "BinaryNotFound": Status(503, "server_error", "llama_server_not_found"),
     "TooManyRuns": Status(429, "rate_limit_error", "too_many_runs"),
     "Unauthorized": Status(401, "invalid_request_error", "invalid_api_key"),
+    "HostNotAllowed": Status(403, "invalid_request_error", "host_not_allowed"),
     "BodyTooLarge": Status(413, "invalid_request_error", "request_too_large"),
     "Cancelled": Status(499, "server_error", "cancelled"),
+    "ShuttingDown": Status(503, "server_error", "shutting_down"),
     "TemplateError": PIPELINE,
     "AggregationError": PIPELINE,
     "SessionError": Status(500, "server_error", "history_error"),
@@ -85,6 +87,17 @@ class TooManyRuns(ApiError):
 
 class Unauthorized(ApiError):
     pass
+
+
+class HostNotAllowed(ApiError):
+    """A request naming a host this API does not answer (DNS rebinding: see orchestrator/config/hosts.py)."""
+
+    def __init__(self, host: str | None, allowed: str) -> None:
+        shown = "no Host header" if host is None else f"Host {host[:100]!r}"
+        super().__init__(f"{shown} is not allowed: this API answers {allowed}",
+                         hint="Use http://127.0.0.1:PORT or http://localhost:PORT, or add the name to "
+                              "api.allowed_hosts in app.yaml (or `chorus api --allowed-host NAME`).")
+        self.host = host[:100] if host is not None else None
 
 
 class BodyTooLarge(ApiError):
@@ -150,6 +163,7 @@ __all__ = [
     "ApiError",
     "BadRequest",
     "BodyTooLarge",
+    "HostNotAllowed",
     "Status",
     "TooManyRuns",
     "Unauthorized",

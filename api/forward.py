@@ -8,6 +8,7 @@ ends the stream with an OpenAI error chunk naming the model.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -17,11 +18,12 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from api.errors import error_body
 from api.runs import GONE, RunLimiter, until_done_or_gone
 from api.schemas import CompletionFields
+from api.shutdown import stream_until_stopped
 from api.stream import sse
 from orchestrator.errors import ChorusError
 from orchestrator.proxy import ModelProxy, Route
@@ -38,10 +40,18 @@ class EventStream(StreamingResponse):
     def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
         super().__init__(content, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
         self._generator = content
+        self._stopping: asyncio.Event | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._stopping = getattr(getattr(scope.get("app"), "state", None), "stopping", None)  # api/shutdown.py
+        await super().__call__(scope, receive, send)
 
     async def stream_response(self, send: Send) -> None:
         try:
-            await super().stream_response(send)
+            if self._stopping is None:
+                await super().stream_response(send)
+            else:  # a stop signal ends the stream with an error chunk and [DONE], not a dropped connection
+                await stream_until_stopped(self, send, self._stopping)
         finally:
             aclose = getattr(self._generator, "aclose", None)
             if aclose is not None:

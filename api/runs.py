@@ -100,7 +100,7 @@ class PipelineRuns:
 
     async def start(self, entry: PipelineModel, request: CompletionFields, question: str,
                     history: list[dict[str, str]]) -> StartedRun:
-        """Start the run; returns once its session exists (or the run has ended, e.g. refused at once).
+        """Start the run; returns once it has begun (its session created, its RunStarted seen) or ended.
 
         Errors raised before anything runs (a bad question, an aggregator not allowed) are raised here,
         so they answer with their status code rather than inside a stream.
@@ -127,7 +127,11 @@ class PipelineRuns:
             feed.queue.put_nowait(Done())
 
         task.add_done_callback(finished)
-        await asyncio.wait({created, task}, return_when=asyncio.FIRST_COMPLETED)
+        began = asyncio.ensure_future(feed.began.wait())  # so the stream's first chunk has the whole run_started
+        try:
+            await asyncio.wait({began, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            began.cancel()
         if task.done() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
         session_id = created.result() if created.done() else task.result().session_id
@@ -203,7 +207,8 @@ async def stream(run: StartedRun, chunks: Chunks, *, include_usage: bool, heartb
     """
     getter: asyncio.Future[Item] | None = None
     try:
-        yield chunks.chunk(role=True, content="", chorus={"type": "run_started", "session_id": run.session_id})
+        started = {"type": "run_started", **(run.feed.started or {}), "session_id": run.session_id}
+        yield chunks.chunk(role=True, content="", chorus=started)  # the only run_started of the stream
         while True:
             if getter is None:
                 getter = asyncio.ensure_future(run.queue.get())

@@ -101,6 +101,8 @@ class RunFeed:
     level: EventLevel = "progress"
     writer: tuple[str, str] | None = None
     text: FinalText = field(default_factory=lambda: FinalText(False))
+    started: dict[str, Any] | None = None  # the run_started record, sent once by the stream's first chunk
+    began: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RunStarted):
@@ -108,6 +110,9 @@ class RunFeed:
             if found is not None:
                 self.writer = (found[0], found[1])
                 self.text = FinalText(found[2])
+            self.started = progress(event)  # not queued: the stream opens with it, session id added
+            self.began.set()
+            return
         if isinstance(event, Token) and self.writer == (event.stage, event.label):
             piece = self.text.feed(event.text)
             if piece:

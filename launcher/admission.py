@@ -7,12 +7,13 @@
 - what a server needs: `launcher.needs` (the estimator, cached by file identity, or calibration);
 - what running servers hold and what stopping one frees: `launcher.fit`;
 - who is admitted, pending or running, across every chorus process: `launcher.ledger`;
-- waves and evictions: `launcher.packing`; hints for a refusal: `launcher.suggest`.
+- waves, slots and which warm servers stop: `launcher.schedule` (from one `MemoryState`, see `state`);
+  hints for a refusal: `launcher.suggest`.
 
-`check_fit` has the pool's `FitCheck` signature, so ``ServerPool(fit_check=guard.check_fit)`` refuses a
-start with `InsufficientMemory` (need and have per device), and the pool stops idle servers, least
-recently used first, and asks again. A margin is kept free on RAM and each GPU (by default 10% of the
-device plus 512 MiB); the budget is itself the cap and keeps none.
+`check_fit` admits one start in a ledger transaction (`InsufficientMemory`, need and have per device,
+when it does not fit); `reserve` admits a wave's starts together. The guard never stops a server: the
+scheduler decides which ones stop and the runtime executes that. A margin is kept free on RAM and each
+GPU (by default 10% of the device plus 512 MiB); the budget is itself the cap and keeps none.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Unpack
 
 from launcher.calibration import CalibrationCache, CalibrationRecord, measure_server
 from launcher.errors import ChorusError, InsufficientMemory
 from launcher.estimate import EstimatorSettings, MemoryEstimate
-from launcher.fit import Availability, Devices, Holding, combined_need, footprint, freed_all, held
+from launcher.fit import Availability, Devices, Holding, combined_need, footprint, held
 from launcher.ledger import AdmissionLedger, LedgerEntry, default_ledger_path, this_process
 from launcher.memory import (
     BUDGET,
@@ -40,13 +42,13 @@ from launcher.memory import (
     process_vram,
 )
 from launcher.needs import LoadChanges, Needs
-from launcher.packing import FitPlan, GroupPlan, PlannedSpec, plan_group
+from launcher.schedule import Demand, Schedule, Warm, schedule
 from launcher.server import ModelServer, ServerSpec
 from launcher.suggest import MIN_N_CTX, suggestions
 from launcher.units import MiB, fmt_bytes
 
 __all__ = ["DEFAULT_MARGIN_FIXED_BYTES", "DEFAULT_MARGIN_FRACTION", "MIN_N_CTX", "PENDING_TTL_S", "Availability",
-           "FitPlan", "GroupPlan", "Holding", "MemoryGuard", "PlannedSpec", "combined_need", "fmt_bytes"]
+           "Demand", "Holding", "MemoryGuard", "MemoryState", "Schedule", "Warm", "combined_need", "fmt_bytes"]
 
 log = logging.getLogger("chorus.admission")
 
@@ -164,7 +166,8 @@ class MemoryGuard:
         """The calibrated figure when this configuration was measured before, else the estimate."""
         return self.needs.need(spec)
 
-    def _need_or_none(self, spec: ServerSpec) -> MemoryEstimate | None:
+    def need_or_none(self, spec: ServerSpec) -> MemoryEstimate | None:
+        """`need`, or None when the file cannot be read (its server's start reports why)."""
         try:
             return self.need(spec)
         except ChorusError:
@@ -176,7 +179,7 @@ class MemoryGuard:
         vram = process_vram([s.pid for s in alive if s.pid is not None]) if self.live else {}
         out = []
         for s in alive:
-            need = self._need_or_none(s.spec)
+            need = self.need_or_none(s.spec)
             mem = process_memory(s.pid) if self.live and s.pid is not None else None
             if mem is not None:
                 mapped = min(mem.rss_file_bytes, need.mapped_bytes) if need else mem.rss_file_bytes
@@ -301,7 +304,7 @@ class MemoryGuard:
         own: list[LedgerEntry] = []
         running_keys = set()
         for s in servers:
-            need = self._need_or_none(s.spec)
+            need = self.need_or_none(s.spec)
             if need is None:
                 continue
             running_keys.add(s.spec.key)
@@ -340,17 +343,61 @@ class MemoryGuard:
 
         return suggestions(spec, est, need, have, holdings, variant_need, capacity=avail.capacity(), others=others)
 
-    # ---------------------------------------------------------------- planning
+    # ---------------------------------------------------------------- scheduling
 
-    def plan(self, groups: Sequence[Sequence[ServerSpec]], running: Sequence[ModelServer] = (),
-             evictable: Callable[[ModelServer], bool] | None = None) -> FitPlan:
-        """Pack each group's specs into waves that fit on every device (the budget included), counting
-        running servers the group does not use as evictable (`evictable` may veto some, e.g. busy ones).
-        Groups are planned one by one, as stages run one after the other."""
+    def state(self, running: Sequence[ModelServer] = (), *, idle: Callable[[ModelServer], bool] | None = None,
+              last_used: Callable[[ModelServer], float] | None = None) -> MemoryState:
+        """One view of memory for the scheduler: each live server once (what it really holds, whether it
+        is idle, when it was used last), and what is usable beside them now, less the starts admitted
+        but still loading (not in the probe yet)."""
         alive = [s for s in running if s.is_alive()]
-        avail, holdings = self._available(alive)
-        have_now = avail.have()
-        can_evict = [h for h in holdings if evictable is None or evictable(h.server)]
-        all_free = freed_all(can_evict, [h for h in holdings if h not in can_evict], budget=self.budgeted)
-        return FitPlan([plan_group(list(g), self.need, holdings, can_evict, have_now, budget=self.budgeted)
-                        for g in groups], avail, all_free)
+        with self._check_lock:
+            pending = self._live_pending(alive, exclude=())
+            avail, holdings = self._available(alive)
+        have = avail.have()
+        if pending:
+            loading = combined_need(pending, {h.path for h in holdings}, budget=self.budgeted)
+            have = {d: max(0, n - loading.get(d, 0)) for d, n in have.items()}
+        warm = []
+        for h in holdings:
+            server = h.server
+            assert isinstance(server, ModelServer)
+            warm.append(Warm(h, idle=idle(server) if idle is not None else True,
+                             last_used=last_used(server) if last_used is not None else 0.0))
+        return MemoryState(warm, have, avail)
+
+    def schedule(self, demands: Sequence[Demand], state: MemoryState) -> Schedule:
+        """The waves, slots and stops for `demands` from `state` (live, or a what-if's)."""
+        return schedule(demands, state.warm, state.have, self.need, budget=self.budgeted)
+
+    def reserve(self, specs: Sequence[ServerSpec], running: list[ModelServer]) -> None:
+        """Admit a wave's new servers together (each counted as pending until it runs), or none of them:
+        InsufficientMemory for the first that does not fit, with need vs have."""
+        done: list[ServerSpec] = []
+        try:
+            for spec in specs:
+                self.check_fit(spec, running)
+                done.append(spec)
+        except BaseException:
+            for spec in done:
+                self.forget(spec)
+            raise
+
+    def reserved(self, spec: ServerSpec) -> bool:
+        """Whether a start of `spec` was admitted (by `reserve`) and has not run yet."""
+        with self._check_lock:
+            item = self._pending.get(spec.key)
+            return item is not None and time.monotonic() - item[1] < self.pending_ttl_s
+
+
+@dataclass
+class MemoryState:
+    """The scheduler's one view of memory: warm servers, usable memory beside them, and the probe's figures."""
+
+    warm: list[Warm]
+    have: Devices
+    available: Availability
+
+    def after(self, schedule: Schedule) -> MemoryState:
+        """The state a schedule leaves (its started servers warm, its stopped ones gone)."""
+        return MemoryState(list(schedule.warm_after), dict(schedule.have_after), self.available)

@@ -15,7 +15,14 @@ from typing import Any, Literal
 
 import httpx
 
-from launcher.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
+from launcher.errors import (
+    RequestFailed,
+    RequestTimeout,
+    ServerCrashed,
+    ServerError,
+    ServerUnreachable,
+    connection_reason,
+)
 from launcher.server import find_server
 
 Mode = Literal["chat", "completion"]
@@ -149,17 +156,31 @@ def _parse_chunk(data: dict[str, Any], result: GenerationResult) -> str:
     return piece
 
 
-async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+async def _sse_events(response: httpx.Response, model: str, url: str) -> AsyncIterator[dict[str, Any]]:
+    """The stream's JSON events up to `[DONE]`; a data line that is not a JSON object fails the request.
+
+    Skipping it (as before) turned `data: {not json` then `[DONE]` into an "ok" answer with no text.
+    """
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue
         payload = line[5:].strip()
         if payload == "[DONE]":
             return
-        try:
-            yield json.loads(payload)
-        except json.JSONDecodeError:
+        if not payload:
             continue
+        try:
+            data = json.loads(payload)
+        except json.JSONDecodeError as exc:
+            raise RequestFailed(model, f"the stream from {url} sent an event that is not JSON ({exc.msg}): "
+                                f"{payload[:120]!r}", hint=_BAD_STREAM_HINT) from None
+        if not isinstance(data, dict):
+            raise RequestFailed(model, f"the stream from {url} sent an event that is not a JSON object: "
+                                f"{payload[:120]!r}", hint=_BAD_STREAM_HINT)
+        yield data
+
+
+_BAD_STREAM_HINT = "Check that the endpoint speaks OpenAI-compatible streaming (server-sent events of JSON)."
 
 
 class GenerationClient:
@@ -231,7 +252,7 @@ class GenerationClient:
                     text = (await response.aread()).decode("utf-8", errors="replace")[:500]
                     raise RequestFailed(endpoint.model, f"HTTP {response.status_code} from {url}: {text}",
                                         hint=_status_hint(response.status_code))
-                async for data in _sse_events(response):
+                async for data in _sse_events(response, endpoint.model, url):
                     if "error" in data:
                         raise RequestFailed(endpoint.model, f"server error: {data['error']}")
                     piece = _parse_chunk(data, result)
@@ -248,7 +269,11 @@ class GenerationClient:
                 raise _StaleConnection() from exc
             raise ServerCrashed(endpoint.model, f"connection to {url} lost mid-answer: {exc}",
                                 hint="The server may have crashed; it is restarted on the next request.") from None
-        except (httpx.ConnectError, httpx.ReadError, httpx.WriteError) as exc:
+        except httpx.ConnectError as exc:  # never connected: "no answer", said once with the reason
+            hint = (f"Is the server at {endpoint.base_url} running, and is its `url:` in models.yaml right?"
+                    if endpoint.remote else None)
+            raise ServerUnreachable(endpoint.model, f"{connection_reason(exc)} at {url}", hint=hint) from None
+        except (httpx.ReadError, httpx.WriteError) as exc:
             raise ServerCrashed(endpoint.model, f"connection to {url} lost: {exc or type(exc).__name__}",
                                 hint="The server may have crashed; it is restarted on the next request."
                                 ) from None

@@ -103,6 +103,28 @@ class ServerCrashed(ServerError):
     hint = "The server is restarted on the next request; its log may say why it died."
 
 
+class ServerUnreachable(ServerCrashed):
+    """Nothing answered at the server's address (refused, unknown host). A ServerCrashed, so a local server
+    is restarted and a replica marked down; its own kind so the message says "no answer" once."""
+
+    kind = "no answer"
+
+
+def connection_reason(exc: BaseException) -> str:
+    """Why a connection failed, in words ("connection refused"), from the OSError that httpx, anyio or a
+    socket wrapped, so messages never nest one library's text inside another's."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, OSError) and cause.errno is not None and cause.strerror:
+            return cause.strerror[:1].lower() + cause.strerror[1:]
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
 class RequestTimeout(ServerError):
     kind = "request timed out"
     hint = "Raise server.request_timeout_s in app.yaml, or lower max_tokens."

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from launcher.estimate import MemoryEstimate
 from launcher.memory import BUDGET
-from launcher.server import ModelServer
+from launcher.server import ServerSpec
 
 Devices = dict[str, int]
 
@@ -22,12 +23,22 @@ def footprint(est: MemoryEstimate) -> int:
     return est.ram_bytes + est.vram_bytes
 
 
+class Served(Protocol):
+    """A server that holds memory: a running `ModelServer`, or one a what-if plans to start."""
+
+    @property
+    def spec(self) -> ServerSpec: ...
+
+    @property
+    def model(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Holding:
     """What a running server holds: its own RAM, the file pages it maps (shared per file), its VRAM,
     and its footprint on the budget (the larger of measured and needed: the budget is a cap)."""
 
-    server: ModelServer
+    server: Served
     path: str
     anon_ram: int
     mapped_ram: int

@@ -34,6 +34,17 @@ MAX_STRING_LENGTH = 1 << 30  # llama.cpp's GGUF_MAX_STRING_LENGTH
 MAX_DIMS = 4  # GGML_MAX_DIMS
 CACHE_MAX_ENTRIES = 64
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: no loadable model has more blocks
+MAX_TENSOR_NAME = 63  # llama.cpp refuses a tensor name of GGML_MAX_NAME (64) bytes or more
+
+# Caps no real model comes near (the largest have a few thousand tensors, a hundred keys, a 262k-token
+# vocabulary): a header made of a million tensors, or of thousands of keys with a thousand strings each,
+# took 5-9 s to parse; within these caps the worst header parses in well under a second.
+MAX_TENSORS = 65_536
+MAX_KV = 16_384
+MAX_KEY_LENGTH = 65_535  # the GGUF spec's limit on a key
+MAX_ARRAY_STRINGS = 1 << 22  # strings in all arrays together (skipped, not decoded, but walked)
+MAX_DECODED_ELEMENTS = 1 << 16  # elements of the small arrays decoded to tuples, all together
+MAX_DECODED_TEXT = 128 << 20  # bytes of keys and string values decoded, all together
 
 # GGUF value types: id -> (name, struct code, size). STRING (8) and ARRAY (9) are variable-sized.
 _STRING = 8
@@ -276,16 +287,31 @@ class GGUFMetadata:
 # ---------------------------------------------------------------------------------------------- parsing
 
 
+_BUDGET_UNITS = {"array_strings": "strings in arrays", "decoded_elements": "elements in small (decoded) arrays",
+                 "decoded_text": "bytes of keys and string values"}
+
+
 class _Cursor:
     """Bounds-checked position in the mapped file, so bad input fails as GGUFError, never struct.error."""
 
-    __slots__ = ("buf", "path", "pos", "size")
+    __slots__ = ("array_strings", "buf", "decoded_elements", "decoded_text", "path", "pos", "size")
 
     def __init__(self, buf: mmap.mmap, size: int, path: str) -> None:
         self.buf = buf
         self.size = size
         self.path = path
         self.pos = 0
+        self.array_strings = 0
+        self.decoded_elements = 0
+        self.decoded_text = 0
+
+    def spend(self, counter: str, amount: int, limit: int, what: str, offset: int) -> None:
+        """Add to one of the header's budgets (`MAX_*`); a header past one is refused where it happens."""
+        total: int = getattr(self, counter) + amount
+        if total > limit:
+            self.fail(f"{what} takes the header past {limit:,} {_BUDGET_UNITS[counter]} (no real model comes "
+                      "near that)", offset)
+        setattr(self, counter, total)
 
     def fail(self, message: str, offset: int | None = None) -> NoReturn:
         raise GGUFError(self.path, message, offset=self.pos if offset is None else offset)
@@ -308,12 +334,13 @@ class _Cursor:
         value: int = self.unpack(_U64, what)[0]
         return value
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, max_length: int = MAX_STRING_LENGTH) -> str:
         start = self.pos
         length = self.u64(what)
-        if length > MAX_STRING_LENGTH:
-            self.fail(f"{what}: string length {length} is over the 1 GiB limit", start)
+        if length > max_length:
+            self.fail(f"{what}: string length {length:,} is over the limit of {max_length:,} bytes", start)
         self.need(length, what)
+        self.spend("decoded_text", length, MAX_DECODED_TEXT, f"{what} ({length:,} bytes of text)", start)
         end = self.pos + length
         text = self.buf[self.pos:end].decode("utf-8", "replace")
         self.pos = end
@@ -346,6 +373,11 @@ def _parse_header(cur: _Cursor) -> tuple[int, int, int]:
         cur.fail(f"key/value count {n_kv} is impossible for a {cur.size}-byte file", 16)
     if n_tensors * _MIN_TENSOR_BYTES > cur.size - cur.pos:
         cur.fail(f"tensor count {n_tensors} is impossible for a {cur.size}-byte file", 8)
+    if n_kv > MAX_KV:
+        cur.fail(f"key/value count {n_kv:,} is over the limit of {MAX_KV:,} (real models have about a hundred)", 16)
+    if n_tensors > MAX_TENSORS:
+        cur.fail(f"tensor count {n_tensors:,} is over the limit of {MAX_TENSORS:,} (real models have a few "
+                 "thousand at most)", 8)
     return version, n_tensors, n_kv
 
 
@@ -354,7 +386,7 @@ def _parse_kvs(cur: _Cursor, n_kv: int) -> dict[str, object]:
     fields: dict[str, object] = {}
     for index in range(n_kv):
         start = cur.pos
-        key = cur.string(f"key #{index}")
+        key = cur.string(f"key #{index}", MAX_KEY_LENGTH)
         if not key:
             cur.fail(f"key #{index} is empty", start)
         if key in fields:
@@ -385,7 +417,10 @@ def _parse_array(cur: _Cursor, key: str) -> tuple[object, ...] | ArrayInfo:
     if etype == _STRING:
         if length > left // 8:
             cur.fail(f"array {key!r} claims {length} strings, more than the file can hold", start)
+        cur.spend("array_strings", length, MAX_ARRAY_STRINGS, f"array {key!r} of {length:,} strings", start)
         if length < SMALL_ARRAY_MAX:
+            cur.spend("decoded_elements", length, MAX_DECODED_ELEMENTS, f"array {key!r} of {length:,} strings",
+                      start)
             return tuple(cur.string(f"element of {key!r}") for _ in range(length))
         cur.pos = _skip_strings(cur, length, key)
         return ArrayInfo("STRING", length)
@@ -397,6 +432,7 @@ def _parse_array(cur: _Cursor, key: str) -> tuple[object, ...] | ArrayInfo:
     if length > left // size:
         cur.fail(f"array {key!r} claims {length} x {name}, more than the file can hold", start)
     if length < SMALL_ARRAY_MAX:
+        cur.spend("decoded_elements", length, MAX_DECODED_ELEMENTS, f"array {key!r} of {length:,} {name}", start)
         values = struct.unpack_from(f"<{length}{code}", cur.buf, cur.pos)
         cur.pos += length * size
         return values
@@ -461,6 +497,9 @@ def _parse_tensors(cur: _Cursor, n_tensors: int) -> list[tuple[str, int, tuple[i
             start = pos
             length = u64(buf, pos)[0]
             pos += 8
+            if length > MAX_TENSOR_NAME:
+                cur.fail(f"name of tensor #{index} is {length:,} bytes long; llama.cpp allows "
+                         f"{MAX_TENSOR_NAME}", start)
             if length > size - pos:
                 cur.fail(f"truncated: name of tensor #{index} needs {length} bytes, {size - pos} left", start)
             name = buf[pos:pos + length].decode("utf-8", "replace")
@@ -690,12 +729,16 @@ def _metadata(path: str, size: int, version: int, alignment: int, data_offset: i
 
 # -------------------------------------------------------------------------------------- file + cache
 
-_cache: OrderedDict[str, tuple[int, int, GGUFMetadata]] = OrderedDict()
+_cache: OrderedDict[str, tuple[int, int, GGUFMetadata | GGUFError]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFMetadata:
-    """Read a GGUF header, cached per process by (absolute path, size, mtime_ns)."""
+    """Read a GGUF header, cached per process by (absolute path, size, mtime_ns).
+
+    A header that is refused is cached too: the registry, the planner and the estimator each ask for
+    the same file, and a damaged one should cost its parse once, not once per question.
+    """
     shown = os.fspath(path)
     abs_path = os.path.abspath(shown)
     st = _stat_regular(shown)
@@ -703,14 +746,25 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFMetadata:
         hit = _cache.get(abs_path)
         if hit is not None and hit[:2] == (st.st_size, st.st_mtime_ns):
             _cache.move_to_end(abs_path)
+            if isinstance(hit[2], GGUFError):
+                raise hit[2]
             return hit[2]
-    size, mtime_ns, meta = _read_file(shown, abs_path)
+    try:
+        size, mtime_ns, meta = _read_file(shown, abs_path)
+    except GGUFError as exc:
+        if exc.offset is not None or isinstance(exc, GGUFHeaderError):  # the content's fault, not the read's
+            _remember(abs_path, st.st_size, st.st_mtime_ns, exc)
+        raise
+    _remember(abs_path, size, mtime_ns, meta)
+    return meta
+
+
+def _remember(abs_path: str, size: int, mtime_ns: int, outcome: GGUFMetadata | GGUFError) -> None:
     with _cache_lock:
-        _cache[abs_path] = (size, mtime_ns, meta)
+        _cache[abs_path] = (size, mtime_ns, outcome)
         _cache.move_to_end(abs_path)
         while len(_cache) > CACHE_MAX_ENTRIES:
             _cache.popitem(last=False)
-    return meta
 
 
 def clear_cache() -> None:

@@ -1,8 +1,9 @@
 """A pool of warm llama-servers, one per (file, n_ctx, n_gpu_layers, slots), shared across runs.
 
-Servers stay up between stages and runs so nothing reloads; the least recently used idle one is
-stopped when room is needed, and any idle past its keep-alive (the model's own `idle_timeout_s`, else
-the pool's). Thread-safe; `aacquire` for asyncio.
+Servers stay up between stages and runs so nothing reloads; any idle past its keep-alive (the model's
+own `idle_timeout_s`, else the pool's) is stopped. Which servers stop to make room is the scheduler's
+decision (`launcher.schedule`, through the runtime), never the pool's: a start only asks `fit_check`
+(the admission), once. Thread-safe; `aacquire` for asyncio.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.errors import InsufficientMemory
 from launcher.server import ModelServer, ServerOptions, ServerSpec
 
 log = logging.getLogger("chorus.pool")
@@ -124,7 +124,11 @@ class ServerPool:
             self.release(server)
 
     def _start(self, spec: ServerSpec) -> ModelServer:
-        self._make_room(spec)
+        """Start `spec` once admitted: the admission (the runtime's scheduler) may stop idle servers first;
+        the pool itself never chooses what to stop."""
+        with self._lock:
+            running = [e.server for e in self._entries.values()]
+        self.fit_check(spec, running)
         server = ModelServer(spec, self.binary, self.logs_dir, self.options)
         with self._lock:
             self.starts += 1
@@ -132,30 +136,24 @@ class ServerPool:
                  spec.n_gpu_layers, spec.slots)
         return server.start()
 
-    def _make_room(self, spec: ServerSpec) -> None:
-        """Run the fit check; on refusal stop idle servers, least recently used first, and retry."""
-        while True:
-            with self._lock:
-                running = [e.server for e in self._entries.values()]
-            try:
-                self.fit_check(spec, running)
-                return
-            except InsufficientMemory:
-                victim = self._lru_idle()
-                if victim is None:
-                    raise
-                log.info("stopping idle '%s' to make room for '%s'", victim.model, spec.model)
-                self.stop(victim)
-
     def is_idle(self, server: ModelServer) -> bool:
         """Whether `server` is in the pool and nobody is using it (so it may be stopped to make room)."""
         with self._lock:
             return any(e.server is server and e.in_use == 0 for e in self._entries.values())
 
-    def _lru_idle(self) -> ModelServer | None:
+    def last_used(self, server: ModelServer) -> float:
+        """When `server` was last handed out or given back (monotonic): the least recently used stops first."""
         with self._lock:
-            idle = [e for e in self._entries.values() if e.in_use == 0]
-            return min(idle, key=lambda e: e.last_used).server if idle else None
+            return next((e.last_used for e in self._entries.values() if e.server is server), 0.0)
+
+    def pin(self, server: ModelServer) -> bool:
+        """Hold `server` as in use (a wave counts on it) so no other admission stops it; False if gone."""
+        with self._lock:
+            for entry in self._entries.values():
+                if entry.server is server:
+                    entry.in_use += 1
+                    return True
+            return False
 
     # -- stopping
     def stop(self, server: ModelServer) -> None:

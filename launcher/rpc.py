@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.errors import ChorusError, ServerError, ServerStartError
+from launcher.errors import ChorusError, ServerError, ServerStartError, connection_reason
 from launcher.units import MiB, fmt_bytes
 
 PROTO_MAJOR = 7
@@ -43,11 +43,11 @@ _ENDPOINT = re.compile(r"^(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d
 class RpcError(ChorusError):
     """A worker could not be asked (unreachable, not an rpc-server, another protocol version)."""
 
-    def __init__(self, worker: str, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, worker: str, message: str, *, hint: str | None = None, detail: str | None = None) -> None:
         super().__init__(f"RPC worker {worker}: {message}",
                          hint=hint or f"Is `chorus worker` running on {worker}, and is the port reachable?")
         self.worker = worker
-        self.detail = message
+        self.detail = message if detail is None else detail  # callers that add "no answer" get the reason only
 
 
 class RpcWorkerShort(ChorusError):
@@ -88,11 +88,45 @@ class WorkerMemory:
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """'host:port' -> (host, port); ValueError for anything else (llama-server splits on ':' the same way)."""
+    """'host:port' -> (host, port); ValueError for anything else (llama-server splits on ':' the same way).
+
+    The host must be an IPv4 address, a bracketed IPv6 address or a host name by RFC 1123: `999.1.1.1`
+    passed the pattern before and only failed, obscurely, when llama-server tried to connect.
+    """
     m = _ENDPOINT.match(endpoint.strip())
     if not m or not 0 < int(m.group("port")) < 65536:
         raise ValueError(f"'{endpoint}' is not host:port (e.g. 192.168.1.20:50052)")
-    return m.group("host").strip("[]"), int(m.group("port"))
+    host = m.group("host")
+    problem = _host_problem(host)
+    if problem is not None:
+        raise ValueError(f"'{endpoint}': {problem} (e.g. 192.168.1.20:50052 or gpu-box.lan:50052)")
+    return host.strip("[]"), int(m.group("port"))
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why `host` is not an address or a host name, or None when it is one."""
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host} is not an IPv6 address"
+        return None
+    if re.fullmatch(r"[0-9.]+", host):  # all digits and dots: an IPv4 address or nothing
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host} is not an IPv4 address (four numbers 0-255 separated by dots)"
+        return None
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        return (f"{host!r} is not a host name (letters, digits and '-' in dot-separated parts of at most 63 "
+                "characters, none starting or ending with '-')")
+    if labels[-1].isdigit():
+        return f"{host!r} is neither an IPv4 address nor a host name (a name's last part is not all digits)"
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -143,7 +177,8 @@ def query_memory(endpoint: str, *, timeout_s: float = 3.0) -> WorkerMemory:
     except RpcError:
         raise
     except (OSError, ConnectionError, struct.error) as exc:
-        raise RpcError(endpoint, f"no answer ({exc or type(exc).__name__})") from None
+        reason = connection_reason(exc)
+        raise RpcError(endpoint, f"no answer: {reason}", detail=reason) from None
     return WorkerMemory(endpoint, f"{major}.{minor}.{patch}", free, total)
 
 

@@ -3,7 +3,10 @@
 The server runs out of process so a crash or an out-of-memory kill takes down only that model.
 Children die with chorus: PR_SET_PDEATHSIG in the child, plus atexit and signal cleanup here. Each
 server leads its own process group and is stopped as a group, so a `llama_server:` wrapper script
-that does not `exec` cannot leave the real server behind.
+that does not `exec` cannot leave the real server behind. PR_SET_PDEATHSIG reaches only that wrapper when
+chorus is killed with SIGKILL, so each server is recorded (`launcher/state.py`) by the pid that listens on its
+port and by its group, from the moment it is spawned; `chorus ps`/`stop` find it, and every start first stops
+the recorded servers whose chorus is gone.
 
 Each start writes its own log, `<logs_dir>/<model>-<port>.log` (llama-server's stdout and stderr). Before a
 start the model's older logs are pruned (`prune_server_logs`): the newest `log_keep` (5) per model stay, each
@@ -54,6 +57,7 @@ from launcher.errors import (
     ServerStartError,
     ServerStartTimeout,
 )
+from launcher.state import group_members
 
 # llama-server keeps up to 32 copies of a slot's SWA cache by default (1.4 GiB for the demo at 32k x 3 slots),
 # outside what the fit check admitted; chorus keeps a few and the memory estimate counts them.
@@ -226,25 +230,29 @@ _LIVE: weakref.WeakSet[ModelServer] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> None:
     """In a child between fork and exec: get `sig` when the thread that forked it exits (Linux only).
 
-    This covers a parent killed with SIGKILL, where no handler or atexit of the parent can run.
+    This covers a parent killed with SIGKILL, where no handler or atexit of the parent can run. `parent`, the
+    forking process's pid: if it died before the prctl took effect (we were reparented already), `sig` now.
     """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if parent is not None and os.getppid() != parent:
+            os.kill(os.getpid(), sig)
 
 
-def own_group_dying_with_parent(sig: int = signal.SIGKILL) -> None:
-    """preexec_fn for helper processes (Streamlit, a benchmark's baseline server): own group, dies with us."""
-    die_with_parent(sig)
+def own_group_dying_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """preexec_fn for helper processes (Streamlit, a benchmark's baseline server): own group, dies with us.
+    `parent`: our pid, taken before the fork (see die_with_parent)."""
+    die_with_parent(sig, parent)
     os.setpgid(0, 0)
 
 
-def _child_setup(rlimit_as: int | None) -> None:  # runs in the child between fork and exec
-    die_with_parent(signal.SIGKILL)
+def _child_setup(rlimit_as: int | None, parent: int) -> None:  # runs in the child between fork and exec
+    die_with_parent(signal.SIGKILL, parent)
     os.setpgid(0, 0)  # its own group: a Ctrl-C in the terminal reaches chorus, and stop() signals the group
     if rlimit_as is not None:
         import resource
@@ -255,24 +263,6 @@ def _child_setup(rlimit_as: int | None) -> None:  # runs in the child between fo
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group `pgid`: a wrapper's children stay in it."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return []
-    except PermissionError:
-        pass
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (OSError, psutil.Error):
-            continue
-    return members
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
@@ -374,6 +364,8 @@ class ModelServer:
         self.key_path = self.runtime_dir / f"key-{os.getpid()}-{secrets.token_hex(6)}"
         self.port: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
+        self.listen_pid: int | None = None   # the process on the port: the real server behind a wrapper script
+        self._record_pid: int | None = None  # the pid our `running/` record is filed under
         self.log_path: Path | None = None
         self.started_at: float | None = None
         self.ready_s: float | None = None
@@ -489,6 +481,7 @@ class ModelServer:
             self.key_path.unlink()
 
     def _spawn(self, port: int) -> None:
+        self._sweep_orphans()
         log_fd = self._prepare_files(port)
         self.port = port
         self._stopping = False
@@ -497,10 +490,11 @@ class ModelServer:
         env.pop("LLAMA_API_KEY", None)  # would add a key of the user's to ours
         cmd = self.command(port)
         rlimit = self.options.rlimit_as_bytes
+        parent = os.getpid()
 
         def spawn() -> subprocess.Popen[bytes]:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
-                                    env=env, close_fds=True, preexec_fn=lambda: _child_setup(rlimit))
+                                    env=env, close_fds=True, preexec_fn=lambda: _child_setup(rlimit, parent))
 
         self.started_at = time.monotonic()
         try:
@@ -514,6 +508,7 @@ class ModelServer:
             os.close(log_fd)
         with _LIVE_LOCK:
             _LIVE.add(self)
+        self._write_state(self.process.pid)  # recorded while it loads: a kill -9 of chorus now leaves a trace
 
     def _wait_ready(self) -> None:
         deadline = self.options.startup_timeout_s
@@ -533,7 +528,7 @@ class ModelServer:
         state = retryer(probe)
         if state == "ready":
             self.ready_s = time.monotonic() - (self.started_at or time.monotonic())
-            self._write_state()
+            self._record_listener()
             return
         if state == "dead":
             raise self.failure(starting=True)
@@ -580,23 +575,55 @@ class ModelServer:
                 stop_process_group(proc, self.options.stop_grace_s if grace_s is None else grace_s)
             with _LIVE_LOCK:
                 _LIVE.discard(self)
-            if self.options.state_dir and proc is not None:
-                state.remove_record(self.options.state_dir, proc.pid)
+            self._forget_state()
             self._remove_key_file()
 
-    def _write_state(self) -> None:
-        """Record the server for `chorus ps`; a record that cannot be written costs only that listing."""
+    def _sweep_orphans(self) -> None:
+        """Stop the recorded servers whose chorus is gone (killed with -9: a wrapper's child outlived it)."""
+        if self.options.state_dir is None:
+            return
+        try:
+            swept = state.sweep_orphans(self.options.state_dir, grace_s=min(self.options.stop_grace_s, 5.0))
+        except OSError as exc:
+            log.debug("cannot sweep orphaned servers in %s: %s", self.options.state_dir, exc)
+            return
+        for record, result in swept:
+            if result in ("stopped", "killed"):
+                log.warning("%s an orphaned llama-server of '%s' (pid %d, port %d) left by chorus pid %d, which is "
+                            "gone", result, record.model, record.pid, record.port, record.owner_pid)
+
+    def _record_listener(self) -> None:
+        """File the server under the pid listening on its port (behind a non-exec wrapper: the wrapper's child)."""
+        if self.process is None or self.port is None:
+            return
+        leader = self.process.pid
+        self.listen_pid = state.listener(self.port, [leader, *group_members(leader)]) or leader
+        self._write_state(self.listen_pid)
+
+    def _write_state(self, pid: int) -> None:
+        """Record the server for `chorus ps`, `chorus stop` and the orphan sweep under `pid`, in the group chorus
+        made for it; a record that cannot be written costs only that listing."""
         if self.options.state_dir is None or self.process is None or self.port is None:
             return
         s = self.spec
         try:
             _private_dir(self.options.state_dir, tighten=True)
             state.write_record(self.options.state_dir, state.ServerRecord(
-                pid=self.process.pid, port=self.port, model=s.model, model_path=str(s.model_path),
+                pid=pid, port=self.port, model=s.model, model_path=str(s.model_path),
                 n_ctx=s.n_ctx, n_gpu_layers=s.n_gpu_layers, slots=s.slots, owner_pid=os.getpid(),
-                started_at=time.time(), log_path=str(self.log_path) if self.log_path else None))
+                started_at=time.time(), log_path=str(self.log_path) if self.log_path else None,
+                pgid=self.process.pid, create_time=state.start_time(pid), owner_create_time=state.own_start_time()))
         except OSError as exc:
             log.warning("cannot record the server for `chorus ps` in %s: %s", self.options.state_dir, exc)
+            return
+        if self._record_pid is not None and self._record_pid != pid:
+            state.remove_record(self.options.state_dir, self._record_pid)
+        self._record_pid = pid
+
+    def _forget_state(self) -> None:
+        if self.options.state_dir is not None and self._record_pid is not None:
+            state.remove_record(self.options.state_dir, self._record_pid)
+        self._record_pid = None
 
     def _reap(self) -> None:
         if self.process is not None:
@@ -604,6 +631,7 @@ class ModelServer:
                 stop_process_group(self.process, 1.0)
         with _LIVE_LOCK:
             _LIVE.discard(self)
+        self._forget_state()
 
     @property
     def stopped_by_us(self) -> bool:
@@ -623,7 +651,7 @@ class ModelServer:
         if not self.is_alive():
             return None
         try:
-            return int(psutil.Process(self.pid).memory_info().rss)
+            return int(psutil.Process(self.listen_pid or self.pid).memory_info().rss)
         except psutil.Error:
             return None
 

@@ -1,12 +1,22 @@
-"""Records of running servers on disk, so `chorus ps` and `chorus stop` in another terminal find them."""
+"""Records of running servers on disk, so `chorus ps` and `chorus stop` in another terminal find them, and the
+next start stops the servers a killed chorus left behind.
+
+A record names the process that listens on the server's port, which behind a `llama_server:` wrapper script
+that does not `exec` is the wrapper's child, not the process chorus started; plus the process group chorus made
+for it (the wrapper's children stay in it) and the start times that tell these processes, and the chorus that
+owns them, from later processes that reuse their pids. PR_SET_PDEATHSIG reaches only the wrapper when chorus is
+killed with SIGKILL: its child lives on with parent 1, and `sweep_orphans` (run before every start) stops it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,10 +25,13 @@ import psutil
 
 from launcher.fileio import write_text_atomic
 
+_START_SLACK_S = 5.0     # a process created later than its record (plus this) is another one on a reused pid
+_SAME_START_S = 1.0      # psutil start times of one process agree to the clock tick
+
 
 @dataclass
 class ServerRecord:
-    pid: int
+    pid: int                 # the process listening on `port`: the real llama-server, also behind a wrapper
     port: int
     model: str
     model_path: str
@@ -28,12 +41,19 @@ class ServerRecord:
     owner_pid: int
     started_at: float
     log_path: str | None = None
+    pgid: int | None = None                 # the group chorus made for it; None in records of older versions
+    create_time: float | None = None        # psutil's start time of `pid`
+    owner_create_time: float | None = None  # and of `owner_pid`
 
     def rss_bytes(self) -> int | None:
         try:
             return int(psutil.Process(self.pid).memory_info().rss)
         except psutil.Error:
             return None
+
+    def owner_alive(self) -> bool:
+        """Whether the chorus process that started the server still runs (not another one on its pid)."""
+        return _alive_as(self.owner_pid, self.owner_create_time)
 
 
 def record_path(state_dir: Path, pid: int) -> Path:
@@ -51,6 +71,69 @@ def remove_record(state_dir: Path, pid: int) -> None:
         record_path(state_dir, pid).unlink()
 
 
+# ---------------------------------------------------------------- processes
+
+def start_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+@functools.cache
+def own_start_time() -> float | None:
+    return start_time(os.getpid())
+
+
+def _alive_as(pid: int, created: float | None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return created is None or abs(proc.create_time() - created) < _SAME_START_S
+    except psutil.Error:
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`: a wrapper's children stay in it."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def _listens(pid: int, port: int) -> bool:
+    try:
+        connections = psutil.Process(pid).net_connections(kind="inet")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
+
+
+def listener(port: int, near: Iterable[int] = ()) -> int | None:
+    """The pid that listens on TCP `port`: looked for among `near` first (the server's group), then among every
+    process this user may inspect (a wrapper's child that left the group). None if none is found."""
+    for pid in near:
+        if _listens(pid, port):
+            return pid
+    with contextlib.suppress(psutil.Error, OSError):
+        for c in psutil.net_connections(kind="inet"):
+            if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+                return int(c.pid)
+    return None
+
+
 def _is_llama_server(pid: int) -> bool:
     try:
         proc = psutil.Process(pid)
@@ -59,8 +142,36 @@ def _is_llama_server(pid: int) -> bool:
         return False
 
 
+def process_of(record: ServerRecord) -> psutil.Process | None:
+    """The live server `record` names, or None. Its pid counts while it is the recorded process (same start
+    time; records of older versions: a llama-server started before the record). Else, when that process is
+    gone (a wrapper killed before its server was ready), a member of the recorded group started since: the one
+    listening on the port, or the oldest."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(record.pid)
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            if record.create_time is not None and abs(proc.create_time() - record.create_time) < _SAME_START_S:
+                return proc
+            if (record.create_time is None and _is_llama_server(record.pid)
+                    and proc.create_time() <= record.started_at + _START_SLACK_S):
+                return proc
+    if record.pgid is None:
+        return None
+    members: list[psutil.Process] = []
+    for pid in group_members(record.pgid):
+        with contextlib.suppress(psutil.Error):
+            member = psutil.Process(pid)
+            if member.create_time() >= record.started_at - _START_SLACK_S:
+                members.append(member)
+    listening = [m for m in members if _listens(m.pid, record.port)]
+    if listening:
+        return listening[0]
+    return min(members, key=lambda m: m.create_time(), default=None)
+
+
 def list_running(state_dir: Path) -> list[ServerRecord]:
-    """Live servers; records of dead ones (a crash, a kill -9 of chorus) are cleaned up on the way."""
+    """Live servers; records of dead ones (a crash, a kill -9 of chorus) are cleaned up on the way, and a record
+    whose process has gone while its group's server lives on is rewritten to name that server."""
     out: list[ServerRecord] = []
     if not Path(state_dir).is_dir():
         return out
@@ -71,92 +182,79 @@ def list_running(state_dir: Path) -> list[ServerRecord]:
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
-        if _is_llama_server(record.pid):
-            out.append(record)
-        else:
+        proc = process_of(record)
+        if proc is None:
             with contextlib.suppress(OSError):
                 path.unlink()
+            continue
+        if proc.pid != record.pid:
+            record.pid, record.create_time = proc.pid, start_time(proc.pid)
+            with contextlib.suppress(OSError):
+                write_record(Path(state_dir), record)
+                path.unlink()
+        out.append(record)
     return out
 
 
 StopResult = Literal["stopped", "killed", "gone", "not ours"]
-_START_SLACK_S = 5.0  # a process created later than its record (plus this) is another one on a reused pid
 
 
-def _same_server(record: ServerRecord) -> psutil.Process | None:
-    """The recorded server's process if it is still that llama-server, run by this user; else None."""
-    try:
-        proc = psutil.Process(record.pid)
-        if proc.status() == psutil.STATUS_ZOMBIE or "llama-server" not in " ".join(proc.cmdline()[:1]):
-            return None
-        if proc.create_time() > record.started_at + _START_SLACK_S:
-            return None
-        return proc
-    except psutil.Error:
-        return None
-
-
-def _signal(record: ServerRecord, group: bool, sig: int) -> None:
+def _signal(target: int, group: bool, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if group:
-            os.killpg(record.pid, sig)
+            os.killpg(target, sig)
         else:
-            os.kill(record.pid, sig)
+            os.kill(target, sig)
 
 
-def _group_alive(pid: int, group: bool) -> bool:
-    try:
-        if group:
-            os.killpg(pid, 0)
-        else:
-            os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if not group:
-        with contextlib.suppress(psutil.Error):
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        return False
-    members = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(OSError, psutil.Error):
-            if os.getpgid(proc.pid) == pid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-    return bool(members)
+def _group_alive(target: int, group: bool) -> bool:
+    if group:
+        return bool(group_members(target))
+    return _alive_as(target, None)
 
 
 def stop_recorded(state_dir: Path, record: ServerRecord, grace_s: float = 5.0) -> StopResult:
-    """Stop a server another chorus process started (`chorus stop`): SIGTERM to its process group, SIGKILL
-    to what is left after `grace_s`; its record is removed.
+    """Stop a server another chorus process started (`chorus stop`, the orphan sweep): SIGTERM to its process
+    group, SIGKILL to what is left after `grace_s`; its record is removed.
 
-    Only the process the record names is touched, and only while it is still that llama-server of this user
-    (a pid reused since is left alone). The group is signalled only when the server leads it, as chorus
-    starts it, so a stray record can never signal the group of the shell or of chorus itself.
+    Only the process the record names is touched, and only while it is still that server of this user (a pid
+    reused since is left alone). Its group is signalled only when it is still in the group recorded for it
+    (records of older versions: when it leads its group, as chorus starts it) and that is not our own group,
+    so a stray record can never signal the group of the shell or of chorus itself.
     """
-    proc = _same_server(record)
+    proc = process_of(record)
     if proc is None:
         remove_record(state_dir, record.pid)
         return "gone"
     with contextlib.suppress(psutil.Error):
         if proc.uids().real != os.getuid():
             return "not ours"
+    pgid = record.pgid if record.pgid is not None else proc.pid
     try:
-        group = os.getpgid(record.pid) == record.pid
+        group = os.getpgid(proc.pid) == pgid and pgid != os.getpgrp()
     except ProcessLookupError:
         remove_record(state_dir, record.pid)
         return "gone"
-    _signal(record, group, signal.SIGTERM)
-    _signal(record, group, signal.SIGCONT)  # a stopped (SIGSTOP) server holds SIGTERM until continued
+    target = pgid if group else proc.pid
+    _signal(target, group, signal.SIGTERM)
+    _signal(target, group, signal.SIGCONT)  # a stopped (SIGSTOP) server holds SIGTERM until continued
     deadline = time.monotonic() + grace_s
-    while _group_alive(record.pid, group) and time.monotonic() < deadline:
+    while _group_alive(target, group) and time.monotonic() < deadline:
         time.sleep(0.05)
     result: StopResult = "stopped"
-    if _group_alive(record.pid, group):
-        _signal(record, group, signal.SIGKILL)
+    if _group_alive(target, group):
+        _signal(target, group, signal.SIGKILL)
         result = "killed"
         deadline = time.monotonic() + 5
-        while _group_alive(record.pid, group) and time.monotonic() < deadline:
+        while _group_alive(target, group) and time.monotonic() < deadline:
             time.sleep(0.02)
     remove_record(state_dir, record.pid)
+    remove_record(state_dir, proc.pid)
     return result
+
+
+def sweep_orphans(state_dir: Path, grace_s: float = 5.0) -> list[tuple[ServerRecord, StopResult]]:
+    """Stop every recorded server whose chorus is gone (killed with SIGKILL: no cleanup of ours ran, and a
+    wrapper's child outlives PR_SET_PDEATHSIG). Returns what was stopped, and how."""
+    return [(record, stop_recorded(state_dir, record, grace_s))
+            for record in list_running(state_dir) if not record.owner_alive()]

@@ -79,20 +79,15 @@ class _Column:
 
 
 def memory_columns(plan: MemoryPlan) -> list[_Column]:
-    """Every wave of every stage, then its synthesis, with the local servers each one starts."""
+    """Every wave of every stage, then its synthesis, with the servers each one starts or reuses (the
+    slots the scheduler decided for that wave)."""
     columns: list[_Column] = []
     for stage in plan.stages:
-        by_label = {label: m for m in stage.models for label in m.labels}
-        for i, wave in enumerate(stage.waves, 1):
-            servers: list[ServerNeed] = []
-            for label in wave:
-                need = by_label.get(label)
-                if need is not None and need not in servers:
-                    servers.append(need)
-            columns.append(_column(stage, str(i), list(wave), servers))
-        syn = stage.synthesis
-        if syn is not None and not syn.remote and syn.source != "unavailable":
-            columns.append(_column(stage, "synthesis", list(syn.labels), [syn]))
+        for i, wave in enumerate(stage.detail, 1):
+            columns.append(_column(stage, str(i), list(wave.labels), list(wave.servers)))
+        syn, syn_wave = stage.synthesis, stage.synthesis_wave
+        if syn is not None and syn_wave is not None and not syn.remote and syn.source != "unavailable":
+            columns.append(_column(stage, "synthesis", list(syn_wave.labels), list(syn_wave.servers)))
     return columns
 
 

@@ -83,6 +83,9 @@ class StageRecord:
     params: dict[str, Any] = field(default_factory=dict)
     execution: str = ""
     waves: list[list[str]] = field(default_factory=list)
+    # per wave, as the scheduler decided it when the wave ran: its servers (model, labels, slots, started
+    # or warm), the warm servers stopped before it, and its need vs what was usable
+    wave_servers: list[dict[str, Any]] = field(default_factory=list)
     responses: list[ResponseRecord] = field(default_factory=list)
     aggregation: AggregationRecord | None = None
     output: str = ""

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from launcher.admission import MemoryGuard
+from launcher.admission import Demand, MemoryGuard, MemoryState, Schedule
 from launcher.binary import find_llama_server
 from launcher.calibration import CalibrationCache
 from launcher.client import Endpoint
@@ -18,6 +18,7 @@ from launcher.cpus import usable_cores
 from launcher.errors import ChorusError
 from launcher.memory import MemoryProbe, SystemProbe
 from launcher.pool import ServerPool
+from launcher.schedule import Wave
 from launcher.server import ModelServer, ServerOptions, ServerSpec
 from orchestrator.config.registry import ModelRecord, Registry
 from orchestrator.config.schema import ChorusConfig, PipelineSpec
@@ -52,6 +53,7 @@ class Runtime:
         self.config = config
         self.registry = registry or Registry(config)
         self._lock = threading.RLock()
+        self._admit_lock = threading.RLock()  # one wave's stops and admissions at a time
         self._probe = probe
         self._calibration = calibration
         self._binary: Path | None = None
@@ -94,7 +96,7 @@ class Runtime:
                 s = self.config.app.server
                 self._pool = CalibratingPool(self.binary, self.config.app.logs_dir, options=self.server_options(),
                                              idle_timeout_s=s.idle_timeout_s, idle_timeout_for=self._keep_alive,
-                                             fit_check=self.memory_guard.check_fit, guard=self.memory_guard)
+                                             fit_check=self._admit, guard=self.memory_guard)
             return self._pool
 
     def _keep_alive(self, spec: ServerSpec) -> float | None:
@@ -111,26 +113,70 @@ class Runtime:
         return self._pool.servers() if self._pool is not None else []
 
     def is_idle(self, server: ModelServer) -> bool:
-        """A pool server nobody uses now: the memory plan may stop it to make room."""
+        """A pool server nobody uses now: the scheduler may stop it to make room."""
         return self._pool is not None and self._pool.is_idle(server)
 
-    def make_room(self, specs: list[ServerSpec]) -> list[str]:
-        """Stop the idle servers (least recently used first) that `specs` need the room of, before they
-        start together; returns the models stopped."""
-        if self._pool is None or not specs:
-            return []
-        try:
-            fit = self.memory_guard.plan([specs], self._pool.servers(), evictable=self.is_idle)
-        except ChorusError as exc:  # no estimate (a file gone since registration): the start reports it
-            log.info("no memory plan for %s: %s", ", ".join(s.model for s in specs), exc)
-            return []
-        stopped = []
-        for server in fit.groups[0].evict:
-            if self._pool.is_idle(server):
-                log.info("stopping idle '%s' to make room for %s", server.model, ", ".join(s.model for s in specs))
-                self._pool.stop(server)
-                stopped.append(server.model)
-        return stopped
+    # ---------------------------------------------------------------- the scheduler: one admission point
+
+    def memory_state(self) -> MemoryState:
+        """The scheduler's view now: the pool's servers once each (idle or not, last use), usable memory."""
+        pool = self._pool
+        return self.memory_guard.state(self.running_servers(), idle=self.is_idle,
+                                       last_used=pool.last_used if pool is not None else None)
+
+    def schedule(self, demands: list[Demand], state: MemoryState | None = None) -> Schedule:
+        """Waves, slots and stops for `demands`, from `state` (a what-if's) or from the live state now."""
+        return self.memory_guard.schedule(demands, state if state is not None else self.memory_state())
+
+    def begin_wave(self, wave: Wave) -> list[ModelServer]:
+        """Execute a wave's decision: stop its idle servers, pin the warm ones it reuses, admit its new ones
+        together (InsufficientMemory, need vs have, when memory changed since it was decided). Returns the
+        pinned servers, for `end_wave`."""
+        pool = self.pool
+        with self._admit_lock:
+            for warm in wave.stop:
+                server = warm.holding.server
+                if isinstance(server, ModelServer) and pool.is_idle(server):
+                    log.info("stopping idle '%s' to make room for %s", server.model,
+                             ", ".join(p.spec.model for p in wave.new) or "the wave")
+                    pool.stop(server)
+            pinned = [w.holding.server for p in wave.placements if (w := p.reuse) is not None
+                      and isinstance(w.holding.server, ModelServer) and pool.pin(w.holding.server)]
+            try:
+                self.memory_guard.reserve([p.spec for p in wave.new], pool.servers())
+            except BaseException:
+                for server in pinned:
+                    pool.release(server)
+                raise
+        return [s for s in pinned if isinstance(s, ModelServer)]
+
+    def end_wave(self, wave: Wave, pinned: list[ModelServer]) -> None:
+        """The wave is over: unpin its warm servers; an admitted start that never ran stops counting."""
+        for server in pinned:
+            self.pool.release(server)
+        for p in wave.new:
+            self.memory_guard.forget(p.spec)
+
+    def _admit(self, spec: ServerSpec, running: list[ModelServer]) -> None:
+        """The pool's admission for a start: a start a wave reserved goes ahead; any other (one server: a
+        proxied model, an embedder, a retry) is scheduled as a wave of its own, by the same scheduler."""
+        guard = self.memory_guard
+        if guard.reserved(spec):
+            return
+        with self._admit_lock:
+            try:
+                sched = self.schedule([Demand(spec, spec.slots)])
+            except ChorusError as exc:  # no estimate: the start reports the file's own error
+                log.info("no memory plan for '%s': %s", spec.model, exc)
+                return
+            pool = self.pool
+            if sched.waves:
+                for warm in sched.waves[0].stop:
+                    server = warm.holding.server
+                    if isinstance(server, ModelServer) and pool.is_idle(server):
+                        log.info("stopping idle '%s' to make room for '%s'", server.model, spec.model)
+                        pool.stop(server)
+            guard.check_fit(spec, pool.servers())
 
     def machine(self) -> Machine:
         guard = self.memory_guard

@@ -45,6 +45,8 @@ from tests.conftest import REPO, ConfigDir
 
 # ---------------------------------------------------------------- unit: the app on the fake backend
 
+LOCAL = "http://127.0.0.1"  # a loopback Host: the keyless API on loopback answers no other name
+
 BASE_PIPELINE = {
     "name": "base", "description": "draft, then two reviews merged by synthesis",
     "defaults": {"temperature": 0.7, "max_tokens": 50},
@@ -80,7 +82,7 @@ def config(tmp_path: Path) -> Path:
 def make_client(config: Path, backend: FakeBackend | None = None, **settings: Any) -> TestClient:
     runtime = Runtime(load_config(config))
     app = create_app(runtime, ApiSettings(**settings), backend_factory=(lambda: backend) if backend else None)
-    return TestClient(app)
+    return TestClient(app, base_url=LOCAL)
 
 
 def chat(model: str, question: str = "Why is the sky blue?", **fields: Any) -> dict[str, Any]:
@@ -187,6 +189,17 @@ def test_stream_sends_the_final_stage_as_content_and_progress_as_chorus_events(c
     finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finish[-1]["chorus"]["status"] == "completed"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+
+
+@pytest.mark.parametrize("events", ["progress", "tokens", "none"])
+def test_stream_sends_run_started_exactly_once_with_session_and_stages(config: Path, events: str) -> None:
+    backend = FakeBackend(default=Script(replies))
+    with make_client(config, backend) as client:
+        r = client.post("/v1/chat/completions", json=chat("chorus/base", stream=True, chorus={"events": events}))
+    assert r.status_code == 200, r.text
+    started = [c["chorus"] for c in sse_items(r.text)[:-1] if c.get("chorus", {}).get("type") == "run_started"]
+    assert started == [{"type": "run_started", "pipeline": "base", "mode": "base", "stages": ["draft", "review"],
+                        "session_id": r.headers["X-Chorus-Session"]}]
 
 
 def test_stream_can_carry_every_stage_token_as_events(config: Path) -> None:
@@ -376,7 +389,7 @@ def proxied_client(config: Path, handler: Any) -> tuple[TestClient, list[dict]]:
 
     runtime = Runtime(load_config(config))
     proxy = ModelProxy(runtime, client=httpx.AsyncClient(transport=httpx.MockTransport(record)))
-    return TestClient(create_app(runtime, ApiSettings(), proxy=proxy)), sent
+    return TestClient(create_app(runtime, ApiSettings(), proxy=proxy), base_url=LOCAL), sent
 
 
 def test_a_model_request_is_forwarded_as_sent_and_answered_under_its_name(config: Path) -> None:

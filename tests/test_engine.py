@@ -172,7 +172,7 @@ def test_a_stage_that_fits_runs_its_calls_concurrently(registry: Registry) -> No
 
 def test_a_stage_that_does_not_fit_runs_in_waves_one_at_a_time(registry: Registry) -> None:
     backend = FakeBackend(default=Script("x", delay_s=0.01),
-                          waves=lambda st: WavePlan(False, [[label] for label in st.labels], "ram: short"))
+                          waves=lambda calls: WavePlan(len(calls) <= 1, [[c.label] for c in calls], "ram: short"))
     record, events = run(plan_of(registry, three_reviewers(), mode="base"), backend)
     assert record.status == "completed"
     assert backend.peak_active == 1 and record.stages[1].waves == [["r1"], ["r2"], ["r3"]]
@@ -181,7 +181,7 @@ def test_a_stage_that_does_not_fit_runs_in_waves_one_at_a_time(registry: Registr
 
 def test_manual_mode_asks_before_waves_and_a_no_refuses_the_stage(registry: Registry) -> None:
     asked: list[str] = []
-    backend = FakeBackend(waves=lambda st: WavePlan(False, [[label] for label in st.labels], "ram: short"))
+    backend = FakeBackend(waves=lambda calls: WavePlan(len(calls) <= 1, [[c.label] for c in calls], "ram: short"))
 
     def decline(question: object) -> bool:
         asked.append(question.stage)  # type: ignore[attr-defined]
@@ -189,14 +189,15 @@ def test_manual_mode_asks_before_waves_and_a_no_refuses_the_stage(registry: Regi
 
     record, _ = run(plan_of(registry, three_reviewers()), backend, allow_sequential=decline)
     assert asked == ["review"]
-    assert record.status == "failed" and record.error and record.error["type"] == "StageRefused"
+    assert record.status == "cancelled" and record.error and record.error["type"] == "StageRefused"
     assert backend.requests == []  # asked before anything ran: the draft did not run either
 
 
 def test_a_model_that_does_not_fit_even_alone_refuses_the_run_before_anything_runs(registry: Registry) -> None:
-    backend = FakeBackend(waves=lambda st: WavePlan(False, [], "r3 does not fit even alone (ram: needs 9 GiB, "
-                                                               "2 GiB usable)", ["r3"]) if st.name == "review"
-                          else WavePlan(True, [st.labels]))
+    backend = FakeBackend(waves=lambda calls: WavePlan(False, [[c.label] for c in calls if c.label != "r3"],
+                                                       "r3 does not fit even alone (ram: needs 9 GiB, 2 GiB usable)",
+                                                       ["r3"]) if any(c.label == "r3" for c in calls)
+                          else WavePlan(True, [[c.label for c in calls]]))
     record, events = run(plan_of(registry, three_reviewers(), mode="base"), backend)
     assert record.status == "failed" and record.error and record.error["type"] == "RunRefused"
     assert "needs 9 GiB, 2 GiB usable" in record.error["message"] and record.stages == []

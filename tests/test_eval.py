@@ -407,6 +407,28 @@ def test_a_failed_run_counts_as_wrong_and_loses_without_asking_the_judge(eval_ru
     assert versus["second"].by_judge == {"win": 0, "tie": 1, "loss": 0}
 
 
+def test_resume_runs_a_failed_answer_again_and_judges_the_new_one(eval_runtime: Runtime) -> None:
+    """Issue #22 item 5: servers stopped under an eval (`chorus stop --all`) fail its runs; `eval resume`
+    tries those again, and the judge's default verdicts on the failed answers are replaced."""
+    from orchestrator.engine.fake import crash
+
+    broken = FakeBackend({"second": Script(crash("second"))}, default=Script(fake_model))
+    spec = build_spec(eval_runtime, two_model_pipeline(), judge="judge")
+    first = EvalRunner(eval_runtime, backend=broken)
+    eval_id = first.start(spec, QUESTIONS[:1], source="test")
+    report = first.run(eval_id)
+    assert {s.system: s.failed for s in report.systems} == {PIPELINE: 1, "gemma3-270m": 0, "second": 1}
+    healthy = FakeBackend(default=Script(fake_model))
+    resumed = EvalRunner(eval_runtime, backend=healthy).run(eval_id)
+    by_name = {s.system: s for s in resumed.systems}
+    assert by_name[PIPELINE].failed == 0 and by_name["second"].failed == 0 and by_name[PIPELINE].answered == 1
+    assert by_name[PIPELINE].judge_score is not None and by_name[PIPELINE].judge_score.mean == 7.0
+    assert {v.baseline: v.by_judge for v in resumed.versus}["gemma3-270m"] == {"win": 0, "tie": 1, "loss": 0}
+    # only the failed answers ran again: the gemma3-270m member's answer was kept
+    assert sorted({m for m, _ in healthy.requests} - {"judge"}) == ["gemma3-270m", "second"]
+    assert sum(1 for m, _ in healthy.requests if m == "gemma3-270m") == 1  # the pipeline's draft, not the member
+
+
 def test_cli_lists_and_shows_an_eval(eval_runtime: Runtime, config_dir: ConfigDir,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     runner = EvalRunner(eval_runtime, backend=FakeBackend(default=Script(fake_model)))

@@ -18,15 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from launcher.admission import MemoryGuard, combined_need
+from launcher.admission import Demand, MemoryGuard, Schedule, combined_need
 from launcher.calibration import CalibrationCache, Measurement, measure_server, parse_buffer_sizes
 from launcher.client import Endpoint, GenerationClient, GenerationRequest
 from launcher.errors import InsufficientMemory
 from launcher.estimate import EstimatorSettings, estimate_memory, kv_bytes_per_layer
+from launcher.fit import footprint, held
 from launcher.gguf import read_gguf
 from launcher.memory import FixedProbe, GpuMemory, SystemProbe, process_memory
-from launcher.pool import ServerPool
 from launcher.server import ModelServer, ServerOptions, ServerSpec
+from orchestrator.config.schema import load_config
+from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
 
 MiB = 1 << 20
@@ -259,9 +261,6 @@ def test_concurrent_starts_count_each_other_until_they_run(demo_model: Path) -> 
 
 def test_no_gpu_forces_n_gpu_layers_0_with_one_log_line(config_dir: ConfigDir,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    from orchestrator.config.schema import load_config
-    from orchestrator.runtime import Runtime
-
     cpu = Runtime(load_config(config_dir.path), probe=machine(8))
     with caplog.at_level(logging.INFO, logger="chorus.runtime"):
         assert cpu.server_spec("gemma3-270m").n_gpu_layers == 0  # models.yaml asks for 99
@@ -275,39 +274,81 @@ def test_no_gpu_forces_n_gpu_layers_0_with_one_log_line(config_dir: ConfigDir,
 # ---------------------------------------------------------------- planning
 
 
-def test_plan_packs_specs_that_do_not_fit_together_into_waves(demo_model: Path) -> None:
+def waves_of(sched: Schedule) -> list[list[int]]:
+    return [[p.demand for p in w.placements] for w in sched.waves]
+
+
+def test_scheduler_packs_servers_that_do_not_fit_together_into_waves(demo_model: Path) -> None:
     g0 = guard(machine())
-    specs = [spec(demo_model, n_ctx=c, slots=3) for c in (32768, 16384, 8192)]
+    specs = [spec(demo_model, n_ctx=c) for c in (32768, 16384, 8192)]
     pair = combined_need([g0.need(specs[0]), g0.need(specs[1])])["ram"]
     trio = combined_need([g0.need(s) for s in specs])["ram"]
     g = guard(machine(8, (pair + MiB) / GiB), margin_fraction=0, margin_fixed_bytes=0)
     assert pair < trio
-    plan = g.plan([specs])
-    group = plan.groups[0]
-    assert not group.fits_together and group.unfit == []
-    assert group.waves == [[0, 1], [2]] and plan.fits
-    together = guard(machine(8, (trio + MiB) / GiB), margin_fraction=0, margin_fixed_bytes=0).plan([specs])
-    assert together.groups[0].fits_together and together.groups[0].waves == [[0, 1, 2]]
-    alone = guard(machine(8, 0.1), margin_fraction=0, margin_fixed_bytes=0).plan([specs])
-    assert alone.groups[0].unfit == [0, 1, 2] and not alone.fits
+    demands = [Demand(s, 1) for s in specs]
+    sched = g.schedule(demands, g.state())
+    assert not sched.fits_together and sched.unfit == []
+    assert waves_of(sched) == [[0, 1], [2]]
+    roomy = guard(machine(8, (trio + MiB) / GiB), margin_fraction=0, margin_fixed_bytes=0)
+    together = roomy.schedule(demands, roomy.state())
+    assert together.fits_together and waves_of(together) == [[0, 1, 2]]
+    tiny = guard(machine(8, 0.1), margin_fraction=0, margin_fixed_bytes=0)
+    alone = tiny.schedule(demands, tiny.state())
+    assert [u.demand for u in alone.unfit] == [0, 1, 2] and alone.waves == []
 
 
-def test_plan_counts_running_servers_the_group_does_not_use_as_evictable(demo_model: Path) -> None:
+def test_scheduler_reuses_a_warm_server_and_stops_an_idle_one_it_does_not_use(demo_model: Path) -> None:
     g0 = guard(machine())
     idle = FakeServer(spec(demo_model, n_ctx=32768, slots=3))
     used = FakeServer(spec(demo_model, n_ctx=2048, slots=3))
-    wanted = [spec(demo_model, n_ctx=2048, slots=2), spec(demo_model, n_ctx=16384, slots=3)]
+    wanted = [Demand(spec(demo_model, n_ctx=2048, slots=2), 2), Demand(spec(demo_model, n_ctx=16384, slots=3), 3)]
     # room for the used server and the new one, not for the idle one as well
-    room = combined_need([g0.need(used.spec), g0.need(wanted[1])])["ram"] + MiB
+    room = combined_need([g0.need(used.spec), g0.need(wanted[1].spec)])["ram"] + MiB
     g = guard(machine(8, room / GiB), margin_fraction=0, margin_fixed_bytes=0)
-    plan = g.plan([wanted], [idle, used])
-    group = plan.groups[0]
-    assert group.specs[0].reused and not group.specs[1].reused  # 3 slots serve a request for 2
-    assert group.fits_together and group.evict == [idle]
-    assert plan.available.have()["ram"] < g.need(wanted[1]).anon_ram_bytes  # not without evicting
-    assert plan.evictable["ram"] >= g.need(idle.spec).anon_ram_bytes
-    pinned = g.plan([wanted], [idle, used], evictable=lambda s: s is not idle).groups[0]
-    assert not pinned.fits_together and pinned.unfit == [1]
+    sched = g.schedule(wanted, g.state([idle, used]))
+    assert sched.fits_together
+    wave = sched.waves[0]
+    first, second = wave.placements
+    assert first.reuse is not None and first.reuse.holding.server is used  # 3 slots serve a request for 2
+    assert second.starts and second.spec.slots == 3
+    assert [w.holding.server for w in wave.stop] == [idle]
+    assert g.state([idle, used]).have["ram"] < g.need(wanted[1].spec).anon_ram_bytes  # not without stopping it
+    # the idle one in use now (by another run): nothing may stop it, so the new server waits for the warm
+    # one to finish its calls, and then takes its room
+    busy = g.schedule(wanted, g.state([idle, used], idle=lambda s: s is not idle))
+    # (room for one slot of it then: three waves on that one server, started once)
+    assert waves_of(busy) == [[0], [1], [1], [1]] and busy.unfit == []
+    assert [w.holding.server for w in busy.waves[1].stop] == [used]
+    assert [p.starts for w in busy.waves[1:] for p in w.placements] == [True, False, False]
+
+
+def test_a_server_that_does_not_fit_with_all_its_slots_runs_with_fewer_then_reuses_them(demo_model: Path) -> None:
+    """Issue #22, shape 1: three calls of one model never split. They run as a 2-slot server, then 1 call
+    on the same (warm) server: no reload, and "does not fit even alone" is never said."""
+    g0 = guard(machine())
+    three, two = (g0.need(spec(demo_model, n_ctx=4096, slots=n)) for n in (3, 2))
+    assert footprint(two) < footprint(three)
+    g = guard(machine(8, (two.ram_bytes + MiB) / GiB), margin_fraction=0, margin_fixed_bytes=0)
+    sched = g.schedule([Demand(spec(demo_model, n_ctx=4096, slots=3), 3)], g.state())
+    assert sched.unfit == [] and len(sched.waves) == 2
+    first, second = sched.waves
+    assert [(p.spec.slots, p.calls, p.starts) for p in first.placements] == [(2, 2, True)]
+    assert [(p.spec.slots, p.calls, p.starts) for p in second.placements] == [(2, 1, False)]
+    assert second.stop == [] and second.need.get("ram", 0) == 0
+
+
+def test_a_warm_server_with_too_few_slots_is_restarted_bigger_when_that_fits(demo_model: Path) -> None:
+    g0 = guard(machine())
+    warm = FakeServer(spec(demo_model, n_ctx=4096, slots=1))
+    three = g0.need(spec(demo_model, n_ctx=4096, slots=3))
+    g = guard(machine(8, (three.ram_bytes + MiB) / GiB), margin_fraction=0, margin_fixed_bytes=0)
+    sched = g.schedule([Demand(spec(demo_model, n_ctx=4096, slots=3), 3)], g.state([warm]))
+    assert len(sched.waves) == 1
+    wave = sched.waves[0]
+    assert [w.holding.server for w in wave.stop] == [warm]
+    assert [(p.spec.slots, p.calls, p.starts) for p in wave.placements] == [(3, 3, True)]
+    busy = g.schedule([Demand(spec(demo_model, n_ctx=4096, slots=3), 3)], g.state([warm], idle=lambda s: False))
+    assert [len(w.placements) and w.placements[0].calls for w in busy.waves] == [1, 1, 1]  # in use: reused as is
 
 
 # ---------------------------------------------------------------- the budget device and the ledger
@@ -419,9 +460,6 @@ def test_estimate_matches_llama_cpp_buffers_and_measured_rss(llama_server_bin: P
 @pytest.mark.integration
 def test_runtime_calibrates_a_new_server_and_the_next_need_is_the_measurement(
         config_dir: ConfigDir, llama_server_bin: Path, tmp_path: Path) -> None:
-    from orchestrator.config.schema import load_config
-    from orchestrator.runtime import Runtime
-
     cache = CalibrationCache(tmp_path / "cal")
     rt = Runtime(load_config(config_dir.path), calibration=cache)
     try:
@@ -440,32 +478,35 @@ def test_runtime_calibrates_a_new_server_and_the_next_need_is_the_measurement(
 
 
 @pytest.mark.integration
-def test_pool_with_memory_guard_evicts_the_lru_idle_server_then_refuses(llama_server_bin: Path,
-                                                                        demo_model: Path, tmp_path: Path) -> None:
+def test_runtime_admission_stops_the_lru_idle_server_then_refuses(llama_server_bin: Path, demo_model: Path,
+                                                                 config_dir: ConfigDir, tmp_path: Path) -> None:
+    """The one eviction policy, through the pool's admission (a start no wave reserved): the scheduler
+    stops the least recently used idle server; with both in use, nothing is stopped and the start is refused."""
     a, b, c, d = (spec(demo_model, n_ctx=n) for n in (512, 768, 1024, 640))
-    est = guard(machine())
-    mapped = est.need(a).mapped_bytes
-    anon = {x.n_ctx: est.need(x).anon_ram_bytes for x in (a, b, c)}
-    # room for the weights once plus b and c of their own, and half of a: a+b fit, a+b+c do not
-    free = mapped + anon[768] + anon[1024] + anon[512] // 2
-    g = guard(FixedProbe(4 * GiB, free), margin_fraction=0, margin_fixed_bytes=0)
-    pool = ServerPool(llama_server_bin, tmp_path, options=ServerOptions(startup_timeout_s=60), fit_check=g.check_fit)
+    probe = FixedProbe(4 * GiB, 4 * GiB)
+    rt = Runtime(load_config(config_dir.path), probe=probe, calibration=CalibrationCache(tmp_path))
+    pool = rt.pool
     try:
         sa = pool.acquire(a)
         pool.release(sa)
         time.sleep(0.01)
         sb = pool.acquire(b)
         pool.release(sb)
+        # a and b up (and measured): room for c's own memory only once half of a's is given back
+        g = rt.memory_guard
+        up = held([w.holding for w in rt.memory_state().warm])["ram"]
+        margin = int(4 * GiB * 0.10) + 512 * MiB
+        probe.ram_available_bytes = margin + up + g.need(c).anon_ram_bytes - g.need(a).anon_ram_bytes // 2
         sc = pool.acquire(c)  # a is idle and least recently used: stopped to make room
         assert not sa.is_alive() and sb.is_alive() and sc.is_alive()
-        sb2 = pool.acquire(b)  # b and c both in use now: nothing can be evicted
+        sb2 = pool.acquire(b)  # b and c both in use now: nothing can be stopped
         assert sb2 is sb
         with pytest.raises(InsufficientMemory) as err:
             pool.acquire(d)
         assert err.value.need["ram"] > err.value.have["ram"]
         assert len(pool.servers()) == 2
     finally:
-        pool.shutdown()
+        rt.close()
 
 
 def test_chorus_plan_json_has_the_documented_keys(config_dir: ConfigDir) -> None:

@@ -146,7 +146,7 @@ def test_manual_stage_that_does_not_fit_is_refused_unless_sequential_is_allowed(
         return False
 
     record, _ = run(small_machine_runtime, two_model_stage(), engine={"allow_sequential": decline})
-    assert record.status == "failed" and record.error and record.error["type"] == "StageRefused"
+    assert record.status == "cancelled" and record.error and record.error["type"] == "StageRefused"
     assert asked and asked[0].waves == [["gemma3-270m"], ["second"]]
     assert small_machine_runtime.pool.starts == 0  # refused before any model loaded
 

@@ -65,7 +65,7 @@ def test_plan_stage_that_does_not_fit_runs_its_models_in_waves(config_dir: Confi
     pipeline = rt.config.load_pipeline()
     plan = plan_stage_memory(rt, rt.plan(pipeline).stage(1))
     assert not plan.fits_together and plan.waves == [["first"], ["second"]] and not plan.unfit
-    assert plan.reason.startswith("ram: ") and "2 waves" in plan.reason
+    assert plan.reason.startswith("all at once: ram: ") and "wave 2: second on second (1 slot" in plan.reason
     assert all(m.ram_bytes == one.ram_bytes for m in plan.models)
 
 

@@ -422,7 +422,7 @@ def test_the_api_serves_a_pipeline_with_a_retrieve_stage(tmp_path: Path) -> None
     DocStore.beside(tmp_path / "sessions").add("kb", [write_docs(tmp_path / "docs")])
     backend = FakeBackend(default=Script(lambda req: "port 8125 [1]" if "8125" in req.prompt else "no source"))
     app = create_app(Runtime(load_config(root)), ApiSettings(), backend_factory=lambda: backend)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # a loopback Host (DNS-rebinding guard)
         r = client.post("/v1/chat/completions", json={"model": "chorus/rag", "messages": [
             {"role": "user", "content": "Which port does the daemon listen on?"}]})
     assert r.status_code == 200, r.text
@@ -496,11 +496,12 @@ def _page(name: str):
 
 def test_documents_page_adds_a_folder_and_searches_it(ui_config: ConfigDir) -> None:
     docs = write_docs(ui_config.path.parent / "docs")
+    ui_config.write_app(docs={"allowed_roots": [str(docs)]})  # the page indexes only allowed folders (24.1)
     at = _page("documents")
     assert not at.exception and at.title[0].value == "Documents"
     at.text_input(key="docs-add-name").input("kb")
-    at.text_input(key="docs-add-path").input(str(docs))
-    at.button[0].click()  # the form's submit button
+    at.selectbox(key="docs-add-root").set_value(str(docs))
+    at.button(key="docs-add-submit").click()
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("3 added" in s.value for s in at.success)

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import streamlit as st
 
+from ui.auth import gate
+
 PAGES = Path(__file__).parent / "pages"
 
 st.set_page_config(page_title="chorus", page_icon=":material/queue_music:", layout="wide")
+gate()  # a UI with a token (`chorus ui` off loopback) runs no page until this session has given it
 page = st.navigation([
     st.Page(PAGES / "run.py", title="Run", icon=":material/play_arrow:", default=True),
     st.Page(PAGES / "results.py", title="Results", icon=":material/article:"),

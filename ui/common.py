@@ -23,6 +23,7 @@ from orchestrator.rag.retrieval import cited
 from orchestrator.records import StageRecord, error_text
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
+from ui.auth import gate
 from ui.params import overrides_form
 
 
@@ -37,7 +38,12 @@ def _runtime(config_dir: str | None) -> Runtime:
 
 
 def runtime() -> Runtime | None:
-    """The shared runtime, or None after showing the config error (the page still renders)."""
+    """The shared runtime, or None after showing the config error (the page still renders).
+
+    Every page needs it before it shows or does anything, so the sign-in gate is here too: Streamlit runs a
+    page of ui/pages/ straight, without app.py, when it is asked for before any st.navigation call.
+    """
+    gate()
     try:
         return _runtime(config_dir())
     except ChorusError as exc:

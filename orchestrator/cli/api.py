@@ -4,14 +4,14 @@ The orchestrator never imports a front end, so the app is started by name (`pyth
 api.app:create_app --factory`) in a child process that gets its own process group; SIGTERM, SIGINT and
 SIGHUP are passed on to it (uvicorn then finishes open answers briefly and stops the llama-servers), and
 it dies with us even on kill -9. Settings go to the child in its environment, the API key included (not
-on its command line, where `ps` would show it).
+on its command line, where `ps` would show it). The key itself comes from `--api-key-file`, `$CHORUS_API_KEY`
+or a prompt: `--api-key KEY` is refused, since `ps -ef` would show it for the server's life.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import ipaddress
 import os
 import signal
 import subprocess
@@ -21,8 +21,11 @@ from pathlib import Path
 from launcher.errors import ChorusError
 from launcher.server import own_group_dying_with_parent
 from orchestrator.cli.output import positive_int
+from orchestrator.cli.secret_input import SecretOnCommandLine, read_secret
 from orchestrator.cli.ui import supervise
+from orchestrator.config.hosts import allowed_host_entry, is_loopback
 from orchestrator.config.schema import default_config_dir, load_config
+from orchestrator.errors import ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8642
@@ -34,6 +37,7 @@ ENV_HOST = "CHORUS_API_HOST"
 ENV_KEY = "CHORUS_API_KEY"
 ENV_MAX_RUNS = "CHORUS_API_MAX_RUNS"
 ENV_MAX_BODY = "CHORUS_API_MAX_BODY_BYTES"
+ENV_ALLOWED_HOSTS = "CHORUS_API_ALLOWED_HOSTS"  # comma-separated; unset: app.yaml's api.allowed_hosts
 GRACEFUL_SHUTDOWN_S = 5
 
 
@@ -42,7 +46,8 @@ class ApiKeyRequired(ChorusError):
 
     def __init__(self, host: str) -> None:
         super().__init__(f"an API key is required to listen on {host}: other machines could run your models",
-                         hint=f"Pass --api-key, or set ${ENV_KEY}; or listen on 127.0.0.1 (the default).")
+                         hint=f"Pass --api-key-file FILE (a file only you can read), or set ${ENV_KEY}; on a "
+                              "terminal chorus asks for one. Or listen on 127.0.0.1 (the default).")
         self.host = host
 
 
@@ -50,16 +55,6 @@ class ApiNotInstalled(ChorusError):
     def __init__(self) -> None:
         super().__init__("the chorus 'api' package is not installed",
                          hint="Reinstall chorus (pip install gguf-chorus), or run from a chorus checkout.")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
 
 
 def check_bind(host: str, api_key: str | None) -> None:
@@ -82,16 +77,42 @@ def uvicorn_command(host: str, port: int, *, verbose: bool = False) -> list[str]
     return command if verbose else [*command, "--no-access-log"]
 
 
+def allowed_hosts_arg(values: list[str] | None) -> list[str] | None:
+    """`--allowed-host` values as compared, or one error naming the flag and the bad value."""
+    if values is None:
+        return None
+    try:
+        return [allowed_host_entry(v) for v in values]
+    except ValueError as exc:
+        raise ConfigError("chorus api", str(exc), field="--allowed-host",
+                          hint="A host name or address without scheme or port, e.g. --allowed-host chorus.lan; "
+                               "'*' allows any name.") from None
+
+
+def api_key_for(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, $CHORUS_API_KEY, or (needed and on a terminal) a prompt; never argv."""
+    if args.api_key is not None:
+        raise SecretOnCommandLine("--api-key", "--api-key-file", ENV_KEY)
+    needed = not is_loopback(args.host)
+    secret = read_secret(file=args.api_key_file, file_flag="--api-key-file", env=ENV_KEY,
+                         prompt=f"API key for chorus api on {args.host}: " if needed else None)
+    return secret.value if secret else None
+
+
 def cmd_api(args: argparse.Namespace) -> int:
-    api_key = args.api_key or os.environ.get(ENV_KEY) or None
+    api_key = api_key_for(args)
     check_bind(args.host, api_key)
+    allowed_hosts = allowed_hosts_arg(args.allowed_host)
     config_dir = Path(args.config_dir or default_config_dir()).expanduser().resolve()
     load_config(config_dir)  # a broken config fails here, as one paragraph, before anything starts
     env = {**os.environ, "CHORUS_CONFIG_DIR": str(config_dir), ENV_HOST: args.host,
            ENV_MAX_RUNS: str(args.max_runs), ENV_MAX_BODY: str(args.max_body_kib * 1024)}
     env.pop(ENV_KEY, None)
+    env.pop(ENV_ALLOWED_HOSTS, None)
     if api_key:
         env[ENV_KEY] = api_key
+    if allowed_hosts is not None:
+        env[ENV_ALLOWED_HOSTS] = ",".join(allowed_hosts)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"chorus API on http://{host}:{args.port}/v1 (config: {config_dir}"
           f"{', API key required' if api_key else ''}); Ctrl-C stops it.", file=sys.stderr, flush=True)
@@ -110,9 +131,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to listen on (default: 127.0.0.1, this machine only; any other needs a key)")
     p.add_argument("--port", type=positive_int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
-    p.add_argument("--api-key", default=None,
-                   help=f"key clients must send as 'Authorization: Bearer KEY' (default: ${ENV_KEY}); "
-                        "required when --host is not a loopback address")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help=f"file holding the key clients must send as 'Authorization: Bearer KEY' (default: "
+                        f"${ENV_KEY}, else asked for on a terminal); required when --host is not a loopback "
+                        "address")
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused with a hint: `ps` shows argv
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a Host: name to answer besides localhost, 127.0.0.1 and [::1] (repeatable; '*' = any); "
+                        "default: app.yaml's api.allowed_hosts. Other names get 403 (DNS rebinding)")
     p.add_argument("--max-runs", type=positive_int, default=DEFAULT_MAX_RUNS,
                    help=f"pipeline runs and model requests at once; more answer 429 (default: {DEFAULT_MAX_RUNS})")
     p.add_argument("--max-body-kib", type=positive_int, default=DEFAULT_MAX_BODY_KIB,

@@ -3,6 +3,10 @@
 Collections live in `<sessions_dir>/docs.db`. `add` is incremental (content hash); with an embedding model
 (`--embed MODEL`, or app.yaml `docs.embedding_model`, or the one the collection was made with) every chunk
 also gets a vector from that model's own `llama-server --embeddings`, and search is hybrid.
+
+`add` takes any path: whoever runs the CLI is the operator (docs/security.md), unlike a visitor of the UI's
+Documents page, which is held to app.yaml `docs.allowed_roots`. Inside a folder, only regular files that
+stay inside it are read (orchestrator/rag/files.py); each skipped file is printed with its reason.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from launcher.server import install_signal_cleanup
 from orchestrator.cli.output import print_table
 from orchestrator.config.schema import ChorusConfig, load_config
 from orchestrator.rag.embed import HttpEmbedder, runtime_embedder
+from orchestrator.rag.files import MiB
 from orchestrator.rag.retrieval import search
 from orchestrator.rag.store import AddReport, DocStore, Progress, check_name
 from orchestrator.runtime import Runtime
@@ -73,7 +78,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         args.embed or (existing["embed_model"] if existing else config.app.docs.embedding_model))
     with _embedder(config, model) as embedder:
         report = store.add(name, args.paths, chunk_chars=config.app.docs.chunk_chars,
-                           overlap_chars=config.app.docs.overlap_chars, embedder=embedder, progress=ProgressLine())
+                           overlap_chars=config.app.docs.overlap_chars, embedder=embedder, progress=ProgressLine(),
+                           max_file_bytes=config.app.docs.max_file_mib * MiB)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -30,10 +30,18 @@ from orchestrator.cli import worker as cli_worker
 from orchestrator.cli.output import gib as _gib
 from orchestrator.cli.output import mib as _mib
 from orchestrator.cli.output import print_table
+from orchestrator.cli.parser import SuggestingParser
 from orchestrator.config.registry import PipelineStatus, Registry
 from orchestrator.config.schema import ChorusConfig, load_config
 from orchestrator.logs import setup_app_log_for
-from orchestrator.plan.memory import MemoryPlan, ServerNeed
+from orchestrator.plan.memory import (
+    MemoryPlan,
+    ServerNeed,
+    plan_header,
+    plan_rows,
+    stage_headline,
+    stage_wave_lines,
+)
 from orchestrator.plan.resolve import RetrievalPlan, RunPlan
 from orchestrator.runtime import Runtime
 from orchestrator.units import fmt_bytes
@@ -83,7 +91,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"server:     NOT FOUND. {server['error']}")
     print(f"models dir: {config.models_dir}" + ("" if report["models_dir_exists"] else "  (NOT FOUND)"))
     print()
-    print_table([(r.name, r.status, r.mode, r.reason or r.entry.description) for r in registry.records.values()],
+    print_table([(r.name, r.status, r.known_mode, r.reason or r.entry.description) for r in registry.records.values()],
                 ["MODEL", "STATUS", "MODE", "NOTE"])
     print()
     if status.available:
@@ -168,7 +176,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if not records:
         print("no llama-server running")
         return 0
-    print_table([(r.pid, r.port, r.model, r.n_ctx, r.n_gpu_layers, r.slots, _mib(r.rss_bytes()), r.owner_pid)
+    print_table([(r.pid, r.port, r.model, r.n_ctx, r.n_gpu_layers, r.slots, _mib(r.rss_bytes()),
+                  r.owner_pid if r.owner_alive() else f"{r.owner_pid} (gone)")  # orphan: next start stops it
                  for r in records], ["PID", "PORT", "MODEL", "N_CTX", "NGL", "SLOTS", "RSS", "OWNER"])
     return 0
 
@@ -177,8 +186,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.plan.memory import machine_view, plan_memory
 
     runtime = Runtime(_config(args))
-    pipeline = runtime.config.load_pipeline(args.pipeline)
-    run_plan = runtime.plan(pipeline, "base")
+    pipeline, manual = cli_run.pipeline_of(args, runtime.config)
+    run_plan = runtime.plan(pipeline, "manual" if manual else "base")
     plan = plan_memory(runtime, run_plan)
     if args.png:
         write_memory_png(plan, args.png)
@@ -186,11 +195,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**plan_json(run_plan, plan), "machines": [m.to_dict() for m in machines]}, indent=2))
         return 0
-    avail = plan.available
-    vram = f", VRAM {_gib(avail.vram_bytes)}" if avail.vram_bytes else f" ({plan.gpu_note or 'no GPU'})"
-    print(f"pipeline '{plan.pipeline}': usable now RAM {_gib(avail.ram_bytes)}{vram} "
-          f"(free minus the margin of {runtime.config.app.resources.fraction:.0%} + "
-          f"{runtime.config.app.resources.fixed_mib} MiB)")
+    print(plan_header(plan, runtime.config.app.resources.fraction, runtime.config.app.resources.fixed_mib))
     if run_plan.blocked is not None:
         print(str(run_plan.blocked.get("message", run_plan.blocked)))
     for stage, resolved in zip(plan.stages, run_plan.stages, strict=True):
@@ -198,24 +203,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if resolved.retrieval is not None:  # no model call: passages from docs.db, nothing to fit in memory
             print(f"stage '{stage.stage}': {retrieve_text(resolved.retrieval)}")
             continue
-        together = "fits together" if stage.fits_together else f"does NOT fit together: {len(stage.waves)} waves"
-        print(f"stage '{stage.stage}': {together}")
-        models = stage.models + ([stage.synthesis] if stage.synthesis else [])
-        print_table([(("synthesis: " if m is stage.synthesis else "") + m.name, ", ".join(m.labels),
-                      m.n_ctx, m.n_gpu_layers, m.slots or None, *_plan_memory_cells(m)) for m in models],
-                    ["MODEL", "LABELS", "N_CTX", "NGL", "SLOTS", "RAM", "VRAM", "FIGURE"])
-        if not stage.fits_together:
-            for i, wave in enumerate(stage.waves, 1):
-                print(f"  wave {i}: {', '.join(wave)}")
-        if stage.synthesis:
-            syn = stage.synthesis
-            after = (f"  (missing: {syn.reason or 'not registered'})" if syn.source == "unavailable"
-                     else "" if syn.fits_alone else "  (does NOT fit)")
-            print(f"  then: {', '.join(syn.labels)}{after}")
-        if stage.evict:
-            print(f"  stops first: {', '.join(stage.evict)}")
-        if stage.unfit:
-            print(f"  does not fit even alone: {', '.join(stage.unfit)}")
+        print(f"stage '{stage.stage}': {stage_headline(stage)}")
+        print_table([(r["wave"], r["model"], r["labels"], r["n_ctx"], r["ngl"], r["slots"], r["server"],
+                      *_plan_memory_cells(r["need"])) for r in plan_rows(stage)],
+                    ["WAVE", "MODEL", "LABELS", "N_CTX", "NGL", "SLOTS", "SERVER", "RAM", "VRAM", "FIGURE"])
+        for line in stage_wave_lines(stage):
+            print(f"  {line}")
     if len(machines) > 1:  # RPC workers or remote endpoints: where each part runs
         print("\nper machine:")
         print_table([(m.machine, ", ".join(m.models) or "-", fmt_bytes(m.need_bytes) if m.need_bytes is not None
@@ -279,8 +272,9 @@ def global_options(*, defaults: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = global_options(defaults=False)
-    parser = argparse.ArgumentParser(prog="chorus", parents=[global_options(defaults=True)],
-                                     description="Run several local GGUF models together in pipelines.")
+    parser: argparse.ArgumentParser = SuggestingParser(
+        prog="chorus", parents=[global_options(defaults=True)],
+        description="Run several local GGUF models together in pipelines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -307,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", parents=[common],
                        help="per stage: each model's RAM/VRAM estimate, whether the stage fits, else its waves")
-    p.add_argument("--pipeline", type=Path, default=None, help="a pipeline file (default: the base pipeline.yaml)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pipeline", type=Path, default=None, help="a pipeline file (default: the base pipeline.yaml)")
+    src.add_argument("--manual", type=Path, default=None, help="a manual pipeline file")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE",
+                   help="override a parameter, as for `chorus run` (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--png", type=Path, metavar="FILE",
                    help="also write the memory plan as a chart (per device and wave: weights, KV cache, compute "

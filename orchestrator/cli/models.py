@@ -39,8 +39,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     print_table(
         [(r["name"], r["file"] or r["url"], mib(cast("int | None", r["size_bytes"])), r["architecture"],
-          r["size_label"], r["quantization"], r["context_length"], r["status"], r["reason"]) for r in records],
-        ["NAME", "FILE", "SIZE", "ARCH", "PARAMS", "QUANT", "MAX CTX", "STATUS", "REASON"])
+          r["size_label"], r["quantization"], r["context_length"], r["mode"], r["status"], r["reason"])
+         for r in records],
+        ["NAME", "FILE", "SIZE", "ARCH", "PARAMS", "QUANT", "MAX CTX", "MODE", "STATUS", "REASON"])
     if loose:
         print_unregistered(registry.config, loose)
     return 0
@@ -65,10 +66,17 @@ def print_unregistered(config: ChorusConfig, files: list[UnregisteredFile]) -> N
 
 def cmd_models_add(args: argparse.Namespace) -> int:
     config = load_config(args.config_dir)
+    known = registered_as(config, find_model_file(config, args.file))
+    if known and args.name is None:  # a second entry for the same file is only added when asked for by name
+        print(f"{args.file}: already registered as '{known[0]}' in {config.paths.models}; nothing was added "
+              "(give --name to add it again under another name, e.g. with other settings)")
+        return 0
     name, entry = new_entry(config, args.file, args.name)
     how = add_entry(config.paths.models, name, entry)
     print(f"added '{name}' to {config.paths.models}{how}:\n")
     print(entry_block(name, entry, 2).rstrip("\n"))
+    if known:
+        print(f"\n(the same file is also registered as {', '.join(repr(k) for k in known)})")
     print(f"\nuse it in a pipeline stage (models: [{name}]), or try it with `chorus serve {name}`")
     return 0
 
@@ -83,6 +91,25 @@ def find_model_file(config: ChorusConfig, given: str) -> Path:
     raise ConfigError(given, "no such model file",
                       hint=f"Give a path to a .gguf file, or the name of one in models_dir ({config.models_dir}); "
                            "`chorus models` lists the files there that are not registered.")
+
+
+def registered_as(config: ChorusConfig, path: Path) -> list[str]:
+    """The models.yaml names whose file is `path` once links are resolved, as the registry matches files."""
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError):
+        return []
+    names = []
+    for name, entry in config.models.items():
+        if not entry.file:
+            continue
+        try:
+            given = Path(entry.file).expanduser()
+            if (given if given.is_absolute() else config.models_dir / given).resolve() == target:
+                names.append(name)
+        except (OSError, RuntimeError):  # '~nosuchuser/m.gguf', a link loop: not this file
+            continue
+    return names
 
 
 def new_entry(config: ChorusConfig, given: str, name: str | None) -> tuple[str, dict[str, Any]]:

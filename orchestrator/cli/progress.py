@@ -187,13 +187,13 @@ class ProgressPrinter:
             case Token(stage=stage, label=label, text=text):
                 self._token(stage, label, text)
             case ModelFinished(stage=stage, response=r):
-                self.running.pop((stage, r.label), None)
+                call = self.running.pop((stage, r.label), None)
                 if (stage, r.label) == self._answer_key and self._answer_open:
                     assert self.answer is not None
                     self.answer.end()
                     self._answer_open = False
                     self.answered = r.ok
-                self._line(_finished(r))
+                self._line(_finished(r, self.clock() - call.started if call is not None else None))
             case AggregationDone(aggregation=agg) if len(agg.inputs) > 1:
                 extra = f" (agreement {agg.details['agreement']:.0%})" if "agreement" in agg.details else ""
                 self._line(f"  merged by {agg.kind}{extra}")
@@ -284,11 +284,18 @@ class ProgressPrinter:
                 self._answer_open = False
 
 
-def _finished(r: ResponseRecord) -> str:
+def _finished(r: ResponseRecord, call_s: float | None = None) -> str:
+    """A finished call's line. Its time is the call's whole time on the live line's clock (`call_s`, from
+    ModelStarted: a server start included), so it ends where the live line stopped; the part spent before
+    the request (a server starting, a busy slot) is named when it is noticeable."""
     if r.ok:
         rate = f", {r.tokens_per_s:.1f} tok/s" if r.tokens_per_s else ""
         cut = " (cut at max_tokens)" if r.finish_reason == "length" else ""
-        return f"  {r.label}: {r.completion_tokens or 0} tokens in {r.total_s or 0:.1f}s{rate}{cut}"
+        request_s = r.total_s or 0.0
+        took = max(call_s or 0.0, request_s)
+        wait = took - request_s
+        waited = f" ({wait:.1f}s of it waiting for its server)" if wait >= 0.5 else ""
+        return f"  {r.label}: {r.completion_tokens or 0} tokens in {took:.1f}s{rate}{cut}{waited}"
     return f"  {r.label}: {r.status.upper()}: {error_text(r.error)}"
 
 

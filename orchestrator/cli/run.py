@@ -17,8 +17,9 @@ from launcher.server import install_signal_cleanup
 from orchestrator.cli.progress import ProgressPrinter
 from orchestrator.config.inputs import clean_question
 from orchestrator.config.overrides import apply_overrides
-from orchestrator.config.schema import PipelineSpec, load_config, load_pipeline
+from orchestrator.config.schema import ChorusConfig, PipelineSpec, load_config, load_pipeline
 from orchestrator.engine.run import CancelToken, SequentialQuestion
+from orchestrator.errors import ConfigError
 from orchestrator.history.store import SessionError, SessionStore
 from orchestrator.records import error_text
 from orchestrator.runs import Runner, RunOutcome
@@ -27,8 +28,8 @@ from orchestrator.runtime import Runtime
 
 def ask_sequential_on_tty(question: SequentialQuestion) -> bool:
     waves = " then ".join("+".join(w) for w in question.waves)
-    print(f"\nStage '{question.stage}': its models do not fit in memory together ({question.reason}).\n"
-          f"Run them sequentially ({waves})? [y/N] ", end="", file=sys.stderr, flush=True)
+    print(f"\nStage '{question.stage}': its models do not fit in memory together. {question.reason}\n"
+          f"Run them in {len(question.waves)} waves ({waves})? [y/N] ", end="", file=sys.stderr, flush=True)
     try:
         return sys.stdin.readline().strip().lower() in ("y", "yes")
     except (OSError, ValueError):
@@ -77,12 +78,21 @@ def emit_outcome(outcome: RunOutcome, as_json: bool, printer: ProgressPrinter | 
             print(outcome.run.final.strip())
         err = error_text(outcome.run.error)
         print(f"\nstatus: {outcome.run.status}" + (f" ({err})" if err else ""), file=sys.stderr)
+        if (took := run_time(outcome)) is not None:
+            print(f"time: {took:.1f}s for the whole run, server starts included", file=sys.stderr)
         if outcome.session_dir:
             incomplete = ", incomplete" if outcome.history_error else ""
             print(f"session: {outcome.session_id} ({outcome.session_dir}{incomplete})", file=sys.stderr)
         if outcome.history_error:
             print(f"warning: {outcome.history_error}", file=sys.stderr)
     return EXIT_CODES.get(outcome.run.status, 1)
+
+
+def run_time(outcome: RunOutcome) -> float | None:
+    """The run's wall time in seconds, from its start to its end (servers started on the way included), for
+    the `time:` line; not the sum of the models' lines, as a stage's models run side by side."""
+    run = outcome.run
+    return None if run.finished_at is None else max(0.0, run.finished_at - run.started_at)
 
 
 EXIT_CODES = {"completed": 0, "partial": 3}  # failed, cancelled: 1; errors before the run: 2
@@ -98,14 +108,31 @@ def terminal_printer(as_json: bool) -> ProgressPrinter:
     return ProgressPrinter(sys.stderr, answer_out=None if as_json else sys.stdout)
 
 
+def given_file(path: Path | None, option: str) -> Path | None:
+    """A pipeline file named on the command line, checked here so that a missing one is said to be missing
+    where the user pointed (relative to the current directory), not blamed on the config folder."""
+    if path is None or path.expanduser().exists():
+        return path.expanduser() if path is not None else None
+    where = "" if path.expanduser().is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+    raise ConfigError(str(path), f"the {option} file was not found{where}",
+                      hint=f"Check the path, or give the file's full path: {option} /path/to/pipeline.yaml")
+
+
+def pipeline_of(args: argparse.Namespace, config: ChorusConfig) -> tuple[PipelineSpec, bool]:
+    """The pipeline `run` and `plan` are about: --manual or --pipeline FILE, else the base pipeline.yaml, with
+    every --set applied; and whether it is a manual one."""
+    given = given_file(args.manual, "--manual") or given_file(args.pipeline, "--pipeline")
+    pipeline = load_pipeline(given or config.paths.pipeline)
+    if args.set:
+        pipeline = apply_overrides(pipeline, args.set, config_dir=config.paths.config_dir)
+    return pipeline, args.manual is not None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # before anything is started or saved: a clear error, no session
     question = clean_question(read_question(args.question))
     config = load_config(args.config_dir)
-    manual = args.manual is not None
-    pipeline = load_pipeline(args.manual or args.pipeline or config.paths.pipeline)
-    if args.set:
-        pipeline = apply_overrides(pipeline, args.set, config_dir=config.paths.config_dir)
+    pipeline, manual = pipeline_of(args, config)
     runtime = Runtime(config)
     if not manual:
         runtime.registry.pipeline_status(pipeline).raise_if_blocked()
@@ -182,8 +209,14 @@ def cmd_history_show(args: argparse.Namespace) -> int:
     if m.get("parent_session"):
         print(f"rerun of {m['parent_session']} from stage {m.get('rerun_from_stage')}")
     print(f"question: {m.get('question')}\n")
+    if m.get("error"):  # why the run was refused, failed or cancelled (need vs have for a refused one)
+        print(f"why: {error_text(m['error'])}\n")
     for stage in session.stages:
         print(f"== step {stage.index}: {stage.name} [{stage.status}]")
+        if len(stage.waves) > 1:
+            print(f"   in {len(stage.waves)} waves: " + " then ".join("+".join(w) for w in stage.waves))
+        if stage.error and stage.status != "ok":
+            print(f"   error: {error_text(stage.error)}")
         for r in stage.responses:
             head = f"-- {r.label} ({r.model})" + (f" {r.status}: {error_text(r.error)}" if not r.ok else "")
             print(head)

@@ -1,4 +1,10 @@
-"""`chorus ui`: start the Streamlit app, on 127.0.0.1 unless told otherwise."""
+"""`chorus ui`: start the Streamlit app, on 127.0.0.1 unless told otherwise.
+
+Streamlit has no login, and whoever opens the UI can run every model, so the same policy as `chorus api`:
+beyond loopback the UI needs `--allow-remote` and a token (from `--token-file`, `$CHORUS_UI_TOKEN` or a prompt,
+never argv), which ui/auth.py asks each browser session for; and it says so loudly. Streamlit dies with us,
+even on kill -9 (PR_SET_PDEATHSIG with SIGKILL: a supervisor's timeout must not leave it listening).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,42 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.errors import ChorusError
 from launcher.server import own_group_dying_with_parent
+from orchestrator.cli.secret_input import SecretOnCommandLine, read_secret
+from orchestrator.config.hosts import is_loopback
 from orchestrator.config.schema import default_config_dir
+
+TOKEN_ENV = "CHORUS_UI_TOKEN"  # what ui/auth.py reads
+MIN_TOKEN_CHARS = 12
+
+
+class RemoteUiRefused(ChorusError):
+    """The UI would listen beyond this machine without --allow-remote or without a token."""
+
+    def __init__(self, host: str, missing: str) -> None:
+        super().__init__(f"the UI would listen on {host} without {missing}: anyone who reaches the port could run "
+                         "your models, and Streamlit has no login of its own",
+                         hint="Pass --allow-remote and a token: --token-file FILE (umask 077; openssl rand -hex 24 "
+                              f"> FILE) or ${TOKEN_ENV}; on a terminal chorus asks for one. Or listen on 127.0.0.1 "
+                              "(the default).")
+        self.host = host
+        self.field = "--allow-remote" if missing.startswith("--") else "--token-file"
+
+
+class TokenTooShort(ChorusError):
+    def __init__(self, source: str, length: int) -> None:
+        super().__init__(f"the UI token from {source} has {length} characters; at least {MIN_TOKEN_CHARS} are "
+                         "needed: anyone who reaches the port can try tokens",
+                         hint="Use a random one: openssl rand -hex 24.")
+        self.field = source
+        self.length = length
+
+
+REMOTE_WARNING = (
+    "WARNING: the chorus UI listens on {host}, beyond this machine. Everyone who can reach port {port} and has the "
+    "token can run your models, start and stop servers and read the history. The connection is plain HTTP: the "
+    "token and every page travel unencrypted. Use it on a trusted network, or behind a TLS proxy.")
 
 
 def app_path() -> Path:
@@ -35,13 +75,42 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_GRACE_S = 10.0
 
 
+def ui_token(args: argparse.Namespace) -> str | None:
+    """The sign-in token: required (--allow-remote too) beyond loopback, optional on it; never from argv."""
+    if args.token is not None:
+        raise SecretOnCommandLine("--token", "--token-file", TOKEN_ENV)
+    remote = not is_loopback(args.host)
+    if remote and not args.allow_remote:
+        raise RemoteUiRefused(args.host, "--allow-remote")
+    secret = read_secret(file=args.token_file, file_flag="--token-file", env=TOKEN_ENV,
+                         prompt=f"token for the chorus UI on {args.host}: " if remote else None)
+    if secret is None:
+        if remote:
+            raise RemoteUiRefused(args.host, "a token")
+        return None
+    if len(secret.value) < MIN_TOKEN_CHARS:
+        raise TokenTooShort(secret.source, len(secret.value))
+    return secret.value
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    token = ui_token(args)
     config_dir = Path(args.config_dir or default_config_dir()).expanduser().resolve()
     env = {**os.environ, "CHORUS_CONFIG_DIR": str(config_dir)}
-    print(f"chorus UI on http://{args.host}:{args.port} (config: {config_dir}); Ctrl-C stops it.", file=sys.stderr)
-    # Streamlit gets its own process group (only we signal it, once) and dies with us even on kill -9.
+    env.pop(TOKEN_ENV, None)
+    if token is not None:
+        env[TOKEN_ENV] = token  # the environment: only this user (and root) can read it, unlike argv
+    if not is_loopback(args.host):
+        bar = "!" * 100
+        print(f"{bar}\n{REMOTE_WARNING.format(host=args.host, port=args.port)}\n{bar}", file=sys.stderr, flush=True)
+    signed = ", sign-in token required" if token else ""
+    print(f"chorus UI on http://{args.host}:{args.port} (config: {config_dir}{signed}); Ctrl-C stops it.",
+          file=sys.stderr, flush=True)
+    # Streamlit gets its own process group (only we signal it, once) and dies with us even on kill -9: SIGKILL,
+    # as its SIGTERM shutdown can take seconds; its llama-servers die with it (their own PR_SET_PDEATHSIG).
+    parent = os.getpid()
     child = subprocess.Popen(streamlit_command(args.host, args.port), env=env,
-                             preexec_fn=lambda: own_group_dying_with_parent(signal.SIGTERM))
+                             preexec_fn=lambda: own_group_dying_with_parent(signal.SIGKILL, parent))
     return supervise(child)
 
 
@@ -87,6 +156,14 @@ def supervise(child: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("ui", parents=[common], help="start the Streamlit UI")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; any other needs "
+                        "--allow-remote and a token)")
     p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host beyond loopback (other machines can then reach the UI; a token is required)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help=f"file holding the token each browser session must give (default: ${TOKEN_ENV}, else asked "
+                        "for on a terminal when needed); optional on loopback")
+    p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused with a hint: `ps` shows argv
     p.set_defaults(func=cmd_ui)

@@ -7,17 +7,20 @@ before anything is imported or any model starts.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from orchestrator.config.schema import PipelineSpec, StageSpec
-from orchestrator.config.yamlio import field_path
+from orchestrator.config.schema import ModelSlot, PipelineDefaults, PipelineSpec, StageSpec
+from orchestrator.config.yamlio import EXPANSION_HINT, ExpansionTooLarge, field_path, parse_yaml
 from orchestrator.engine import aggregators
 from orchestrator.errors import ConfigError
+from orchestrator.spelling import did_you_mean
 
 
 def apply_overrides(pipeline: PipelineSpec, assignments: Iterable[str], *, source: str = "--set",
@@ -50,10 +53,15 @@ def _parse(text: str, source: str) -> tuple[list[str], Any]:
     if not sep or len(parts) < 2:
         raise ConfigError(source, f"'{text}' is not STAGE.PARAM=VALUE",
                           hint="For example: --set review.temperature=0.2")
+    if not raw.strip():
+        return parts, ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value, _ = parse_yaml(raw)  # bounded: an anchor bomb here is refused as one in a file is
+    except ExpansionTooLarge as exc:
+        raise ConfigError(source, f"the value in '{key.strip()}=...': {exc}", field=key.strip(),
+                          hint=EXPANSION_HINT) from None
+    except (yaml.YAMLError, RecursionError):
+        value = raw  # not YAML: taken as the plain string it is
     return parts, value
 
 
@@ -61,15 +69,21 @@ def _assign(data: dict[str, Any], parts: list[str], value: Any, text: str, sourc
     head, rest = parts[0], parts[1:]
     if head == "defaults":
         node: Any = data.setdefault("defaults", {})
+        _check_keys(PipelineDefaults, rest, text, source, [head])
     else:
         node = next((s for s in data["stages"] if s["name"] == head), None)
         if node is None:
-            names = ", ".join(s["name"] for s in data["stages"])
+            names = [s["name"] for s in data["stages"]]
             raise ConfigError(source, f"no stage named '{head}' in '{text}'", field=head,
-                              hint=f"Stages are: {names}, or use 'defaults'.")
+                              hint=f"{did_you_mean(head, [*names, 'defaults'])}Stages are: {', '.join(names)}, "
+                                   "or use 'defaults'.")
         slot = _slot(node, rest)
         if slot is not None:  # review.reviewer-facts.top_k=40: one model call of the stage
+            _check_keys(ModelSlot, rest[1:], text, source, [head, rest[0]])
             node, rest = slot, rest[1:]
+        else:
+            labels = [m["label"] for m in node.get("models", []) if isinstance(m, dict) and m.get("label")]
+            _check_keys(StageSpec, rest, text, source, [head], labels if len(rest) > 1 else [])
     for part in rest[:-1]:
         if not isinstance(node.get(part), dict):
             node[part] = {}
@@ -81,6 +95,36 @@ def _assign(data: dict[str, Any], parts: list[str], value: Any, text: str, sourc
 
 
 _CONSTRAINTS = frozenset({"grammar", "json_schema"})
+
+
+def _check_keys(model: type[BaseModel], keys: list[str], text: str, source: str, where: list[str],
+                labels: list[str] | None = None) -> None:
+    """Each key must be a field of the model it lands in (nested models followed), so a typo such as
+    `max_token` is named with the field it is closest to rather than as pydantic's "Extra inputs"."""
+    cls: type[BaseModel] | None = model
+    for i, key in enumerate(keys):
+        if cls is None:
+            return  # inside a free-form value (logit_bias, json_schema): any key is the user's own
+        fields = cls.model_fields
+        if key not in fields:
+            calls = labels if i == 0 and labels else []
+            hint = did_you_mean(key, [*fields, *calls]).strip()
+            if not hint:
+                hint = f"Settings here: {', '.join(sorted(fields))}." + (
+                    f" Model calls of this stage, by label: {', '.join(calls)}." if calls else "")
+            raise ConfigError(source, f"unknown setting '{key}' in '{text}'", field=".".join([*where, *keys[:i + 1]]),
+                              hint=hint)
+        cls = _model_of(fields[key].annotation)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds, directly or as `X | None`; None for anything else."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return found[0] if len(found) == 1 else None
+    return None
 
 
 def _slot(stage: dict[str, Any], rest: list[str]) -> dict[str, Any] | None:

@@ -63,6 +63,14 @@ class ModelRecord:
             return "completion"
         return "chat"
 
+    @property
+    def known_mode(self) -> Literal["chat", "completion"] | None:
+        """`mode` where something says it; None for a file whose header was not read (missing, invalid) and
+        whose entry sets neither mode nor chat_template: listings show "-", not a guessed "chat"."""
+        if self.metadata is None and not (self.entry.mode or self.entry.chat_template or self.is_remote):
+            return None
+        return self.mode
+
     def to_dict(self) -> dict[str, object]:
         meta = self.metadata
         return {
@@ -73,7 +81,7 @@ class ModelRecord:
             "status": self.status,
             "reason": self.reason,
             "description": self.entry.description,
-            "mode": self.mode,
+            "mode": self.known_mode,
             "size_bytes": self.size_bytes,
             **gguf_fields(meta),
             "default_n_ctx": self.entry.default_n_ctx,

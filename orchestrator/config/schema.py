@@ -17,6 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from launcher.units import MiB
+from orchestrator.config.hosts import allowed_host_entry
 from orchestrator.config.locations import find_config_dir, relative_base
 from orchestrator.config.yamlio import load_model
 from orchestrator.errors import ConfigError
@@ -81,17 +82,41 @@ class AggregatorSettings(Strict):
 
 class DocsSettings(Strict):
     """Document collections (`chorus docs`, the retrieve stage): chunk sizes in characters, overlap between
-    neighbouring chunks, and the embedding model used by `chorus docs add` when none is named (None: BM25 only)."""
+    neighbouring chunks, and the embedding model used by `chorus docs add` when none is named (None: BM25 only).
+
+    `allowed_roots`: the only folders the UI's Documents page may index (besides its own uploads folder); the
+    CLI is the operator's and may index any path. `max_file_mib`: larger files are skipped, by both.
+    """
 
     chunk_chars: int = Field(1000, ge=100, le=100_000)
     overlap_chars: int = Field(150, ge=0, le=50_000)
     embedding_model: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    allowed_roots: list[Path] = Field(default_factory=list)
+    max_file_mib: int = Field(50, ge=1, le=4096)
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: Any) -> Any:
+        """None is none allowed; each path without a NUL byte."""
+        return [] if value is None else [_check_path(v) for v in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> DocsSettings:
         if self.overlap_chars >= self.chunk_chars:
             raise ValueError("overlap_chars must be smaller than chunk_chars")
         return self
+
+
+class ApiOptions(Strict):
+    """`chorus api`: `Host:` names it answers besides loopback ones (the DNS-rebinding guard,
+    orchestrator/config/hosts.py); None: loopback names only while it listens on loopback, `*`: any name."""
+
+    allowed_hosts: list[str] | None = None
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [allowed_host_entry(v) for v in value]
 
 
 class AppConfig(Strict):
@@ -101,6 +126,7 @@ class AppConfig(Strict):
     llama_server: Path | None = None
     resources: ResourceMargins = ResourceMargins()
     server: ServerSettings = ServerSettings()
+    api: ApiOptions = ApiOptions()  # see orchestrator/config/hosts.py
     aggregators: AggregatorSettings = AggregatorSettings()  # see orchestrator/engine/aggregators.py
     docs: DocsSettings = DocsSettings()  # see orchestrator/rag/
 
@@ -504,6 +530,8 @@ def load_app_config(config_dir: Path) -> AppConfig:
     app.logs_dir = _resolve(base, app.logs_dir, file=path, field="logs_dir")
     if app.llama_server is not None:
         app.llama_server = _resolve(base, app.llama_server, file=path, field="llama_server")
+    app.docs.allowed_roots = [_resolve(base, root, file=path, field=f"docs.allowed_roots.{i}")
+                              for i, root in enumerate(app.docs.allowed_roots)]
     return app
 
 

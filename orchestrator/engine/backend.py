@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from launcher.client import Endpoint, GenerationRequest, GenerationResult
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target
@@ -20,12 +20,27 @@ TokenCallback = Callable[[str], None]
 
 @dataclass(frozen=True)
 class WavePlan:
-    """Whether a stage's calls run together, else the waves (labels) they run in, and why."""
+    """The forecast of one stage: whether its calls run together, else the waves (labels) they run in,
+    and why (need vs have, per wave)."""
 
     fits_together: bool
     waves: list[list[str]]
     reason: str = ""
     unfit: list[str] = field(default_factory=list)  # labels whose model does not fit even alone
+
+
+@dataclass
+class WaveStep:
+    """One wave, decided now by the scheduler: its calls (each on the server, with the slot count, the wave
+    chose), the calls that cannot run at all and why, how many waves the rest takes, and what to record."""
+
+    calls: list[CallPlan]
+    unfit: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> typed error: need vs have
+    waves_left: int = 1                                      # this wave and the ones after it, as planned now
+    reason: str = ""                                         # why it takes several waves
+    waves: list[list[str]] = field(default_factory=list)     # labels of this wave and the ones after it
+    record: dict[str, Any] = field(default_factory=dict)     # servers, slots, stops, need vs have
+    handle: Any = None                                       # the backend's own decision, for `running`
 
 
 class Backend(Protocol):
@@ -46,10 +61,17 @@ class Backend(Protocol):
         """The replica behind `endpoint` failed at the connection level: choose others until it is probed again."""
         ...
 
-    async def plan_waves(self, stage: StagePlan) -> WavePlan:
-        """Whether the stage's local servers fit in memory together now, else in which waves."""
+    async def forecast(self, stages: Sequence[StagePlan]) -> list[WavePlan]:
+        """The what-if of these stages, one after the other from the state now (earlier stages' servers
+        left warm): per stage, whether it runs in one wave, else in which, and what does not fit at all."""
         ...
 
-    async def make_room(self, calls: Sequence[CallPlan]) -> None:
-        """Before a wave: stop idle warm servers whose room the wave's servers need."""
+    async def next_wave(self, calls: Sequence[CallPlan], *, together: bool = False) -> WaveStep:
+        """The scheduler's decision now for the first wave of `calls` (with `together`, all of them at once,
+        on the servers the plan resolved)."""
+        ...
+
+    def running(self, step: WaveStep) -> AbstractAsyncContextManager[None]:
+        """Execute the wave's decision for the block: stop what it stops, hold what it reuses, admit what
+        it starts (InsufficientMemory when memory changed since)."""
         ...

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from launcher.client import Endpoint, GenerationRequest, GenerationResult
 from launcher.errors import ChorusError, RequestTimeout, ServerCrashed
-from orchestrator.engine.backend import TokenCallback, WavePlan
+from orchestrator.engine.backend import TokenCallback, WavePlan, WaveStep
 from orchestrator.engine.replicas import ReplicaSet
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target
 
@@ -33,7 +33,7 @@ class Script:
 class FakeBackend:
     scripts: dict[str, Script] = field(default_factory=dict)
     default: Script = field(default_factory=Script)
-    waves: Callable[[StagePlan], WavePlan] | None = None  # default: everything fits together
+    waves: Callable[[list[CallPlan]], WavePlan] | None = None  # per group of calls; default: all together
     # what happened
     requests: list[tuple[str, GenerationRequest]] = field(default_factory=list)
     endpoints_opened: list[Target] = field(default_factory=list)
@@ -97,13 +97,27 @@ class FakeBackend:
         for replicas in self.replica_sets.values():
             replicas.mark_down(endpoint.base_url)
 
-    async def make_room(self, calls: Sequence[CallPlan]) -> None:
-        self.waves_started.append([c.label for c in calls])
+    def _plan(self, calls: Sequence[CallPlan]) -> WavePlan:
+        return self.waves(list(calls)) if self.waves is not None else WavePlan(True, [[c.label for c in calls]])
 
-    async def plan_waves(self, stage: StagePlan) -> WavePlan:
-        if self.waves is not None:
-            return self.waves(stage)
-        return WavePlan(True, [stage.labels])
+    async def forecast(self, stages: Sequence[StagePlan]) -> list[WavePlan]:
+        return [self._plan(list(stage.all_calls())) for stage in stages]
+
+    async def next_wave(self, calls: Sequence[CallPlan], *, together: bool = False) -> WaveStep:
+        labels = [c.label for c in calls]
+        plan = WavePlan(True, [labels]) if together else self._plan(calls)
+        unfit = {label: {"type": "InsufficientMemory", "message": plan.reason} for label in plan.unfit
+                 if label in labels}
+        waves = [[label for label in w if label in labels] for w in plan.waves]
+        waves = [w for w in waves if w]
+        first = set(waves[0]) if waves else set()
+        return WaveStep([c for c in calls if c.label in first], unfit, len(waves), plan.reason, waves,
+                        {"labels": sorted(first)})
+
+    @contextlib.asynccontextmanager
+    async def running(self, step: WaveStep) -> AsyncIterator[None]:
+        self.waves_started.append([c.label for c in step.calls])
+        yield
 
 
 def crash(model: str = "fake") -> ChorusError:

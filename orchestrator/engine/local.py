@@ -15,17 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import httpx
 
 from launcher.client import Endpoint, GenerationClient, GenerationRequest, GenerationResult
-from launcher.errors import ServerError
+from launcher.errors import InsufficientMemory, ServerError
 from launcher.rpc import RpcLoadFailed, RpcWorkerLost, probe
+from launcher.schedule import Wave
 from launcher.server import ServerSpec
-from orchestrator.engine.backend import TokenCallback, WavePlan
+from orchestrator.engine.backend import TokenCallback, WavePlan, WaveStep
 from orchestrator.engine.replicas import ReplicaSet
-from orchestrator.plan.memory import check_rpc_workers, plan_stage_memory
+from orchestrator.plan.memory import (
+    CallGroup,
+    check_rpc_workers,
+    stage_memory,
+    together_text,
+    wave_memory,
+    waves_text,
+)
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target, remote_api_key
+from orchestrator.records import error_dict
 from orchestrator.runtime import Runtime
 
 
@@ -135,11 +145,66 @@ class LocalBackend:
         # stopping a hung server may take stop_grace_s: off the event loop
         await asyncio.to_thread(self.runtime.discard_server, endpoint)
 
-    async def make_room(self, calls: Sequence[CallPlan]) -> None:
-        specs = list(dict.fromkeys(c.target.server for c in calls if c.target.server is not None))
-        await asyncio.to_thread(self.runtime.make_room, specs)
+    # ---------------------------------------------------------------- the scheduler's decisions
 
-    async def plan_waves(self, stage: StagePlan) -> WavePlan:
-        memory = await asyncio.to_thread(plan_stage_memory, self.runtime, stage)
-        unfit = [label for m in memory.unfit_servers for label in m.labels]
-        return WavePlan(memory.fits_together, [list(w) for w in memory.waves], memory.reason, unfit)
+    async def forecast(self, stages: Sequence[StagePlan]) -> list[WavePlan]:
+        return await asyncio.to_thread(forecast, self.runtime, stages)
+
+    async def next_wave(self, calls: Sequence[CallPlan], *, together: bool = False) -> WaveStep:
+        if together:
+            return WaveStep(list(calls), waves=[[c.label for c in calls]])
+        return await asyncio.to_thread(next_wave, self.runtime, calls)
+
+    @contextlib.asynccontextmanager
+    async def running(self, step: WaveStep) -> AsyncIterator[None]:
+        wave = step.handle
+        if not isinstance(wave, Wave):  # all at once as planned: each start is admitted on its own
+            yield
+            return
+        pinned = await asyncio.to_thread(self.runtime.begin_wave, wave)
+        try:
+            yield
+        finally:
+            self.runtime.end_wave(wave, pinned)
+
+
+# ---------------------------------------------------------------- the scheduler, asked by the engine
+
+
+def forecast(runtime: Runtime, stages: Sequence[StagePlan]) -> list[WavePlan]:
+    """The preflight's what-if: each stage from the state the earlier ones leave, as `chorus plan` shows it."""
+    state = runtime.memory_state()
+    out = []
+    for stage in stages:
+        memory, state = stage_memory(runtime, stage, state)
+        out.append(WavePlan(memory.fits_together, [list(w) for w in memory.waves], memory.reason,
+                            [label for key in memory.unfit_reasons for label in key.split(", ")]))
+    return out
+
+
+def next_wave(runtime: Runtime, calls: Sequence[CallPlan]) -> WaveStep:
+    """The first wave of `calls`, decided from the live state now; the rest as the scheduler sees it now."""
+    group = CallGroup.of(calls)
+    sched = runtime.schedule(group.demands)
+    estimate = runtime.memory_guard.need_or_none
+    unfit: dict[str, dict[str, Any]] = {}
+    for u in sched.unfit:
+        spec = group.demands[u.demand].spec
+        exc = InsufficientMemory(spec.model, u.need, u.have,
+                                 ["it does not fit even alone, with every idle server stopped: use a smaller "
+                                  "n_ctx or model, or a larger budget"])
+        for call in group.calls[u.demand]:
+            unfit[call.label] = error_dict(exc)
+    # no local memory, or no estimate (the start says why): they ride in the first wave
+    extra = [*group.remote, *(c for u in sched.unknown for c in group.calls[u.demand]), *group.unavailable]
+    if not sched.waves:
+        return WaveStep(extra, unfit, 1 if extra else 0, waves=[[c.label for c in extra]] if extra else [])
+    taken = [0] * len(group.demands)
+    placed = [group.placed(wave, taken) for wave in sched.waves]
+    detail = [wave_memory(p, wave, estimate) for p, wave in zip(placed, sched.waves, strict=True)]
+    first = [c for _, cs in placed[0] for c in cs] + extra
+    waves = [list(w.labels) for w in detail]
+    waves[0].extend(c.label for c in extra)
+    reason = f"{together_text(sched.together_need, sched.together_have)}; {waves_text(detail)}" \
+        if len(detail) > 1 else ""
+    return WaveStep(first, unfit, len(detail), reason, waves, detail[0].to_dict(), handle=sched.waves[0])

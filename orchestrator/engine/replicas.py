@@ -5,6 +5,10 @@ A replica that fails at the connection level is marked down; it is left alone fo
 each failure in a row (tenacity's exponential wait, capped), then probed again: the next choice may pick it
 once its backoff has passed, and a caller with a probe (LocalBackend: GET <url>/models) checks it first.
 When every replica is down, the one whose backoff ends first is tried rather than failing outright.
+Only one caller at a time checks a replica back from its backoff: the others keep away until it answers
+or fails, so a dead replica costs one probe per backoff, not one per waiting caller (each failure would
+double its backoff). `shared` keeps one set per URL list for the whole process, so what one run learns
+(a replica down, the requests in flight on each) the next run knows: the API runs each request apart.
 
 Pure bookkeeping (no I/O, injectable clock): the engine's retry-once lives in engine/run.py.
 """
@@ -35,9 +39,10 @@ class ReplicaState:
     failures: int = 0        # in a row; 0 = healthy
     down_until: float = 0.0  # monotonic time before which it is not chosen (while others are up)
     served: int = 0
+    probing: bool = False    # back from its backoff and handed to one caller to check: the others keep away
 
     def up(self, now: float) -> bool:
-        return self.failures == 0 or now >= self.down_until
+        return self.failures == 0 or (now >= self.down_until and not self.probing)
 
 
 class ReplicaSet:
@@ -64,6 +69,8 @@ class ReplicaSet:
                 best = min(healthy, key=lambda r: (r.outstanding, r.failures))
             else:
                 best = min(pool, key=lambda r: r.down_until)  # all down: try the one due back first
+            if best.failures:
+                best.probing = True  # this caller checks it; released, marked up or down, it is free again
             best.outstanding += 1
             return best.url
 
@@ -74,6 +81,7 @@ class ReplicaSet:
             if r is None:
                 return
             r.outstanding = max(0, r.outstanding - 1)
+            r.probing = False
             if ok:
                 r.failures, r.down_until = 0, 0.0
                 r.served += 1
@@ -85,6 +93,7 @@ class ReplicaSet:
             if r is None:
                 return 0.0
             r.failures += 1
+            r.probing = False
             wait = backoff_s(r.failures)
             r.down_until = self.clock() + wait
             return wait
@@ -93,7 +102,7 @@ class ReplicaSet:
         with self._lock:
             r = self._get(url)
             if r is not None:
-                r.failures, r.down_until = 0, 0.0
+                r.failures, r.down_until, r.probing = 0, 0.0, False
 
     def due_for_probe(self, url: str) -> bool:
         """Down before, backoff over: check it before sending a real call."""
@@ -108,3 +117,17 @@ class ReplicaSet:
     def down(self) -> list[str]:
         now = self.clock()
         return [r.url for r in self.replicas if not r.up(now)]
+
+
+_shared: dict[tuple[str, ...], ReplicaSet] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(urls: Iterable[str]) -> ReplicaSet:
+    """This process's replica set for `urls`: one per URL list, kept across runs."""
+    key = tuple(dict.fromkeys(urls))
+    with _shared_lock:
+        found = _shared.get(key)
+        if found is None:
+            found = _shared[key] = ReplicaSet(key)
+        return found

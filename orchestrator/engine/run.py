@@ -15,13 +15,13 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from launcher.errors import ChorusError, RequestTimeout, ServerCrashed
+from launcher.errors import ChorusError, InsufficientMemory, RequestTimeout, ServerCrashed
 from orchestrator.engine.aggregation import AggregationError, Candidate, aggregate
-from orchestrator.engine.backend import Backend, WavePlan
+from orchestrator.engine.backend import Backend, WaveStep
 from orchestrator.engine.events import (
     AggregationDone,
     Event,
@@ -49,6 +49,7 @@ from orchestrator.records import (
     StageRecord,
     StageStatus,
     error_dict,
+    error_text,
     to_dict,
 )
 
@@ -170,6 +171,8 @@ class Engine:
                 await self._stages(run, plan, prior, cancel)
         except asyncio.CancelledError:
             run.status = "cancelled"
+        except StageRefused as exc:  # the user said no to waves: their choice, not a failure
+            run.status, run.error = "cancelled", error_dict(exc)
         except ChorusError as exc:  # expected trouble (a refused plan): recorded, no traceback
             run.status, run.error = "failed", error_dict(exc)
         except Exception as exc:  # the engine never raises into its caller; the run records why
@@ -215,38 +218,39 @@ class Engine:
     # ---------------------------------------------------------------- one stage
 
     async def _preflight(self, run: RunRecord, stages: Sequence[StagePlan]) -> set[int]:
-        """Plan the whole run's memory before stage 1, so nothing runs only to be refused later.
+        """Ask the scheduler for the whole run's what-if before stage 1 (each stage from the state the
+        earlier ones leave, their servers warm), so nothing runs only to be refused later.
 
-        A model that does not fit even alone refuses the run; every stage whose models must run in waves
-        is announced (and in manual mode asked about) now. Returns the indexes of those stages.
+        A call whose model does not fit even alone refuses the run; every stage that must run in waves is
+        announced (and in manual mode asked about) now. Returns the indexes of those stages.
         """
+        local = [s for s in stages if any(c.target.kind == "local" for c in s.all_calls())]
+        if not local:
+            return set()
+        try:
+            forecasts = await self.backend.forecast(local)
+        except ChorusError as exc:  # no estimate (a file damaged since registration): its call reports it
+            log.info("no memory forecast: %s", exc)
+            return set()
         in_waves: set[int] = set()
         unfit: dict[str, str] = {}
-        for stage in stages:
-            if not any(c.target.kind == "local" for c in stage.all_calls()):
-                continue
-            try:
-                waves = await self.backend.plan_waves(stage)
-            except ChorusError as exc:  # no estimate (a file damaged since registration): its call reports it
-                log.info("no memory plan for stage '%s': %s", stage.name, exc)
-                continue
+        for stage, waves in zip(local, forecasts, strict=True):
             if waves.unfit:
                 unfit[stage.name] = waves.reason
             elif not waves.fits_together and stage.spec.execution == "auto" and len(stage.labels) > 1:
-                self._allow_waves(run, stage.name, waves)
+                self._allow_waves(run, stage.name, waves.waves, waves.reason)
                 in_waves.add(stage.index)
         if unfit:
             raise RunRefused(unfit)
         return in_waves
 
-    def _allow_waves(self, run: RunRecord, stage: str, waves: WavePlan) -> list[list[str]]:
+    def _allow_waves(self, run: RunRecord, stage: str, waves: list[list[str]], reason: str) -> None:
         """Ask (manual mode) and announce that `stage` runs in waves; raise StageRefused on a no."""
-        question = SequentialQuestion(stage, [list(w) for w in waves.waves], waves.reason)
+        question = SequentialQuestion(stage, [list(w) for w in waves], reason)
         if run.mode == "manual" and not self._ask_sequential(question):
             raise StageRefused(stage, question.reason or "not enough memory")
-        self._emit(run, Notice(stage, f"models of stage '{stage}' do not fit in memory together: running in "
-                                      f"{len(question.waves)} waves ({question.reason})", question.waves))
-        return question.waves
+        self._emit(run, Notice(stage, f"stage '{stage}' runs in {len(question.waves)} waves: {question.reason}",
+                               question.waves))
 
     async def _run_stage(self, run: RunRecord, plan: RunPlan, stage: StagePlan, cancel: CancelToken,
                          allowed_waves: bool = False) -> StageRecord:
@@ -264,24 +268,38 @@ class Engine:
         context = build_context(run.question, previous, run.stages, run.history)
         try:
             record.prompt = await render_async(spec.prompt, context, where=f"stage '{stage.name}' prompt")
-            waves = await self._waves(run, stage, allowed_waves)
         except ChorusError as exc:
             return self._finish(run, record, "failed", error=error_dict(exc))
         if sources := sources_in_prompt(run.stages, record.prompt):  # which retrieved passages this prompt got
             record.params["sources"] = sources
-        record.waves = waves
-        record.execution = "parallel" if len(waves) <= 1 else "sequential"
         record.responses = [ResponseRecord(label=c.label, model=c.model, system_prompt=c.request.system_prompt,
                                            prompt=record.prompt, params=c.public_params()) for c in stage.calls]
         responses = {r.label: r for r in record.responses}
-        for wave in waves:
-            await self.backend.make_room([stage.call(label) for label in wave])
-            await asyncio.gather(*(self._call(run, stage.name, stage.call(label), responses[label], cancel)
-                                   for label in wave))
-            if cancel.cancelled:
-                return self._finish(run, record, "cancelled")
-            if spec.on_error == "stop" and any(r.status == "failed" for r in record.responses):
-                break
+        try:
+            async for step in self._waves(run, stage, allowed_waves):
+                for label, error in step.unfit.items():  # does not fit even alone: failed, the others go on
+                    self._emit(run, ModelStarted(stage.name, label, responses[label].model))
+                    responses[label].status, responses[label].error = "failed", error
+                    self._emit(run, ModelFinished(stage.name, responses[label]))
+                if not step.calls:
+                    continue
+                record.waves.append([c.label for c in step.calls])
+                record.wave_servers.append(step.record)
+                try:
+                    async with self.backend.running(step):
+                        await asyncio.gather(*(self._call(run, stage.name, call, responses[call.label], cancel)
+                                               for call in step.calls))
+                except InsufficientMemory as exc:  # memory changed since the wave was decided
+                    for call in step.calls:
+                        if responses[call.label].status == "pending":
+                            responses[call.label].status, responses[call.label].error = "failed", error_dict(exc)
+                if cancel.cancelled:
+                    return self._finish(run, record, "cancelled")
+                if spec.on_error == "stop" and any(r.status == "failed" for r in record.responses):
+                    break
+        except ChorusError as exc:
+            return self._finish(run, record, "failed", error=error_dict(exc))
+        record.execution = "parallel" if len(record.waves) <= 1 else "sequential"
         ok = [r for r in record.responses if r.ok]
         failed = [r for r in record.responses if r.status == "failed"]
         if not ok:
@@ -351,22 +369,28 @@ class Engine:
         record.finished_at = time.time()
         return record
 
-    async def _waves(self, run: RunRecord, stage: StagePlan, allowed: bool) -> list[list[str]]:
-        """All labels in one wave when they fit together now (or when forced), else the backend's waves.
+    async def _waves(self, run: RunRecord, stage: StagePlan, allowed: bool) -> AsyncIterator[WaveStep]:
+        """The stage's waves, each decided by the scheduler when it is about to run (from the servers the
+        waves before it left), so the record holds what really ran. `execution: parallel` runs every call
+        at once as planned; `sequential` one model at a time (its calls together, on its slots).
 
         Asked again only if the stage did not need waves when the run was planned (memory changed since).
         """
-        labels = stage.labels
-        if stage.spec.execution == "sequential":
-            return _one_model_at_a_time(stage.calls)
-        if len(labels) <= 1 or stage.spec.execution == "parallel":
-            return [labels]
-        waves = await self.backend.plan_waves(stage)
-        if waves.fits_together:
-            return [labels]
-        if allowed:
-            return [list(w) for w in waves.waves]
-        return self._allow_waves(run, stage.name, waves)
+        execution = stage.spec.execution
+        groups = _one_model_at_a_time(stage.calls) if execution == "sequential" else [list(stage.calls)]
+        asked = allowed or execution != "auto" or len(stage.calls) <= 1
+        for group in groups:
+            pending = list(group)
+            while pending:
+                step = await self.backend.next_wave(pending, together=execution == "parallel")
+                if not asked and step.waves_left > 1:
+                    self._allow_waves(run, stage.name, step.waves, step.reason)
+                asked = True
+                yield step
+                done = {c.label for c in step.calls} | set(step.unfit)
+                if not done:
+                    break
+                pending = [c for c in pending if c.label not in done]
 
     def _ask_sequential(self, question: SequentialQuestion) -> bool:
         if isinstance(self.allow_sequential, bool):
@@ -435,7 +459,14 @@ class Engine:
                 raise SynthesisFailed(model, f"the plan resolved the synthesis model as '{call.model}'")
             rec = ResponseRecord(label=call.label, model=model, prompt=prompt, params=call.public_params())
             calls.append(rec)
-            await self._call(run, stage.name, call, rec, cancel)
+            step = await self.backend.next_wave([call])  # a wave of its own, decided now
+            if step.unfit:
+                raise SynthesisFailed(model, error_text(step.unfit[call.label]))
+            try:
+                async with self.backend.running(step):
+                    await self._call(run, stage.name, step.calls[0], rec, cancel)
+            except InsufficientMemory as exc:
+                rec.status, rec.error = "failed", error_dict(exc)
             if rec.status == "cancelled":
                 raise asyncio.CancelledError
             if not rec.ok:
@@ -445,12 +476,12 @@ class Engine:
         return synthesize
 
 
-def _one_model_at_a_time(calls: Sequence[CallPlan]) -> list[list[str]]:
+def _one_model_at_a_time(calls: Sequence[CallPlan]) -> list[list[CallPlan]]:
     """Sequential execution: one model at a time (calls to one model stay together on its slots)."""
-    waves: dict[str, list[str]] = {}
+    groups: dict[str, list[CallPlan]] = {}
     for call in calls:
-        waves.setdefault(call.model, []).append(call.label)
-    return list(waves.values())
+        groups.setdefault(call.model, []).append(call)
+    return list(groups.values())
 
 
 def run_sync(engine: Engine, plan: RunPlan, question: str, **kwargs: Any) -> RunRecord:

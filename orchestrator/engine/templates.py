@@ -13,6 +13,10 @@ Limits, all per render (`_Limits`), so one template cannot exhaust memory or han
   filters center, indent, wordwrap, replace, join, format, batch, slice, tojson, urlize; the widening
   `str`/`bytes` methods and `int.to_bytes`; `str.format` field by field; the global `lipsum`.
   No single value may pass `MAX_OUTPUT_CHARS` plus the size of the data the template was given.
+- Sizes are of the value *as text*, shared references counted each time they print: `[b, b, b]` holds
+  three pointers but prints `b` three times. So list, tuple and dict literals are checked like `*`, and
+  every filter outside an allow-list of filters that never make text (`_BOUNDED_FILTERS`: length,
+  first, map...) has its arguments' text size checked before it runs, as do the tests `lower`/`upper`.
 - *After* every filter, call, operator and output, what was built is added to a running total
   (`MAX_BUILT_CHARS`); template text inside loops, macros and `{% set %}` blocks counts too.
 - Every loop iteration, call and filter checks a wall-clock deadline (`RENDER_TIMEOUT_S`) and a stop
@@ -34,7 +38,7 @@ import string
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
 from functools import lru_cache, update_wrapper
 from typing import Any, TypeVar, cast
@@ -45,7 +49,7 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.constants import LOREM_IPSUM_WORDS
 from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import _PassArg, pass_eval_context
+from jinja2.utils import Cycler, Namespace, _PassArg, pass_eval_context
 
 from launcher.errors import ChorusError
 
@@ -159,7 +163,7 @@ def _charge_result(result: _T, what: str) -> _T:
     """Post-check: count what an operation returned (lazy iterators count when they are materialised)."""
     limits = _CURRENT.get()
     if limits is not None:
-        if isinstance(result, str | bytes | bytearray | list | tuple | set | frozenset | dict):
+        if isinstance(result, (str, bytes, bytearray, *_SHOWS_CONTENTS)):
             limits.charge(_approx_size(result), what)
         else:
             limits.tick()
@@ -169,7 +173,12 @@ def _charge_result(result: _T, what: str) -> _T:
 # ---------------------------------------------------------------- size estimates
 
 def _approx_size(obj: Any, memo: dict[int, int] | None = None) -> int:
-    """Roughly how many characters `str(obj)` would take; a shared container is measured once, counted per use."""
+    """Roughly how many characters `str(obj)` would take; a shared container is measured once, counted per use.
+
+    Every object a template can reach whose text shows its contents is measured by them: containers,
+    mappings and their key/value/item views, `namespace()` and `cycler()` objects (their repr lists their
+    values), stage views. Anything else prints as a short fixed repr.
+    """
     if isinstance(obj, str | bytes | bytearray):
         return len(obj)
     if isinstance(obj, int) and not isinstance(obj, bool):
@@ -178,14 +187,34 @@ def _approx_size(obj: Any, memo: dict[int, int] | None = None) -> int:
         return len(obj.output) + _approx_size(obj.responses, memo)
     if isinstance(obj, Stages):
         return sum(_approx_size(v, memo) for v in obj)
-    if not isinstance(obj, list | tuple | set | frozenset | dict):
+    contents = _contents(obj)
+    if contents is None:
         return 8
     memo = {} if memo is None else memo
     key = id(obj)
     if key not in memo:
-        parts = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
-        memo[key] = 2 * len(obj) + sum(_approx_size(x, memo) for x in parts)
+        memo[key] = 0  # a container that holds itself is measured once, not forever
+        memo[key] = 2 * len(contents) + sum(_approx_size(x, memo) for x in contents)
     return memo[key]
+
+
+_SHOWS_CONTENTS = (list, tuple, set, frozenset, KeysView, ValuesView, ItemsView, Namespace, Cycler, Mapping)
+"""Objects whose text lists what they hold (`_contents` says what)."""
+
+
+def _contents(obj: Any) -> Sequence[Any] | None:
+    """What prints inside `obj`'s text (keys and values for a mapping), or None for a fixed-size repr."""
+    if isinstance(obj, list | tuple | set | frozenset):
+        return list(obj)
+    if isinstance(obj, KeysView | ValuesView | ItemsView):
+        return _contents(getattr(obj, "mapping", None) or getattr(obj, "_mapping", {}))
+    if isinstance(obj, Namespace):
+        return _contents(object.__getattribute__(obj, "_Namespace__attrs"))
+    if isinstance(obj, Cycler):
+        return list(obj.items)
+    if isinstance(obj, Mapping) and not isinstance(obj, jinja2.runtime.Context):
+        return [*obj.keys(), *obj.values()]
+    return None
 
 
 def _input_size(context: Mapping[str, Any]) -> int:
@@ -365,11 +394,6 @@ def _check_count_arg(name: str, arg: str) -> Callable[[dict[str, Any]], None]:
     return check
 
 
-def _subject(a: dict[str, Any]) -> Any:
-    """The value a filter works on; builtin filters name it `value`, `s` or `o`."""
-    return next((a[k] for k in ("value", "s", "o") if k in a), None)
-
-
 _SPECIFIC_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "center": _check_center,
     "indent": _check_indent,
@@ -383,19 +407,39 @@ _SPECIFIC_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "slice": _check_count_arg("slice", "slices"),
 }
 
-_STRINGIFYING = {"string", "pprint", "tojson", "e", "escape", "forceescape", "striptags", "urlize", "urlencode",
-                 "title", "upper", "lower", "capitalize", "trim", "truncate", "wordcount", "center", "indent",
-                 "wordwrap", "replace", "format", "xmlattr"}
-"""Filters that turn their input into text: a list of a million shared references would become huge."""
+_BOUNDED_FILTERS = frozenset({
+    "abs", "attr", "batch", "count", "d", "default", "dictsort", "first", "float", "groupby", "int", "items",
+    "last", "length", "list", "map", "max", "min", "random", "reject", "rejectattr", "reverse", "round",
+    "select", "selectattr", "slice", "sort", "unique"})
+"""Filters whose result is never new text: a number, one of their arguments, or references to its items.
+
+Every other filter (and any filter a newer Jinja adds) may turn its arguments into text, which for a list of
+a million shared references is a gigabyte (`(e|safe)|length` built 900 M characters): their arguments' text
+size is checked before they run. An allow-list, so a filter nobody thought about is checked, not trusted.
+"""
+
+_BOUNDED_TESTS = frozenset({
+    "!=", "<", "<=", "==", ">", ">=", "boolean", "callable", "defined", "divisibleby", "eq", "equalto",
+    "escaped", "even", "false", "filter", "float", "ge", "greaterthan", "gt", "in", "integer", "iterable",
+    "le", "lessthan", "lt", "mapping", "ne", "none", "number", "odd", "sameas", "sequence", "string", "test",
+    "true", "undefined"})
+"""Tests that never turn their value into text (`lower` and `upper` run `str(value)` first)."""
 
 
-def _filter_check(name: str) -> Callable[[dict[str, Any]], None]:
+def _require_text_of(values: Iterable[Any], what: str) -> None:
+    """Pre-check: the arguments of an operation that may print them are not too large as text."""
+    memo: dict[int, int] = {}
+    _require(sum(_approx_size(v, memo) for v in values), what)
+
+
+def _filter_check(name: str, passed: str | None) -> Callable[[dict[str, Any]], None]:
+    """The checks one filter runs on its bound arguments; `passed` names the context argument Jinja adds."""
     specific = _SPECIFIC_CHECKS.get(name)
+    what = f"the filter '{name}'"
 
     def check(a: dict[str, Any]) -> None:
-        subject = _subject(a)
-        if name in _STRINGIFYING and not isinstance(subject, str):
-            _require(_approx_size(subject), f"the filter '{name}'")
+        if name not in _BOUNDED_FILTERS:
+            _require_text_of((v for k, v in a.items() if k != passed), what)
         if specific:
             specific(a)
     return check
@@ -411,7 +455,8 @@ def _guarded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     inner = inspect.unwrap(fn)
     signature = inspect.signature(inner)
     skip = 1 if _PassArg.from_obj(fn) is not None and _PassArg.from_obj(inner) is None else 0
-    check = _filter_check(name)
+    passed = next(iter(signature.parameters), None) if _PassArg.from_obj(inner) is not None else None
+    check = _filter_check(name, passed)
     what = f"the filter '{name}'"
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -419,11 +464,26 @@ def _guarded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         head, rest = args[:skip], args[skip:]
         try:
             bound = signature.bind(*rest, **kwargs)
-        except TypeError:
-            return _charge_result(fn(*args, **kwargs), what)  # let the filter report its own usage error
+        except TypeError:  # let the filter report its own usage error, but never print unchecked arguments
+            if name not in _BOUNDED_FILTERS:
+                _require_text_of([*rest[1 if passed else 0:], *kwargs.values()], what)
+            return _charge_result(fn(*args, **kwargs), what)
         bound.apply_defaults()
         check(bound.arguments)
         return _charge_result(fn(*head, *bound.args, **bound.kwargs), what)
+
+    return update_wrapper(wrapper, fn)
+
+
+def _guarded_test(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a builtin test: deadline, and a text-size pre-check for the tests that print their value."""
+    what = f"the test '{name}'"
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _tick()
+        if name not in _BOUNDED_TESTS:
+            _require_text_of([*args, *kwargs.values()], what)
+        return fn(*args, **kwargs)
 
     return update_wrapper(wrapper, fn)
 
@@ -494,6 +554,24 @@ class _GuardedCodeGenerator(CodeGenerator):
             self.write(", ")
         self.write("))")
 
+    def visit_List(self, node: nodes.List, frame: Frame) -> None:
+        self._guarded_literal(super().visit_List, node, frame)
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        self._guarded_literal(super().visit_Dict, node, frame)
+
+    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
+        if node.ctx == "load":  # a `{% for a, b in ... %}` target is not a value
+            self._guarded_literal(super().visit_Tuple, node, frame)
+        else:
+            super().visit_Tuple(node, frame)
+
+    def _guarded_literal(self, visit: Callable[[Any, Frame], None], node: nodes.Expr, frame: Frame) -> None:
+        """`[b, b, b]` of a large `b` grows what its text would be tenfold per level: checked like `*`."""
+        self.write("environment.guarded_literal(")
+        visit(node, frame)
+        self.write(")")
+
     def visit_Output(self, node: nodes.Output, frame: Frame) -> None:
         """Template text repeated by a loop inside a macro or `{% set %}` block builds a string too: count it."""
         literal = sum(len(child.data) for child in node.nodes if isinstance(child, nodes.TemplateData))
@@ -524,6 +602,8 @@ class _GuardedSandbox(ImmutableSandboxedEnvironment):
                          finalize=_finalize, keep_trailing_newline=True, optimized=False)
         for name, fn in list(self.filters.items()):
             self.filters[name] = _guarded_filter(name, fn)
+        for name, fn in list(self.tests.items()):
+            self.tests[name] = _guarded_test(name, cast(Callable[..., Any], fn))  # typeshed: `function`
         self.globals["lipsum"] = _guarded_lipsum(
             cast(Callable[..., str], self.globals["lipsum"]))  # jinja2's generate_lorem_ipsum; globals hold objects
 
@@ -572,6 +652,12 @@ class _GuardedSandbox(ImmutableSandboxedEnvironment):
         memo: dict[int, int] = {}
         _require(sum(_approx_size(p, memo) for p in parts), "the operator '~'")
         return _charge_result("".join(str(p) for p in parts), "the operator '~'")
+
+    def guarded_literal(self, value: _T) -> _T:
+        """A list, tuple or dict written in the template holds references, but prints every one of them."""
+        if _CURRENT.get() is not None:
+            _require(_approx_size(value), "a literal " + type(value).__name__)
+        return value
 
     def guarded_iter(self, iterable: Iterable[Any]) -> Iterable[Any]:
         limits = _CURRENT.get()
@@ -649,9 +735,11 @@ async def render_async(source: str, context: Mapping[str, Any], *, where: str,
         return await asyncio.wait_for(asyncio.shield(done), timeout_s + _STOP_GRACE_S)
     except TimeoutError:
         limits.stop("given up: past the deadline")
+        done.cancel()  # nobody awaits it now: a late error must not print "Future exception was never retrieved"
         raise _timeout_error(where, limits) from None
     except asyncio.CancelledError:
         limits.stop("cancelled")
+        done.cancel()
         raise
 
 

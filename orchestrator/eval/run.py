@@ -208,7 +208,8 @@ def run_tokens(run: RunRecord) -> tuple[int, int]:
     return prompt, completion
 
 
-ANSWERED = ("completed", "partial", "failed")  # stored as done; cancelled and interrupted runs run again
+ANSWERED = ("completed", "partial", "failed")  # stored; cancelled and interrupted runs are not
+DONE = ("completed", "partial")  # a failed run (a server stopped under it: `chorus stop --all`) runs again on resume
 
 
 class EvalRunner:
@@ -284,12 +285,12 @@ class EvalRunner:
     async def _item(self, eval_id: str, spec: EvalSpec, item: EvalItem, judge: EngineJudge | None,
                     semaphore: asyncio.Semaphore, cancel: CancelToken) -> None:
         stored = self.store.answers(eval_id)
-        await asyncio.gather(*(self._answer(eval_id, item, s, semaphore, cancel) for s in spec.systems
-                               if not _done(stored.get((item.index, s.name)))))
+        await asyncio.gather(*(self._answer(eval_id, item, s, semaphore, cancel, retry=(item.index, s.name) in stored)
+                               for s in spec.systems if not _done(stored.get((item.index, s.name)))))
         if cancel.cancelled or judge is None or spec.judge is None:
             return
         answers = self.store.answers(eval_id)
-        if not all(_done(answers.get((item.index, s.name))) for s in spec.systems):
+        if not all(_answered(answers.get((item.index, s.name))) for s in spec.systems):
             return
         scores, pairs = self.store.scores(eval_id), self.store.pairs(eval_id)
         tasks = []
@@ -303,7 +304,7 @@ class EvalRunner:
         await asyncio.gather(*tasks)
 
     async def _answer(self, eval_id: str, item: EvalItem, system: System, semaphore: asyncio.Semaphore,
-                      cancel: CancelToken) -> None:
+                      cancel: CancelToken, *, retry: bool = False) -> None:
         async with semaphore:
             if cancel.cancelled:
                 return
@@ -312,6 +313,8 @@ class EvalRunner:
         run = outcome.run
         if run.status not in ANSWERED:
             return  # cancelled: not stored, a resume runs it again
+        if retry:
+            self.store.forget_judgement(eval_id, item.index, system.name, pipeline=PIPELINE)
         text = run.final.strip() if run.status in ("completed", "partial") else ""
         prompt_tokens, completion_tokens = run_tokens(run)
         wall = (run.finished_at or time.time()) - run.started_at
@@ -367,5 +370,11 @@ class EvalRunner:
         self._tick(f"{item.id} · judge pipeline vs {baseline}", 1)
 
 
-def _done(answer: dict[str, Any] | None) -> bool:
+def _answered(answer: dict[str, Any] | None) -> bool:
+    """Stored with an outcome the judge can score (a failed run scores 0 without asking)."""
     return answer is not None and answer["status"] in ANSWERED
+
+
+def _done(answer: dict[str, Any] | None) -> bool:
+    """Needs no run: answered by a run that completed (a failed one is tried again by `eval resume`)."""
+    return answer is not None and answer["status"] in DONE

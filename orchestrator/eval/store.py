@@ -128,6 +128,17 @@ class EvalStore:
                          (eval_id, idx, system, session_id, status, answer, error, prompt_tokens,
                           completion_tokens, wall_s, time.time()))
 
+    def forget_judgement(self, eval_id: str, idx: int, system: str, *, pipeline: str) -> None:
+        """A failed answer runs again: the judge's verdicts on the old one (a 0 given without asking, a
+        pair decided by default) go with it, so the new answer is judged."""
+        with self._connect() as conn:
+            conn.execute("DELETE FROM scores WHERE eval_id = ? AND idx = ? AND system = ? AND method = 'judge'",
+                         (eval_id, idx, system))
+            if system == pipeline:
+                conn.execute("DELETE FROM pairs WHERE eval_id = ? AND idx = ?", (eval_id, idx))
+            else:
+                conn.execute("DELETE FROM pairs WHERE eval_id = ? AND idx = ? AND baseline = ?", (eval_id, idx, system))
+
     def put_score(self, eval_id: str, idx: int, system: str, method: str, value: float | None,
                   detail: dict[str, Any]) -> None:
         with self._connect() as conn:

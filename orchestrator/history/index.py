@@ -1,6 +1,10 @@
 """The SQLite mirror of the session files, for listing and full-text search (sqlite-utils + FTS5).
 
 It can always be rebuilt from the JSON files, so a missing or corrupt database is rebuilt, not fatal.
+Reading brings it in step first (freshness.py): each row keeps its folder's stamp, and sessions whose
+folder changed, appeared or went away since are re-indexed or dropped; a deleted index.db is refilled
+that way. Where the index cannot be written (a full disk, a read-only sessions dir), reading still works:
+the rows come from an in-memory index built from the JSON files.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from orchestrator.history.freshness import folder_stamp, folder_stamps
 from orchestrator.history.serialize import SESSION_FILE, Session, SessionError
 
 if TYPE_CHECKING:
@@ -23,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chorus.history")
 
-SCHEMA_VERSION = 2  # 2: sessions.problems (why a session is damaged)
+SCHEMA_VERSION = 3  # 2: sessions.problems (why a session is damaged); 3: sessions.stamp (freshness.py)
 OWNER_ONLY = 0o600
 
 # Schema creation in one write transaction (BEGIN IMMEDIATE), so concurrent writers, threads or processes,
@@ -31,7 +37,7 @@ OWNER_ONLY = 0o600
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS "sessions" ("id" TEXT PRIMARY KEY, "number" INTEGER, "created_at" REAL,
        "finished_at" REAL, "mode" TEXT, "question" TEXT, "status" TEXT, "final" TEXT, "parent_session" TEXT,
-       "rerun_from_stage" INTEGER, "stages" INTEGER, "problems" TEXT)""",
+       "rerun_from_stage" INTEGER, "stages" INTEGER, "problems" TEXT, "stamp" TEXT)""",
     'CREATE TABLE IF NOT EXISTS "documents" ("id" TEXT PRIMARY KEY, "session_id" TEXT, "field" TEXT, "content" TEXT)',
     'CREATE INDEX IF NOT EXISTS "idx_documents_session_id" ON "documents" ("session_id")',
     """CREATE VIRTUAL TABLE IF NOT EXISTS "documents_fts" USING FTS5 ("content", tokenize='porter',
@@ -108,11 +114,7 @@ class HistoryIndex:
             conn = db.conn
             conn.execute("BEGIN IMMEDIATE")  # other processes wait here, then find the schema made
             try:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                columns = {row[1] for row in conn.execute('PRAGMA table_info("sessions")')}
-                if "problems" not in columns:  # an index made by version 1
-                    conn.execute('ALTER TABLE "sessions" ADD COLUMN "problems" TEXT')
+                _create_schema(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -174,12 +176,13 @@ class HistoryIndex:
         if not (self.store.dir / sid / SESSION_FILE).is_file():
             report.skipped[sid] = f"no {SESSION_FILE} (nothing of this session was saved)"
             return
+        stamp = folder_stamp(self.store.dir / sid)  # before reading: a change while it is read shows later
         try:
             session = self.store.load(sid)
         except SessionError as exc:
             report.skipped[sid] = exc.detail
             return
-        self._upsert(db, session)  # sqlite errors (a full disk) fail the whole rebuild
+        self._upsert(db, session, stamp)  # sqlite errors (a full disk) fail the whole rebuild
         report.indexed += 1
         if session.problems:
             report.damaged[sid] = list(session.problems)
@@ -192,7 +195,8 @@ class HistoryIndex:
             finally:
                 db.conn.close()
 
-    def _upsert(self, db: sqlite_utils.Database, session: Session) -> None:
+    def _upsert(self, db: sqlite_utils.Database, session: Session, stamp: str | None = None) -> None:
+        """The session's row and search documents; `stamp` is its folder's when it was read (else now's)."""
         m = session.meta  # checked by the loader: every value has its column's type
         docs = [("question", m.get("question") or ""), ("final", session.final or "")]
         for stage in session.stages:
@@ -205,7 +209,8 @@ class HistoryIndex:
                 "finished_at": m.get("finished_at"), "mode": m.get("mode"), "question": m.get("question"),
                 "status": m.get("status"), "final": session.final or "", "parent_session": m.get("parent_session"),
                 "rerun_from_stage": m.get("rerun_from_stage"), "stages": len(session.stages),
-                "problems": "\n".join(session.problems) or None}, pk="id")
+                "problems": "\n".join(session.problems) or None,
+                "stamp": stamp if stamp is not None else folder_stamp(session.dir)}, pk="id")
             db.execute("delete from documents where session_id = ?", [session.id])
             db.table("documents").insert_all(
                 [{"id": f"{session.id}:{f}", "session_id": session.id, "field": f, "content": c}
@@ -223,8 +228,69 @@ class HistoryIndex:
             finally:
                 db.conn.close()
 
+    # -- in step with the folders
+    def sync(self, db: sqlite_utils.Database) -> int:
+        """Re-index the sessions whose folder changed or is new since it was indexed, drop the rows of folders
+        that are gone; returns how many rows changed. Cheap when nothing did: one stamp per folder."""
+        indexed = {r[0]: r[1] for r in db.execute('select id, stamp from "sessions"').fetchall()}
+        on_disk = folder_stamps(self.store.dir, self.store.folders())  # after: a row read has its folder on disk
+        stale = [sid for sid, stamp in on_disk.items() if indexed.get(sid) != stamp]
+        gone = [sid for sid in indexed if sid not in on_disk]
+        if not stale and not gone:
+            return 0
+        with _write_lock(self.path):
+            for sid in stale:
+                try:
+                    session = self.store.load(sid)
+                except SessionError:  # gone or emptied meanwhile: the next read drops its row
+                    continue
+                self._upsert(db, session, on_disk[sid])
+            with db.conn:
+                for sid in gone:
+                    if folder_stamp(self.store.dir / sid) is not None:  # back meanwhile
+                        continue
+                    db.execute("delete from documents where session_id = ?", [sid])
+                    db.execute("delete from sessions where id = ?", [sid])
+        log.info("history index brought in step: %d session(s) re-indexed, %d dropped", len(stale), len(gone))
+        return len(stale) + len(gone)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite_utils.Database]:
+        """The index in step with the folders; where it cannot be opened or written (a full disk, a read-only
+        sessions dir, a database locked past the timeout), an in-memory one built from the session files."""
+        db: sqlite_utils.Database | None = None
+        try:
+            db = self.db()
+            self.sync(db)
+        except (SessionError, sqlite3.Error, OSError) as exc:
+            if db is not None:
+                db.conn.close()
+            log.warning("the history index %s cannot be updated (%s): reading the session files instead",
+                        self.path, getattr(exc, "detail", exc))
+            db = self._in_memory()
+        try:
+            yield db
+        finally:
+            db.conn.close()
+
+    def _in_memory(self) -> sqlite_utils.Database:
+        """The same tables in memory, filled from the session files: nothing is written to disk."""
+        import sqlite_utils
+
+        conn = sqlite3.connect(":memory:", check_same_thread=False)
+        conn.execute("PRAGMA temp_store=MEMORY")
+        _create_schema(conn)
+        db = sqlite_utils.Database(conn)
+        for sid, stamp in folder_stamps(self.store.dir, self.store.folders()).items():
+            try:
+                self._upsert(db, self.store.load(sid), stamp)
+            except SessionError:
+                continue
+        return db
+
     # -- reading
     def ids(self) -> Ids:
+        """The ids the index has rows for, as it is (not brought in step: prune reports rows of vanished folders)."""
         db = self.db()
         try:
             return [r["id"] for r in db.query("select id from sessions order by number")]
@@ -232,26 +298,19 @@ class HistoryIndex:
             db.conn.close()
 
     def list(self, limit: int = 100) -> Rows:
-        db = self.db()
-        try:
+        with self._reading() as db:
             return [_row(r) for r in db.query("select * from sessions order by number desc limit ?", [limit])]
-        finally:
-            db.conn.close()
 
     def count(self) -> int:
-        db = self.db()
-        try:
+        with self._reading() as db:
             return db["sessions"].count
-        finally:
-            db.conn.close()
 
     def search(self, text: str, limit: int = 20) -> Rows:
         """Sessions matching every word of `text`, best first, each with a snippet of the best match."""
         query = fts_query(text)
         if not query:
             return []
-        db = self.db()
-        try:
+        with self._reading() as db:
             rows = db.query(
                 """
                 select d.session_id, d.field, snippet(documents_fts, 0, '[', ']', '…', 12) as snippet,
@@ -270,8 +329,6 @@ class HistoryIndex:
                 if len(best) >= limit:
                     break
             return list(best.values())
-        finally:
-            db.conn.close()
 
 
 def fts_query(text: str) -> str:
@@ -283,10 +340,21 @@ def fts_query(text: str) -> str:
     return " ".join(quoted)
 
 
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """The tables, the FTS mirror and its triggers; columns added since version 1 added to an older index."""
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    columns = {row[1] for row in conn.execute('PRAGMA table_info("sessions")')}
+    for column in ("problems", "stamp"):  # an index made by version 1 or 2
+        if column not in columns:
+            conn.execute(f'ALTER TABLE "sessions" ADD COLUMN "{column}" TEXT')
+
+
 def _row(row: dict[str, Any]) -> dict[str, Any]:
     """A row as callers use it: 'problems' as a list; a time that is not a number (an index written by an
     older version from a damaged file) as None."""
     row = dict(row)
+    row.pop("stamp", None)  # the index's own bookkeeping
     row["problems"] = row["problems"].split("\n") if row.get("problems") else []
     for key in ("created_at", "finished_at"):
         if key in row and not isinstance(row[key], int | float):

@@ -9,11 +9,15 @@ Running servers of the pool that the stage does not use count as evictable.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from launcher.admission import Availability, FitPlan, PlannedSpec
+from launcher.admission import Availability, Demand, MemoryState
+from launcher.estimate import MemoryEstimate
 from launcher.memory import BUDGET
+from launcher.schedule import Placement, Unfit, Wave
 from launcher.server import ServerSpec
 from launcher.units import fmt_bytes
 from orchestrator.plan.resolve import CallPlan, RunPlan, StagePlan
@@ -80,18 +84,65 @@ def with_budget(need: dict[str, int], have: dict[str, int]) -> dict[str, int]:
 
 
 @dataclass
+class WaveMemory:
+    """One wave of a stage as the scheduler decided it: its calls, the servers they run on (started by
+    the wave, or warm and reused), the warm servers stopped before it, and its need vs what is usable."""
+
+    labels: list[str]
+    servers: list[ServerNeed]
+    stops: list[str] = field(default_factory=list)
+    need: dict[str, int] = field(default_factory=dict)
+    have: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """'reviewer-a, reviewer-b on smollm2-135m (2 slots, started)'."""
+        parts = []
+        for server in self.servers:
+            state = "warm" if server.reused else "started"
+            slots = f"{server.slots} slot{'s' if server.slots != 1 else ''}, " if server.slots else ""
+            parts.append(f"{', '.join(server.labels)} on {server.name} ({slots}{state})")
+        remote = [label for label in self.labels if not any(label in s.labels for s in self.servers)]
+        if remote:
+            parts.append(", ".join(remote))
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "servers": [{"model": s.name, "labels": s.labels, "slots": s.slots,
+                                                    "started": not s.reused} for s in self.servers],
+                "stops": self.stops, "need": self.need, "have": self.have}
+
+
+@dataclass
 class StageMemory:
     stage: str
-    models: list[ServerNeed]
+    models: list[ServerNeed]       # every server of the stage's waves (a family may run with other slots per wave)
     fits_together: bool
     waves: list[list[str]]         # labels of the stage's calls, one wave after the other
     available: Availability
     synthesis: ServerNeed | None = None  # runs after the waves, as its own wave
-    evict: list[str] = field(default_factory=list)  # running servers stopped to make room
+    evict: list[str] = field(default_factory=list)  # warm servers stopped to make room, over the stage
     unfit: list[str] = field(default_factory=list)  # labels that do not fit even alone
     unavailable: list[str] = field(default_factory=list)  # labels of models the registry could not register
-    need: dict[str, int] = field(default_factory=dict)  # of the stage's servers together, per device
-    have_at_most: dict[str, int] = field(default_factory=dict)  # usable with every evictable server stopped
+    need: dict[str, int] = field(default_factory=dict)  # of every call at once (the plan's "together")
+    have_at_most: dict[str, int] = field(default_factory=dict)  # usable for that, every idle server stopped
+    detail: list[WaveMemory] = field(default_factory=list)  # per wave: servers, slots, stops, need vs have
+    synthesis_wave: WaveMemory | None = None
+    unfit_reasons: dict[str, str] = field(default_factory=dict)  # label -> need vs have of its one-slot server
+
+    def __post_init__(self) -> None:
+        """A stage memory made from waves of labels alone (by hand, in a test) gets its detail from the
+        servers that serve those labels."""
+        if not self.detail and self.waves:
+            by_label = {label: m for m in self.models for label in m.labels}
+            for wave in self.waves:
+                servers: list[ServerNeed] = []
+                for label in wave:
+                    need = by_label.get(label)
+                    if need is not None and need not in servers and not need.remote and need.source != "unavailable":
+                        servers.append(need)
+                self.detail.append(WaveMemory(list(wave), servers))
+        if self.synthesis_wave is None and self.synthesis is not None:
+            self.synthesis_wave = WaveMemory(list(self.synthesis.labels), [self.synthesis])
 
     @property
     def unfit_servers(self) -> list[ServerNeed]:
@@ -102,30 +153,43 @@ class StageMemory:
 
     @property
     def reason(self) -> str:
-        unfit = self.unfit_servers
-        if unfit:
-            return "; ".join(f"{', '.join(m.labels)} does not fit even alone ({self._short(m.need)})" for m in unfit)
+        if self.unfit_reasons:
+            return "; ".join(f"{label} does not fit even alone ({why})" for label, why in self.unfit_reasons.items())
         if self.fits_together:
             return ""
-        have = self.available.have()
-        short = [d for d, n in self.need.items() if n > have.get(d, 0)] or ["ram"]
-        parts = ", ".join(f"{d}: {fmt_bytes(self.need.get(d, 0))} needed, {fmt_bytes(have.get(d, 0))} usable"
-                          for d in short)
-        return f"{parts}; running in {len(self.waves)} waves"
-
-    def _short(self, need: dict[str, int]) -> str:
-        """'ram: needs 330 MiB, 250 MiB usable with every idle server stopped' for the short devices."""
-        have = self.have_at_most or self.available.have()
-        need = with_budget(need, have)
-        short = [d for d, n in need.items() if n > have.get(d, 0)] or list(need)[:1]
-        return ", ".join(f"{d}: needs {fmt_bytes(need.get(d, 0))}, {fmt_bytes(have.get(d, 0))} usable with every "
-                         "idle server stopped" for d in short)
+        return f"{together_text(self.need, self.have_at_most)}; {waves_text(self.detail)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.stage, "models": [asdict(m) for m in self.models], "fits_together": self.fits_together,
-                "waves": self.waves, "synthesis": asdict(self.synthesis) if self.synthesis else None,
+                "waves": self.waves, "wave_servers": [w.to_dict() for w in self.detail],
+                "synthesis": asdict(self.synthesis) if self.synthesis else None,
+                "synthesis_wave": self.synthesis_wave.to_dict() if self.synthesis_wave else None,
                 "evict": self.evict, "unfit": self.unfit, "unavailable": self.unavailable, "need": self.need,
                 "reason": self.reason, "available": self.available.to_dict()}
+
+
+def short_devices(need: dict[str, int], have: dict[str, int]) -> list[str]:
+    return [d for d, n in need.items() if n > 0 and n > have.get(d, 0)]
+
+
+def together_text(need: dict[str, int], have: dict[str, int]) -> str:
+    """'all at once: budget: 271 MiB needed, 250 MiB usable'."""
+    short = short_devices(need, have) or [d for d in need if need[d]][:1] or ["ram"]
+    return "all at once: " + ", ".join(f"{d}: {fmt_bytes(need.get(d, 0))} needed, {fmt_bytes(have.get(d, 0))} usable"
+                                       for d in short)
+
+
+def waves_text(waves: list[WaveMemory]) -> str:
+    """'wave 1: a, b on smollm2-135m (2 slots, started), budget 226 MiB of 250 MiB; wave 2: c on ... (warm)'."""
+    out = []
+    for i, wave in enumerate(waves, 1):
+        # the budget when one is set (it is the cap), else RAM, and any GPU the wave uses
+        devices = ["budget" if "budget" in wave.need else "ram", *(d for d in wave.need if d.startswith("gpu"))]
+        figures = ", ".join(f"{d} {fmt_bytes(wave.need.get(d, 0))} of {fmt_bytes(wave.have.get(d, 0))}"
+                            for d in devices if wave.need.get(d, 0))
+        stops = f", stops {', '.join(wave.stops)} first" if wave.stops else ""
+        out.append(f"wave {i}: {wave.describe()}{', ' + figures if figures else ''}{stops}")
+    return "; ".join(out)
 
 
 @dataclass
@@ -134,6 +198,7 @@ class MemoryPlan:
     stages: list[StageMemory]
     available: Availability
     gpu_note: str | None = None
+    budget_bytes: int | None = None
 
     @property
     def fits(self) -> bool:
@@ -143,44 +208,147 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "fits": self.fits, "available": self.available.to_dict(),
-                "gpu_note": self.gpu_note, "stages": [s.to_dict() for s in self.stages]}
+                "budget_bytes": self.budget_bytes, "gpu_note": self.gpu_note,
+                "stages": [s.to_dict() for s in self.stages]}
 
 
-def _group(calls: list[CallPlan]) -> tuple[list[ServerNeed], list[ServerSpec], list[int]]:
-    """One ServerNeed per distinct target (local: per resolved server spec); the local specs and, per spec,
-    the index of its ServerNeed."""
-    needs: list[ServerNeed] = []
-    specs: list[ServerSpec] = []
-    spec_need: list[int] = []
-    by_key: dict[object, int] = {}
-    for call in calls:
-        t = call.target
-        key: object = t.server if t.server is not None else (t.kind, t.model)
-        if key in by_key:
-            needs[by_key[key]].labels.append(call.label)
+# ---------------------------------------------------------------- the plan in words (CLI and UI)
+
+
+def plan_header(plan: MemoryPlan, fraction: float, fixed_mib: int) -> str:
+    """What the plan was made against: the budget when one is set (it is the cap), else free RAM/VRAM."""
+    avail = plan.available
+    vram = f", VRAM {fmt_bytes(avail.vram_bytes)}" if avail.vram_bytes else f"; {plan.gpu_note or 'no GPU'}"
+    ram = f"RAM {fmt_bytes(avail.ram_bytes)} (free minus the margin of {fraction:.0%} + {fixed_mib} MiB){vram}"
+    if plan.budget_bytes is not None:
+        usable = avail.have().get("budget", 0)
+        return (f"pipeline '{plan.pipeline}': budget {fmt_bytes(plan.budget_bytes)} (server.memory_budget_mib), "
+                f"{fmt_bytes(usable)} of it usable now; {ram}")
+    return f"pipeline '{plan.pipeline}': usable now {ram}"
+
+
+def stage_headline(stage: StageMemory) -> str:
+    """'fits together', 'runs in 2 waves (all at once: ...)', or what does not fit at all."""
+    if stage.unfit_reasons:
+        return "does NOT fit: " + stage.reason
+    if stage.fits_together:
+        return "fits together"
+    n = len(stage.waves)
+    return f"runs in {n} wave{'s' if n != 1 else ''} ({together_text(stage.need, stage.have_at_most)})"
+
+
+def plan_rows(stage: StageMemory) -> list[dict[str, Any]]:
+    """One row per server of each wave (then the synthesis), the slots that wave gives it, started or warm;
+    then the calls that run nowhere (missing, remote, too big even alone)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(wave: str, m: ServerNeed, server: str) -> None:
+        rows.append({"wave": wave, "model": m.name, "labels": ", ".join(m.labels), "n_ctx": m.n_ctx,
+                     "ngl": m.n_gpu_layers, "slots": m.slots or None, "server": server, "need": m})
+
+    for i, wave in enumerate(stage.detail, 1):
+        for m in wave.servers:
+            add(str(i), m, "warm" if m.reused else "started")
+    syn, syn_wave = stage.synthesis, stage.synthesis_wave
+    placed = {id(m) for w in stage.detail for m in w.servers}
+    for m in stage.models:
+        if id(m) in placed:
             continue
-        by_key[key] = len(needs)
-        if t.kind == "unavailable":
-            needs.append(ServerNeed(t.model, [call.label], source="unavailable", fits_alone=False, reason=t.reason))
-        elif t.kind == "remote" or t.server is None:
-            needs.append(ServerNeed(t.model, [call.label], remote=True, source="remote"))
+        if m.remote:
+            add("1", m, "remote")
+        elif m.source == "unavailable":
+            add("-", m, "missing")
+        elif not m.fits_alone:
+            add("-", m, "does not fit")
+    if syn is not None:
+        if syn_wave is not None and syn_wave.servers and syn.fits_alone and syn.source != "unavailable":
+            for m in syn_wave.servers:
+                add("then", m, "warm" if m.reused else "started")
         else:
-            s = t.server
-            needs.append(ServerNeed(t.model, [call.label], n_ctx=s.n_ctx, n_gpu_layers=s.n_gpu_layers, slots=s.slots))
-            specs.append(s)
-            spec_need.append(len(needs) - 1)
-    return needs, specs, spec_need
+            add("then", syn, "remote" if syn.remote else "missing" if syn.source == "unavailable"
+                else "does not fit" if not syn.fits_alone else "")
+    return rows
 
 
-def _fill(need: ServerNeed, planned: PlannedSpec, fits_alone: bool) -> None:
-    est = planned.estimate
+def stage_wave_lines(stage: StageMemory) -> list[str]:
+    """What happens between waves: the warm servers each wave stops first."""
+    lines = [f"before wave {i}: stops {', '.join(w.stops)}" for i, w in enumerate(stage.detail, 1) if w.stops]
+    if stage.synthesis_wave is not None and stage.synthesis_wave.stops:
+        lines.append(f"before the synthesis: stops {', '.join(stage.synthesis_wave.stops)}")
+    return lines
+
+
+# ---------------------------------------------------------------- calls -> demands -> waves
+
+
+@dataclass
+class CallGroup:
+    """A group of calls as the scheduler sees it: one demand per server family, with its calls' labels."""
+
+    demands: list[Demand]
+    calls: list[list[CallPlan]]      # per demand
+    remote: list[CallPlan]           # no local memory: they ride in the first wave
+    unavailable: list[CallPlan]      # not registered: recorded as failed, never scheduled
+
+    @classmethod
+    def of(cls, calls: Sequence[CallPlan]) -> CallGroup:
+        by_family: dict[tuple[object, ...], int] = {}
+        group = cls([], [], [], [])
+        for call in calls:
+            t = call.target
+            if t.kind == "unavailable":
+                group.unavailable.append(call)
+            elif t.server is None:
+                group.remote.append(call)
+            elif t.server.family in by_family:
+                group.calls[by_family[t.server.family]].append(call)
+            else:
+                by_family[t.server.family] = len(group.demands)
+                group.demands.append(Demand(t.server, 0))
+                group.calls.append([call])
+        group.demands = [Demand(d.spec, len(c)) for d, c in zip(group.demands, group.calls, strict=True)]
+        return group
+
+    def placed(self, wave: Wave, taken: list[int]) -> list[tuple[Placement, list[CallPlan]]]:
+        """Per placement of `wave`, the calls it runs, each on the placement's server (the slots the wave
+        decided); `taken` counts, per demand, the calls earlier waves ran (updated)."""
+        out = []
+        for p in wave.placements:
+            calls = []
+            for call in self.calls[p.demand][taken[p.demand]:taken[p.demand] + p.calls]:
+                target = dataclasses.replace(call.target, server=p.spec)
+                calls.append(call if call.target.server == p.spec else dataclasses.replace(call, target=target))
+            taken[p.demand] += p.calls
+            out.append((p, calls))
+        return out
+
+
+def _need_from(name: str, labels: list[str], spec: ServerSpec, est: MemoryEstimate | None, *, reused: bool,
+               fits_alone: bool = True) -> ServerNeed:
+    need = ServerNeed(name, labels, n_ctx=spec.n_ctx, n_gpu_layers=spec.n_gpu_layers, slots=spec.slots,
+                      reused=reused, fits_alone=fits_alone)
+    if est is not None:
+        _fill(need, est)
+    return need
+
+
+def wave_memory(placed: list[tuple[Placement, list[CallPlan]]], wave: Wave,
+                estimate: Callable[[ServerSpec], MemoryEstimate | None]) -> WaveMemory:
+    """A scheduled wave as the plan shows it and the session records it."""
+    servers = []
+    for p, calls in placed:
+        est = p.estimate if p.estimate is not None else estimate(p.spec)
+        servers.append(_need_from(p.spec.model, [c.label for c in calls], p.spec, est, reused=not p.starts))
+    labels = [c.label for _, calls in placed for c in calls]
+    return WaveMemory(labels, servers, [w.model for w in wave.stop], dict(wave.need), dict(wave.have))
+
+
+def _fill(need: ServerNeed, est: MemoryEstimate) -> None:
     per_device = est.need()
     need.need = per_device
     need.ram_bytes = per_device.get("ram", 0)
     need.vram_bytes = sum(n for d, n in per_device.items() if d.startswith("gpu"))
     need.source = est.source
-    need.reused = planned.reused
-    need.fits_alone = fits_alone
     need.mapped_bytes = est.mapped_bytes
     formula = est.estimate if est.source == "calibrated" else None
     need.breakdown = {d: need_parts(kinds) if formula is None else need_parts(
@@ -191,39 +359,77 @@ def _fill(need: ServerNeed, planned: PlannedSpec, fits_alone: bool) -> None:
                                    for d, n in per_device.items() if n}
 
 
+def unfit_text(u: Unfit, have_label: str = "usable with every idle server stopped") -> str:
+    short = short_devices(u.need, u.have) or list(u.need)[:1]
+    return ", ".join(f"{d}: needs {fmt_bytes(u.need.get(d, 0))}, {fmt_bytes(u.have.get(d, 0))} {have_label}"
+                     for d in short)
+
+
+def schedule_stage(runtime: Runtime, calls: Sequence[CallPlan], state: MemoryState, *,
+                   name: str = "") -> tuple[StageMemory, MemoryState]:
+    """The scheduler's decision for a group of calls from `state`, as the plan shows it, and the state after."""
+    group = CallGroup.of(calls)
+    sched = runtime.schedule(group.demands, state)
+    estimate = runtime.memory_guard.need_or_none
+    taken = [0] * len(group.demands)
+    detail = [wave_memory(group.placed(wave, taken), wave, estimate) for wave in sched.waves]
+    remote = [c.label for c in group.remote] + [c.label for u in sched.unknown for c in group.calls[u.demand]]
+    if remote:
+        if detail:
+            detail[0].labels.extend(remote)
+        else:
+            detail.append(WaveMemory(list(remote), []))
+    unfit_reasons = {}
+    models: list[ServerNeed] = []
+    for u in sched.unfit:
+        labels = [c.label for c in group.calls[u.demand]]
+        spec = group.demands[u.demand].spec
+        unfit_reasons[", ".join(labels)] = unfit_text(u)
+        models.append(_need_from(spec.model, labels, spec, estimate(dataclasses.replace(spec, slots=1)),
+                                 reused=False, fits_alone=False))
+    for wave in detail:
+        models.extend(wave.servers)
+    models.extend(ServerNeed(c.model, [c.label], remote=True, source="remote") for c in group.remote)
+    models.extend(ServerNeed(c.model, [c.label], source="unavailable", fits_alone=False, reason=c.target.reason)
+                  for c in group.unavailable)
+    stops = list(dict.fromkeys(m for w in detail for m in w.stops))
+    memory = StageMemory(name, models, sched.fits_together, [list(w.labels) for w in detail], state.available,
+                         evict=stops, unfit=[label for u in sched.unfit for label in
+                                             (c.label for c in group.calls[u.demand])],
+                         unavailable=[c.label for c in group.unavailable], need=sched.together_need,
+                         have_at_most=sched.together_have, detail=detail, unfit_reasons=unfit_reasons)
+    return memory, state.after(sched)
+
+
 def plan_stage_memory(runtime: Runtime, stage: StagePlan) -> StageMemory:
-    """Whether the stage's servers fit in memory together now, else the waves they run in."""
-    needs, specs, spec_need = _group(list(stage.calls))
-    syn_needs, syn_specs, _ = _group([stage.synthesis]) if stage.synthesis is not None else ([], [], [])
-    groups = [specs] + ([syn_specs] if syn_specs else [])
-    fit: FitPlan = runtime.memory_guard.plan(groups, runtime.running_servers(), evictable=runtime.is_idle)
-    group = fit.groups[0]
-    for i, planned in enumerate(group.specs):
-        _fill(needs[spec_need[i]], planned, i not in group.unfit)
-
-    # waves of labels; remote models ride in the first wave, unavailable ones are left out
-    waves = [[label for i in wave for label in needs[spec_need[i]].labels] for wave in group.waves]
-    extra = [label for m in needs if m.remote for label in m.labels]
-    if extra:
-        waves = [waves[0] + extra, *waves[1:]] if waves else [extra]
-    unfit = [label for i in group.unfit for label in needs[spec_need[i]].labels]
-    unavailable = [label for m in needs if m.source == "unavailable" for label in m.labels]
-
-    synthesis = syn_needs[0] if syn_needs else None
-    if synthesis is not None and syn_specs:
-        sg = fit.groups[1]
-        _fill(synthesis, sg.specs[0], not sg.unfit)
-    have = fit.available.have()
-    have_at_most = {d: n + fit.evictable.get(d, 0) for d, n in have.items()}
-    return StageMemory(stage.name, needs, group.fits_together, waves, fit.available, synthesis,
-                       [s.model for s in group.evict], unfit, unavailable, group.need, have_at_most)
+    """A stage's waves, then its synthesis as a wave of its own, from the live state now."""
+    return stage_memory(runtime, stage, runtime.memory_state())[0]
 
 
-def plan_memory(runtime: Runtime, plan: RunPlan) -> MemoryPlan:
-    """`plan_stage_memory` for every stage, in order."""
-    stages = [plan_stage_memory(runtime, stage) for stage in plan.stages]
-    available = stages[0].available if stages else runtime.memory_guard.available(runtime.running_servers())
-    return MemoryPlan(plan.pipeline.name, stages, available, runtime.memory_guard.gpu_note)
+def stage_memory(runtime: Runtime, stage: StagePlan, state: MemoryState) -> tuple[StageMemory, MemoryState]:
+    """A stage's waves, then its synthesis as a wave of its own, from `state`; and the state it leaves."""
+    memory, state = schedule_stage(runtime, list(stage.calls), state, name=stage.name)
+    if stage.synthesis is not None:
+        syn, state = schedule_stage(runtime, [stage.synthesis], state, name=stage.name)
+        memory.synthesis = next(iter(syn.models), None)
+        memory.synthesis_wave = syn.detail[0] if syn.detail else None
+        if syn.unfit_reasons:
+            memory.unfit_reasons.update(syn.unfit_reasons)
+        memory.evict = list(dict.fromkeys([*memory.evict, *syn.evict]))
+    return memory, state
+
+
+def plan_memory(runtime: Runtime, plan: RunPlan, state: MemoryState | None = None) -> MemoryPlan:
+    """The what-if of a whole run: each stage scheduled from the state the earlier ones leave (their
+    servers warm), the same scheduler the run itself asks at each stage."""
+    state = state if state is not None else runtime.memory_state()
+    available = state.available
+    stages = []
+    for stage in plan.stages:
+        memory, state = stage_memory(runtime, stage, state)
+        stages.append(memory)
+    guard = runtime.memory_guard
+    return MemoryPlan(plan.pipeline.name, stages, available, guard.gpu_note, guard.budget_bytes)
 
 
 # ---------------------------------------------------------------- RPC workers and remote machines
@@ -274,7 +480,7 @@ def check_rpc_workers(spec: ServerSpec) -> list[WorkerNeed]:
     _, workers = rpc_needs(spec)
     for w in workers:
         if w.free_bytes is None:
-            raise RpcError(w.worker, f"no answer ({w.error}) for model '{spec.model}'")
+            raise RpcError(w.worker, f"no answer before '{spec.model}' starts: {w.error}")
     short = [w for w in workers if not w.fits]
     if short:
         raise RpcWorkerShort(spec.model, {w.worker: w.need_bytes for w in workers},

@@ -8,7 +8,8 @@ collection has an embedding model.
 
 Re-adding is incremental by content hash: an unchanged file is not read again, a changed one is re-chunked,
 and a file that was indexed under one of the given paths and is gone now is dropped. Each file is one
-transaction, so an interrupted add keeps what it finished.
+transaction, so an interrupted add keeps what it finished. Files are read by files.py: regular files only,
+inside the folder they were found in, up to a size cap; anything else is skipped with its reason.
 
 Dense search uses sqlite-vec's `vec_distance_cosine` when this Python's sqlite3 can load extensions; many
 builds cannot (`enable_load_extension` missing), and then the stored vectors are scanned with numpy (a
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from launcher.errors import ChorusError
 from orchestrator.rag.chunking import UnreadableFile, chunk_document, kind_of, read_document
+from orchestrator.rag.files import DEFAULT_MAX_BYTES, is_inside, read_regular_file
 
 if TYPE_CHECKING:  # numpy is imported where vectors are used: a run without retrieval never loads it
     import numpy as np
@@ -353,16 +355,21 @@ class DocStore:
 
     def add(self, name: str, paths: Sequence[str | Path], *, chunk_chars: int = 1000, overlap_chars: int = 150,
             embedder: Embedder | None = None, progress: Callable[[Progress], None] | None = None,
-            embed_batch: int = 16) -> AddReport:
+            embed_batch: int = 16, max_file_bytes: int = DEFAULT_MAX_BYTES,
+            within: Sequence[Path] | None = None) -> AddReport:
         """Index `paths` (files or folders) into collection `name`, incrementally by content hash.
 
         A new collection takes `chunk_chars`, `overlap_chars` and the embedder's model; an existing one keeps
-        its own sizes, and an embedder of another model is refused (EmbeddingMismatch).
+        its own sizes, and an embedder of another model is refused (EmbeddingMismatch). A file found in a
+        folder is read only if it resolves inside that folder; with `within` (the UI's allowed folders) every
+        file must resolve inside one of those too. Files over `max_file_bytes` are skipped.
         """
         check_name(name)
         started = time.perf_counter()
         report = AddReport(name)
-        roots, found = self._found(paths, report)
+        fence = None if within is None else [Path(w).resolve() for w in within]
+        roots, limits = self._found(paths, report, fence)
+        found = list(limits)
         model = embedder.model if embedder is not None else None
         with self._connect() as conn:
             coll = conn.execute("SELECT * FROM collections WHERE name = ?", (name,)).fetchone()
@@ -381,8 +388,10 @@ class DocStore:
             for i, path in enumerate(found):
                 if progress is not None:
                     progress(Progress(i, len(found), str(path)))
-                self._add_file(conn, name, path, known.get(str(path)), sizes, embedder, embed_batch, report)
-            gone = [p for p in known if p not in {str(f) for f in found} and _under(Path(p), roots)]
+                self._add_file(conn, name, path, known.get(str(path)), sizes, embedder, embed_batch, report,
+                               limits[path], max_file_bytes)
+            readable = {str(f) for f in found} - set(report.skipped)  # a file skipped now keeps no old chunks
+            gone = [p for p in known if p not in readable and _under(Path(p), roots)]
             with conn:
                 for p in gone:
                     _delete_file(conn, known[p][0])
@@ -398,29 +407,36 @@ class DocStore:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _found(self, paths: Sequence[str | Path], report: AddReport) -> tuple[list[Path], list[Path]]:
+    def _found(self, paths: Sequence[str | Path], report: AddReport,
+               fence: list[Path] | None) -> tuple[list[Path], dict[Path, list[Path] | None]]:
+        """The roots as given, and each file to read with the folders it must resolve inside (None: any)."""
         roots: list[Path] = []
-        found: list[Path] = []
+        found: dict[Path, list[Path] | None] = {}
         for raw in paths:
             root = Path(raw).expanduser().absolute()
+            if fence is not None and not is_inside(_resolved(root), fence):
+                report.skipped[str(root)] = "outside the folders the Documents page may index"
+                continue  # not a root either: what was indexed under it stays
             roots.append(root)
             if root.is_dir():
-                found.extend(walk(root))
-            elif root.is_file():
-                if kind_of(root):
-                    found.append(root)
-                else:
-                    report.skipped[str(root)] = f"unsupported type '{root.suffix}'"
-            else:
+                real = root.resolve()
+                for path in walk(root):
+                    found.setdefault(path, [real])
+            elif not (root.exists() or root.is_symlink()):
                 report.skipped[str(root)] = "not found"
-        return roots, list(dict.fromkeys(found))
+            elif not kind_of(root):
+                report.skipped[str(root)] = f"unsupported type '{root.suffix}'"
+            else:  # named on its own: a link is followed (within the fence); the reader refuses non-files
+                found.setdefault(root, fence)
+        return roots, found
 
     def _add_file(self, conn: sqlite3.Connection, name: str, path: Path, known: tuple[int, str] | None,
-                  sizes: tuple[int, int], embedder: Embedder | None, batch: int, report: AddReport) -> None:
+                  sizes: tuple[int, int], embedder: Embedder | None, batch: int, report: AddReport,
+                  inside: list[Path] | None, max_bytes: int) -> None:
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            report.skipped[str(path)] = exc.strerror or str(exc)
+            data = read_regular_file(path, inside=inside, max_bytes=max_bytes)
+        except UnreadableFile as exc:
+            report.skipped[str(path)] = exc.reason
             return
         sha = file_sha256(data)
         if known is not None and known[1] == sha:
@@ -472,6 +488,13 @@ def _delete_file(conn: sqlite3.Connection, file_id: int) -> None:
     conn.execute("DELETE FROM vectors WHERE chunk_id IN (SELECT id FROM chunks WHERE file_id = ?)", (file_id,))
     conn.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
     conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop: its own path, which no fence contains
+        return path
 
 
 def _under(path: Path, roots: Sequence[Path]) -> bool:

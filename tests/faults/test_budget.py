@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.admission import MemoryGuard
+from launcher.admission import Demand, MemoryGuard
 from launcher.calibration import CalibrationCache
 from launcher.errors import InsufficientMemory
 from launcher.estimate import EstimatorSettings
@@ -60,12 +60,15 @@ def test_planner_splits_a_stage_that_exceeds_the_budget_into_waves(demo_model: P
     one = footprint(guard(GiB, tmp_path / "l.json").need(a))
     assert 250 * MiB < one < 450 * MiB
     g = guard(450 * MiB, tmp_path / "ledger.json")
-    plan = g.plan([[a, b]])
-    group = plan.groups[0]
-    assert plan.available.have()["budget"] == 450 * MiB
-    assert group.need["budget"] == footprint(g.need(a)) + footprint(g.need(b)) > 450 * MiB
-    assert not group.fits_together and group.waves == [[0], [1]] and group.unfit == [] and plan.fits
-    assert guard(2 * one + 10 * MiB, tmp_path / "l2.json").plan([[a, b]]).groups[0].fits_together
+    state = g.state()
+    sched = g.schedule([Demand(a, 1), Demand(b, 1)], state)
+    assert state.have["budget"] == 450 * MiB
+    assert sched.together_need["budget"] == footprint(g.need(a)) + footprint(g.need(b)) > 450 * MiB
+    assert [[p.demand for p in w.placements] for w in sched.waves] == [[0], [1]] and sched.unfit == []
+    # the second wave stops the first wave's server: the budget holds one at a time
+    assert [w.holding.server.spec for w in sched.waves[1].stop] == [a]
+    roomy = guard(2 * one + 10 * MiB, tmp_path / "l2.json")
+    assert roomy.schedule([Demand(a, 1), Demand(b, 1)], roomy.state()).fits_together
 
 
 def test_second_server_over_the_budget_is_refused_with_true_need_and_have(demo_model: Path,
@@ -101,7 +104,7 @@ def test_model_larger_than_the_whole_budget_says_so(demo_model: Path, tmp_path: 
 CHILD = """
 import sys, time
 from pathlib import Path
-from launcher.admission import MemoryGuard
+from launcher.admission import Demand, MemoryGuard
 from launcher.errors import InsufficientMemory
 from launcher.estimate import EstimatorSettings
 from launcher.ledger import AdmissionLedger

@@ -146,7 +146,8 @@ def ui_command(config_dir: ConfigDir, port: int, app: Path | None = None) -> lis
         from pathlib import Path
         from orchestrator.cli import ui
         ui.app_path = lambda: Path({str(app)!r})  # a page that starts a llama-server when a session opens
-        sys.exit(ui.cmd_ui(argparse.Namespace(config_dir={str(config_dir.path)!r}, host="127.0.0.1", port={port})))
+        sys.exit(ui.cmd_ui(argparse.Namespace(config_dir={str(config_dir.path)!r}, host="127.0.0.1", port={port},
+                                             token=None, token_file=None, allow_remote=False)))
     """)
     return [sys.executable, "-c", driver]
 

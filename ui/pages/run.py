@@ -14,7 +14,14 @@ from orchestrator.config.schema import PipelineSpec, StageSpec
 from orchestrator.engine.aggregators import allowed_functions, check_pipeline
 from orchestrator.errors import ChorusError
 from orchestrator.live import LiveRun
-from orchestrator.plan.memory import machine_view, plan_memory
+from orchestrator.plan.memory import (
+    machine_view,
+    plan_header,
+    plan_memory,
+    plan_rows,
+    stage_headline,
+    stage_wave_lines,
+)
 from orchestrator.rag.store import DocStore
 from orchestrator.units import fmt_bytes
 from ui.common import LIVE_KEY, live_run, md_escape, render_live, runner, runtime
@@ -370,22 +377,24 @@ allow_sequential = True
 if spec is not None:
     with st.expander("Memory plan", expanded=False):
         try:
-            plan = plan_memory(rt, rt.plan(spec))
+            run_plan = rt.plan(spec)  # resolved once: the memory plan and the machine view read the same
+            plan = plan_memory(rt, run_plan)
         except ChorusError as exc:
             st.error(md_escape(exc))
             plan = None
         if plan is not None:
-            note = f" — {plan.gpu_note}" if plan.gpu_note else ""
-            st.caption(md_escape(f"Free: RAM {fmt_bytes(plan.available.ram_bytes)}, "
-                                 f"VRAM {fmt_bytes(plan.available.vram_bytes)}{note}"))
+            res = rt.config.app.resources
+            st.caption(md_escape(plan_header(plan, res.fraction, res.fixed_mib)))
             st.pyplot(memory_chart(plan), clear_figure=False)  # per device, per wave: weights, KV, compute
             for sp in plan.stages:
-                st.markdown(f"**{md_escape(sp.stage)}** — "
-                            f"{'fits together' if sp.fits_together else 'does not fit together'}")
-                st.dataframe([{"model": m.name, "calls": ", ".join(m.labels), "RAM": fmt_bytes(m.ram_bytes),
-                               "VRAM": fmt_bytes(m.vram_bytes), "source": m.source} for m in sp.models],
-                             hide_index=True)
-            machines = machine_view(rt.plan(spec), plan)  # RPC workers and remote endpoints, when any
+                st.markdown(f"**{md_escape(sp.stage)}** — {md_escape(stage_headline(sp))}")
+                st.dataframe([{"wave": r["wave"], "model": r["model"], "calls": r["labels"], "slots": r["slots"],
+                               "server": r["server"], "RAM": fmt_bytes(r["need"].ram_bytes),
+                               "VRAM": fmt_bytes(r["need"].vram_bytes), "source": r["need"].source}
+                              for r in plan_rows(sp)], hide_index=True)
+                for line in stage_wave_lines(sp):
+                    st.text(line)
+            machines = machine_view(run_plan, plan)  # RPC workers and remote endpoints, when any
             if len(machines) > 1:
                 st.markdown("**Per machine**")
                 st.dataframe([{"machine": m.machine, "runs": ", ".join(m.models),
