@@ -25,6 +25,7 @@ from api.errors import BodyTooLarge, Unauthorized, error_body, status_of
 from api.forward import EventStream, forward
 from api.hosts import HostCheck
 from api.mapping import conversation
+from api.proxy import ModelProxy, Route
 from api.runs import PipelineRuns, RunLimiter, answer, stream
 from api.schemas import ChatRequest, CompletionFields, CompletionRequest
 from api.settings import ApiSettings
@@ -34,7 +35,6 @@ from orchestrator.config.hosts import HostPolicy
 from orchestrator.config.schema import load_config
 from orchestrator.engine.backend import Backend
 from orchestrator.errors import ChorusError
-from orchestrator.proxy import ModelProxy, Route
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger("chorus.api")

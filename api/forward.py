@@ -1,4 +1,4 @@
-"""A registered model's request, forwarded to its llama-server through `orchestrator.proxy`.
+"""A registered model's request, forwarded to its llama-server through `api.proxy`.
 
 The server is leased (started on demand after the memory fit check) before the response starts, so a
 model that does not fit answers 503 and one whose server will not start answers 502, streamed or not.
@@ -21,12 +21,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.errors import error_body
+from api.proxy import ModelProxy, Route
 from api.runs import GONE, RunLimiter, until_done_or_gone
 from api.schemas import CompletionFields
 from api.shutdown import stream_until_stopped
 from api.stream import sse
 from orchestrator.errors import ChorusError
-from orchestrator.proxy import ModelProxy, Route
 
 log = logging.getLogger("chorus.api")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from orchestrator.cli.api import (
+from cli.api import (
     DEFAULT_HOST,
     DEFAULT_MAX_BODY_KIB,
     DEFAULT_MAX_RUNS,

@@ -94,7 +94,7 @@ class ApiServer:
     def __init__(self, config: Path, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--config-dir", str(config),
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "api", "--config-dir", str(config),
                                       "--port", str(self.port), "--max-runs", "2"], cwd=REPO, env=env,
                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120

@@ -1,4 +1,4 @@
-"""Benchmark: header scan time of launcher.gguf.read_gguf against gguf.GGUFReader on one GGUF file.
+"""Benchmark: header scan time of launcher.memory.gguf.read_gguf against gguf.GGUFReader on one GGUF file.
 
     python bench/gguf_scan.py [PATH] [--runs 20] [--reader-runs 1] [--no-reader]
 
@@ -36,7 +36,7 @@ def _time_ms(fn: Callable[[], object], runs: int, before: Callable[[], None] = l
 
 def _bench_ours(path: Path, runs: int) -> dict[str, float]:
     sys.path.insert(0, str(REPO))
-    from launcher.gguf import clear_cache, read_gguf
+    from launcher.memory.gguf import clear_cache, read_gguf
 
     clear_cache()
     first = _time_ms(lambda: read_gguf(path), 1)[0]  # warms the page cache, compiles the regex
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ours = _bench_ours(args.path, args.runs)
     print(f"{args.path.name}: {args.path.stat().st_size / 2**20:.1f} MiB")
-    print(f"  launcher.gguf.read_gguf  median {ours['ours_ms']:8.2f} ms  min {ours['ours_min_ms']:.2f} ms"
+    print(f"  launcher.memory.gguf.read_gguf  median {ours['ours_ms']:8.2f} ms  min {ours['ours_min_ms']:.2f} ms"
           f"  ({args.runs} runs, LRU cleared; first call {ours['ours_first_ms']:.2f} ms)")
     reader_ms = None if args.no_reader else _bench_reader(args.path, args.reader_runs)
     speedup = reader_ms / ours["ours_ms"] if reader_ms else None

@@ -7,7 +7,7 @@
 #   1. builds the CUDA llama-server (CHORUS_CUDA=1 scripts/build_llama_server.sh; restored from the build
 #      cache when it was built before),
 #   2. runs every zoo model and the demo model with full offload (-ngl -1) and partial offload (half the
-#      layers), one request each, and compares the estimate (launcher/estimate.py through MemoryGuard, with
+#      layers), one request each, and compares the estimate (launcher/memory/estimate.py through MemoryGuard, with
 #      the GPUs NVML reports) with NVML's per-process VRAM and the RSS, per row,
 #   3. provokes a real CUDA out-of-memory: a server whose KV cache is 1.5x the GPU's memory, started without
 #      chorus's admission check; it must fail as ServerOutOfMemory, and the same process must then start a
@@ -53,12 +53,12 @@ REPO = Path.cwd()
 sys.path.insert(0, str(REPO))
 
 from bench.zoo.make_zoo import ensure_zoo  # noqa: E402
-from launcher.admission import MemoryGuard  # noqa: E402
-from launcher.binary import find_llama_server  # noqa: E402
-from launcher.calibration import measure_server  # noqa: E402
+from launcher.memory.admission import MemoryGuard  # noqa: E402
+from launcher.process.binary import find_llama_server  # noqa: E402
+from launcher.memory.calibration import measure_server  # noqa: E402
 from launcher.errors import ServerOutOfMemory, ServerStartError  # noqa: E402
-from launcher.gguf import read_gguf  # noqa: E402
-from launcher.server import ModelServer, ServerOptions, ServerSpec, install_signal_cleanup  # noqa: E402
+from launcher.memory.gguf import read_gguf  # noqa: E402
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec, install_signal_cleanup  # noqa: E402
 
 MiB = 1 << 20
 TARGET = float(sys.argv[1])

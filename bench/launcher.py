@@ -29,9 +29,9 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.binary import find_llama_server  # noqa: E402
-from launcher.client import Endpoint, GenerationClient, GenerationRequest  # noqa: E402
-from launcher.server import (  # noqa: E402
+from launcher.process.binary import find_llama_server  # noqa: E402
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest  # noqa: E402
+from launcher.process.server import (  # noqa: E402
     ModelServer,
     ServerSpec,
     free_port,

@@ -3,10 +3,10 @@
     python bench/memory_accuracy.py [--models demo,llama3-8b,...] [--n-ctx 512,4096,32768] [--slots 1,3]
 
 For every model, n_ctx (per slot) and slot count: estimate the server's RAM from the GGUF header alone
-(`MemoryGuard.estimate`, i.e. launcher/estimate.py), start the real server (at -lv 4, so llama.cpp logs its
+(`MemoryGuard.estimate`, i.e. launcher/memory/estimate.py), start the real server (at -lv 4, so llama.cpp logs its
 buffer sizes), send one request, measure it, stop it. One row each, then the worst row.
 
-"Measured" is the server's *peak* RSS, read after the request (`launcher.calibration.measure_server`):
+"Measured" is the server's *peak* RSS, read after the request (`launcher.memory.calibration.measure_server`):
 
 - n_ctx <= --fill-max (default 512): the request really fills slot 0's context (n_ctx - 8 prompt tokens), so
   every buffer is as full as a real run makes it: the RSS then is the peak.
@@ -23,7 +23,7 @@ The mapped model file is resident in every case (llama.cpp maps it with MAP_POPU
 (up to 32 per slot), which one request does not show; `EstimatorSettings.ctx_checkpoints` counts them.
 With a GPU, VRAM is measured per process through NVML and added.
 
-Each row says how its compute buffer was sized: ``formula`` (launcher/estimate.py's closed form for the
+Each row says how its compute buffer was sized: ``formula`` (launcher/memory/estimate.py's closed form for the
 architecture) or ``calibrated`` (a per-architecture factor measured once, `estimate.COMPUTE_CALIBRATION`).
 
 Target: |error| <= 5% of the measured peak for every row. The last line is one JSON object with the
@@ -46,12 +46,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.zoo.make_zoo import ensure_zoo  # noqa: E402
-from launcher.admission import MemoryGuard  # noqa: E402
-from launcher.binary import find_llama_server  # noqa: E402
-from launcher.calibration import measure_server  # noqa: E402
-from launcher.estimate import compute_basis  # noqa: E402
-from launcher.gguf import read_gguf  # noqa: E402
-from launcher.server import ModelServer, ServerOptions, ServerSpec, install_signal_cleanup  # noqa: E402
+from launcher.memory.admission import MemoryGuard  # noqa: E402
+from launcher.memory.calibration import measure_server  # noqa: E402
+from launcher.memory.estimate import compute_basis  # noqa: E402
+from launcher.memory.gguf import read_gguf  # noqa: E402
+from launcher.process.binary import find_llama_server  # noqa: E402
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec, install_signal_cleanup  # noqa: E402
 
 MiB = 1 << 20
 TARGET_ABS_ERROR_PCT = 5
@@ -156,7 +156,8 @@ def main() -> int:
           f"{'GPUs: ' + ', '.join(g.name for g in gpus) if gpus else guard.gpu_note}")
     print(f"measured = peak RSS: after a request that fills slot 0's context (fill: n_ctx <= {args.fill_max}), else "
           "with MALLOC_PERTURB_ less the never-touched allocations (perturbed - real RSS, filled 512 run)")
-    print("estimate = launcher/estimate.py via MemoryGuard.estimate; compute: formula or calibrated per architecture")
+    print("estimate = launcher/memory/estimate.py via MemoryGuard.estimate; compute: formula or calibrated "
+          "per architecture")
     print()
     print(HEADER)
     print("-" * len(HEADER))

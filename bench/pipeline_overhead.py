@@ -175,7 +175,7 @@ def run_child(cmd: list[str], env: dict[str, str], children: list[subprocess.Pop
 
 def main() -> int:
     sys.path.insert(0, str(REPO))
-    from launcher.binary import find_llama_server
+    from launcher.process.binary import find_llama_server
 
     binary = find_llama_server()
     children: list[subprocess.Popen] = []

@@ -38,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.server import install_signal_cleanup  # noqa: E402
+from launcher.process.server import install_signal_cleanup  # noqa: E402
 from orchestrator.rag.retrieval import search  # noqa: E402
 from orchestrator.rag.store import DocStore  # noqa: E402
 

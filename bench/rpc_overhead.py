@@ -25,10 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.binary import find_llama_server, find_rpc_server  # noqa: E402
-from launcher.client import Endpoint, GenerationClient, GenerationRequest  # noqa: E402
-from launcher.rpc import WorkerProcess, start_worker  # noqa: E402
-from launcher.server import ModelServer, ServerSpec, install_signal_cleanup  # noqa: E402
+from launcher.process.binary import find_llama_server, find_rpc_server  # noqa: E402
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest  # noqa: E402
+from launcher.process.rpc import WorkerProcess, start_worker  # noqa: E402
+from launcher.process.server import ModelServer, ServerSpec, install_signal_cleanup  # noqa: E402
 
 MODEL = Path(os.environ.get("CHORUS_DEMO_MODEL", REPO / "models" / "gemma-3-270m-q4_k_m.gguf"))
 ROUNDS = int(os.environ.get("CHORUS_BENCH_RUNS", "3"))

@@ -34,8 +34,8 @@ sys.path[0] = str(REPO)  # not bench/: bench/launcher.py would shadow the launch
 
 import yaml  # noqa: E402
 
-from launcher.fit import footprint  # noqa: E402
-from launcher.server import ModelServer, ServerOptions  # noqa: E402
+from launcher.memory.fit import footprint  # noqa: E402
+from launcher.process.server import ModelServer, ServerOptions  # noqa: E402
 from orchestrator.config.schema import load_config  # noqa: E402
 from orchestrator.runtime import Runtime  # noqa: E402
 
@@ -74,11 +74,12 @@ def needs(cfg: Path) -> dict[str, float]:
 
 
 def cold_start_s(cfg: Path) -> float:
-    """The slowest cold start (spawn → /health) of the two demo models' servers, as the pipeline runs them."""
+    """The slowest cold start (spawn → /health) of any server the pipeline may start: each demo model at each
+    slot count it may run with (a 3-slot server allocates more before it answers)."""
     rt = Runtime(load_config(cfg))
     worst = 0.0
-    for model in ("gemma3-270m", "smollm2-135m"):
-        spec = rt.server_spec(model, n_ctx=N_CTX)
+    for model, slots in (("gemma3-270m", 1), ("smollm2-135m", 1), ("smollm2-135m", 2), ("smollm2-135m", 3)):
+        spec = rt.server_spec(model, n_ctx=N_CTX, slots=slots)
         server = ModelServer(spec, rt.binary, Path(tempfile.mkdtemp()), ServerOptions(startup_timeout_s=120))
         t0 = time.perf_counter()
         server.start()
@@ -97,7 +98,7 @@ def one_budget(root: Path, cfg: Path, mib: int) -> dict[str, Any]:
         subprocess.run(["rm", "-rf", str(logs)], check=True)
     set_budget(cfg, mib)
     env = {**os.environ, "CHORUS_ADMISSION_LEDGER": str(root / f"ledger-{mib}.json")}
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", QUESTION, "--json", "--config-dir", str(cfg)]
+    cmd = [sys.executable, "-m", "cli", "run", QUESTION, "--json", "--config-dir", str(cfg)]
     for s in SETS:
         cmd += ["--set", s]
     t0 = time.perf_counter()

@@ -24,10 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launcher.binary import find_llama_server  # noqa: E402
-from launcher.client import Endpoint, GenerationClient, GenerationRequest  # noqa: E402
 from launcher.cpus import usable_cores  # noqa: E402
-from launcher.server import ModelServer, ServerSpec, install_signal_cleanup  # noqa: E402
+from launcher.process.binary import find_llama_server  # noqa: E402
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest  # noqa: E402
+from launcher.process.server import ModelServer, ServerSpec, install_signal_cleanup  # noqa: E402
 from orchestrator.config.registry import Registry  # noqa: E402
 from orchestrator.config.schema import PipelineSpec, load_config  # noqa: E402
 from orchestrator.plan.resolve import Machine, build_plan  # noqa: E402

@@ -7,7 +7,7 @@ It is created 0600 in a 0700 folder: it may name questions, models and paths.
 
 Two chorus processes (the UI and a CLI run) may append to the same file; a rotation by one while the other
 writes can put a few lines into the rotated file. The llama-server logs beside it are pruned by
-launcher/server.py (`prune_server_logs`).
+launcher/process/server.py (`prune_server_logs`).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.binary import binary_version
 from launcher.errors import ChorusError
+from launcher.process.binary import binary_version
 from orchestrator import __version__
 from orchestrator.config.inputs import clean_question
 from orchestrator.config.overrides import apply_overrides

@@ -10,16 +10,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from launcher.admission import Demand, MemoryGuard, MemoryState, Schedule
-from launcher.binary import find_llama_server
-from launcher.calibration import CalibrationCache
-from launcher.client import Endpoint
 from launcher.cpus import usable_cores
 from launcher.errors import ChorusError
-from launcher.memory import MemoryProbe, SystemProbe
-from launcher.pool import ServerPool
-from launcher.schedule import Wave
-from launcher.server import ModelServer, ServerOptions, ServerSpec
+from launcher.memory.admission import Demand, MemoryGuard, MemoryState, Schedule
+from launcher.memory.calibration import CalibrationCache
+from launcher.memory.probes import MemoryProbe, SystemProbe
+from launcher.memory.schedule import Wave
+from launcher.process.binary import find_llama_server
+from launcher.process.client import Endpoint
+from launcher.process.pool import ServerPool
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from orchestrator.config.registry import ModelRecord, Registry
 from orchestrator.config.schema import ChorusConfig, PipelineSpec
 from orchestrator.plan.resolve import Machine, RunMode, RunPlan, build_plan, resolve_server

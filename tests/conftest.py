@@ -91,8 +91,8 @@ def config_dir(tmp_path: Path, demo_model: Path, second_model: Path) -> ConfigDi
 @pytest.fixture(scope="session")
 def llama_server_bin() -> Path:
     """The real llama-server. Missing in CI is a failure (setup builds it); locally a skip."""
-    from launcher.binary import find_llama_server
     from launcher.errors import BinaryNotFound
+    from launcher.process.binary import find_llama_server
 
     try:
         return find_llama_server()

@@ -28,18 +28,18 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.errors import INTERNAL, status_of
 from api.mapping import conversation
+from api.proxy import ModelProxy
 from api.schemas import ChatRequest
 from api.settings import ApiSettings
+from cli.api import ApiKeyRequired, is_loopback
+from cli.main import main as chorus_main
 from launcher import errors as launcher_errors
 from launcher.errors import ChorusError, InsufficientMemory
 from orchestrator import errors as orchestrator_errors
-from orchestrator.cli.api import ApiKeyRequired, is_loopback
-from orchestrator.cli.main import main as chorus_main
 from orchestrator.config.schema import load_config
 from orchestrator.engine import run as engine_run
 from orchestrator.engine.fake import FakeBackend, Script, crash
 from orchestrator.history.store import SessionStore
-from orchestrator.proxy import ModelProxy
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
 
@@ -483,7 +483,7 @@ class ApiProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
         env["CHORUS_ADMISSION_LEDGER"] = str(config.path.parent / "admission.json")
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--config-dir",
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "api", "--config-dir",
                                       str(config.path), "--port", str(self.port), *extra],
                                      cwd=REPO, env=env, start_new_session=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -520,7 +520,7 @@ class ApiProcess:
         return self.proc.returncode
 
     def running_servers(self) -> list[Any]:
-        from launcher.state import list_running
+        from launcher.process.state import list_running
 
         return list_running(self.config.path.parent / "logs" / "running")
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-PACKAGES = ("launcher", "orchestrator", "ui", "api")
+PACKAGES = ("launcher", "orchestrator", "cli", "ui", "api")
 FORBIDDEN = {
     "launcher": {"orchestrator", "ui", "api", "streamlit"},
     "orchestrator": {"ui", "api", "streamlit"},

@@ -47,7 +47,7 @@ def ui_server(config_dir: ConfigDir, llama_server_bin: Path):
     pipeline["defaults"].update({"max_tokens": 12, "n_ctx": 1024})
     config_dir.write_pipeline(pipeline)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "ui", "--port", str(port),
                              "--config-dir", str(config_dir.path)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

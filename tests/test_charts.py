@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.fit import Availability
+from launcher.memory.fit import Availability
 from orchestrator.charts import ChartError, describe, memory_chart, save_png, timeline_chart
 from orchestrator.config.schema import load_config
 from orchestrator.history.store import SessionStore
@@ -234,7 +234,7 @@ def test_charts_are_written_as_png_files(tmp_path: Path) -> None:
 
 
 def chorus(config_dir: ConfigDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "--config-dir", str(config_dir.path),
+    return subprocess.run([sys.executable, "-m", "cli.main", "--config-dir", str(config_dir.path),
                            *args], capture_output=True, text=True, timeout=180, cwd=REPO)
 
 

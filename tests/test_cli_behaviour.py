@@ -17,9 +17,9 @@ import sys
 
 import pytest
 
-from orchestrator.cli.main import OneLineFormatter, build_parser, setup_stderr_logging
-from orchestrator.cli.progress import AnswerStream, ProgressPrinter, answer_call
-from orchestrator.cli.run import emit_outcome, read_question
+from cli.main import OneLineFormatter, build_parser, setup_stderr_logging
+from cli.progress import AnswerStream, ProgressPrinter, answer_call
+from cli.run import emit_outcome, read_question
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import PipelineSpec, load_config
 from orchestrator.engine.events import Event, ModelFinished, ModelStarted, RunFinished, StageStarted, Token
@@ -32,7 +32,7 @@ from tests.conftest import REPO, ConfigDir
 
 
 def chorus(*args: str, cwd: object = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=120, stdin=subprocess.DEVNULL)
 
 
@@ -203,7 +203,7 @@ def test_a_single_call_last_stage_streams_its_tokens(registry: Registry) -> None
 
 
 def test_json_mode_streams_nothing_to_stdout(registry: Registry) -> None:
-    from orchestrator.cli.run import terminal_printer
+    from cli.run import terminal_printer
 
     printer = terminal_printer(as_json=True)
     assert printer.answer is None
@@ -228,7 +228,7 @@ def test_an_answer_whose_reader_left_stops_quietly_and_main_ends_with_141() -> N
 
 def test_piping_into_a_reader_that_left_ends_quietly(config_dir: ConfigDir) -> None:
     """`chorus models | head -0`: the reader is gone before chorus writes; no BrokenPipeError traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "models", "--config-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "models", "--config-dir",
                              str(config_dir.path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # like `head` that has read what it wanted
@@ -244,7 +244,7 @@ def test_run_dash_reads_the_question_from_stdin(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_run_dash_with_empty_stdin_is_a_clear_error_before_anything_runs(config_dir: ConfigDir) -> None:
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "-", "--config-dir",
+    out = subprocess.run([sys.executable, "-m", "cli", "run", "-", "--config-dir",
                           str(config_dir.path)], input="  \n", capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "question" in out.stderr.lower()
@@ -390,7 +390,7 @@ def test_plan_prints_what_a_retrieve_stage_reads_instead_of_an_empty_model_table
 
 
 def test_print_table_writes_to_stdout_as_it_is_when_called(capsys) -> None:
-    from orchestrator.cli.output import print_table
+    from cli.output import print_table
 
     print_table([("a", 1), ("bb", None)], ["NAME", "N"])
     assert capsys.readouterr().out.splitlines() == ["NAME  N", "----  -", "a     1", "bb    -"]

@@ -10,7 +10,7 @@ from tests.conftest import REPO, ConfigDir
 
 
 def chorus(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=120)
 
 
@@ -71,7 +71,7 @@ def test_serve_runs_a_server_that_ps_lists_and_ctrl_c_stops(config_dir: ConfigDi
     import psutil
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "gemma3-270m", "--n-ctx", "512",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "gemma3-270m", "--n-ctx", "512",
                              "--config-dir", str(config_dir.path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO, env=env)
     try:
@@ -106,7 +106,7 @@ def test_stop_stops_the_server_chorus_serve_started_in_another_terminal(config_d
     import psutil
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    serve = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config-dir", str(config_dir.path), "serve",
+    serve = subprocess.Popen([sys.executable, "-m", "cli", "--config-dir", str(config_dir.path), "serve",
                               "gemma3-270m", "--n-ctx", "512"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=REPO, env=env)
     try:

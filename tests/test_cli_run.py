@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def chorus(config_dir: ConfigDir, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--config-dir", str(config_dir.path)],
+    return subprocess.run([sys.executable, "-m", "cli", *args, "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -122,7 +122,7 @@ def test_run_in_a_terminal_shows_live_progress_and_streams_the_answer_once(confi
 
     spec = tmp_path / "two.yaml"
     spec.write_text(LIVE_STAGES)
-    code, screen = run_in_pty([sys.executable, "-m", "orchestrator.cli", "--config-dir", str(config_dir.path),
+    code, screen = run_in_pty([sys.executable, "-m", "cli", "--config-dir", str(config_dir.path),
                                "run", "The capital of France is", "--manual", str(spec)])
     assert code == 0, screen
     assert "Traceback" not in screen and "DEBUG" not in screen and "HTTP Request" not in screen
@@ -138,7 +138,7 @@ def test_run_dash_reads_the_question_from_stdin_and_json_stays_pure(config_dir: 
                                                                       tmp_path) -> None:
     spec = tmp_path / "m.yaml"
     spec.write_text("stages:\n  - {name: only, models: [gemma3-270m], max_tokens: 6, n_ctx: 512}\n")
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "-v", "run", "-", "--manual", str(spec), "--json",
+    out = subprocess.run([sys.executable, "-m", "cli", "-v", "run", "-", "--manual", str(spec), "--json",
                           "--config-dir", str(config_dir.path)], input="The capital of France is\n",
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr

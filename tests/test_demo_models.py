@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.gguf import read_gguf
+from launcher.memory.gguf import read_gguf
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import load_config, load_pipeline
 from tests.conftest import REPO, ConfigDir, engine_run, small_pipeline

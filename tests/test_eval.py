@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from launcher.client import GenerationRequest
-from orchestrator.cli.main import main
+from cli.main import main
+from launcher.process.client import GenerationRequest
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import AggregationSpec, PipelineSpec, load_config
 from orchestrator.engine.fake import FakeBackend, Script
@@ -525,7 +525,7 @@ def test_a_real_eval_of_five_questions_runs_every_system_and_judge(runtime: Runt
 
 def test_progress_bar_without_a_stream_writes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     """`chorus eval` builds ProgressBar() with no stream: it used to call None.isatty() and crash."""
-    from orchestrator.cli.eval import ProgressBar
+    from cli.eval import ProgressBar
 
     bar = ProgressBar()
     bar(Progress(total=4, done=2, last="q1 · pipeline: completed"))

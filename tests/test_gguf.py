@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from launcher.errors import GGUFError
-from launcher.gguf import ArrayInfo, GGUFMetadata, clear_cache, read_gguf
+from launcher.memory.gguf import ArrayInfo, GGUFMetadata, clear_cache, read_gguf
 
 if TYPE_CHECKING:
     from gguf import GGUFReader

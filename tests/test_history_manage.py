@@ -56,7 +56,7 @@ def fake_run(config_dir: ConfigDir, question: str = "Why is the sky blue?", *,
 
 
 def chorus(config_dir: ConfigDir, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "--config-dir", str(config_dir.path),
+    return subprocess.run([sys.executable, "-m", "cli.main", "--config-dir", str(config_dir.path),
                            *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 

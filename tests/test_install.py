@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher import binary
-from launcher.binary import BUILD_REVISION, PINNED_LLAMA_CPP, cached_builds, find_llama_server
+from launcher.process import binary
 from launcher.errors import BinaryNotFound
+from launcher.process.binary import BUILD_REVISION, PINNED_LLAMA_CPP, cached_builds, find_llama_server
 from orchestrator.config.locations import CONFIG_FILES
 from tests.conftest import REPO
 
@@ -63,7 +63,7 @@ class Outside:
                               timeout=120, stdin=subprocess.DEVNULL)
 
     def chorus(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
-        return self.run(sys.executable, "-m", "orchestrator.cli", *args)
+        return self.run(sys.executable, "-m", "cli", *args)
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def outside(tmp_path: Path, site: Path) -> Outside:
 
 def test_installed_package_is_imported_from_the_install_not_the_checkout(
         site: Path, outside: Outside) -> None:
-    code = ("import json, launcher, orchestrator, ui; from launcher.binary import checkout_bin; "
+    code = ("import json, launcher, orchestrator, ui; from launcher.process.binary import checkout_bin; "
             "from orchestrator.config.locations import find_config_dir; "
             "print(json.dumps([launcher.__file__, orchestrator.__file__, ui.__file__, str(checkout_bin()), "
             "str(find_config_dir().path)]))")
@@ -219,7 +219,7 @@ def test_binary_pin_and_build_revision_match_the_build_script() -> None:
 
 def test_init_without_a_folder_writes_to_chorus_home_where_the_lookup_then_finds_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator.cli.main import main
+    from cli.main import main
     from orchestrator.config.locations import find_config_dir
 
     monkeypatch.setenv("CHORUS_HOME", str(tmp_path / "home"))
@@ -235,7 +235,7 @@ def test_init_without_a_folder_writes_to_chorus_home_where_the_lookup_then_finds
 
 
 def test_init_into_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator.cli.main import main
+    from cli.main import main
 
     (tmp_path / "taken").write_text("not a folder")
     assert main(["init", str(tmp_path / "taken")]) == 2

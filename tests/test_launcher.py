@@ -16,9 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher import server as server_mod
-from launcher.binary import find_llama_server
-from launcher.client import Endpoint, GenerationClient, GenerationRequest
+from launcher.process import server as server_mod
 from launcher.errors import (
     BinaryNotFound,
     InsufficientMemory,
@@ -27,8 +25,10 @@ from launcher.errors import (
     ServerOutOfMemory,
     ServerStartError,
 )
-from launcher.pool import ServerPool
-from launcher.server import ModelServer, ServerOptions, ServerSpec, classify_exit
+from launcher.process.binary import find_llama_server
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
+from launcher.process.pool import ServerPool
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec, classify_exit
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -194,7 +194,7 @@ def test_killing_the_parent_leaves_no_server_behind(llama_server_bin: Path, demo
         import sys, time, threading
         sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
-        from launcher.server import ModelServer, ServerSpec
+        from launcher.process.server import ModelServer, ServerSpec
         def start():  # from a short-lived thread, the case PR_SET_PDEATHSIG gets wrong per-thread
             s = ModelServer(ServerSpec("m", Path({str(demo_model)!r}), n_ctx=512),
                             Path({str(llama_server_bin)!r}), Path({str(tmp_path)!r})).start()
@@ -371,6 +371,6 @@ def test_request_timeout_bounds_the_whole_answer_not_each_chunk(pool: ServerPool
     ("/etc/chorus/my.jinja", ["--jinja", "--chat-template-file", "/etc/chorus/my.jinja"]),
 ])
 def test_chat_template_names_text_and_files_get_the_right_flags(template: str, flags: list[str]) -> None:
-    from launcher.server import chat_template_args
+    from launcher.process.server import chat_template_args
 
     assert chat_template_args(template)[: len(flags)] == flags

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.server import ModelServer, ServerOptions, ServerSpec, prune_server_logs
-from orchestrator.cli.main import main
+from cli.main import main
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec, prune_server_logs
 from orchestrator.logs import APP_LOG_NAME, setup_app_log, setup_app_log_for
 from tests.conftest import ConfigDir
 

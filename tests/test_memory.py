@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from launcher.admission import Demand, MemoryGuard, Schedule, combined_need
-from launcher.calibration import CalibrationCache, Measurement, measure_server, parse_buffer_sizes
-from launcher.client import Endpoint, GenerationClient, GenerationRequest
 from launcher.errors import InsufficientMemory
-from launcher.estimate import EstimatorSettings, estimate_memory, kv_bytes_per_layer
-from launcher.fit import footprint, held
-from launcher.gguf import read_gguf
-from launcher.memory import FixedProbe, GpuMemory, SystemProbe, process_memory
-from launcher.server import ModelServer, ServerOptions, ServerSpec
+from launcher.memory.admission import Demand, MemoryGuard, Schedule, combined_need
+from launcher.memory.calibration import CalibrationCache, Measurement, measure_server, parse_buffer_sizes
+from launcher.memory.estimate import EstimatorSettings, estimate_memory, kv_bytes_per_layer
+from launcher.memory.fit import footprint, held
+from launcher.memory.gguf import read_gguf
+from launcher.memory.probes import FixedProbe, GpuMemory, SystemProbe, process_memory
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from orchestrator.config.schema import load_config
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
@@ -355,8 +355,8 @@ def test_a_warm_server_with_too_few_slots_is_restarted_bigger_when_that_fits(dem
 
 
 def test_budget_is_a_device_of_the_probe_with_no_margin(demo_model: Path, tmp_path: Path) -> None:
-    from launcher.ledger import AdmissionLedger
-    from launcher.memory import BudgetProbe
+    from launcher.memory.ledger import AdmissionLedger
+    from launcher.memory.probes import BudgetProbe
 
     ledger = AdmissionLedger(tmp_path / "admission.json")
     snap = BudgetProbe(machine(8), 500 * MiB, ledger).snapshot()
@@ -373,7 +373,7 @@ def test_budget_is_a_device_of_the_probe_with_no_margin(demo_model: Path, tmp_pa
 def test_ledger_drops_entries_of_dead_processes_and_reused_pids(tmp_path: Path) -> None:
     import os
 
-    from launcher.ledger import AdmissionLedger, LedgerEntry, this_process
+    from launcher.memory.ledger import AdmissionLedger, LedgerEntry, this_process
 
     ledger = AdmissionLedger(tmp_path / "admission.json")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -510,7 +510,7 @@ def test_runtime_admission_stops_the_lru_idle_server_then_refuses(llama_server_b
 
 
 def test_chorus_plan_json_has_the_documented_keys(config_dir: ConfigDir) -> None:
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", "--json", "--config-dir",
+    out = subprocess.run([sys.executable, "-m", "cli", "plan", "--json", "--config-dir",
                           str(config_dir.path)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -520,7 +520,7 @@ def test_chorus_plan_json_has_the_documented_keys(config_dir: ConfigDir) -> None
         assert isinstance(stage["fits_together"], bool) and isinstance(stage["waves"], list)
         for m in stage["models"]:
             assert {"name", "ram_bytes", "vram_bytes"} <= set(m) and m["ram_bytes"] > 0
-    text = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", "--config-dir", str(config_dir.path)],
+    text = subprocess.run([sys.executable, "-m", "cli", "plan", "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert text.returncode == 0 and "stage 'review'" in text.stdout and "fits together" in text.stdout
 
@@ -621,7 +621,7 @@ def test_no_driver_means_no_gpu_and_a_cpu_only_estimate(monkeypatch: pytest.Monk
 
 def test_no_driver_is_one_quiet_debug_line_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    from launcher.memory import process_vram
+    from launcher.memory.probes import process_vram
 
     broken = FakeNvml([])
 

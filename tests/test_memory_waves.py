@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from launcher.fit import footprint
+from launcher.memory.fit import footprint
 from orchestrator.config.schema import load_config
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
@@ -28,7 +28,7 @@ MiB = 2**20
 
 
 def chorus(config_dir: ConfigDir, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--config-dir", str(config_dir.path)],
+    return subprocess.run([sys.executable, "-m", "cli", *args, "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, env=os.environ.copy())
 
 

@@ -14,10 +14,10 @@ import psutil
 import pytest
 import yaml
 
-from launcher.pool import ServerPool
-from launcher.server import ServerSpec
-from launcher.state import ServerRecord, list_running, stop_recorded, write_record
-from orchestrator.cli.models import append_entry_text
+from cli.models import append_entry_text
+from launcher.process.pool import ServerPool
+from launcher.process.server import ServerSpec
+from launcher.process.state import ServerRecord, list_running, stop_recorded, write_record
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import ModelEntry, load_config
 from orchestrator.errors import ConfigError
@@ -39,7 +39,7 @@ models:
 
 
 def chorus(config_dir: ConfigDir, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--config-dir", str(config_dir.path)],
+    return subprocess.run([sys.executable, "-m", "cli", *args, "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, stdin=subprocess.DEVNULL)
 
 

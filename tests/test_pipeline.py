@@ -111,8 +111,8 @@ def small_machine_runtime(config_dir: ConfigDir, llama_server_bin, tmp_path):
     import os
     import shutil
 
-    from launcher.calibration import CalibrationCache
-    from launcher.memory import FixedProbe
+    from launcher.memory.calibration import CalibrationCache
+    from launcher.memory.probes import FixedProbe
 
     second = config_dir.models_dir / "second.gguf"
     real = (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").resolve()  # a second file, not a second path
@@ -191,7 +191,7 @@ def test_remote_url_model_runs_in_a_pipeline_without_a_local_server(config_dir: 
                                                                    demo_model, tmp_path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Another machine's OpenAI-compatible server, played by a llama-server reached only by URL."""
-    from launcher.server import ModelServer, ServerSpec
+    from launcher.process.server import ModelServer, ServerSpec
 
     remote = ModelServer(ServerSpec("far", demo_model, n_ctx=512), llama_server_bin, tmp_path).start()
     try:
@@ -240,8 +240,8 @@ def three_reviewer_machine(config_dir: ConfigDir, llama_server_bin, tmp_path):
     import os
     import shutil
 
-    from launcher.calibration import CalibrationCache
-    from launcher.memory import FixedProbe
+    from launcher.memory.calibration import CalibrationCache
+    from launcher.memory.probes import FixedProbe
 
     real = (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").resolve()
     models = config_dir.models()

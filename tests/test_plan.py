@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.calibration import CalibrationCache
-from launcher.memory import FixedProbe, GpuMemory
+from launcher.memory.calibration import CalibrationCache
+from launcher.memory.probes import FixedProbe, GpuMemory
 from orchestrator.config.schema import PipelineSpec, load_config
 from orchestrator.plan.memory import plan_memory, plan_stage_memory
 from orchestrator.runtime import Runtime

@@ -383,7 +383,7 @@ def test_templates_see_the_latest_retrieve_stages_context() -> None:
 
 
 def test_docs_cli_add_list_show_search_rm(config_dir: ConfigDir, capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator.cli.main import main
+    from cli.main import main
 
     docs = write_docs(config_dir.path.parent / "docs")
     cfg = ["--config-dir", str(config_dir.path)]
@@ -439,7 +439,7 @@ def test_hybrid_rag_run_on_the_demo_model(config_dir: ConfigDir, llama_server_bi
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """`chorus docs add --embed` through a real `llama-server --embeddings`, then a run whose retrieve stage
     embeds the question with it (hybrid) and whose answer prompt holds the passages; session recorded."""
-    from orchestrator.cli.main import main
+    from cli.main import main
     from orchestrator.runs import Runner
     from orchestrator.runtime import Runtime
 

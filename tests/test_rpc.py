@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher.estimate import estimate_rpc_split
-from launcher.gguf import read_gguf
-from launcher.rpc import RpcError, RpcWorkerShort, WorkerProcess, parse_endpoint, query_memory, start_worker
-from launcher.server import ModelServer, ServerOptions, ServerSpec
+from cli.worker import security_warning
+from launcher.memory.estimate import estimate_rpc_split
+from launcher.memory.gguf import read_gguf
+from launcher.process.rpc import RpcError, RpcWorkerShort, WorkerProcess, parse_endpoint, query_memory, start_worker
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from launcher.units import MiB
-from orchestrator.cli.worker import security_warning
 from orchestrator.config.schema import ModelEntry, PipelineSpec
 from orchestrator.engine.fake import FakeBackend
 from orchestrator.engine.replicas import ReplicaSet, backoff_s
@@ -167,7 +167,7 @@ def test_with_every_replica_down_the_one_due_back_first_is_tried() -> None:
 
 
 def _replica_plan() -> object:
-    from launcher.client import GenerationRequest
+    from launcher.process.client import GenerationRequest
     from orchestrator.config.schema import StageSpec
     from orchestrator.plan.resolve import CallPlan, RunPlan, StagePlan
 
@@ -201,8 +201,8 @@ def test_a_call_fails_when_its_retry_fails_too() -> None:
 
 @pytest.fixture
 def rpc_bin(llama_server_bin: Path) -> Path:
-    from launcher.binary import find_rpc_server
     from launcher.errors import BinaryNotFound
+    from launcher.process.binary import find_rpc_server
 
     try:
         return find_rpc_server()
@@ -265,10 +265,10 @@ def test_a_worker_short_of_memory_is_refused_with_need_and_have(config_dir, demo
     check_rpc_workers(spec)  # fits: the workers report this machine's free memory
     from unittest import mock
 
-    from launcher.rpc import WorkerMemory
+    from launcher.process.rpc import WorkerMemory
 
     small = WorkerMemory(workers[0].endpoint, "7.0.0", 10 * MiB, 10 * MiB)
-    with mock.patch("launcher.rpc.query_memory", return_value=small), pytest.raises(RpcWorkerShort) as info:
+    with mock.patch("launcher.process.rpc.query_memory", return_value=small), pytest.raises(RpcWorkerShort) as info:
         check_rpc_workers(spec)
     assert info.value.have[workers[0].endpoint] == 10 * MiB and info.value.need[workers[0].endpoint] > 10 * MiB
 

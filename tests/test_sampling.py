@@ -16,8 +16,8 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from launcher.client import Endpoint, GenerationClient, GenerationRequest
-from launcher.server import ModelServer, ServerSpec
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
+from launcher.process.server import ModelServer, ServerSpec
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import GenerationParams, PipelineSpec, StageSpec, load_config, load_pipeline

@@ -231,7 +231,7 @@ def test_a_run_killed_mid_stage_leaves_valid_json(config_dir: ConfigDir, llama_s
     spec.write_text("stages:\n  - {name: quick, models: [gemma3-270m], max_tokens: 4, n_ctx: 1024}\n"
                     "  - {name: slow, models: [gemma3-270m], max_tokens: 3000, n_ctx: 4096,"
                     " prompt: 'Count: 1, 2, 3,'}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "q", "--manual", str(spec),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "q", "--manual", str(spec),
                              "--config-dir", str(config_dir.path)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     session = config_dir.sessions_dir / "session_001"

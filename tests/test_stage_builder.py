@@ -10,11 +10,11 @@ import pytest
 import yaml
 from pydantic import Field
 
-from orchestrator.config import params_form, pipeline_files, stage_builder
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import GenerationParams, PipelineSpec, load_pipeline
 from orchestrator.errors import ConfigError
 from tests.conftest import REPO
+from ui import params_form, pipeline_files, stage_builder
 
 SHIPPED = REPO / "config" / "pipeline.yaml"
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from launcher.client import GenerationRequest
-from orchestrator.config import stage_builder
+from launcher.process.client import GenerationRequest
 from orchestrator.config.schema import GenerationParams, PipelineSpec, load_config
 from orchestrator.config.schema import load_pipeline as load_pipeline_file
 from orchestrator.engine.fake import FakeBackend
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
+from ui import stage_builder
 
 APP = str(REPO / "ui" / "app.py")
 
@@ -29,7 +29,7 @@ APP = str(REPO / "ui" / "app.py")
 def ui_env(config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("CHORUS_CONFIG_DIR", str(config_dir.path))
     yield config_dir
-    from launcher.server import stop_all_servers
+    from launcher.process.server import stop_all_servers
     from ui.common import _runtime
 
     _runtime.clear()
@@ -406,7 +406,7 @@ def test_pages_log_no_deprecation_warning(ui_env: ConfigDir, page: str | None,
 
 
 def test_the_ui_command_hides_the_deploy_button() -> None:
-    from orchestrator.cli.ui import streamlit_command
+    from cli.ui import streamlit_command
 
     argv = streamlit_command("127.0.0.1", 8501)
     assert argv[argv.index("--client.toolbarMode") + 1] == "minimal"

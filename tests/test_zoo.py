@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from bench.zoo.make_zoo import ZOO, ZooModel, ensure_zoo, vocab_dir
-from launcher.calibration import measure_server
-from launcher.estimate import (
+from launcher.memory.calibration import measure_server
+from launcher.memory.estimate import (
     EstimatorSettings,
     compute_basis,
     compute_buffer_bytes,
@@ -27,9 +27,9 @@ from launcher.estimate import (
     host_compute_bytes,
     kv_bytes_per_layer,
 )
-from launcher.gguf import GGUFMetadata, read_gguf
-from launcher.memory import GpuMemory
-from launcher.server import CTX_CHECKPOINTS, ModelServer, ServerOptions, ServerSpec
+from launcher.memory.gguf import GGUFMetadata, read_gguf
+from launcher.memory.probes import GpuMemory
+from launcher.process.server import CTX_CHECKPOINTS, ModelServer, ServerOptions, ServerSpec
 from tests.conftest import REPO
 
 MiB = 1 << 20

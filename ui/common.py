@@ -13,17 +13,17 @@ from typing import Any
 
 import streamlit as st
 
-from orchestrator.config import params_form
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import PipelineSpec, load_config
 from orchestrator.errors import ChorusError
 from orchestrator.history.store import Session
-from orchestrator.live import LiveRun, StageView
 from orchestrator.rag.retrieval import cited
 from orchestrator.records import StageRecord, error_text
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
+from ui import params_form
 from ui.auth import gate
+from ui.live import LiveRun, StageView
 from ui.params import overrides_form
 
 

@@ -1,4 +1,4 @@
-"""Generation controls rendered from `orchestrator.config.params_form` (so from GenerationParams' fields).
+"""Generation controls rendered from `ui.params_form` (so from GenerationParams' fields).
 
 The same renderer serves the stage builder (values edited in place) and the one-run / rerun forms (blank
 widgets whose placeholders show what the pipeline already says; only what the user fills in changes).
@@ -10,9 +10,9 @@ from typing import Any
 
 import streamlit as st
 
-from orchestrator.config import params_form
-from orchestrator.config.params_form import ParamField
 from orchestrator.errors import ChorusError
+from ui import params_form
+from ui.params_form import ParamField
 
 
 def _shown(value: Any) -> str:

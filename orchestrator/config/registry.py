@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher.errors import GGUFError
-from launcher.gguf import GGUFMetadata, read_gguf
+from launcher.memory.gguf import GGUFMetadata, read_gguf
 from orchestrator.config.schema import NAME_PATTERN, ChorusConfig, ModelEntry, PipelineSpec
 from orchestrator.errors import ConfigError, ModelUnavailable, PipelineBlocked
 

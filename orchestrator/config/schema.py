@@ -135,7 +135,7 @@ class AppConfig(Strict):
 
 # ---------------------------------------------------------------- models.yaml
 
-# llama-server flags chorus sets itself (argv in launcher/server.py), each with what to use instead.
+# llama-server flags chorus sets itself (argv in launcher/process/server.py), each with what to use instead.
 _MANAGED_FLAGS: dict[str, str] = {
     **dict.fromkeys(("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file",
                      "-dr", "--docker-repo"), "the model's 'file'"),
@@ -168,7 +168,7 @@ def _check_extra_arg(value: str) -> str:
 
 def _check_rpc_worker(value: str) -> str:
     """host:port of a llama.cpp rpc-server (`chorus worker`)."""
-    from launcher.rpc import parse_endpoint
+    from launcher.process.rpc import parse_endpoint
 
     parse_endpoint(value)  # ValueError with the expected form
     return value.strip()
@@ -250,7 +250,7 @@ class ModelsFile(Strict):
 
 class GenerationParams(Strict):
     """Every sampling parameter llama-server takes, defined once: the pipeline's defaults, a stage and a
-    model slot inherit these fields, resolve.py layers them (slot → stage → defaults) and launcher/client.py's
+    model slot inherit these fields, resolve.py layers them (slot → stage → defaults) and launcher/process/client.py's
     GenerationRequest carries them under the same names. None means "not set here": the server's default.
 
     Ranges are llama-server's own: repeat_penalty 1.0, top_k 0, min_p 0.0, typical_p 1.0 and mirostat 0 are

@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from launcher.client import Endpoint, GenerationRequest, GenerationResult
+from launcher.process.client import Endpoint, GenerationRequest, GenerationResult
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target
 
 TokenCallback = Callable[[str], None]

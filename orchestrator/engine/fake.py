@@ -11,8 +11,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from launcher.client import Endpoint, GenerationRequest, GenerationResult
 from launcher.errors import ChorusError, RequestTimeout, ServerCrashed
+from launcher.process.client import Endpoint, GenerationRequest, GenerationResult
 from orchestrator.engine.backend import TokenCallback, WavePlan, WaveStep
 from orchestrator.engine.replicas import ReplicaSet
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target

@@ -3,29 +3,33 @@
 Open it with `async with LocalBackend(runtime) as backend:` around a run, so the HTTP client lives on
 that run's event loop and is closed with it.
 
-A remote model with several URLs (`replicas:`) gets a `ReplicaSet` per run: least outstanding requests,
-a replica marked down by the engine is skipped for its backoff, then probed (GET <url>/models) before a
-real call goes there again. A local server with RPC workers (`rpc:`) is checked before it starts (every
-worker answers, each has room for its share: `plan.memory.check_rpc_workers`); when such a server fails
-mid-answer, the workers are probed and a dead one is named in the error (`RpcWorkerLost`).
+A remote model with several URLs (`replicas:`) shares one `ReplicaSet` per process (`replicas.shared`; the
+API runs each request apart, and each must know what the others learnt): least outstanding requests, a
+replica marked down (a failed connection, or a call that timed out on it) is skipped for its backoff, then
+probed (GET <url>/models) by one caller before real calls go there again. A local server with RPC workers
+(`rpc:`) is checked before it starts (every worker answers, each has room for its share:
+`plan.memory.check_rpc_workers`); when such a server fails mid-answer, the workers are probed and a dead one
+is named in the error (`RpcWorkerLost`), and the server is stopped: llama-server waits for ever on a worker
+whose link went down, so it would hang the next call too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 
-from launcher.client import Endpoint, GenerationClient, GenerationRequest, GenerationResult
-from launcher.errors import InsufficientMemory, ServerError
-from launcher.rpc import RpcLoadFailed, RpcWorkerLost, probe
-from launcher.schedule import Wave
-from launcher.server import ServerSpec
+from launcher.errors import InsufficientMemory, RequestTimeout, ServerError
+from launcher.memory.schedule import Wave
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest, GenerationResult
+from launcher.process.rpc import RpcLoadFailed, RpcWorkerLost, probe
+from launcher.process.server import ServerSpec
 from orchestrator.engine.backend import TokenCallback, WavePlan, WaveStep
-from orchestrator.engine.replicas import ReplicaSet
+from orchestrator.engine.replicas import ReplicaSet, shared
 from orchestrator.plan.memory import (
     CallGroup,
     check_rpc_workers,
@@ -38,6 +42,8 @@ from orchestrator.plan.resolve import CallPlan, StagePlan, Target, remote_api_ke
 from orchestrator.records import error_dict
 from orchestrator.runtime import Runtime
 
+log = logging.getLogger("chorus.replicas")
+
 
 class LocalBackend:
     def __init__(self, runtime: Runtime) -> None:
@@ -45,6 +51,7 @@ class LocalBackend:
         self.client = GenerationClient(timeout_s=runtime.config.app.server.request_timeout_s)
         self.replicas: dict[tuple[str, ...], ReplicaSet] = {}
         self._rpc_specs: dict[str, ServerSpec] = {}  # base URL of a running server -> its spec (with workers)
+        self._began: dict[int, float] = {}  # id of a replica call's endpoint -> when it was chosen
 
     async def __aenter__(self) -> LocalBackend:
         return self
@@ -55,11 +62,14 @@ class LocalBackend:
     @contextlib.asynccontextmanager
     async def endpoint(self, target: Target) -> AsyncIterator[Endpoint]:
         if target.kind == "remote" and len(target.urls) > 1:
-            replicas = self.replicas.setdefault(target.urls, ReplicaSet(target.urls))
+            replicas = self.replicas.setdefault(target.urls, shared(target.urls))
             url = await self._choose(replicas, target)
+            chosen = Endpoint(target.model, url, target.mode, remote_api_key(target), remote=True)
+            self._began[id(chosen)] = replicas.clock()
             try:
-                yield Endpoint(target.model, url, target.mode, remote_api_key(target), remote=True)
+                yield chosen
             finally:
+                self._began.pop(id(chosen), None)
                 replicas.release(url)
             return
         if target.kind == "remote":
@@ -105,10 +115,13 @@ class LocalBackend:
         tried: list[str] = []
         while True:
             url = replicas.choose(exclude=tried)
-            if url in tried or not replicas.due_for_probe(url) or await self._probe(url, target):
+            if url in tried or not replicas.due_for_probe(url):
+                return url
+            if await self._probe(url, target):
+                log.warning("replica %s answers again: back in use", url)  # the pair of "down": for operators
                 return url
             replicas.release(url)
-            replicas.mark_down(url)
+            log.warning("replica %s still does not answer its probe: down for %.0fs", url, replicas.mark_down(url))
             tried.append(url)
 
     async def _probe(self, url: str, target: Target) -> bool:
@@ -121,21 +134,27 @@ class LocalBackend:
         except httpx.HTTPError:
             return False
 
-    async def mark_down(self, endpoint: Endpoint) -> None:
+    async def mark_down(self, endpoint: Endpoint, why: str = "its connection failed") -> None:
         for replicas in self.replicas.values():
-            replicas.mark_down(endpoint.base_url)
+            if endpoint.base_url in (r.url for r in replicas.replicas):
+                wait = replicas.mark_down(endpoint.base_url, since=self._began.get(id(endpoint)))
+                log.warning("replica %s %s: down for %.0fs", endpoint.base_url, why, wait)
 
     async def generate(self, endpoint: Endpoint, request: GenerationRequest,
                        on_token: TokenCallback | None = None) -> GenerationResult:
         try:
             result = await self.client.generate(endpoint, request, on_token)
         except ServerError as exc:
+            if isinstance(exc, RequestTimeout) and endpoint.remote:  # a replica gone quiet: others first
+                await self.mark_down(endpoint, "did not answer in time")
             spec = self._rpc_specs.get(endpoint.base_url)
             if spec is None:
                 raise
             failure = await self._rpc_failure(spec, exc, None)
             if failure is None:
                 raise  # every worker answers: the server's own failure, as it is
+            if isinstance(failure, RpcWorkerLost):
+                await self.discard(endpoint)  # blocked on the lost worker: a fresh server on the next use
             raise failure from exc
         for replicas in self.replicas.values():
             replicas.mark_up(endpoint.base_url)  # it answered: healthy again

@@ -7,8 +7,10 @@ once its backoff has passed, and a caller with a probe (LocalBackend: GET <url>/
 When every replica is down, the one whose backoff ends first is tried rather than failing outright.
 Only one caller at a time checks a replica back from its backoff: the others keep away until it answers
 or fails, so a dead replica costs one probe per backoff, not one per waiting caller (each failure would
-double its backoff). `shared` keeps one set per URL list for the whole process, so what one run learns
-(a replica down, the requests in flight on each) the next run knows: the API runs each request apart.
+double its backoff), and calls that were already under way when it was marked down fail of the same
+outage: they do not count again (eight calls cut at once would take the backoff to its cap). `shared`
+keeps one set per URL list for the whole process, so what one run learns (a replica down, the requests in
+flight on each) the next run knows: the API runs each request apart.
 
 Pure bookkeeping (no I/O, injectable clock): the engine's retry-once lives in engine/run.py.
 """
@@ -40,6 +42,7 @@ class ReplicaState:
     down_until: float = 0.0  # monotonic time before which it is not chosen (while others are up)
     served: int = 0
     probing: bool = False    # back from its backoff and handed to one caller to check: the others keep away
+    marked_at: float = 0.0   # when it was last marked down
 
     def up(self, now: float) -> bool:
         return self.failures == 0 or (now >= self.down_until and not self.probing)
@@ -86,16 +89,23 @@ class ReplicaSet:
                 r.failures, r.down_until = 0, 0.0
                 r.served += 1
 
-    def mark_down(self, url: str) -> float:
-        """`url` failed: down for the backoff of its failures in a row; returns the backoff in seconds."""
+    def mark_down(self, url: str, since: float | None = None) -> float:
+        """`url` failed: down for the backoff of its failures in a row; returns the seconds it stays down.
+
+        `since`: when the failed call began (this set's clock). A call begun before the replica was last
+        marked down failed of that same outage: it does not count again.
+        """
         with self._lock:
             r = self._get(url)
             if r is None:
                 return 0.0
-            r.failures += 1
+            now = self.clock()
             r.probing = False
+            if since is not None and r.failures and since < r.marked_at:
+                return max(0.0, r.down_until - now)
+            r.failures += 1
             wait = backoff_s(r.failures)
-            r.down_until = self.clock() + wait
+            r.down_until, r.marked_at = now + wait, now
             return wait
 
     def mark_up(self, url: str) -> None:

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from launcher.admission import Availability, Demand, MemoryState
-from launcher.estimate import MemoryEstimate
-from launcher.memory import BUDGET
-from launcher.schedule import Placement, Unfit, Wave
-from launcher.server import ServerSpec
+from launcher.memory.admission import Availability, Demand, MemoryState
+from launcher.memory.estimate import MemoryEstimate
+from launcher.memory.probes import BUDGET
+from launcher.memory.schedule import Placement, Unfit, Wave
+from launcher.process.server import ServerSpec
 from launcher.units import fmt_bytes
 from orchestrator.plan.resolve import CallPlan, RunPlan, StagePlan
 
@@ -453,9 +453,9 @@ def rpc_needs(spec: ServerSpec, *, timeout_s: float = 2.0) -> tuple[int, list[Wo
     """(bytes this machine needs, one WorkerNeed per worker) for a server that splits its layers over
     `spec.rpc`, the split as llama.cpp makes it: in proportion to each worker's reported free memory (a
     worker that does not answer is weighted like the best one, to show what it would get)."""
-    from launcher.estimate import estimate_rpc_split
-    from launcher.gguf import read_gguf
-    from launcher.rpc import RpcError, query_memory
+    from launcher.memory.estimate import estimate_rpc_split
+    from launcher.memory.gguf import read_gguf
+    from launcher.process.rpc import RpcError, query_memory
 
     free: list[int | None] = []
     errors: list[str | None] = []
@@ -475,7 +475,7 @@ def rpc_needs(spec: ServerSpec, *, timeout_s: float = 2.0) -> tuple[int, list[Wo
 def check_rpc_workers(spec: ServerSpec) -> list[WorkerNeed]:
     """Before a server with RPC workers starts: every worker answers and has room for its share, else the
     typed error (RpcError naming the worker; RpcWorkerShort with need vs have per worker)."""
-    from launcher.rpc import RpcError, RpcWorkerShort
+    from launcher.process.rpc import RpcError, RpcWorkerShort
 
     _, workers = rpc_needs(spec)
     for w in workers:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from launcher.client import GenerationRequest, Mode
-from launcher.server import ServerSpec
+from launcher.process.client import GenerationRequest, Mode
+from launcher.process.server import ServerSpec
 from orchestrator.config.registry import ModelRecord, Registry
 from orchestrator.config.schema import GenerationParams, PipelineSpec, StageSpec
 from orchestrator.errors import ModelUnavailable, PipelineBlocked

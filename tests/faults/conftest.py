@@ -67,7 +67,7 @@ def run(runtime: Runtime, pipeline: PipelineSpec, question: str = "The capital o
 
 def chorus(config_dir: ConfigDir, *args: str, timeout: int = 300, **popen: Any) -> subprocess.CompletedProcess[str]:
     """`chorus ARGS --config-dir DIR` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--config-dir", str(config_dir.path)],
+    return subprocess.run([sys.executable, "-m", "cli", *args, "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, stdin=subprocess.DEVNULL,
                           **popen)
 

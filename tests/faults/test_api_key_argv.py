@@ -48,7 +48,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def chorus_api(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "api", "--config-dir", str(config), *args],
+    return subprocess.run([sys.executable, "-m", "cli", "api", "--config-dir", str(config), *args],
                           capture_output=True, text=True, cwd=REPO, timeout=60, stdin=subprocess.DEVNULL,
                           env=env or clean_env())
 
@@ -122,7 +122,7 @@ def test_key_file_keeps_the_key_out_of_every_argv_and_is_enforced(config: Path, 
     key_file.write_text(KEY + "\n")
     key_file.chmod(0o600)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--config-dir", str(config), "--host",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "api", "--config-dir", str(config), "--host",
                              "0.0.0.0", "--port", str(port), "--api-key-file", str(key_file)],
                             cwd=REPO, env=clean_env(), start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -146,7 +146,7 @@ def test_a_loose_key_file_is_used_with_a_warning(config: Path, tmp_path: Path) -
 
 def test_environment_key_is_enforced(config: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--config-dir", str(config), "--host",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "api", "--config-dir", str(config), "--host",
                              "0.0.0.0", "--port", str(port)], cwd=REPO, env=clean_env(CHORUS_API_KEY=KEY),
                             start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -164,7 +164,7 @@ def test_on_a_terminal_the_key_is_asked_for_and_never_echoed(config: Path) -> No
     def own_terminal() -> None:  # after setsid: the pty becomes the controlling terminal getpass opens
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--config-dir", str(config), "--host",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "api", "--config-dir", str(config), "--host",
                              "0.0.0.0", "--port", str(port)], cwd=REPO, env=clean_env(), start_new_session=True,
                             stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_terminal)
     os.close(slave)

@@ -78,7 +78,7 @@ def api(tmp_path: Path, endless_model: str) -> Iterator[tuple[subprocess.Popen[b
                                                                                        "models": ["far"]}]}))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--config-dir", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "api", "--config-dir", str(config),
                              "--port", str(port)], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from launcher.admission import Demand, MemoryGuard
-from launcher.calibration import CalibrationCache
 from launcher.errors import InsufficientMemory
-from launcher.estimate import EstimatorSettings
-from launcher.fit import footprint
-from launcher.ledger import AdmissionLedger
-from launcher.memory import FixedProbe
-from launcher.server import ModelServer, ServerSpec
+from launcher.memory.admission import Demand, MemoryGuard
+from launcher.memory.calibration import CalibrationCache
+from launcher.memory.estimate import EstimatorSettings
+from launcher.memory.fit import footprint
+from launcher.memory.ledger import AdmissionLedger
+from launcher.memory.probes import FixedProbe
+from launcher.process.server import ModelServer, ServerSpec
 from tests.conftest import REPO, ConfigDir
 
 MiB = 1 << 20
@@ -104,12 +104,12 @@ def test_model_larger_than_the_whole_budget_says_so(demo_model: Path, tmp_path: 
 CHILD = """
 import sys, time
 from pathlib import Path
-from launcher.admission import Demand, MemoryGuard
+from launcher.memory.admission import Demand, MemoryGuard
 from launcher.errors import InsufficientMemory
-from launcher.estimate import EstimatorSettings
-from launcher.ledger import AdmissionLedger
-from launcher.memory import FixedProbe
-from launcher.server import ServerSpec
+from launcher.memory.estimate import EstimatorSettings
+from launcher.memory.ledger import AdmissionLedger
+from launcher.memory.probes import FixedProbe
+from launcher.process.server import ServerSpec
 ledger, budget, model, n_ctx, go = sys.argv[1:6]
 g = MemoryGuard(FixedProbe(64 << 30, 64 << 30), settings=EstimatorSettings(repack_types=frozenset()),
                 budget_bytes=int(budget), ledger=AdmissionLedger(ledger))

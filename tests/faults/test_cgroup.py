@@ -13,12 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.admission import MemoryGuard
-from launcher.cgroup import read_cgroup_memory
 from launcher.errors import InsufficientMemory
-from launcher.estimate import EstimatorSettings
-from launcher.memory import SystemProbe
-from launcher.server import ServerSpec
+from launcher.memory.admission import MemoryGuard
+from launcher.memory.cgroup import read_cgroup_memory
+from launcher.memory.estimate import EstimatorSettings
+from launcher.memory.probes import SystemProbe
+from launcher.process.server import ServerSpec
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.server import ModelServer
+from launcher.process.server import ModelServer
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.history.store import SessionStore, write_json_atomic
 from orchestrator.runs import Runner, RunOutcome

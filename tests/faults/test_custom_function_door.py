@@ -105,7 +105,7 @@ def test_set_override_naming_os_system_is_refused_before_anything_is_imported(co
 def test_chorus_run_set_os_system_is_refused_before_any_model_starts(config_dir: ConfigDir, sentinel: Path) -> None:
     """End to end: `chorus run --set` names the field, lists what is allowed, imports nothing, starts nothing.
 
-    Needs orchestrator/cli/run.py to pass `config_dir=config.paths.config_dir` to apply_overrides.
+    Needs cli/run.py to pass `config_dir=config.paths.config_dir` to apply_overrides.
     """
     config_dir.write_pipeline({"stages": [{"name": "answer", "models": [DEMO], "max_tokens": 4, "n_ctx": 512}]})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(sentinel.parent / "site"), *sys.path])}

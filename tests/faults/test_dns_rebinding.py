@@ -154,7 +154,7 @@ def free_port() -> int:
 def start_api(config: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--config-dir", str(config), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "api", "--config-dir", str(config), "--port",
                              str(port), *extra], cwd=REPO, env=env, start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -193,7 +193,7 @@ def test_real_chorus_api_refuses_a_rebound_host_and_honours_allowed_host(config:
 
 
 def test_a_bad_allowed_host_flag_is_one_error_naming_the_flag(config: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "api", "--config-dir", str(config),
+    out = subprocess.run([sys.executable, "-m", "cli", "api", "--config-dir", str(config),
                           "--allowed-host", "http://chorus.lan/"], capture_output=True, text=True, cwd=REPO,
                          timeout=60, stdin=subprocess.DEVNULL)
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher import gguf as gguf_module
+from launcher.memory import gguf as gguf_module
 from launcher.errors import GGUFError
-from launcher.gguf import MAX_DECODED_ELEMENTS, MAX_TENSOR_NAME, MAX_TENSORS, clear_cache, read_gguf
+from launcher.memory.gguf import MAX_DECODED_ELEMENTS, MAX_TENSOR_NAME, MAX_TENSORS, clear_cache, read_gguf
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import load_config
 from tests.conftest import ConfigDir

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from orchestrator.cli.main import main
+from cli.main import main
 from orchestrator.history.store import SessionStore
 from tests.conftest import REPO, ConfigDir
 from tests.test_sessions import recorded_session
@@ -130,7 +130,7 @@ def test_one_damaged_session_is_listed_as_damaged_and_the_others_still_load(cfg:
 def test_the_real_cli_lists_and_shows_around_a_damaged_session(cfg: ConfigDir) -> None:
     _, bad, _ = three_sessions(cfg, _write("session.json", "[]"))
     for args in (["reindex"], ["list"], ["show", bad]):
-        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "history", *args, "--config-dir",
+        out = subprocess.run([sys.executable, "-m", "cli", "history", *args, "--config-dir",
                               str(cfg.path)], capture_output=True, text=True, cwd=REPO, timeout=120)
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
         assert "session.json is a list, not an object" in out.stdout + out.stderr
@@ -190,7 +190,7 @@ def test_reindex_on_a_full_disk_is_one_error_with_the_path_and_a_hint(cfg: Confi
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # stays ignored across exec
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
 
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "history", "reindex", "--config-dir",
+    out = subprocess.run([sys.executable, "-m", "cli", "history", "reindex", "--config-dir",
                           str(cfg.path)], capture_output=True, text=True, cwd=REPO, timeout=120,
                          preexec_fn=no_file_may_grow)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr

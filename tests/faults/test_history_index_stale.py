@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli.main import main
+from cli.main import main
 from orchestrator.history.store import SessionStore
 from tests.conftest import REPO, ConfigDir
 from tests.test_sessions import recorded_session
@@ -70,7 +70,7 @@ def no_file_may_grow() -> None:
 
 
 def full_disk_chorus(cfg: ConfigDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "history", *args, "--config-dir",
+    return subprocess.run([sys.executable, "-m", "cli", "history", *args, "--config-dir",
                            str(cfg.path)], capture_output=True, text=True, cwd=REPO, timeout=120,
                           stdin=subprocess.DEVNULL, preexec_fn=no_file_may_grow)
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from launcher.errors import GGUFError
-from launcher.estimate import clear_cache, estimate_for, estimate_memory
-from launcher.gguf import MAX_LAYERS, GGUFHeaderError, read_gguf
-from launcher.server import ServerSpec
+from launcher.memory.estimate import clear_cache, estimate_for, estimate_memory
+from launcher.memory.gguf import MAX_LAYERS, GGUFHeaderError, read_gguf
+from launcher.process.server import ServerSpec
 from tests.conftest import ConfigDir
 
 gguf = pytest.importorskip("gguf")

@@ -67,7 +67,7 @@ def test_a_session_whose_first_write_fails_leaves_no_folder(tmp_path: Path, monk
 
 
 def _chorus_run(cfg: ConfigDir, question: bytes, pipeline: Path) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable.encode(), b"-m", b"orchestrator.cli", b"run", question, b"--manual",
+    return subprocess.run([sys.executable.encode(), b"-m", b"cli", b"run", question, b"--manual",
                            str(pipeline).encode(), b"--config-dir", str(cfg.path).encode()],
                           capture_output=True, cwd=REPO, timeout=300, stdin=subprocess.DEVNULL)
 

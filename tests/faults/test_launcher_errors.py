@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.client import Endpoint, GenerationClient, GenerationRequest
 from launcher.errors import InvalidServerSpec, ServerCrashed, ServerFilesUnwritable
-from launcher.server import ModelServer, ServerOptions, ServerSpec
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from tests.conftest import ConfigDir
 from tests.faults.conftest import DEMO, assert_clean_failure, chorus
 

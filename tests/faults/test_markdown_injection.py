@@ -106,8 +106,8 @@ def _live_page() -> None:
     """A live run whose every text field carries the injection (run by AppTest.from_function)."""
     from types import SimpleNamespace
 
-    from orchestrator.live import ModelView, StageView
     from ui.common import render_live
+    from ui.live import ModelView, StageView
 
     bad = "![x](http://leak.example/q.png)"
     stage = StageView(1, "s", status="failed", merged_by=f"concat {bad}", output=f"merged {bad}",

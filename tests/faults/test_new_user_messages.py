@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.client import Endpoint, GenerationClient, GenerationRequest
+from cli.main import main
+from cli.progress import ProgressPrinter
+from cli.run import emit_outcome
 from launcher.errors import ServerCrashed, ServerUnreachable
-from launcher.rpc import RpcError
-from launcher.server import ServerSpec
-from orchestrator.cli.main import main
-from orchestrator.cli.progress import ProgressPrinter
-from orchestrator.cli.run import emit_outcome
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
+from launcher.process.rpc import RpcError
+from launcher.process.server import ServerSpec
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import AggregationSpec, PipelineSpec, load_config

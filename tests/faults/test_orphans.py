@@ -22,7 +22,7 @@ from typing import TypeVar
 import psutil
 import pytest
 
-from launcher.server import ModelServer, ServerOptions, ServerSpec
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from tests.conftest import REPO, ConfigDir
 from tests.faults.conftest import DEMO, process_gone
 
@@ -121,7 +121,7 @@ def test_wrapper_that_does_not_exec_leaves_no_server_after_stop(wrapper: Path, d
 def test_wrapper_server_is_stopped_when_chorus_serve_gets_sigterm(config_dir: ConfigDir, wrapper: Path,
                                                                   reaper: list[int]) -> None:
     config_dir.write_app(llama_server=str(wrapper))
-    serve = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "serve", DEMO, "--n-ctx", "512",
+    serve = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", DEMO, "--n-ctx", "512",
                               "--config-dir", str(config_dir.path)], cwd=REPO, stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -139,12 +139,12 @@ def test_wrapper_server_is_stopped_when_chorus_serve_gets_sigterm(config_dir: Co
 
 def ui_command(config_dir: ConfigDir, port: int, app: Path | None = None) -> list[str]:
     if app is None:
-        return [sys.executable, "-m", "orchestrator.cli.main", "ui", "--port", str(port),
+        return [sys.executable, "-m", "cli.main", "ui", "--port", str(port),
                 "--config-dir", str(config_dir.path)]
     driver = textwrap.dedent(f"""
         import argparse, sys
         from pathlib import Path
-        from orchestrator.cli import ui
+        from cli import ui
         ui.app_path = lambda: Path({str(app)!r})  # a page that starts a llama-server when a session opens
         sys.exit(ui.cmd_ui(argparse.Namespace(config_dir={str(config_dir.path)!r}, host="127.0.0.1", port={port},
                                              token=None, token_file=None, allow_remote=False)))
@@ -202,7 +202,7 @@ def test_sigterm_to_chorus_ui_stops_the_llama_server_streamlit_started(config_di
     app.write_text(textwrap.dedent(f"""
         from pathlib import Path
         import streamlit as st
-        from launcher.server import ModelServer, ServerOptions, ServerSpec
+        from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 
         @st.cache_resource
         def warm() -> ModelServer:  # as ui/common.py keeps its Runtime and pool: warm for the process

@@ -21,8 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher import state
-from launcher.server import ModelServer, ServerOptions, ServerSpec
+from launcher.process import state
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from tests.conftest import REPO, ConfigDir
 from tests.faults.conftest import DEMO, chorus, process_gone
 from tests.faults.test_orphans import (
@@ -63,7 +63,7 @@ def wrapper(llama_server_bin: Path, tmp_path: Path) -> Path:
 
 def serve_and_kill(config_dir: ConfigDir, reaper: list[int]) -> psutil.Process:
     """`chorus serve` through the wrapper, then `kill -9` of chorus: returns the real server it leaves behind."""
-    serve = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "serve", DEMO, "--n-ctx", "512",
+    serve = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", DEMO, "--n-ctx", "512",
                               "--config-dir", str(config_dir.path)], cwd=REPO, stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     reaper.append(serve.pid)
@@ -167,7 +167,7 @@ def ui_driver(app: Path, port: int, token_file: Path) -> list[str]:
     driver = textwrap.dedent(f"""
         import argparse, sys
         from pathlib import Path
-        from orchestrator.cli import ui
+        from cli import ui
         ui.app_path = lambda: Path({str(app)!r})
         sys.exit(ui.cmd_ui(argparse.Namespace(config_dir=None, host="0.0.0.0", port={port}, allow_remote=True,
                                               token=None, token_file={str(token_file)!r})))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.calibration import CalibrationCache
-from launcher.memory import FixedProbe
+from launcher.memory.calibration import CalibrationCache
+from launcher.memory.probes import FixedProbe
 from tests.conftest import ConfigDir
 from tests.faults.conftest import (
     DEMO,

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.client import Endpoint, GenerationClient, GenerationRequest
+from cli.main import main
 from launcher.errors import RequestFailed
-from orchestrator.cli.main import main
+from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
 from tests.conftest import ConfigDir
 
 

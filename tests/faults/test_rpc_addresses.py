@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.rpc import parse_endpoint
+from launcher.process.rpc import parse_endpoint
 from orchestrator.config.schema import load_models_file
 from orchestrator.errors import ConfigError
 

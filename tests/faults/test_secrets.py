@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from launcher.errors import InvalidModelFile, ServerStartError
-from launcher.server import ModelServer, ServerOptions, ServerSpec
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import server as server_mod
-from orchestrator.cli import main as cli  # the module
+from cli import main as cli  # the module
+from launcher.process import server as server_mod
 from tests.conftest import ConfigDir
 from tests.faults.conftest import (
     DEMO,
@@ -110,7 +110,7 @@ def test_port_always_taken_is_a_typed_port_error_for_the_user(
         config_dir: ConfigDir, llama_server_bin, taken_port: int, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(server_mod, "free_port", lambda host="127.0.0.1": taken_port)
-    monkeypatch.setattr("orchestrator.cli.run.install_signal_cleanup", lambda: None)  # keep pytest's handlers
+    monkeypatch.setattr("cli.run.install_signal_cleanup", lambda: None)  # keep pytest's handlers
     spec = config_dir.path.parent / "manual.yaml"
     spec.write_text(f"stages:\n  - {{name: s, models: [{DEMO}], max_tokens: 4, n_ctx: 512}}\n")
     code = cli.main(["run", "hello", "--manual", str(spec), "--config-dir", str(config_dir.path)])

@@ -44,7 +44,7 @@ def config(tmp_path: Path) -> Path:
 
 
 def chorus_ui(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "ui", "--config-dir", str(config), *args],
+    return subprocess.run([sys.executable, "-m", "cli", "ui", "--config-dir", str(config), *args],
                           capture_output=True, text=True, cwd=REPO, timeout=60, stdin=subprocess.DEVNULL,
                           env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
 
@@ -112,7 +112,7 @@ def test_a_short_ui_token_is_refused_naming_its_length(config: Path, tmp_path: P
 def test_ui_beyond_loopback_warns_loudly_and_gives_the_token_to_streamlit_outside_argv(config: Path,
                                                                                        tmp_path: Path) -> None:
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--config-dir", str(config), "--host",
+    ui = subprocess.Popen([sys.executable, "-m", "cli", "ui", "--config-dir", str(config), "--host",
                            "0.0.0.0", "--allow-remote", "--token-file", str(token_file(tmp_path)), "--port", str(port)],
                           cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, start_new_session=True, env=env_without_token())

@@ -10,12 +10,12 @@ import streamlit as st
 
 from orchestrator.errors import ChorusError
 from orchestrator.eval.items import BUNDLED, load_questions
-from orchestrator.eval.live import LiveEval
 from orchestrator.eval.report import EvalReport, build_report
 from orchestrator.eval.run import EvalRunner, build_spec
 from orchestrator.eval.store import EvalStore
 from orchestrator.records import error_text
 from ui.common import fmt_time, md_escape, page_path, runtime
+from ui.eval_live import LiveEval
 
 LIVE_EVAL_KEY = "live_eval"
 

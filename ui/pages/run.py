@@ -8,12 +8,10 @@ from typing import Any
 import streamlit as st
 
 from orchestrator.charts import memory_chart
-from orchestrator.config import params_form, pipeline_files, stage_builder
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import PipelineSpec, StageSpec
 from orchestrator.engine.aggregators import allowed_functions, check_pipeline
 from orchestrator.errors import ChorusError
-from orchestrator.live import LiveRun
 from orchestrator.plan.memory import (
     machine_view,
     plan_header,
@@ -24,7 +22,9 @@ from orchestrator.plan.memory import (
 )
 from orchestrator.rag.store import DocStore
 from orchestrator.units import fmt_bytes
+from ui import params_form, pipeline_files, stage_builder
 from ui.common import LIVE_KEY, live_run, md_escape, render_live, runner, runtime
+from ui.live import LiveRun
 from ui.params import overrides_form, param_input, param_inputs, split_common
 
 BUILDER_KEY = "builder_stages"

@@ -1,7 +1,7 @@
 """What one server needs: the estimator's figure for its spec, or what such a server measured last time.
 
-The estimate comes from `launcher.estimate.estimate_for` (cached by file identity and spec); a
-calibration record of the same configuration replaces it (`launcher.calibration`). A variant of a
+The estimate comes from `launcher.memory.estimate.estimate_for` (cached by file identity and spec); a
+calibration record of the same configuration replaces it (`launcher.memory.calibration`). A variant of a
 calibrated spec (another n_ctx, fewer GPU layers) moves the measurement by the formula's difference.
 """
 
@@ -11,15 +11,15 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TypedDict, Unpack
 
-from launcher.calibration import CalibrationCache, CalibrationRecord
-from launcher.estimate import EstimatorSettings, MemoryEstimate, estimate_for
-from launcher.fit import minus, plus
-from launcher.memory import GpuMemory
-from launcher.server import ServerSpec
+from launcher.memory.calibration import CalibrationCache, CalibrationRecord
+from launcher.memory.estimate import EstimatorSettings, MemoryEstimate, estimate_for
+from launcher.memory.fit import minus, plus
+from launcher.memory.probes import GpuMemory
+from launcher.process.server import ServerSpec
 
 
 class LoadChanges(TypedDict, total=False):
-    """The load parameters a variant may change (what `launcher.suggest` tries)."""
+    """The load parameters a variant may change (what `launcher.memory.suggest` tries)."""
 
     n_ctx: int
     n_gpu_layers: int

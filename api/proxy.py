@@ -21,7 +21,7 @@ from typing import Any, Literal
 import httpx
 
 from launcher.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
-from launcher.server import ModelServer
+from launcher.process.server import ModelServer
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger("chorus.proxy")

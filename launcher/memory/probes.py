@@ -8,12 +8,12 @@ is static: the admission check subtracts what our running servers hold itself.
 RAM "available" from the kernel counts page cache as reclaimable, and the weights our servers map
 from their .gguf files are page cache. They are in use, so `SystemProbe.snapshot(own_pids)` takes
 the file-backed resident memory of our own servers (RssFile) out of the available figure. In a
-container the cgroup's limit may be far below the host's RAM (`launcher.cgroup`): RAM is then the
+container the cgroup's limit may be far below the host's RAM (`launcher.memory.cgroup`): RAM is then the
 smaller of the two.
 
 The budget (app.yaml's ``server.memory_budget_mib``) is one more device, reported by `BudgetProbe`
 around another probe: its total is the budget, its free figure the budget less what the servers of
-the *other* chorus processes hold (from the shared `launcher.ledger.AdmissionLedger`). What this
+the *other* chorus processes hold (from the shared `launcher.memory.ledger.AdmissionLedger`). What this
 process's own servers hold is taken off by the admission check, like on a simulated machine.
 """
 
@@ -30,8 +30,8 @@ from typing import Protocol
 
 import psutil
 
-from launcher.cgroup import CGROUP_ROOT, PROC_SELF_CGROUP, CgroupMemory, read_cgroup_memory
-from launcher.ledger import AdmissionLedger
+from launcher.memory.cgroup import CGROUP_ROOT, PROC_SELF_CGROUP, CgroupMemory, read_cgroup_memory
+from launcher.memory.ledger import AdmissionLedger
 
 log = logging.getLogger("chorus.memory")
 

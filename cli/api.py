@@ -18,11 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli.output import positive_int
+from cli.secret_input import SecretOnCommandLine, read_secret
+from cli.ui import supervise
 from launcher.errors import ChorusError
-from launcher.server import own_group_dying_with_parent
-from orchestrator.cli.output import positive_int
-from orchestrator.cli.secret_input import SecretOnCommandLine, read_secret
-from orchestrator.cli.ui import supervise
+from launcher.process.server import own_group_dying_with_parent
 from orchestrator.config.hosts import allowed_host_entry, is_loopback
 from orchestrator.config.schema import default_config_dir, load_config
 from orchestrator.errors import ConfigError

@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from launcher.estimate import MemoryEstimate
-from launcher.memory import BUDGET
-from launcher.server import ServerSpec
+from launcher.memory.estimate import MemoryEstimate
+from launcher.memory.probes import BUDGET
+from launcher.process.server import ServerSpec
 
 Devices = dict[str, int]
 

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator.background import Background
 from orchestrator.engine.events import (
     AggregationDone,
     Event,
@@ -24,6 +23,7 @@ from orchestrator.engine.events import (
 from orchestrator.engine.run import CancelToken
 from orchestrator.records import error_text
 from orchestrator.runs import RunOutcome
+from ui.background import Background
 
 
 @dataclass

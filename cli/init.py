@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launcher.binary import find_llama_server
 from launcher.errors import ChorusError
 from launcher.fileio import write_text_atomic
+from launcher.process.binary import find_llama_server
 from orchestrator.config.locations import CONFIG_FILES, default_init_dir, find_config_dir, packaged_config_dir
 from orchestrator.config.schema import load_app_config
 from orchestrator.errors import ConfigError

@@ -23,7 +23,7 @@ from launcher.errors import (
     ServerUnreachable,
     connection_reason,
 )
-from launcher.server import find_server
+from launcher.process.server import find_server
 
 Mode = Literal["chat", "completion"]
 TokenCallback = Callable[[str], None]
@@ -187,7 +187,8 @@ class GenerationClient:
     """One async httpx client shared by all requests (connection reuse keeps per-request cost low)."""
 
     def __init__(self, *, timeout_s: float = 600.0, connect_timeout_s: float = 10.0) -> None:
-        self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        # connecting may take half the deadline at most: a replica that cannot be reached leaves time for another
+        self.timeout = httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s / 2))
         self._client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> GenerationClient:
@@ -229,7 +230,8 @@ class GenerationClient:
                 async with asyncio.timeout(total):  # the whole request, not only the wait for each chunk
                     return await self._generate_once(endpoint, req, on_token, timeout_s, result)
             except TimeoutError:
-                raise RequestTimeout(endpoint.model, f"no complete answer within {total:.0f}s") from None
+                where = f" from {endpoint.base_url}" if endpoint.remote else ""  # which replica, say
+                raise RequestTimeout(endpoint.model, f"no complete answer{where} within {total:.0f}s") from None
             except _StaleConnection as exc:
                 if attempt == 2:
                     raise ServerCrashed(endpoint.model, f"connection lost: {exc.__cause__}",
@@ -262,6 +264,13 @@ class GenerationClient:
                         pieces.append(piece)
                         if on_token is not None:
                             on_token(piece)
+        except httpx.ConnectTimeout:
+            if not endpoint.remote:
+                raise RequestTimeout(endpoint.model, f"no answer from {url} in time (ConnectTimeout)") from None
+            # never connected, nothing sent: a remote whose link is down; "no answer", so another replica may
+            raise ServerUnreachable(endpoint.model, f"no connection within {timeout.connect:.0f}s at {url}",
+                                    hint=f"Is {endpoint.base_url} up, and its network reachable from here?"
+                                    ) from None
         except httpx.TimeoutException as exc:
             raise RequestTimeout(endpoint.model, f"no answer from {url} in time ({type(exc).__name__})") from None
         except httpx.RemoteProtocolError as exc:

@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-from launcher.server import install_signal_cleanup
-from orchestrator.cli.output import print_table
+from cli.output import print_table
+from launcher.process.server import install_signal_cleanup
 from orchestrator.config.schema import ChorusConfig, load_config
 from orchestrator.rag.embed import HttpEmbedder, runtime_embedder
 from orchestrator.rag.files import MiB

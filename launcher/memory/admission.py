@@ -2,13 +2,13 @@
 
 `MemoryGuard` is the one object the rest of chorus talks to; each of its jobs lives in its own module:
 
-- what is free: the probe (`launcher.memory`: RAM from psutil and the cgroup, VRAM from NVML, and the
+- what is free: the probe (`launcher.memory.probes`: RAM from psutil and the cgroup, VRAM from NVML, and the
   budget as the device 'budget' when app.yaml's ``server.memory_budget_mib`` is set);
-- what a server needs: `launcher.needs` (the estimator, cached by file identity, or calibration);
-- what running servers hold and what stopping one frees: `launcher.fit`;
-- who is admitted, pending or running, across every chorus process: `launcher.ledger`;
-- waves, slots and which warm servers stop: `launcher.schedule` (from one `MemoryState`, see `state`);
-  hints for a refusal: `launcher.suggest`.
+- what a server needs: `launcher.memory.needs` (the estimator, cached by file identity, or calibration);
+- what running servers hold and what stopping one frees: `launcher.memory.fit`;
+- who is admitted, pending or running, across every chorus process: `launcher.memory.ledger`;
+- waves, slots and which warm servers stop: `launcher.memory.schedule` (from one `MemoryState`, see `state`);
+  hints for a refusal: `launcher.memory.suggest`.
 
 `check_fit` admits one start in a ledger transaction (`InsufficientMemory`, need and have per device,
 when it does not fit); `reserve` admits a wave's starts together. The guard never stops a server: the
@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Unpack
 
-from launcher.calibration import CalibrationCache, CalibrationRecord, measure_server
 from launcher.errors import ChorusError, InsufficientMemory
-from launcher.estimate import EstimatorSettings, MemoryEstimate
-from launcher.fit import Availability, Devices, Holding, combined_need, footprint, held
-from launcher.ledger import AdmissionLedger, LedgerEntry, default_ledger_path, this_process
-from launcher.memory import (
+from launcher.memory.calibration import CalibrationCache, CalibrationRecord, measure_server
+from launcher.memory.estimate import EstimatorSettings, MemoryEstimate
+from launcher.memory.fit import Availability, Devices, Holding, combined_need, footprint, held
+from launcher.memory.ledger import AdmissionLedger, LedgerEntry, default_ledger_path, this_process
+from launcher.memory.needs import LoadChanges, Needs
+from launcher.memory.probes import (
     BUDGET,
     BudgetProbe,
     GpuMemory,
@@ -41,10 +42,9 @@ from launcher.memory import (
     process_memory,
     process_vram,
 )
-from launcher.needs import LoadChanges, Needs
-from launcher.schedule import Demand, Schedule, Warm, schedule
-from launcher.server import ModelServer, ServerSpec
-from launcher.suggest import MIN_N_CTX, suggestions
+from launcher.memory.schedule import Demand, Schedule, Warm, schedule
+from launcher.memory.suggest import MIN_N_CTX, suggestions
+from launcher.process.server import ModelServer, ServerSpec
 from launcher.units import MiB, fmt_bytes
 
 __all__ = ["DEFAULT_MARGIN_FIXED_BYTES", "DEFAULT_MARGIN_FRACTION", "MIN_N_CTX", "PENDING_TTL_S", "Availability",
@@ -72,7 +72,7 @@ class MemoryGuard:
                  calibration: CalibrationCache | None = None, *, settings: EstimatorSettings | None = None,
                  budget_bytes: int | None = None, ledger: AdmissionLedger | None = None) -> None:
         """`budget_bytes` adds the 'budget' device; `ledger` is where admissions are shared (by default
-        the per-user file of `launcher.ledger.default_ledger_path` when there is a budget, else memory)."""
+        the per-user file of `launcher.memory.ledger.default_ledger_path` when there is a budget, else memory)."""
         base: MemoryProbe = probe if probe is not None else SystemProbe()
         self.budget_bytes = budget_bytes
         self.ledger = ledger if ledger is not None else AdmissionLedger(

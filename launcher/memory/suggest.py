@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from launcher.estimate import KV_PAD, MemoryEstimate
-from launcher.fit import Devices, Holding, fits, freed, plus, short_of
-from launcher.memory import BUDGET
-from launcher.server import ServerSpec
+from launcher.memory.estimate import KV_PAD, MemoryEstimate
+from launcher.memory.fit import Devices, Holding, fits, freed, plus, short_of
+from launcher.memory.probes import BUDGET
+from launcher.process.server import ServerSpec
 from launcher.units import fmt_bytes
 
 MIN_N_CTX = KV_PAD

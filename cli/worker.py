@@ -13,8 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
-from launcher.binary import find_rpc_server
-from launcher.rpc import DEFAULT_PORT, is_loopback, query_memory, start_worker
+from launcher.process.binary import find_rpc_server
+from launcher.process.rpc import DEFAULT_PORT, is_loopback, query_memory, start_worker
 from launcher.units import fmt_bytes
 
 SECURITY_WARNING = (

@@ -2,7 +2,7 @@
 
 Servers stay up between stages and runs so nothing reloads; any idle past its keep-alive (the model's
 own `idle_timeout_s`, else the pool's) is stopped. Which servers stop to make room is the scheduler's
-decision (`launcher.schedule`, through the runtime), never the pool's: a start only asks `fit_check`
+decision (`launcher.memory.schedule`, through the runtime), never the pool's: a start only asks `fit_check`
 (the admission), once. Thread-safe; `aacquire` for asyncio.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.server import ModelServer, ServerOptions, ServerSpec
+from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 
 log = logging.getLogger("chorus.pool")
 

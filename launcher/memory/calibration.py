@@ -18,11 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from launcher.estimate import MemoryEstimate
 from launcher.fileio import atomic_writer
-from launcher.memory import process_memory, process_vram
+from launcher.memory.estimate import MemoryEstimate
+from launcher.memory.probes import process_memory, process_vram
 from launcher.paths import cache_dir
-from launcher.server import ModelServer, ServerSpec
+from launcher.process.server import ModelServer, ServerSpec
 from launcher.units import MiB
 
 log = logging.getLogger("chorus.calibration")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.state import ServerRecord, list_running, stop_recorded
+from launcher.process.state import ServerRecord, list_running, stop_recorded
 from orchestrator.config.schema import load_config
 
 _DONE = {"stopped": "stopped", "killed": "killed (it did not stop within the grace period)",

@@ -21,11 +21,11 @@ The figures follow the pinned llama.cpp (src/llama-model.cpp, llama-context.cpp,
 - **Overheads**: the process, the tokenizer (per token and per BPE merge), the KV cells' bookkeeping and
   per slot (host, fitted once over the zoo), and per GPU a CUDA context.
 
-The per-layer loops are bounded: `estimate_memory` validates the header first (`launcher.gguf.validate_header`:
+The per-layer loops are bounded: `estimate_memory` validates the header first (`launcher.memory.gguf.validate_header`:
 at most 512 layers, every ``blk.N`` tensor below ``block_count``), and `estimate_for` caches estimates by the
 file's identity (path, size, mtime_ns) and the spec, so a page that asks again costs a dict lookup.
 
-Everything here is an estimate; `launcher.calibration` replaces it with what a running server really
+Everything here is an estimate; `launcher.memory.calibration` replaces it with what a running server really
 holds, per configuration. llama.cpp prints its own buffer sizes at ``-lv 4``; the constants below were
 tuned against those lines and the peak RSS of the demo model and the synthetic zoo (bench/memory_accuracy.py,
 docs/memory.md).
@@ -43,9 +43,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypedDict
 
-from launcher.gguf import ArrayInfo, GGUFMetadata, TensorInfo, block_index, read_gguf, validate_header
-from launcher.memory import GpuMemory
-from launcher.server import CTX_CHECKPOINTS, ServerSpec
+from launcher.memory.gguf import ArrayInfo, GGUFMetadata, TensorInfo, block_index, read_gguf, validate_header
+from launcher.memory.probes import GpuMemory
+from launcher.process.server import CTX_CHECKPOINTS, ServerSpec
 from launcher.units import MiB
 
 KV_PAD = 256  # llama-context.cpp pads n_ctx and n_ctx_seq to 256; the SWA cache is padded to 256 too

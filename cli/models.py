@@ -17,9 +17,9 @@ from typing import Any, cast
 
 import yaml
 
+from cli.output import mib, print_table
 from launcher.errors import GGUFError
-from launcher.gguf import read_gguf
-from orchestrator.cli.output import mib, print_table
+from launcher.memory.gguf import read_gguf
 from orchestrator.config.registry import Registry, UnregisteredFile, suggest_name
 from orchestrator.config.schema import NAME_PATTERN, ChorusConfig, load_config, load_models_file
 from orchestrator.errors import ConfigError

@@ -1,6 +1,6 @@
 """An eval in a background thread whose progress the UI polls (Streamlit reruns its script on every click).
 
-Like orchestrator/live.py's LiveRun: the work runs here, `progress` is read at any time, and a stop
+Like ui/live.py's LiveRun: the work runs here, `progress` is read at any time, and a stop
 button calls `cancel()` from whatever thread it is on; the eval is left 'interrupted' and can be resumed.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from orchestrator.background import Background
 from orchestrator.engine.run import CancelToken
 from orchestrator.eval.report import EvalReport
 from orchestrator.eval.run import Progress
+from ui.background import Background
 
 StartFn = Callable[[Callable[[Progress], None], CancelToken], EvalReport]
 

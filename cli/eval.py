@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from launcher.server import install_signal_cleanup
-from orchestrator.cli.output import positive_int, print_table
-from orchestrator.cli.run import ctrl_c_cancels, require_binary
+from cli.output import positive_int, print_table
+from cli.run import ctrl_c_cancels, require_binary
+from launcher.process.server import install_signal_cleanup
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import load_config, load_pipeline
 from orchestrator.engine.run import CancelToken

@@ -222,7 +222,7 @@ class WorkerProcess:
     log_path: Path | None
 
     def stop(self, grace_s: float = 3.0) -> None:
-        from launcher.server import stop_process_group
+        from launcher.process.server import stop_process_group
 
         stop_process_group(self.process, grace_s)
 
@@ -241,7 +241,7 @@ def start_worker(binary: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT
     its own mappings), so an allocation past it fails on the worker instead of swapping the machine. The
     memory it *reports* stays the machine's free memory.
     """
-    from launcher.server import die_with_parent
+    from launcher.process.server import die_with_parent
 
     mem = mem_mb * MiB if mem_mb else None
 

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from launcher.server import install_signal_cleanup
-from orchestrator.cli.progress import ProgressPrinter
+from cli.progress import ProgressPrinter
+from launcher.process.server import install_signal_cleanup
 from orchestrator.config.inputs import clean_question
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import ChorusConfig, PipelineSpec, load_config, load_pipeline
@@ -172,7 +172,7 @@ def _short(text: str | None, n: int = 60) -> str:
 
 
 def cmd_history_list(args: argparse.Namespace) -> int:
-    from orchestrator.cli.output import print_table
+    from cli.output import print_table
 
     rows = _store(args).list(limit=args.limit)
     if args.json:
@@ -231,7 +231,7 @@ def cmd_history_show(args: argparse.Namespace) -> int:
 
 
 def cmd_history_search(args: argparse.Namespace) -> int:
-    from orchestrator.cli.output import print_table
+    from cli.output import print_table
 
     hits = _store(args).search(args.text, limit=args.limit)
     if args.json:

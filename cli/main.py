@@ -14,23 +14,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from launcher.binary import binary_version, find_llama_server
+from cli import api as cli_api
+from cli import docs as cli_docs
+from cli import eval as cli_eval
+from cli import init as cli_init
+from cli import models as cli_models
+from cli import run as cli_run
+from cli import stop as cli_stop
+from cli import ui as cli_ui
+from cli import worker as cli_worker
+from cli.output import gib as _gib
+from cli.output import mib as _mib
+from cli.output import print_table
+from cli.parser import SuggestingParser
 from launcher.errors import ChorusError
-from launcher.server import MIN_N_CTX, install_signal_cleanup
-from launcher.state import list_running
-from orchestrator.cli import api as cli_api
-from orchestrator.cli import docs as cli_docs
-from orchestrator.cli import eval as cli_eval
-from orchestrator.cli import init as cli_init
-from orchestrator.cli import models as cli_models
-from orchestrator.cli import run as cli_run
-from orchestrator.cli import stop as cli_stop
-from orchestrator.cli import ui as cli_ui
-from orchestrator.cli import worker as cli_worker
-from orchestrator.cli.output import gib as _gib
-from orchestrator.cli.output import mib as _mib
-from orchestrator.cli.output import print_table
-from orchestrator.cli.parser import SuggestingParser
+from launcher.process.binary import binary_version, find_llama_server
+from launcher.process.server import MIN_N_CTX, install_signal_cleanup
+from launcher.process.state import list_running
 from orchestrator.config.registry import PipelineStatus, Registry
 from orchestrator.config.schema import ChorusConfig, load_config
 from orchestrator.logs import setup_app_log_for

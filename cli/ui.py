@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from cli.secret_input import SecretOnCommandLine, read_secret
 from launcher.errors import ChorusError
-from launcher.server import own_group_dying_with_parent
-from orchestrator.cli.secret_input import SecretOnCommandLine, read_secret
+from launcher.process.server import own_group_dying_with_parent
 from orchestrator.config.hosts import is_loopback
 from orchestrator.config.schema import default_config_dir
 

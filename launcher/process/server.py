@@ -4,7 +4,7 @@ The server runs out of process so a crash or an out-of-memory kill takes down on
 Children die with chorus: PR_SET_PDEATHSIG in the child, plus atexit and signal cleanup here. Each
 server leads its own process group and is stopped as a group, so a `llama_server:` wrapper script
 that does not `exec` cannot leave the real server behind. PR_SET_PDEATHSIG reaches only that wrapper when
-chorus is killed with SIGKILL, so each server is recorded (`launcher/state.py`) by the pid that listens on its
+chorus is killed with SIGKILL, so each server is recorded (`launcher/process/state.py`) by the pid that listens on its
 port and by its group, from the moment it is spawned; `chorus ps`/`stop` find it, and every start first stops
 the recorded servers whose chorus is gone.
 
@@ -45,7 +45,6 @@ import httpx
 import psutil
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
 
-from launcher import state
 from launcher.errors import (
     InvalidModelFile,
     InvalidServerSpec,
@@ -57,7 +56,8 @@ from launcher.errors import (
     ServerStartError,
     ServerStartTimeout,
 )
-from launcher.state import group_members
+from launcher.process import state
+from launcher.process.state import group_members
 
 # llama-server keeps up to 32 copies of a slot's SWA cache by default (1.4 GiB for the demo at 32k x 3 slots),
 # outside what the fit check admitted; chorus keeps a few and the memory estimate counts them.
@@ -401,7 +401,7 @@ class ModelServer:
             cmd += ["-lv", str(self.options.log_verbosity)]
         if s.rpc:
             cmd += ["--rpc", ",".join(s.rpc)]
-        if not CHECKPOINT_FLAGS & set(s.extra_args):  # bounded, and counted by the estimate (launcher/estimate.py)
+        if not CHECKPOINT_FLAGS & set(s.extra_args):  # bounded, counted by launcher/memory/estimate.py
             cmd += ["--ctx-checkpoints", str(CTX_CHECKPOINTS)]
         return cmd + list(s.extra_args)
 

@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from launcher.errors import ChorusError
-from launcher.estimate import MemoryEstimate
-from launcher.fit import Devices, Holding, combined_need, fits, footprint, freed, freed_all, minus, plus
-from launcher.server import ServerSpec
+from launcher.memory.estimate import MemoryEstimate
+from launcher.memory.fit import Devices, Holding, combined_need, fits, footprint, freed, freed_all, minus, plus
+from launcher.process.server import ServerSpec
 
 NeedOf = Callable[[ServerSpec], MemoryEstimate]
 
