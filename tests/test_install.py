@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.process import binary
 from launcher.errors import BinaryNotFound
+from launcher.process import binary
 from launcher.process.binary import BUILD_REVISION, PINNED_LLAMA_CPP, cached_builds, find_llama_server
 from orchestrator.config.locations import CONFIG_FILES
 from tests.conftest import REPO

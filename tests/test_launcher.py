@@ -16,7 +16,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.process import server as server_mod
 from launcher.errors import (
     BinaryNotFound,
     InsufficientMemory,
@@ -25,6 +24,7 @@ from launcher.errors import (
     ServerOutOfMemory,
     ServerStartError,
 )
+from launcher.process import server as server_mod
 from launcher.process.binary import find_llama_server
 from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
 from launcher.process.pool import ServerPool

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.memory import gguf as gguf_module
 from launcher.errors import GGUFError
+from launcher.memory import gguf as gguf_module
 from launcher.memory.gguf import MAX_DECODED_ELEMENTS, MAX_TENSOR_NAME, MAX_TENSORS, clear_cache, read_gguf
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import load_config
