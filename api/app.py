@@ -1,8 +1,8 @@
 """The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, and /health.
 
 `create_app()` with no arguments is uvicorn's factory (`chorus api`): it reads the config dir and the
-API settings from the environment and builds the one Runtime (registry, memory guard, pool) the app
-shares across requests; its llama-servers are stopped when the app shuts down.
+API settings from the environment and builds the one front door (`Chorus`: registry, memory guard, pool)
+the app shares across requests; its llama-servers are stopped when the app shuts down.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from api.schemas import ChatRequest, CompletionFields, CompletionRequest
 from api.settings import ApiSettings
 from api.shutdown import watching_stop_signals
 from api.stream import Chunks, Kind
+from orchestrator.app import Chorus
 from orchestrator.config.hosts import HostPolicy
-from orchestrator.config.schema import load_config
 from orchestrator.engine.backend import Backend
 from orchestrator.errors import ChorusError
-from orchestrator.runtime import Runtime
 
 log = logging.getLogger("chorus.api")
 
@@ -90,19 +89,20 @@ def error_response(exc: BaseException | dict[str, Any]) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=status.http, headers=headers)
 
 
-def create_app(runtime: Runtime | None = None, settings: ApiSettings | None = None, *,
+def create_app(chorus: Chorus | None = None, settings: ApiSettings | None = None, *,
                backend_factory: Callable[[], Backend] | None = None, proxy: ModelProxy | None = None) -> FastAPI:
-    """The app over `runtime` (default: the config dir's; then closed with the app).
+    """The app over `chorus` (default: the config dir's; then closed with the app).
 
     `backend_factory` replaces the real backend of pipeline runs (tests: FakeBackend); `proxy` the model
     proxy (tests: one over a mock transport).
     """
     settings = settings or ApiSettings.from_env()
-    owned = runtime is None
-    runtime = runtime or Runtime(load_config(None))
+    owned = chorus is None
+    door = chorus or Chorus.from_dir(None)
+    config = door.config
     limiter = RunLimiter(settings.max_runs)
-    runs = PipelineRuns(runtime, limiter, backend_factory=backend_factory)
-    model_proxy = proxy or ModelProxy(runtime)
+    runs = PipelineRuns(door, limiter, backend_factory=backend_factory)
+    model_proxy = proxy or ModelProxy(door)
 
     def cancel_runs() -> None:
         for token in list(runs.tokens):
@@ -117,7 +117,7 @@ def create_app(runtime: Runtime | None = None, settings: ApiSettings | None = No
             await runs.shutdown()
             await model_proxy.aclose()
             if owned:
-                await asyncio.to_thread(runtime.close)  # stops the pool's llama-servers
+                await asyncio.to_thread(door.close)  # stops the pool's llama-servers
 
     async def require_key(request: Request) -> None:
         if settings.api_key is None:
@@ -129,9 +129,9 @@ def create_app(runtime: Runtime | None = None, settings: ApiSettings | None = No
     app = FastAPI(title="chorus", description="Every chorus pipeline and model behind the OpenAI API.",
                   lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    allowed = settings.allowed_hosts if settings.allowed_hosts is not None else runtime.config.app.api.allowed_hosts
+    allowed = settings.allowed_hosts if settings.allowed_hosts is not None else config.app.api.allowed_hosts
     app.add_middleware(HostCheck, policy=HostPolicy.for_bind(settings.host, allowed))  # outermost: first to run
-    app.state.runtime, app.state.runs, app.state.limiter = runtime, runs, limiter
+    app.state.chorus, app.state.runs, app.state.limiter = door, runs, limiter
 
     @app.exception_handler(ChorusError)
     async def on_chorus_error(_request: Request, exc: ChorusError) -> JSONResponse:
@@ -169,16 +169,16 @@ def create_app(runtime: Runtime | None = None, settings: ApiSettings | None = No
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models() -> dict[str, Any]:
-        created = int(runtime.config.paths.models.stat().st_mtime) if runtime.config.paths.models.exists() else 0
-        return {"object": "list", "data": [m.to_dict(created) for m in catalog.list_models(runtime)]}
+        created = int(config.paths.models.stat().st_mtime) if config.paths.models.exists() else 0
+        return {"object": "list", "data": [m.to_dict(created) for m in catalog.list_models(door)]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
     async def model(model_id: str) -> dict[str, Any]:
-        return catalog.resolve(runtime, model_id).to_dict(0)
+        return catalog.resolve(door, model_id).to_dict(0)
 
     async def complete(request: Request, body: CompletionFields, kind: Kind, route: Route,
                        question: Callable[[], tuple[str, list[dict[str, str]]]]) -> Response:
-        entry = catalog.resolve(runtime, body.model)
+        entry = catalog.resolve(door, body.model)
         if isinstance(entry, catalog.RegisteredModel):
             return await forward(request, model_proxy, limiter, entry.id, route, body)
         text, history = question()

@@ -59,8 +59,8 @@ def with_sampling(pipeline: PipelineSpec, request: CompletionFields) -> Pipeline
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        key = next((str(p) for p in err.get("loc", ()) if p in SAMPLING_KEYS), None)
-        raise BadRequest(f"{key or 'request'}: {err.get('msg', 'invalid value')}", param=key) from None
+        bad = next((str(p) for p in err.get("loc", ()) if p in SAMPLING_KEYS), None)
+        raise BadRequest(f"{bad or 'request'}: {err.get('msg', 'invalid value')}", param=bad) from None
 
 
 def history_kwargs(history: list[Turn]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """One registered model behind an OpenAI request: lease its server from the pool, forward, stream back.
 
 The HTTP API's "llama-swap" use. A local model's server is resolved by the same rule as `chorus serve`
-(`Runtime.server_spec`), admitted by the same memory check, and leased from the same pool as pipeline
+(`Chorus.lease_model`), admitted by the same memory check, and leased from the same pool as pipeline
 runs: started on demand, kept warm between requests, stopped when idle (the pool's reaper). A remote model
 (`url:` in models.yaml) is forwarded to its endpoint with its key. The lease is held until the caller has
 read the whole answer, so an idle-timeout stop or an LRU eviction never cuts a stream.
@@ -20,9 +20,8 @@ from typing import Any, Literal
 
 import httpx
 
-from launcher.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
-from launcher.process.server import ModelServer
-from orchestrator.runtime import Runtime
+from orchestrator.app import Chorus, ModelServer
+from orchestrator.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
 
 log = logging.getLogger("chorus.proxy")
 
@@ -91,9 +90,9 @@ class UpstreamResponse:
 class ModelProxy:
     """Forwards OpenAI requests to registered models; one shared httpx client (connection reuse)."""
 
-    def __init__(self, runtime: Runtime, *, client: httpx.AsyncClient | None = None) -> None:
-        self.runtime = runtime
-        timeout = httpx.Timeout(runtime.config.app.server.request_timeout_s, connect=10.0)
+    def __init__(self, chorus: Chorus, *, client: httpx.AsyncClient | None = None) -> None:
+        self.chorus = chorus
+        timeout = httpx.Timeout(chorus.config.app.server.request_timeout_s, connect=10.0)
         self._client = client or httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=64))
 
     async def aclose(self) -> None:
@@ -106,18 +105,11 @@ class ModelProxy:
         Raises ModelUnavailable (unknown or missing model), InsufficientMemory (does not fit, even after
         stopping idle servers) or a ServerStartError subclass (the server would not start).
         """
-        record = self.runtime.registry.get(model)
-        if record.is_remote:
-            key = _remote_key(record.entry.api_key_env)
-            yield Upstream(record.name, record.entry.url or "", key, remote=True)
-            return
-        spec = self.runtime.server_spec(record)
-        pool = self.runtime.pool
-        server = await pool.aacquire(spec)  # admission and start run in a worker thread
-        try:
-            yield Upstream(record.name, server.base_url, server.api_key, remote=False, server=server)
-        finally:
-            pool.release(server)
+        async with self.chorus.lease_model(model) as (record, server):
+            if server is None:
+                yield Upstream(record.name, record.entry.url or "", _remote_key(record.entry.api_key_env), remote=True)
+            else:
+                yield Upstream(record.name, server.base_url, server.api_key, remote=False, server=server)
 
     @contextlib.asynccontextmanager
     async def open(self, model: str, route: Route, body: dict[str, Any]) -> AsyncIterator[UpstreamResponse]:

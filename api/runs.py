@@ -1,6 +1,6 @@
 """Pipeline runs for HTTP requests: start one on the event loop, answer it whole or as a stream.
 
-A run is an asyncio task around `Runner.arun` with a `RunFeed` observer; the response only reads the
+A run is an asyncio task around the front door's `Chorus.arun` with a `RunFeed` observer; the response only reads the
 feed's queue. The run holds a slot of the limiter until the task ends, not until the response ends,
 so a client that goes away cannot leave more runs going than the limit. A client that goes away
 cancels its run (CancelToken): noticed on the next write (a heartbeat is written while a stream is
@@ -24,12 +24,12 @@ from api.errors import TooManyRuns, error_body, status_of
 from api.mapping import check_pipeline_request, history_kwargs, with_sampling
 from api.schemas import CompletionFields
 from api.stream import DONE, HEARTBEAT, Chunks, Content, Done, Item, Progress, RunFeed, finish_reason, sse, usage
+from orchestrator.app import Chorus
 from orchestrator.engine.backend import Backend
 from orchestrator.engine.run import CancelToken
 from orchestrator.history.recorder import Recorder
 from orchestrator.history.store import SessionStore
-from orchestrator.runs import Runner, RunOutcome
-from orchestrator.runtime import Runtime
+from orchestrator.runs import RunOutcome
 
 log = logging.getLogger("chorus.api")
 
@@ -90,9 +90,9 @@ class StartedRun:
 
 
 class PipelineRuns:
-    def __init__(self, runtime: Runtime, limiter: RunLimiter, *,
+    def __init__(self, chorus: Chorus, limiter: RunLimiter, *,
                  backend_factory: Callable[[], Backend] | None = None) -> None:
-        self.runtime = runtime
+        self.chorus = chorus
         self.limiter = limiter
         self.backend_factory = backend_factory
         self.tasks: set[asyncio.Task[RunOutcome]] = set()
@@ -106,17 +106,17 @@ class PipelineRuns:
         so they answer with their status code rather than inside a stream.
         """
         check_pipeline_request(request)
-        spec = with_sampling(entry.spec, request)
+        pipeline = entry.pipeline.with_spec(with_sampling(entry.pipeline.spec, request))
         loop = asyncio.get_running_loop()
         created: asyncio.Future[str | None] = loop.create_future()
         feed = RunFeed(asyncio.Queue(), level=request.chorus.events)
         cancel = CancelToken()
         extra = history_kwargs(history)
-        runner = Runner(self.runtime, store=NotifyingStore(self.runtime.config.sessions_dir, created))
+        store = NotifyingStore(self.chorus.config.sessions_dir, created)
         backend = self.backend_factory() if self.backend_factory else None
         self.limiter.acquire()
-        task = asyncio.ensure_future(runner.arun(spec, question, mode=entry.mode, observers=[feed], cancel=cancel,
-                                                 allow_sequential=True, backend=backend, **extra))
+        task = asyncio.ensure_future(self.chorus.arun(pipeline, question, observers=[feed], cancel=cancel,
+                                                      allow_sequential=True, backend=backend, store=store, **extra))
         self.tasks.add(task)
         self.tokens.add(cancel)
 
@@ -132,8 +132,9 @@ class PipelineRuns:
             await asyncio.wait({began, task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             began.cancel()
-        if task.done() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        error = task.exception() if task.done() else None
+        if error is not None:
+            raise error
         session_id = created.result() if created.done() else task.result().session_id
         return StartedRun(task, feed, cancel, session_id, bool(extra), request.ignored())
 
@@ -166,7 +167,7 @@ def answered(outcome: RunOutcome) -> bool:
     return outcome.run.status in ("completed", "partial")
 
 
-async def until_done_or_gone(request: Request, coro: Coroutine[Any, Any, T],
+async def until_done_or_gone(request: Request, coro: Coroutine[Any, Any, T] | asyncio.Future[T],
                              on_gone: Callable[[], None]) -> tuple[bool, T | None]:
     """Await `coro` while watching the connection; (False, None) and `on_gone()` if the client left first."""
     task = asyncio.ensure_future(coro)

@@ -147,9 +147,9 @@ def progress(event: Event) -> dict[str, Any] | None:
     if isinstance(event, AggregationDone):
         return {**base, "stage": event.stage, "aggregation": event.aggregation.kind}
     if isinstance(event, StageFinished):
-        r = event.record
-        return {**base, "index": r.index, "stage": r.name, "status": r.status, "output": r.output,
-                "error": error_text(r.error) or None}
+        s = event.record
+        return {**base, "index": s.index, "stage": s.name, "status": s.status, "output": s.output,
+                "error": error_text(s.error) or None}
     if isinstance(event, RunFinished):
         return None  # the last chunk says how the run ended, with the session id
     return {**base}

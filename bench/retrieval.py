@@ -255,8 +255,7 @@ def run(work: Path, args: argparse.Namespace) -> int:
 def hybrid_recall(work: Path, store: DocStore, facts_dir: Path) -> dict[str, object]:
     """Recall@5 with the demo model as the embedding model, through chorus's runtime (pool, admission)."""
     from orchestrator.config.schema import load_config
-    from orchestrator.rag.embed import runtime_embedder
-    from orchestrator.runtime import Runtime
+    from orchestrator.runtime import Runtime, runtime_embedder
 
     cdir = work / "config"
     cdir.mkdir()

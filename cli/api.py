@@ -21,11 +21,10 @@ from pathlib import Path
 from cli.output import positive_int
 from cli.secret_input import SecretOnCommandLine, read_secret
 from cli.ui import supervise
-from launcher.errors import ChorusError
-from launcher.process.server import own_group_dying_with_parent
+from orchestrator.app import own_group_dying_with_parent
 from orchestrator.config.hosts import allowed_host_entry, is_loopback
 from orchestrator.config.schema import default_config_dir, load_config
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ChorusError, ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8642

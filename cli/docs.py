@@ -20,13 +20,12 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from cli.output import print_table
-from launcher.process.server import install_signal_cleanup
+from orchestrator.app import Chorus, install_signal_cleanup
 from orchestrator.config.schema import ChorusConfig, load_config
-from orchestrator.rag.embed import HttpEmbedder, runtime_embedder
+from orchestrator.rag.embed import HttpEmbedder
 from orchestrator.rag.files import MiB
 from orchestrator.rag.retrieval import search
 from orchestrator.rag.store import AddReport, DocStore, Progress, check_name
-from orchestrator.runtime import Runtime
 
 LARGE = 20  # files: from this many on, `add` shows progress
 
@@ -61,12 +60,8 @@ def _embedder(config: ChorusConfig, model: str | None) -> Iterator[HttpEmbedder 
         yield None
         return
     install_signal_cleanup()
-    runtime = Runtime(config)
-    try:
-        with runtime_embedder(runtime, model) as embedder:
-            yield embedder
-    finally:
-        runtime.close()
+    with Chorus(config) as chorus, chorus.embedder(model) as embedder:
+        yield embedder
 
 
 def cmd_add(args: argparse.Namespace) -> int:

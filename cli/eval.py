@@ -14,17 +14,15 @@ from pathlib import Path
 from typing import TextIO
 
 from cli.output import positive_int, print_table
-from cli.run import ctrl_c_cancels, require_binary
-from launcher.process.server import install_signal_cleanup
-from orchestrator.config.overrides import apply_overrides
-from orchestrator.config.schema import load_config, load_pipeline
+from cli.run import ctrl_c_cancels
+from orchestrator.app import Chorus, install_signal_cleanup
+from orchestrator.config.schema import load_config
 from orchestrator.engine.run import CancelToken
 from orchestrator.eval.items import BUNDLED, load_questions
 from orchestrator.eval.report import EvalReport, build_report
-from orchestrator.eval.run import JUDGE_MAX_TOKENS, EvalError, EvalRunner, EvalSpec, Progress, build_spec
+from orchestrator.eval.run import JUDGE_MAX_TOKENS, EvalError, EvalRunner, EvalSpec, Progress
 from orchestrator.eval.scoring import Interval
 from orchestrator.eval.store import EvalStore
-from orchestrator.runtime import Runtime
 
 ACTIONS = ("list", "show", "resume")
 
@@ -129,14 +127,14 @@ def _emit(report: EvalReport, args: argparse.Namespace) -> int:
     return 0 if report.eval["status"] == "completed" else 1
 
 
-def _run(runner: EvalRunner, eval_id: str, runtime: Runtime) -> EvalReport:
+def _run(runner: EvalRunner, eval_id: str, chorus: Chorus) -> EvalReport:
     install_signal_cleanup()
     cancel = CancelToken()
     try:
         with ctrl_c_cancels(cancel):
             report = runner.run(eval_id, cancel=cancel)
     finally:
-        runtime.close()
+        chorus.close()
     if report.eval["status"] != "completed":
         print(f"eval {eval_id} {report.eval['status']}: continue it with `chorus eval resume {eval_id}`",
               file=sys.stderr)
@@ -164,29 +162,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise EvalError(f"`chorus eval {args.target}` needs an eval id", hint="`chorus eval list` shows them.")
         if args.target == "show":
             return _emit(build_report(store, store.get(args.id)["id"]), args)
-        runtime = Runtime(config)
-        runner = EvalRunner(runtime, store=store, on_progress=ProgressBar())
-        return _emit(_run(runner, store.get(args.id)["id"], runtime), args)
+        chorus = Chorus(config)
+        runner = chorus.eval_runner(on_progress=ProgressBar())
+        return _emit(_run(runner, store.get(args.id)["id"], chorus), args)
     if args.id:
         raise EvalError(f"unexpected argument {args.id!r}", hint="Usage: chorus eval [QUESTIONS.jsonl] [options].")
     path = Path(args.target) if args.target else BUNDLED
     items = load_questions(path, limit=args.limit)
     base = args.pipeline in (None, "base")
-    pipeline = load_pipeline(config.paths.pipeline if base else Path(args.pipeline))
-    if args.set:
-        pipeline = apply_overrides(pipeline, args.set, config_dir=config.paths.config_dir)
-    runtime = Runtime(config)
-    spec: EvalSpec = build_spec(runtime, pipeline, mode="base" if base else "manual",
-                                baselines=args.baselines == "members", judge=args.judge,
-                                judge_max_tokens=args.judge_max_tokens, concurrency=args.concurrency)
-    require_binary(runtime, pipeline)
-    runner = EvalRunner(runtime, store=store, on_progress=ProgressBar())
+    chorus = Chorus(config)
+    pipeline = chorus.eval_pipeline(None if base else Path(args.pipeline), mode="base" if base else "manual",
+                                    overrides=args.set)
+    spec: EvalSpec = chorus.eval_spec(pipeline, baselines=args.baselines == "members", judge=args.judge,
+                                      judge_max_tokens=args.judge_max_tokens, concurrency=args.concurrency)
+    chorus.require_binary(pipeline)
+    runner = chorus.eval_runner(on_progress=ProgressBar())
     source = "bundled:basic.jsonl" if args.target is None else str(path.resolve())
-    eval_id = runner.start(spec, items, source=source)
+    eval_id = chorus.start_eval(spec, items, source=source, runner=runner)
     print(f"{eval_id}: {len(items)} question(s) x {len(spec.systems)} system(s) "
           f"({', '.join(s.name for s in spec.systems)})" + (f", judge {args.judge}" if args.judge else ""),
           file=sys.stderr)
-    return _emit(_run(runner, eval_id, runtime), args)
+    return _emit(_run(runner, eval_id, chorus), args)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:

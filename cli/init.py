@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launcher.errors import ChorusError
-from launcher.fileio import write_text_atomic
-from launcher.process.binary import find_llama_server
+from orchestrator.app import find_llama_server, write_text_atomic
 from orchestrator.config.locations import CONFIG_FILES, default_init_dir, find_config_dir, packaged_config_dir
 from orchestrator.config.schema import load_app_config
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ChorusError, ConfigError
 
 
 def write_default_config(target: Path, *, force: bool = False) -> list[Path]:

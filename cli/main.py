@@ -27,12 +27,8 @@ from cli.output import gib as _gib
 from cli.output import mib as _mib
 from cli.output import print_table
 from cli.parser import SuggestingParser
-from launcher.errors import ChorusError
-from launcher.process.binary import binary_version, find_llama_server
-from launcher.process.server import MIN_N_CTX, install_signal_cleanup
-from launcher.process.state import list_running
-from orchestrator.config.registry import PipelineStatus, Registry
-from orchestrator.config.schema import ChorusConfig, load_config
+from orchestrator.app import MIN_N_CTX, Chorus, install_signal_cleanup
+from orchestrator.errors import ChorusError
 from orchestrator.logs import setup_app_log_for
 from orchestrator.plan.memory import (
     MemoryPlan,
@@ -43,7 +39,6 @@ from orchestrator.plan.memory import (
     stage_wave_lines,
 )
 from orchestrator.plan.resolve import RetrievalPlan, RunPlan
-from orchestrator.runtime import Runtime
 from orchestrator.units import fmt_bytes
 
 log = logging.getLogger("chorus")
@@ -51,36 +46,19 @@ log = logging.getLogger("chorus")
 Command = Callable[[argparse.Namespace], int]
 
 
-def _config(args: argparse.Namespace) -> ChorusConfig:
-    return load_config(args.config_dir)
+def _chorus(args: argparse.Namespace) -> Chorus:
+    return Chorus.from_dir(args.config_dir)
 
 
 # ---------------------------------------------------------------- commands
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _config(args)
-    runtime = Runtime(config)
-    registry = runtime.registry
-    status = registry.base_pipeline_status()
-    mem = runtime.memory_guard.snapshot()  # host or container RAM, GPUs, and the budget when one is set
-    try:
-        binary = find_llama_server(config.app.llama_server)
-        server = {"path": str(binary), "version": binary_version(binary), "error": None}
-    except ChorusError as exc:
-        server = {"path": None, "version": None, "error": str(exc)}
-    if server["path"] is None and base_needs_local_server(config, registry):
-        # the models are there but nothing can run them: base mode is not available either
-        status = PipelineStatus(False, {**status.missing,
-                                        "llama-server": "not found: local models cannot run without it"})
-    report = {
-        "llama_server": server,
-        "config_dir": str(config.paths.config_dir),
-        "models_dir": str(config.models_dir),
-        "models_dir_exists": config.models_dir.is_dir(),
-        "models": [r.to_dict() for r in registry.records.values()],
-        "base_pipeline": {"available": status.available, "missing": status.missing},
-        "memory": mem.to_dict(),
-    }
+    chorus = _chorus(args)
+    config, registry = chorus.config, chorus.registry
+    check = chorus.status()
+    status, mem = check.base, check.memory
+    report = check.to_dict()
+    server = report["llama_server"]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -118,24 +96,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def base_needs_local_server(config: ChorusConfig, registry: Registry) -> bool:
-    """Whether the base pipeline has a local model (one llama-server must run); a broken pipeline.yaml
-    is reported on its own."""
-    try:
-        pipeline = config.load_pipeline()
-    except ChorusError:
-        return False
-    return any(rec is None or not rec.is_remote for rec in map(registry.records.get, pipeline.model_names()))
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    runtime = Runtime(_config(args))
-    spec = runtime.server_spec(args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
-                               slots=args.slots)
     install_signal_cleanup()
-    print(f"starting llama-server for '{spec.model}' (n_ctx={spec.n_ctx}, n_gpu_layers={spec.n_gpu_layers}, "
-          f"slots={spec.slots})...", file=sys.stderr)
-    server = runtime.start_server(spec)
+    server = _chorus(args).serve(
+        args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, slots=args.slots,
+        announce=lambda spec: print(f"starting llama-server for '{spec.model}' (n_ctx={spec.n_ctx}, "
+                                    f"n_gpu_layers={spec.n_gpu_layers}, slots={spec.slots})...", file=sys.stderr))
+    spec = server.spec
     print(f"ready in {server.ready_s:.1f}s: {server.base_url}  (OpenAI base: {server.base_url}/v1)")
     print(f"pid {server.pid}, api key {server.api_key}, log {server.log_path}")
     print("Ctrl-C stops it.", file=sys.stderr, flush=True)
@@ -168,8 +135,7 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    config = _config(args)
-    records = list_running(config.app.logs_dir / "running")
+    records = _chorus(args).servers()
     if args.json:
         print(json.dumps([{**vars(r), "rss_bytes": r.rss_bytes()} for r in records], indent=2))
         return 0
@@ -183,19 +149,19 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from orchestrator.plan.memory import machine_view, plan_memory
+    from orchestrator.plan.memory import machine_view
 
-    runtime = Runtime(_config(args))
-    pipeline, manual = cli_run.pipeline_of(args, runtime.config)
-    run_plan = runtime.plan(pipeline, "manual" if manual else "base")
-    plan = plan_memory(runtime, run_plan)
+    chorus = _chorus(args)
+    planned = chorus.plan(cli_run.pipeline_of(args, chorus, blocked_ok=True))
+    run_plan, plan = planned.run, planned.memory
     if args.png:
         write_memory_png(plan, args.png)
     machines = machine_view(run_plan, plan)
     if args.json:
         print(json.dumps({**plan_json(run_plan, plan), "machines": [m.to_dict() for m in machines]}, indent=2))
         return 0
-    print(plan_header(plan, runtime.config.app.resources.fraction, runtime.config.app.resources.fixed_mib))
+    resources = chorus.config.app.resources
+    print(plan_header(plan, resources.fraction, resources.fixed_mib))
     if run_plan.blocked is not None:
         print(str(run_plan.blocked.get("message", run_plan.blocked)))
     for stage, resolved in zip(plan.stages, run_plan.stages, strict=True):

@@ -18,11 +18,10 @@ from typing import Any, cast
 import yaml
 
 from cli.output import mib, print_table
-from launcher.errors import GGUFError
-from launcher.memory.gguf import read_gguf
+from orchestrator.app import read_gguf
 from orchestrator.config.registry import Registry, UnregisteredFile, suggest_name
 from orchestrator.config.schema import NAME_PATTERN, ChorusConfig, load_config, load_models_file
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, GGUFError
 
 _TOP_LEVEL_KEY = re.compile(r"^[^\s#]")
 _MODELS_KEY = re.compile(r"^models\s*:\s*(?P<rest>[^#]*?)\s*(#.*)?$")

@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from cli.progress import ProgressPrinter
-from launcher.process.server import install_signal_cleanup
-from orchestrator.config.inputs import clean_question
-from orchestrator.config.overrides import apply_overrides
-from orchestrator.config.schema import ChorusConfig, PipelineSpec, load_config, load_pipeline
+from orchestrator.app import Chorus, Pipeline, install_signal_cleanup
+from orchestrator.config.schema import load_config
 from orchestrator.engine.run import CancelToken, SequentialQuestion
 from orchestrator.errors import ConfigError
 from orchestrator.history.store import SessionError, SessionStore
 from orchestrator.records import error_text
-from orchestrator.runs import Runner, RunOutcome
-from orchestrator.runtime import Runtime
+from orchestrator.runs import RunOutcome
 
 
 def ask_sequential_on_tty(question: SequentialQuestion) -> bool:
@@ -56,14 +53,6 @@ def ctrl_c_cancels(cancel: CancelToken) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def require_binary(runtime: Runtime, pipeline: PipelineSpec) -> None:
-    """A pipeline with local models needs llama-server: a missing or unusable binary is one clear error up
-    front (with the build command), instead of the same failure on every model of a saved, failed run."""
-    records = [runtime.registry.records.get(name) for name in pipeline.model_names()]
-    if any(rec is not None and rec.available and not rec.is_remote for rec in records):
-        runtime.binary  # noqa: B018 - raises BinaryNotFound
 
 
 def emit_outcome(outcome: RunOutcome, as_json: bool, printer: ProgressPrinter | None = None) -> int:
@@ -118,36 +107,29 @@ def given_file(path: Path | None, option: str) -> Path | None:
                       hint=f"Check the path, or give the file's full path: {option} /path/to/pipeline.yaml")
 
 
-def pipeline_of(args: argparse.Namespace, config: ChorusConfig) -> tuple[PipelineSpec, bool]:
-    """The pipeline `run` and `plan` are about: --manual or --pipeline FILE, else the base pipeline.yaml, with
-    every --set applied; and whether it is a manual one."""
-    given = given_file(args.manual, "--manual") or given_file(args.pipeline, "--pipeline")
-    pipeline = load_pipeline(given or config.paths.pipeline)
-    if args.set:
-        pipeline = apply_overrides(pipeline, args.set, config_dir=config.paths.config_dir)
-    return pipeline, args.manual is not None
+def pipeline_of(args: argparse.Namespace, chorus: Chorus, *, blocked_ok: bool = False) -> Pipeline:
+    """The pipeline `run` and `plan` are about, checked by the front door: --manual FILE (manual mode) or
+    --pipeline FILE, else the base pipeline.yaml (base mode), with every --set applied. `blocked_ok`: a base
+    pipeline with missing models is let through (`chorus plan` shows it blocked)."""
+    manual = given_file(args.manual, "--manual")
+    given = manual or given_file(args.pipeline, "--pipeline")
+    return chorus.pipeline(given, mode="manual" if manual is not None else "base", overrides=args.set,
+                           require_models=False if blocked_ok else None)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # before anything is started or saved: a clear error, no session
-    question = clean_question(read_question(args.question))
-    config = load_config(args.config_dir)
-    pipeline, manual = pipeline_of(args, config)
-    runtime = Runtime(config)
-    if not manual:
-        runtime.registry.pipeline_status(pipeline).raise_if_blocked()
-    require_binary(runtime, pipeline)
-    install_signal_cleanup()
-    cancel = CancelToken()
-    printer = terminal_printer(args.json)
-    try:
-        with ctrl_c_cancels(cancel):
-            outcome = Runner(runtime).run(
-                pipeline, question, mode="manual" if manual else "base", cancel=cancel, observers=[printer],
-                allow_sequential=sequential_policy(args, manual))
-    finally:
-        printer.close()
-        runtime.close()
+    text = read_question(args.question)  # cleaned by the front door, before anything is started or saved
+    with Chorus.from_dir(args.config_dir) as chorus:
+        pipeline = pipeline_of(args, chorus)
+        install_signal_cleanup()
+        cancel = CancelToken()
+        printer = terminal_printer(args.json)
+        try:
+            with ctrl_c_cancels(cancel):
+                outcome = chorus.run(pipeline, text, cancel=cancel, observers=[printer],
+                                     allow_sequential=sequential_policy(args, pipeline.mode == "manual"))
+        finally:
+            printer.close()
     return emit_outcome(outcome, args.json, printer)
 
 
@@ -248,16 +230,12 @@ def cmd_history_search(args: argparse.Namespace) -> int:
 def cmd_history_rerun(args: argparse.Namespace) -> int:
     config = load_config(args.config_dir)
     SessionStore(config.sessions_dir).path(args.id)  # a bad or unknown id is one short error, before anything loads
-    runtime = Runtime(config)
     install_signal_cleanup()
     cancel = CancelToken()
-    try:
-        with ctrl_c_cancels(cancel):
-            outcome = Runner(runtime).rerun(args.id, args.stage, overrides=args.set, cancel=cancel,
-                                            observers=[printer := terminal_printer(args.json)],
-                                            allow_sequential=sequential_policy(args, manual=True))
-    finally:
-        runtime.close()
+    with Chorus(config) as chorus, ctrl_c_cancels(cancel):
+        prepared = chorus.prepare_rerun(args.id, args.stage, overrides=args.set)
+        outcome = chorus.rerun(prepared, cancel=cancel, observers=[printer := terminal_printer(args.json)],
+                               allow_sequential=sequential_policy(args, manual=True))
     return emit_outcome(outcome, args.json, printer)
 
 

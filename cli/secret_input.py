@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.errors import ChorusError
+from orchestrator.errors import ChorusError
 
 
 class SecretOnCommandLine(ChorusError):

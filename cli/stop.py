@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.process.state import ServerRecord, list_running, stop_recorded
-from orchestrator.config.schema import load_config
+from orchestrator.app import Chorus, ServerRecord
 
 _DONE = {"stopped": "stopped", "killed": "killed (it did not stop within the grace period)",
          "gone": "had already exited", "not ours": "skipped: run by another user"}
@@ -21,9 +20,8 @@ _DONE = {"stopped": "stopped", "killed": "killed (it did not stop within the gra
 def cmd_stop(args: argparse.Namespace) -> int:
     if args.all == bool(args.model):
         args.parser.error("give a model name or --all (one of them)")
-    config = load_config(args.config_dir)
-    state_dir = config.app.logs_dir / "running"
-    running = list_running(state_dir)
+    chorus = Chorus.from_dir(args.config_dir)
+    running = chorus.servers()
     chosen = running if args.all else [r for r in running if r.model == args.model]
     if not chosen:
         if args.all:
@@ -33,10 +31,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"no llama-server of '{args.model}' is running"
               + (f" (running: {', '.join(others)})" if others else ""), file=sys.stderr)
         return 1
-    grace = config.app.server.stop_grace_s
     failed = 0
     for record in chosen:
-        result = stop_recorded(state_dir, record, grace_s=grace)
+        result = chorus.stop_server(record)
         failed += result == "not ours"
         print(f"{_what(record)}: {_DONE[result]}")
     return 1 if failed else 0

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from cli.secret_input import SecretOnCommandLine, read_secret
-from launcher.errors import ChorusError
-from launcher.process.server import own_group_dying_with_parent
+from orchestrator.app import own_group_dying_with_parent
 from orchestrator.config.hosts import is_loopback
 from orchestrator.config.schema import default_config_dir
+from orchestrator.errors import ChorusError
 
 TOKEN_ENV = "CHORUS_UI_TOKEN"  # what ui/auth.py reads
 MIN_TOKEN_CHARS = 12

@@ -13,9 +13,9 @@ import signal
 import sys
 from pathlib import Path
 
-from launcher.process.binary import find_rpc_server
-from launcher.process.rpc import DEFAULT_PORT, is_loopback, query_memory, start_worker
-from launcher.units import fmt_bytes
+from orchestrator.app import RPC_DEFAULT_PORT as DEFAULT_PORT
+from orchestrator.app import find_rpc_server, is_loopback, query_memory, start_worker
+from orchestrator.units import fmt_bytes
 
 SECURITY_WARNING = (
     "WARNING: the RPC worker listens on {host}, which is not loopback. llama.cpp's RPC protocol has NO "

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from launcher.errors import ChorusError  # re-exported: front ends catch the one family from here
+from launcher.errors import (  # re-exported: front ends catch the one family from here, never from launcher
+    BinaryNotFound,
+    ChorusError,
+    GGUFError,
+    InsufficientMemory,
+    RequestFailed,
+    RequestTimeout,
+    ServerCrashed,
+    ServerError,
+)
 
 
 class ConfigError(ChorusError):
@@ -48,4 +57,5 @@ class PipelineBlocked(ChorusError):
         self.missing = dict(missing)
 
 
-__all__ = ["ChorusError", "ConfigError", "ModelUnavailable", "PipelineBlocked"]
+__all__ = ["BinaryNotFound", "ChorusError", "ConfigError", "GGUFError", "InsufficientMemory", "ModelUnavailable",
+           "PipelineBlocked", "RequestFailed", "RequestTimeout", "ServerCrashed", "ServerError"]

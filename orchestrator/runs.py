@@ -1,4 +1,8 @@
-"""Start runs and reruns with their history: the one entry point the CLI and the UI share."""
+"""Plan, run and record one pipeline run, and what a rerun starts from.
+
+No checks here: the front door (`orchestrator.app.Chorus`) cleans the question and checks the pipeline
+once before it calls `Runner`; evals and tests call `Runner` with what they already checked.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,8 @@ from typing import Any
 from launcher.errors import ChorusError
 from launcher.process.binary import binary_version
 from orchestrator import __version__
-from orchestrator.config.inputs import clean_question
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import PipelineSpec
-from orchestrator.engine.aggregators import check_pipeline
 from orchestrator.engine.backend import Backend
 from orchestrator.engine.events import Observer
 from orchestrator.engine.local import LocalBackend
@@ -66,7 +68,7 @@ def config_snapshot(runtime: Runtime, plan: RunPlan, question: str) -> dict[str,
 
 
 class Runner:
-    """Plan, run and record: what every front end (CLI, UI, API) calls to run a pipeline."""
+    """Plan, run and record: what the front door (and evals) call to run a checked pipeline."""
 
     def __init__(self, runtime: Runtime, *, store: SessionStore | None = None) -> None:
         self.runtime = runtime
@@ -87,9 +89,6 @@ class Runner:
                    parent_session: str | None = None, backend: Backend | None = None,
                    history: Sequence[dict[str, str]] = ()) -> RunOutcome:
         """`run` for callers that have an event loop (the HTTP API); `backend` replaces the real one in tests."""
-        question = clean_question(question)
-        config = self.runtime.config
-        check_pipeline(pipeline, config.paths.config_dir, config.app.aggregators.allowed)  # before anything runs
         plan = self.runtime.plan(pipeline, mode)
         recorder = None
         history_error = None
@@ -115,10 +114,8 @@ class Runner:
             history_error = "history could not be saved completely: " + "; ".join(dict.fromkeys(warnings))
         return RunOutcome(run, recorder.id if recorder else None, recorder.dir if recorder else None, history_error)
 
-    def rerun(self, session_id: str, stage: int, *, overrides: list[str] | None = None,
-              observers: Sequence[Observer] = (), cancel: CancelToken | None = None,
-              allow_sequential: AllowSequential | bool = True) -> RunOutcome:
-        """A new session linked to its parent: steps before `stage` are copied, the rest run again."""
+    def prepare_rerun(self, session_id: str, stage: int) -> Rerun:
+        """What a rerun of `session_id` from `stage` starts from; SessionError when it cannot be rerun."""
         parent = self.store.load(session_id)
         try:
             pipeline = PipelineSpec.model_validate(parent.snapshot["pipeline"])
@@ -130,16 +127,34 @@ class Runner:
         if stage - 1 > len(parent.stages):
             raise SessionError(parent.dir, f"stage {stage} cannot be rerun: the session has only "
                                f"{len(parent.stages)} finished step(s)")
-        if overrides:
-            pipeline = apply_overrides(pipeline, overrides, config_dir=self.runtime.config.paths.config_dir)
-        prior = parent.stages[: stage - 1]
         damaged = [p for p in parent.problems if any(f"step{i}" in p for i in range(1, stage))]
         if damaged:
             raise SessionError(parent.dir, f"cannot rerun from stage {stage}: the steps before it are damaged "
                                f"({'; '.join(damaged)})", hint="Rerun from stage 1, or from an earlier stage.")
-        return self.run(pipeline, parent.meta.get("question") or "", mode=parent.meta.get("mode") or "manual",
-                        observers=observers, cancel=cancel, allow_sequential=allow_sequential,
-                        prior_stages=prior, parent_session=parent.id)
+        return Rerun(pipeline, parent.meta.get("question") or "", parent.meta.get("mode") or "manual",
+                     parent.stages[: stage - 1], parent.id)
+
+    def rerun(self, session_id: str, stage: int, *, overrides: list[str] | None = None,
+              observers: Sequence[Observer] = (), cancel: CancelToken | None = None,
+              allow_sequential: AllowSequential | bool = True) -> RunOutcome:
+        """A new session linked to its parent: steps before `stage` are copied, the rest run again."""
+        again = self.prepare_rerun(session_id, stage)
+        pipeline = again.pipeline
+        if overrides:
+            pipeline = apply_overrides(pipeline, overrides, config_dir=self.runtime.config.paths.config_dir)
+        return self.run(pipeline, again.question, mode=again.mode, observers=observers, cancel=cancel,
+                        allow_sequential=allow_sequential, prior_stages=again.prior, parent_session=again.parent)
 
 
-__all__ = ["RunOutcome", "Runner", "config_snapshot"]
+@dataclass(frozen=True)
+class Rerun:
+    """A session's pipeline, question and mode, the steps to copy, and its id (the new run's parent)."""
+
+    pipeline: PipelineSpec
+    question: str
+    mode: RunMode
+    prior: list[StageRecord]
+    parent: str
+
+
+__all__ = ["Rerun", "RunOutcome", "Runner", "config_snapshot"]

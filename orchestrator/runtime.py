@@ -5,8 +5,11 @@ The CLI makes one per command; the UI keeps one in st.cache_resource so a page r
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from orchestrator.config.registry import ModelRecord, Registry
 from orchestrator.config.schema import ChorusConfig, PipelineSpec
 from orchestrator.plan.resolve import Machine, RunMode, RunPlan, build_plan, resolve_server
+from orchestrator.rag.embed import HttpEmbedder, NotAnEmbeddingModel
 from orchestrator.units import MiB
 
 log = logging.getLogger("chorus.runtime")
@@ -221,3 +225,17 @@ class Runtime:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+
+
+@contextlib.contextmanager
+def runtime_embedder(runtime: Runtime, model: str) -> Iterator[HttpEmbedder]:
+    """An embedder for `model` for the duration of the block: a local server is leased (admission, warm reuse)."""
+    rec = runtime.registry.get(model)
+    if rec.entry.role != "embedding":
+        raise NotAnEmbeddingModel(model, rec.entry.role)
+    if rec.is_remote:
+        key = os.environ.get(rec.entry.api_key_env) if rec.entry.api_key_env else None
+        yield HttpEmbedder(model, rec.entry.url or "", key, remote=True)
+        return
+    with runtime.pool.lease(runtime.server_spec(rec)) as server:
+        yield HttpEmbedder(model, server.base_url, server.api_key)

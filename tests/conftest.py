@@ -1,4 +1,11 @@
-"""Shared fixtures: the two demo models, and throwaway config dirs built from the shipped ones."""
+"""Shared fixtures: the two demo models, and throwaway config dirs built from the shipped ones.
+
+Two tiers. A test that needs the real llama-server or a demo model file (it takes one of REAL_FIXTURES
+below, directly or through another fixture, or is marked ``integration``/``browser``) is marked
+``integration`` at collection. Every other test is the fast tier (``scripts/test.sh --fast``: ``-m "not
+integration and not browser"``): its ``config_dir`` holds synthetic GGUF files with the demo models' names,
+headers and tensor tables, sparse (a few KB on disk), written here, so it never skips for a missing model.
+"""
 
 from __future__ import annotations
 
@@ -78,13 +85,138 @@ class ConfigDir:
         (self.path / "pipeline.yaml").write_text(text)
 
 
+# Fixtures that mean "needs the real llama-server or a demo model file": a test using one (directly or
+# through another fixture) is an integration test.
+REAL_FIXTURES = frozenset({"llama_server_bin", "demo_model", "second_model", "runtime", "shared_runtime",
+                           "zoo"})  # zoo: synthetic zoo files built from the llama.cpp source tree of the build
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("integration") is None and (
+                item.get_closest_marker("browser") is not None
+                or REAL_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.integration)
+
+
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# The demo files' headers: metadata (no vocabulary list: {arch}.vocab_size instead) and the tensor table
+# (name with {i} per block, GGUF shape ne0 first, ggml type; a pair alternates by block), copied from the
+# real files.
+SYNTHETIC_HEADERS: dict[str, dict[str, object]] = {
+    DEMO_MODEL_NAME: {
+        "arch": "gemma3", "blocks": 18,
+        "strings": {"general.type": "model", "general.name": "Gemma 3 270m", "general.basename": "gemma-3",
+                    "general.size_label": "270M", "general.license": "gemma", "tokenizer.ggml.model": "llama",
+                    "tokenizer.ggml.pre": "default"},
+        "u32": {"gemma3.context_length": 32768, "gemma3.embedding_length": 640, "gemma3.block_count": 18,
+                "gemma3.feed_forward_length": 2048, "gemma3.attention.head_count": 4,
+                "gemma3.attention.key_length": 256, "gemma3.attention.value_length": 256,
+                "gemma3.attention.sliding_window": 512, "gemma3.attention.head_count_kv": 1,
+                "gemma3.vocab_size": 262144, "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+                "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.padding_token_id": 0,
+                "general.quantization_version": 2, "general.file_type": 15},
+        "f32": {"gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.rope.freq_base": 1e6},
+        "bool": {"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False},
+        "tensors": [("output_norm.weight", (640,), 0), ("token_embd.weight", (640, 262144), 8)]
+        + [(f"blk.{{i}}.{n}", shape, t) for n, shape, t in (
+            ("attn_k.weight", (640, 256), 6), ("attn_k_norm.weight", (256,), 0), ("attn_norm.weight", (640,), 0),
+            ("attn_output.weight", (1024, 640), 12), ("attn_q.weight", (640, 1024), 6),
+            ("attn_q_norm.weight", (256,), 0), ("attn_v.weight", (640, 256), (6, 8)),
+            ("ffn_down.weight", (2048, 640), (12, 14)), ("ffn_gate.weight", (640, 2048), 6),
+            ("ffn_norm.weight", (640,), 0), ("ffn_up.weight", (640, 2048), 6),
+            ("post_attention_norm.weight", (640,), 0), ("post_ffw_norm.weight", (640,), 0))],
+    },
+    SECOND_MODEL_NAME: {
+        "arch": "llama", "blocks": 30,
+        "strings": {"general.type": "model", "general.name": "Smollm2 135M 8k Lc100K Mix1 Ep2",
+                    "general.organization": "HuggingFaceTB", "general.basename": "smollm2",
+                    "general.size_label": "135M", "general.license": "apache-2.0", "tokenizer.ggml.model": "gpt2",
+                    "tokenizer.ggml.pre": "smollm", "tokenizer.chat_template": SMOLLM2_CHAT_TEMPLATE},
+        "u32": {"llama.block_count": 30, "llama.context_length": 8192, "llama.embedding_length": 576,
+                "llama.feed_forward_length": 1536, "llama.attention.head_count": 9,
+                "llama.attention.head_count_kv": 3, "general.file_type": 3, "llama.vocab_size": 49152,
+                "llama.rope.dimension_count": 64, "tokenizer.ggml.bos_token_id": 1,
+                "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+                "tokenizer.ggml.padding_token_id": 2, "general.quantization_version": 2},
+        "f32": {"llama.rope.freq_base": 1e5, "llama.attention.layer_norm_rms_epsilon": 1e-5},
+        "bool": {"tokenizer.ggml.add_bos_token": False},
+        "tensors": [("token_embd.weight", (576, 49152), 8), ("output_norm.weight", (576,), 0)]
+        + [(f"blk.{{i}}.{n}", shape, t) for n, shape, t in (
+            ("attn_norm.weight", (576,), 0), ("ffn_down.weight", (1536, 576), 3),
+            ("ffn_gate.weight", (576, 1536), 3), ("ffn_up.weight", (576, 1536), 3), ("ffn_norm.weight", (576,), 0),
+            ("attn_k.weight", (576, 192), 3), ("attn_output.weight", (576, 576), 3),
+            ("attn_q.weight", (576, 576), 3), ("attn_v.weight", (576, 192), 3))],
+    },
+}
+
+
+def write_synthetic_gguf(path: Path, name: str = DEMO_MODEL_NAME) -> Path:
+    """A stand-in for demo file `name`: its GGUF header (metadata, chat template, the full tensor table
+    with the real shapes and quantization types), then a sparse hole for the tensor data. The registry,
+    validate_header and the memory estimator see the demo model's numbers; a few hundred KB on disk;
+    llama-server cannot run it (no vocabulary, zero weights)."""
+    import gguf
+    import numpy as np
+
+    spec = SYNTHETIC_HEADERS[name]
+    writer = gguf.GGUFWriter(str(path), str(spec["arch"]))
+    for key, text in spec["strings"].items():  # type: ignore[attr-defined]
+        writer.add_string(key, text)
+    for key, number in spec["u32"].items():  # type: ignore[attr-defined]
+        writer.add_uint32(key, number)
+    for key, real in spec["f32"].items():  # type: ignore[attr-defined]
+        writer.add_float32(key, real)
+    for key, flag in spec["bool"].items():  # type: ignore[attr-defined]
+        writer.add_bool(key, flag)
+    data = 0
+    for tname, shape, ggml_type in spec["tensors"]:  # type: ignore[attr-defined]
+        for i in range(int(spec["blocks"]) if "{i}" in tname else 1):  # type: ignore[call-overload]
+            qtype = gguf.GGMLQuantizationType(ggml_type[i % 2] if isinstance(ggml_type, tuple) else ggml_type)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            nbytes = int(np.prod(shape)) // block * type_size
+            writer.add_tensor_info(tname.format(i=i), tuple(reversed(shape)), np.dtype(np.float32), nbytes,
+                                   raw_dtype=qtype)
+            data += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    assert writer.fout is not None
+    header_end = writer.fout[0].tell()
+    writer.close()
+    os.truncate(path, gguf.GGUFWriter.ggml_pad(header_end, writer.data_alignment) + data)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Synthetic stand-ins for the two demo files, by file name, written once per session."""
+    root = tmp_path_factory.mktemp("synthetic-models")
+    return {name: write_synthetic_gguf(root / name, name) for name in (DEMO_MODEL_NAME, SECOND_MODEL_NAME)}
+
+
 @pytest.fixture
-def config_dir(tmp_path: Path, demo_model: Path, second_model: Path) -> ConfigDir:
-    """Shipped config whose models_dir holds (links to) both demo models: the base pipeline uses both."""
+def config_dir(request: pytest.FixtureRequest, tmp_path: Path) -> ConfigDir:
+    """Shipped config whose models_dir holds (links to) both demo models: the base pipeline uses both.
+
+    In an integration test these are the real demo files (a skip when missing, locally); in a fast-tier
+    test they are synthetic GGUF files with the same names (header and tensor shapes only), so the test
+    runs on a clean checkout without models.
+    """
     models = tmp_path / "models"
     models.mkdir()
-    (models / DEMO_MODEL_NAME).symlink_to(demo_model)
-    (models / SECOND_MODEL_NAME).symlink_to(second_model)
+    if request.node.get_closest_marker("integration") is not None:
+        files = {DEMO_MODEL_NAME: request.getfixturevalue("demo_model"),
+                 SECOND_MODEL_NAME: request.getfixturevalue("second_model")}
+    else:
+        files = request.getfixturevalue("synthetic_models")
+    for name, target in files.items():
+        (models / name).symlink_to(target)
     return ConfigDir(tmp_path, models)
 
 
@@ -109,6 +241,30 @@ def runtime(config_dir: ConfigDir, llama_server_bin: Path):
     from orchestrator.runtime import Runtime
 
     rt = Runtime(load_config(config_dir.path))
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def shared_runtime(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, second_model: Path,
+                   llama_server_bin: Path):
+    """One Runtime on the shipped config for a whole test module: its servers stay warm from test to test.
+    For tests that only run pipelines and read the outcome (not ones that count starts from zero, stop,
+    kill or reconfigure servers). Its own admission ledger; servers stopped after the module."""
+    from orchestrator.config.schema import load_config
+    from orchestrator.runtime import Runtime
+
+    root = tmp_path_factory.mktemp("shared-runtime")
+    models = root / "models"
+    models.mkdir()
+    (models / DEMO_MODEL_NAME).symlink_to(demo_model)
+    (models / SECOND_MODEL_NAME).symlink_to(second_model)
+    config = ConfigDir(root, models)
+    with pytest.MonkeyPatch.context() as mp:  # the ledger is fixed when the runtime is made
+        for var in ("CHORUS_CONFIG_DIR", "CHORUS_MODELS_DIR", "CHORUS_SESSIONS_DIR", "CHORUS_HOME"):
+            mp.delenv(var, raising=False)
+        mp.setenv("CHORUS_ADMISSION_LEDGER", str(root / "admission.json"))
+        rt = Runtime(load_config(config.path))
     yield rt
     rt.close()
 

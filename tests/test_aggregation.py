@@ -424,7 +424,7 @@ def test_vote_pattern_search_gives_up_after_its_timeout() -> None:
 
 
 def test_allowed_functions_lists_public_functions_of_aggregator_files_only(tmp_path: Path) -> None:
-    from orchestrator.engine.aggregators import allowed_functions
+    from orchestrator.config.aggregators import allowed_functions
 
     folder = tmp_path / "aggregators"
     (folder / "team").mkdir(parents=True)

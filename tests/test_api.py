@@ -36,11 +36,11 @@ from cli.main import main as chorus_main
 from launcher import errors as launcher_errors
 from launcher.errors import ChorusError, InsufficientMemory
 from orchestrator import errors as orchestrator_errors
+from orchestrator.app import Chorus
 from orchestrator.config.schema import load_config
 from orchestrator.engine import run as engine_run
 from orchestrator.engine.fake import FakeBackend, Script, crash
 from orchestrator.history.store import SessionStore
-from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
 
 # ---------------------------------------------------------------- unit: the app on the fake backend
@@ -80,8 +80,8 @@ def config(tmp_path: Path) -> Path:
 
 
 def make_client(config: Path, backend: FakeBackend | None = None, **settings: Any) -> TestClient:
-    runtime = Runtime(load_config(config))
-    app = create_app(runtime, ApiSettings(**settings), backend_factory=(lambda: backend) if backend else None)
+    app = create_app(Chorus.from_dir(config), ApiSettings(**settings),
+                     backend_factory=(lambda: backend) if backend else None)
     return TestClient(app, base_url=LOCAL)
 
 
@@ -387,9 +387,9 @@ def proxied_client(config: Path, handler: Any) -> tuple[TestClient, list[dict]]:
         sent.append({"url": str(request.url), "body": json.loads(request.content)})
         return await handler(request)
 
-    runtime = Runtime(load_config(config))
-    proxy = ModelProxy(runtime, client=httpx.AsyncClient(transport=httpx.MockTransport(record)))
-    return TestClient(create_app(runtime, ApiSettings(), proxy=proxy), base_url=LOCAL), sent
+    chorus = Chorus.from_dir(config)
+    proxy = ModelProxy(chorus, client=httpx.AsyncClient(transport=httpx.MockTransport(record)))
+    return TestClient(create_app(chorus, ApiSettings(), proxy=proxy), base_url=LOCAL), sent
 
 
 def test_a_model_request_is_forwarded_as_sent_and_answered_under_its_name(config: Path) -> None:

@@ -16,9 +16,7 @@ from launcher.process.client import GenerationRequest
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import AggregationSpec, PipelineSpec, load_config
 from orchestrator.engine.fake import FakeBackend, Script
-from orchestrator.engine.run import CancelToken, Engine
-from orchestrator.eval.items import BUNDLED, EvalItem, QuestionsError, load_questions
-from orchestrator.eval.judge import (
+from orchestrator.engine.judge import (
     JudgeUnparseable,
     judge_pair,
     judge_score,
@@ -26,6 +24,8 @@ from orchestrator.eval.judge import (
     parse_reason,
     parse_score,
 )
+from orchestrator.engine.run import CancelToken, Engine
+from orchestrator.eval.items import BUNDLED, EvalItem, QuestionsError, load_questions
 from orchestrator.eval.run import PIPELINE, EvalRunner, Progress, build_spec, member_baselines
 from orchestrator.eval.scoring import bootstrap_ci, outcome_by_reference, score_reference, tally
 from orchestrator.eval.store import EvalStore
@@ -463,7 +463,7 @@ def test_eval_page_shows_a_past_eval_with_table_charts_and_session_links(
     eval_id = runner.start(build_spec(eval_runtime, two_model_pipeline(), judge="judge"), QUESTIONS, source="test")
     report = runner.run(eval_id)
     monkeypatch.setenv("CHORUS_CONFIG_DIR", str(config_dir.path))
-    from ui.common import _runtime
+    from ui.common import _chorus
 
     try:
         at = AppTest.from_file(str(REPO / "ui" / "app.py"), default_timeout=60)
@@ -482,7 +482,7 @@ def test_eval_page_shows_a_past_eval_with_table_charts_and_session_links(
         at.button(key="eval-open-b-second").click().run()
         assert at.session_state["last_session_id"] == session
     finally:
-        _runtime.clear()
+        _chorus.clear()
 
 
 # ---------------------------------------------------------------- against the real server

@@ -271,9 +271,9 @@ def test_every_call_records_the_effective_n_gpu_layers_zero_when_forced_to_cpu(c
 def ui_env(config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("CHORUS_CONFIG_DIR", str(config_dir.path))
     yield config_dir
-    from ui.common import _runtime
+    from ui.common import _chorus
 
-    _runtime.clear()
+    _chorus.clear()
 
 
 def _page(page: str) -> AppTest:

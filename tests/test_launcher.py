@@ -31,7 +31,8 @@ from launcher.process.pool import ServerPool
 from launcher.process.server import ModelServer, ServerOptions, ServerSpec, classify_exit
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.integration
+# No module-wide integration mark: a test that takes llama_server_bin, demo_model or pool is marked by
+# tests/conftest.py; the pure ones (lookup order, exit classification, template flags) are the fast tier.
 
 
 def spec_for(model: Path, **kw: object) -> ServerSpec:
@@ -91,7 +92,7 @@ def test_two_parallel_requests_use_both_slots_of_one_server(pool: ServerPool, de
     async def both():
         async with GenerationClient() as client:
             return await asyncio.gather(*[
-                client.generate(ep, GenerationRequest(p, max_tokens=64, seed=1))
+                client.generate(ep, GenerationRequest(p, max_tokens=16, seed=1))  # both in flight at once
                 for p in ("Once upon a time", "The ocean is")])
 
     results = asyncio.run(both())

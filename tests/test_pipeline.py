@@ -43,14 +43,16 @@ def test_base_pipeline_runs_all_stages_on_one_warm_server_per_model(runtime: Run
     assert types.index("stage_started") < types.index("model_finished")
 
 
-def test_second_run_starts_no_server(runtime: Runtime) -> None:
+def test_second_run_starts_no_server(shared_runtime: Runtime) -> None:
+    runtime = shared_runtime  # warm servers shared with the module's other read-only tests
     run(runtime, small_pipeline(), mode="base")
     starts = runtime.pool.starts
     record, _ = run(runtime, small_pipeline(), mode="base")
     assert record.status == "completed" and runtime.pool.starts == starts
 
 
-def test_set_override_changes_generation(runtime: Runtime) -> None:
+def test_set_override_changes_generation(shared_runtime: Runtime) -> None:
+    runtime = shared_runtime
     spec = apply_overrides(manual([{"name": "s", "models": ["gemma3-270m"]}]), ["s.max_tokens=3"])
     record, _ = run(runtime, spec)
     assert record.stages[0].responses[0].completion_tokens <= 3  # type: ignore[operator]
@@ -77,7 +79,8 @@ def test_sequential_execution_runs_one_model_per_wave(config_dir: ConfigDir, lla
     assert first_done < second_start
 
 
-def test_cancel_stops_the_run_in_flight(runtime: Runtime) -> None:
+def test_cancel_stops_the_run_in_flight(shared_runtime: Runtime) -> None:
+    runtime = shared_runtime
     spec = manual([{"name": "long", "models": ["gemma3-270m"], "max_tokens": 2000, "prompt": "Count: 1, 2, 3,"},
                    {"name": "never", "models": ["gemma3-270m"]}])
     cancel = CancelToken()
@@ -94,7 +97,8 @@ def test_cancel_stops_the_run_in_flight(runtime: Runtime) -> None:
     assert sum(e.type == "token" for e in seen) < 500
 
 
-def test_rerun_from_stage_keeps_earlier_stages_and_reuses_servers(runtime: Runtime) -> None:
+def test_rerun_from_stage_keeps_earlier_stages_and_reuses_servers(shared_runtime: Runtime) -> None:
+    runtime = shared_runtime
     spec = small_pipeline()
     first, _ = run(runtime, spec, mode="base")
     starts = runtime.pool.starts

@@ -92,3 +92,29 @@ def test_a_model_used_twice_in_a_stage_needs_one_server_with_two_slots(config_di
     stage = plan_stage_memory(rt, rt.plan(pipeline).stage(1))
     assert len(stage.models) == 1 and stage.models[0].slots == 2
     assert stage.models[0].labels == ["gemma3-270m-1", "again"] and stage.fits_together  # labels made unique
+
+
+def test_with_a_budget_the_plan_header_shows_the_budget_and_its_stops_and_slots(config_dir: ConfigDir,
+                                                                                tmp_path: Path) -> None:
+    """Issue #22 item 3: the plan says the budget it was made against (not the machine's free RAM), and per
+    wave the slots and the warm servers stopped first."""
+    from orchestrator.config.overrides import apply_overrides
+    from orchestrator.plan.memory import plan_header, plan_rows, stage_headline, stage_wave_lines
+
+    app = load_config(config_dir.path).app
+    rt0 = Runtime(load_config(config_dir.path), probe=machine(16), calibration=CalibrationCache(tmp_path))
+    two = rt0.memory_guard.need(rt0.server_spec("smollm2-135m", n_ctx=8192, slots=2))
+    three = rt0.memory_guard.need(rt0.server_spec("smollm2-135m", n_ctx=8192, slots=3))
+    budget = ((two.ram_bytes + three.ram_bytes) // 2) >> 20
+    config_dir.write_app(server={**app.server.model_dump(mode="json"), "memory_budget_mib": budget})
+    rt = Runtime(load_config(config_dir.path), probe=machine(16), calibration=CalibrationCache(tmp_path))
+    pipeline = apply_overrides(rt.config.load_pipeline(), ["defaults.n_ctx=8192"])
+    memory = plan_memory(rt, rt.plan(pipeline, "base"))
+    header = plan_header(memory, 0.10, 512)
+    assert header.startswith(f"pipeline 'base': budget {budget} MiB (server.memory_budget_mib)")
+    review = memory.stages[2]
+    assert stage_headline(review).startswith("runs in 2 waves (all at once: budget: ")
+    rows = plan_rows(review)
+    assert [(r["wave"], r["slots"], r["server"]) for r in rows] == [("1", 2, "started"), ("2", 2, "warm"),
+                                                                   ("then", 2, "warm")]
+    assert stage_wave_lines(review) == ["before wave 1: stops gemma3-270m"]

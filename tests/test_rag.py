@@ -408,7 +408,7 @@ def test_the_api_serves_a_pipeline_with_a_retrieve_stage(tmp_path: Path) -> None
 
     from api.app import create_app
     from api.settings import ApiSettings
-    from orchestrator.runtime import Runtime
+    from orchestrator.app import Chorus
 
     root = tmp_path / "config"
     (root / "pipelines").mkdir(parents=True)
@@ -421,7 +421,7 @@ def test_the_api_serves_a_pipeline_with_a_retrieve_stage(tmp_path: Path) -> None
         {"name": "answer", "models": ["alpha"]}]}))
     DocStore.beside(tmp_path / "sessions").add("kb", [write_docs(tmp_path / "docs")])
     backend = FakeBackend(default=Script(lambda req: "port 8125 [1]" if "8125" in req.prompt else "no source"))
-    app = create_app(Runtime(load_config(root)), ApiSettings(), backend_factory=lambda: backend)
+    app = create_app(Chorus(load_config(root)), ApiSettings(), backend_factory=lambda: backend)
     with TestClient(app, base_url="http://127.0.0.1") as client:  # a loopback Host (DNS-rebinding guard)
         r = client.post("/v1/chat/completions", json={"model": "chorus/rag", "messages": [
             {"role": "user", "content": "Which port does the daemon listen on?"}]})
@@ -477,9 +477,9 @@ def test_hybrid_rag_run_on_the_demo_model(config_dir: ConfigDir, llama_server_bi
 def ui_config(config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("CHORUS_CONFIG_DIR", str(config_dir.path))
     yield config_dir
-    from ui.common import _runtime
+    from ui.common import _chorus
 
-    _runtime.clear()
+    _chorus.clear()
 
 
 def _page(name: str):

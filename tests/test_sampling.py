@@ -20,11 +20,18 @@ from launcher.process.client import Endpoint, GenerationClient, GenerationReques
 from launcher.process.server import ModelServer, ServerSpec
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.registry import Registry
-from orchestrator.config.schema import GenerationParams, PipelineSpec, StageSpec, load_config, load_pipeline
+from orchestrator.config.schema import (
+    GENERATION_KEYS,
+    GenerationParams,
+    PipelineSpec,
+    StageSpec,
+    load_config,
+    load_pipeline,
+)
 from orchestrator.engine.fake import FakeBackend
 from orchestrator.engine.run import Engine
 from orchestrator.errors import ConfigError
-from orchestrator.plan.resolve import GENERATION_KEYS, Machine, build_plan
+from orchestrator.plan.resolve import Machine, build_plan
 from tests.conftest import ConfigDir
 
 EVERY_PARAM: dict[str, Any] = {

@@ -17,6 +17,7 @@ from launcher.process.client import GenerationRequest
 from orchestrator.config.schema import GenerationParams, PipelineSpec, load_config
 from orchestrator.config.schema import load_pipeline as load_pipeline_file
 from orchestrator.engine.fake import FakeBackend
+from orchestrator.plan.resolve import RunMode, RunPlan
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
@@ -30,9 +31,9 @@ def ui_env(config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("CHORUS_CONFIG_DIR", str(config_dir.path))
     yield config_dir
     from launcher.process.server import stop_all_servers
-    from ui.common import _runtime
+    from ui.common import _chorus
 
-    _runtime.clear()
+    _chorus.clear()
     stop_all_servers()
 
 
@@ -55,6 +56,21 @@ def test_every_page_renders_without_exception(ui_env: ConfigDir, page: str | Non
     at = app(page)
     assert not at.exception, [e.value for e in at.exception]
     assert at.title
+
+
+def test_the_run_page_resolves_the_plan_once_per_render(ui_env: ConfigDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = app("run")
+    calls: list[str] = []
+    original = Runtime.plan
+
+    def counted(self: Runtime, pipeline: PipelineSpec, mode: RunMode = "manual") -> RunPlan:
+        calls.append(mode)
+        return original(self, pipeline, mode)
+
+    monkeypatch.setattr(Runtime, "plan", counted)
+    at.run()
+    assert not at.exception
+    assert calls == ["base"]  # one resolution feeds the memory plan and the machine view, in the run's mode
 
 
 def test_base_mode_is_disabled_with_the_reason_when_a_model_is_missing(ui_env: ConfigDir) -> None:
@@ -95,6 +111,7 @@ def test_stage_builder_produces_the_spec_the_user_built(ui_env: ConfigDir) -> No
     assert [s["name"] for s in at.session_state["builder_stages"]] == ["first"]
 
 
+@pytest.mark.integration  # a real run: the demo models, not the fast tier's synthetic files
 def test_a_run_from_the_page_streams_to_its_final_answer(ui_env: ConfigDir) -> None:
     at = app("run")
     at.radio(key="mode").set_value("Manual").run()
@@ -134,6 +151,7 @@ def test_stage_builder_rejects_a_stage_without_models_naming_it() -> None:
     assert "stage 1 (stage1)" in str(err.value) and "models" in str(err.value)
 
 
+@pytest.mark.integration  # a real run: the demo models, not the fast tier's synthetic files
 def test_stop_button_cancels_the_run_in_flight(ui_env: ConfigDir) -> None:
     at = app("run")
     at.radio(key="mode").set_value("Manual").run()
@@ -324,6 +342,7 @@ def test_base_mode_offers_every_generation_parameter_for_the_run_and_each_stage(
     assert at.number_input(key="gen-defaults-max_tokens").placeholder == f"keep: {shipped}"
 
 
+@pytest.mark.integration  # a real run: the demo models, not the fast tier's synthetic files
 def test_base_mode_settings_apply_to_that_run_only(ui_env: ConfigDir) -> None:
     pipeline_text = (ui_env.path / "pipeline.yaml").read_text()
     at = app("run")

@@ -6,7 +6,7 @@ shows argv to every user); it refuses to listen beyond loopback without one. A S
 a non-loopback `server.address` with no token shows only a refusal. The token is compared in constant time;
 a session that gave it stays signed in until the browser tab is closed or reloaded.
 
-`gate()` runs in app.py before st.navigation, and again in `ui.common.runtime()`, which every page calls
+`gate()` runs in app.py before st.navigation, and again in `ui.common.chorus()`, which every page calls
 first: Streamlit runs a page of ui/pages/ straight, without app.py, when a browser asks for it (/history)
 before any session has called st.navigation, as none does while no one has signed in.
 """

@@ -1,6 +1,6 @@
-"""What every page shares: the cached runtime, and renderers for sessions and live runs.
+"""What every page shares: the cached front door (`Chorus`), and renderers for sessions and live runs.
 
-Only rendering lives here; the logic is in orchestrator (runs, live, stage_builder, planning).
+Only rendering lives here; pages ask the front door (orchestrator.app) for everything else.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ from typing import Any
 
 import streamlit as st
 
-from orchestrator.config.overrides import apply_overrides
-from orchestrator.config.schema import PipelineSpec, load_config
+from orchestrator.app import Chorus
+from orchestrator.config.schema import PipelineSpec
 from orchestrator.errors import ChorusError
 from orchestrator.history.store import Session
 from orchestrator.rag.retrieval import cited
 from orchestrator.records import StageRecord, error_text
-from orchestrator.runs import Runner
-from orchestrator.runtime import Runtime
 from ui import params_form
 from ui.auth import gate
 from ui.live import LiveRun, StageView
@@ -32,27 +30,23 @@ def config_dir() -> str | None:
 
 
 @st.cache_resource(show_spinner=False)
-def _runtime(config_dir: str | None) -> Runtime:
-    """One Runtime (and so one pool of warm servers) per config dir for the whole Streamlit process."""
-    return Runtime(load_config(config_dir))
+def _chorus(config_dir: str | None) -> Chorus:
+    """One front door (and so one pool of warm servers) per config dir for the whole Streamlit process."""
+    return Chorus.from_dir(config_dir)
 
 
-def runtime() -> Runtime | None:
-    """The shared runtime, or None after showing the config error (the page still renders).
+def chorus() -> Chorus | None:
+    """The shared front door, or None after showing the config error (the page still renders).
 
     Every page needs it before it shows or does anything, so the sign-in gate is here too: Streamlit runs a
     page of ui/pages/ straight, without app.py, when it is asked for before any st.navigation call.
     """
     gate()
     try:
-        return _runtime(config_dir())
+        return _chorus(config_dir())
     except ChorusError as exc:
         st.error(f"Configuration error: {exc}")
         return None
-
-
-def runner(rt: Runtime) -> Runner:
-    return Runner(rt)
 
 
 
@@ -290,19 +284,16 @@ def render_rerun_form(session: Session, *, key: str) -> None:
             st.error(md_escape(problem))
         if errors:
             return
-        rt = runtime()
-        if rt is None:
+        door = chorus()
+        if door is None:
             return
-        if pipeline is not None and assignments:
-            try:  # refused here, with the field, rather than after the page has switched
-                apply_overrides(pipeline, assignments, source="rerun settings", config_dir=rt.config.paths.config_dir)
-            except ChorusError as exc:
-                st.error(md_escape(exc))
-                return
-        sid = session.id
+        try:  # refused here, with the field, rather than after the page has switched
+            prepared = door.prepare_rerun(session.id, index, overrides=assignments, override_source="rerun settings")
+        except ChorusError as exc:
+            st.error(md_escape(exc))
+            return
         st.session_state[LIVE_KEY] = LiveRun(
-            lambda observer, cancel: runner(rt).rerun(sid, index, overrides=assignments, observers=[observer],
-                                                      cancel=cancel))
+            lambda observer, cancel: door.rerun(prepared, observers=[observer], cancel=cancel))
         st.switch_page(page_path("run"))
 
 

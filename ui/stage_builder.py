@@ -15,9 +15,9 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from orchestrator.config.schema import (
+    GENERATION_KEYS,
     AggregationSpec,
     AggregationType,
-    GenerationParams,
     LoadParams,
     PipelineSpec,
     StageSpec,
@@ -34,7 +34,6 @@ ON_ERROR: tuple[str, ...] = get_args(StageSpec.model_fields["on_error"].annotati
 VOTE_EXTRACT: tuple[str, ...] = get_args(VoteOptions.model_fields["extract"].annotation)
 VOTE_TIE_BREAK: tuple[str, ...] = get_args(VoteOptions.model_fields["tie_break"].annotation)
 JUDGE_MODES: tuple[str, ...] = get_args(AggregationSpec.model_fields["judge_mode"].annotation)
-GENERATION_KEYS: tuple[str, ...] = GenerationParams.keys()
 LOAD_KEYS: tuple[str, ...] = tuple(LoadParams.model_fields)
 _AGGREGATION_DEFAULTS = AggregationSpec()
 

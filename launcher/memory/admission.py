@@ -43,11 +43,11 @@ from launcher.memory.probes import (
     process_vram,
 )
 from launcher.memory.schedule import Demand, Schedule, Warm, schedule
-from launcher.memory.suggest import MIN_N_CTX, suggestions
+from launcher.memory.suggest import suggestions
 from launcher.process.server import ModelServer, ServerSpec
 from launcher.units import MiB, fmt_bytes
 
-__all__ = ["DEFAULT_MARGIN_FIXED_BYTES", "DEFAULT_MARGIN_FRACTION", "MIN_N_CTX", "PENDING_TTL_S", "Availability",
+__all__ = ["DEFAULT_MARGIN_FIXED_BYTES", "DEFAULT_MARGIN_FRACTION", "PENDING_TTL_S", "Availability",
            "Demand", "Holding", "MemoryGuard", "MemoryState", "Schedule", "Warm", "combined_need", "fmt_bytes"]
 
 log = logging.getLogger("chorus.admission")

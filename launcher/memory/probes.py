@@ -77,14 +77,6 @@ class SystemMemory:
         return "host"
 
     @property
-    def vram_total_bytes(self) -> int:
-        return sum(g.total_bytes for g in self.gpus)
-
-    @property
-    def vram_free_bytes(self) -> int:
-        return sum(g.free_bytes for g in self.gpus)
-
-    @property
     def has_gpu(self) -> bool:
         return bool(self.gpus)
 

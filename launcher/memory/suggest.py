@@ -15,7 +15,7 @@ from launcher.memory.probes import BUDGET
 from launcher.process.server import ServerSpec
 from launcher.units import fmt_bytes
 
-MIN_N_CTX = KV_PAD
+SMALLEST_SUGGESTED_N_CTX = KV_PAD  # a hint's smallest n_ctx (the KV padding); MIN_N_CTX is the floor
 
 # The need of the refused spec with other load parameters (n_ctx=..., n_gpu_layers=...), None if unknown.
 VariantNeed = Callable[..., Devices | None]
@@ -33,7 +33,7 @@ def suggestions(spec: ServerSpec, est: MemoryEstimate, need: Devices, have: Devi
         return sum(n.get(d, 0) for d in short)
 
     # a smaller context: the largest n_ctx that fits (multiples of 256; of 1024 from 1024 up)
-    candidates = range(MIN_N_CTX, spec.n_ctx, KV_PAD)
+    candidates = range(SMALLEST_SUGGESTED_N_CTX, spec.n_ctx, KV_PAD)
     lo, hi, best = 0, len(candidates) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2

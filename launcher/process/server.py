@@ -68,7 +68,8 @@ log = logging.getLogger("chorus.server")
 
 LOG_TAIL_LINES = 25
 PR_SET_PDEATHSIG = 1
-MIN_N_CTX = 64          # per slot; the same floor as models.yaml's default_n_ctx
+MIN_N_CTX = 64          # per slot: the smallest context anything may ask for (models.yaml, --set, --n-ctx, the UI)
+MAX_N_CTX = 4_194_304   # the largest (config/schema.py's bounds are these two)
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 LOG_KEEP = 5                    # llama-server logs kept per model, the new one included

@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from orchestrator.config import aggregators
 from orchestrator.config.schema import ModelSlot, PipelineDefaults, PipelineSpec, StageSpec
 from orchestrator.config.yamlio import EXPANSION_HINT, ExpansionTooLarge, field_path, parse_yaml
-from orchestrator.engine import aggregators
 from orchestrator.errors import ConfigError
 from orchestrator.spelling import did_you_mean
 

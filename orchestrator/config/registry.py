@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from launcher.errors import GGUFError
 from launcher.memory.gguf import GGUFMetadata, read_gguf
+from launcher.process.server import MIN_N_CTX
 from orchestrator.config.schema import NAME_PATTERN, ChorusConfig, ModelEntry, PipelineSpec
 from orchestrator.errors import ConfigError, ModelUnavailable, PipelineBlocked
 
@@ -115,7 +116,7 @@ class UnregisteredFile:
         what = " ".join(p for p in (meta.architecture, meta.size_label, meta.quantization) if p)
         mode = "chat template" if meta.has_chat_template else "no chat template: completion mode"
         n_ctx = min(SUGGESTED_N_CTX, meta.context_length) if meta.context_length else SUGGESTED_N_CTX
-        return {"file": self.file, "default_n_ctx": max(64, n_ctx), "default_gpu_layers": -1,
+        return {"file": self.file, "default_n_ctx": max(MIN_N_CTX, n_ctx), "default_gpu_layers": -1,
                 "description": f"{what} ({mode})"}
 
     def to_dict(self) -> dict[str, object]:

@@ -16,7 +16,7 @@ from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from launcher.units import MiB
+from launcher.process.server import MAX_N_CTX, MIN_N_CTX
 from orchestrator.config.hosts import allowed_host_entry
 from orchestrator.config.locations import find_config_dir, relative_base
 from orchestrator.config.yamlio import load_model
@@ -55,9 +55,6 @@ class ResourceMargins(Strict):
 
     fraction: float = Field(0.10, ge=0, lt=1)
     fixed_mib: int = Field(512, ge=0)
-
-    def bytes_for(self, total: int) -> int:
-        return int(total * self.fraction) + self.fixed_mib * MiB
 
 
 class ServerSettings(Strict):
@@ -127,7 +124,7 @@ class AppConfig(Strict):
     resources: ResourceMargins = ResourceMargins()
     server: ServerSettings = ServerSettings()
     api: ApiOptions = ApiOptions()  # see orchestrator/config/hosts.py
-    aggregators: AggregatorSettings = AggregatorSettings()  # see orchestrator/engine/aggregators.py
+    aggregators: AggregatorSettings = AggregatorSettings()  # see orchestrator/config/aggregators.py
     docs: DocsSettings = DocsSettings()  # see orchestrator/rag/
 
     _check_paths = field_validator("models_dir", "sessions_dir", "logs_dir", "llama_server")(_check_path)
@@ -176,7 +173,7 @@ def _check_rpc_worker(value: str) -> str:
 
 class ModelEntry(Strict):
     file: str | None = None
-    default_n_ctx: int = Field(4096, ge=64, le=4_194_304)
+    default_n_ctx: int = Field(4096, ge=MIN_N_CTX, le=MAX_N_CTX)
     default_gpu_layers: int = Field(0, ge=-1)
     description: str = ""
     mode: Literal["chat", "completion"] | None = None
@@ -308,11 +305,14 @@ class GenerationParams(Strict):
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """The generation parameter names (GenerationParams' own fields, not a subclass's)."""
-        return tuple(GenerationParams.model_fields)
+        return GENERATION_KEYS
+
+
+GENERATION_KEYS: tuple[str, ...] = tuple(GenerationParams.model_fields)  # every sampling parameter, named once
 
 
 class LoadParams(Strict):
-    n_ctx: int | None = Field(None, ge=64, le=4_194_304)
+    n_ctx: int | None = Field(None, ge=MIN_N_CTX, le=MAX_N_CTX)
     n_gpu_layers: int | None = Field(None, ge=-1)
 
 

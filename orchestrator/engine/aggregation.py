@@ -1,12 +1,12 @@
 """The merge step of a stage: turn the answers of a stage's models into one output.
 
 Kinds: concat, majority_vote, synthesis, custom_template, custom, and judge (a judge model scores the
-answers, or compares them in pairs with positions swapped, and the best one wins; eval/judge.py reads it).
+answers, or compares them in pairs with positions swapped, and the best one wins; judge.py reads the replies).
 
 `aggregate` is the single entry point. It always returns a complete AggregationRecord or raises
 AggregationError; whatever users supply (templates, regex, custom functions) fails as a ChorusError.
 Templates render off the event loop with a time limit (`render_async`), vote patterns run in the `regex`
-engine with a timeout, and custom functions come only from the allowed places (`aggregators.py`).
+engine with a timeout, and custom functions come only from the allowed places (`config/aggregators.py`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 import regex
 
 from launcher.errors import ChorusError
+from orchestrator.config import aggregators
 from orchestrator.config.schema import AggregationSpec, VoteOptions
-from orchestrator.engine import aggregators
+from orchestrator.engine.judge import JudgeUnparseable, PairVerdict, ScoreVerdict, judge_pair, judge_score
 from orchestrator.engine.templates import TemplateError, render_async
-from orchestrator.eval.judge import JudgeUnparseable, PairVerdict, ScoreVerdict, judge_pair, judge_score
 from orchestrator.records import AggregationRecord, error_dict
 
 

@@ -2,7 +2,7 @@
 
 Each call goes to the healthy replica with the fewest outstanding requests (ties: the order in models.yaml).
 A replica that fails at the connection level is marked down; it is left alone for a backoff that grows with
-each failure in a row (tenacity's exponential wait, capped), then probed again: the next choice may pick it
+each failure in a row (1 s, doubling, capped at 60 s), then probed again: the next choice may pick it
 once its backoff has passed, and a caller with a probe (LocalBackend: GET <url>/models) checks it first.
 When every replica is down, the one whose backoff ends first is tried rather than failing outright.
 Only one caller at a time checks a replica back from its backoff: the others keep away until it answers
@@ -22,16 +22,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from tenacity import RetryCallState, wait_exponential
-
-BACKOFF = wait_exponential(multiplier=1, min=1, max=60)  # 1 s, 2 s, 4 s ... 60 s after 1, 2, 3 ... failures
+MAX_BACKOFF_S = 60.0
 
 
 def backoff_s(failures: int) -> float:
-    """Seconds a replica stays down after `failures` failures in a row (tenacity's exponential wait)."""
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]  # wait reads attempt_number only
-    state.attempt_number = max(1, failures)
-    return float(BACKOFF(state))
+    """Seconds a replica stays down after `failures` failures in a row: 1, 2, 4 ... capped at 60 s."""
+    return min(MAX_BACKOFF_S, 2.0 ** (max(1, failures) - 1))
 
 
 @dataclass

@@ -482,8 +482,3 @@ def _one_model_at_a_time(calls: Sequence[CallPlan]) -> list[list[CallPlan]]:
     for call in calls:
         groups.setdefault(call.model, []).append(call)
     return list(groups.values())
-
-
-def run_sync(engine: Engine, plan: RunPlan, question: str, **kwargs: Any) -> RunRecord:
-    """Run to the end from synchronous code (CLI, Streamlit)."""
-    return asyncio.run(engine.run(plan, question, **kwargs))

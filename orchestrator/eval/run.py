@@ -16,16 +16,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from launcher.errors import ChorusError
-from orchestrator.config.schema import PipelineSpec
+from orchestrator.config.schema import GENERATION_KEYS, PipelineSpec
 from orchestrator.engine.backend import Backend
+from orchestrator.engine.judge import judge_pair, judge_score
 from orchestrator.engine.local import LocalBackend
 from orchestrator.engine.run import CancelToken, Engine
 from orchestrator.eval.items import EvalItem
-from orchestrator.eval.judge import judge_pair, judge_score
 from orchestrator.eval.report import EvalReport, build_report
 from orchestrator.eval.scoring import score_reference
 from orchestrator.eval.store import EvalStore
-from orchestrator.plan.resolve import GENERATION_KEYS, RunMode, RunPlan
+from orchestrator.plan.resolve import RunMode, RunPlan
 from orchestrator.records import RunRecord, error_dict, error_text
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
@@ -112,8 +112,8 @@ def member_baselines(plan: RunPlan, *, prompt: str = BASELINE_PROMPT) -> list[Sy
 
 def build_spec(runtime: Runtime, pipeline: PipelineSpec, *, mode: RunMode = "base", baselines: bool = True,
                judge: str | None = None, judge_max_tokens: int = JUDGE_MAX_TOKENS, concurrency: int = 1) -> EvalSpec:
-    """The systems of an eval: the pipeline, then (with `baselines`) each member alone; checked up front."""
-    runtime.registry.pipeline_status(pipeline).raise_if_blocked()
+    """The systems of an eval: the pipeline, then (with `baselines`) each member alone. The pipeline's own
+    checks (models registered, aggregators allowed) are the front door's (`Chorus.eval_pipeline`), made once."""
     systems = [System(PIPELINE, "pipeline", mode, pipeline)]
     if baselines:
         systems += member_baselines(runtime.plan(pipeline, mode))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from launcher.memory.admission import Availability, Demand, MemoryState
+from launcher.memory.admission import Availability, Demand, MemoryGuard, MemoryState, Schedule
 from launcher.memory.estimate import MemoryEstimate
 from launcher.memory.probes import BUDGET
 from launcher.memory.schedule import Placement, Unfit, Wave
@@ -22,8 +22,18 @@ from launcher.process.server import ServerSpec
 from launcher.units import fmt_bytes
 from orchestrator.plan.resolve import CallPlan, RunPlan, StagePlan
 
-if TYPE_CHECKING:
-    from orchestrator.runtime import Runtime
+
+class MemorySource(Protocol):
+    """What the memory plan reads from the process's runtime (`orchestrator.runtime.Runtime` is one): the
+    guard, the live state and the scheduler's what-if. A protocol, so the plan never imports the runtime
+    (the runtime sits above the plan: it resolves plans)."""
+
+    @property
+    def memory_guard(self) -> MemoryGuard: ...
+
+    def memory_state(self) -> MemoryState: ...
+
+    def schedule(self, demands: list[Demand], state: MemoryState | None = None) -> Schedule: ...
 
 
 @dataclass
@@ -365,7 +375,7 @@ def unfit_text(u: Unfit, have_label: str = "usable with every idle server stoppe
                      for d in short)
 
 
-def schedule_stage(runtime: Runtime, calls: Sequence[CallPlan], state: MemoryState, *,
+def schedule_stage(runtime: MemorySource, calls: Sequence[CallPlan], state: MemoryState, *,
                    name: str = "") -> tuple[StageMemory, MemoryState]:
     """The scheduler's decision for a group of calls from `state`, as the plan shows it, and the state after."""
     group = CallGroup.of(calls)
@@ -401,12 +411,12 @@ def schedule_stage(runtime: Runtime, calls: Sequence[CallPlan], state: MemorySta
     return memory, state.after(sched)
 
 
-def plan_stage_memory(runtime: Runtime, stage: StagePlan) -> StageMemory:
+def plan_stage_memory(runtime: MemorySource, stage: StagePlan) -> StageMemory:
     """A stage's waves, then its synthesis as a wave of its own, from the live state now."""
     return stage_memory(runtime, stage, runtime.memory_state())[0]
 
 
-def stage_memory(runtime: Runtime, stage: StagePlan, state: MemoryState) -> tuple[StageMemory, MemoryState]:
+def stage_memory(runtime: MemorySource, stage: StagePlan, state: MemoryState) -> tuple[StageMemory, MemoryState]:
     """A stage's waves, then its synthesis as a wave of its own, from `state`; and the state it leaves."""
     memory, state = schedule_stage(runtime, list(stage.calls), state, name=stage.name)
     if stage.synthesis is not None:
@@ -419,7 +429,7 @@ def stage_memory(runtime: Runtime, stage: StagePlan, state: MemoryState) -> tupl
     return memory, state
 
 
-def plan_memory(runtime: Runtime, plan: RunPlan, state: MemoryState | None = None) -> MemoryPlan:
+def plan_memory(runtime: MemorySource, plan: RunPlan, state: MemoryState | None = None) -> MemoryPlan:
     """The what-if of a whole run: each stage scheduled from the state the earlier ones leave (their
     servers warm), the same scheduler the run itself asks at each stage."""
     state = state if state is not None else runtime.memory_state()

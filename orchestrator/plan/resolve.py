@@ -20,11 +20,10 @@ from typing import Any, Literal
 from launcher.process.client import GenerationRequest, Mode
 from launcher.process.server import ServerSpec
 from orchestrator.config.registry import ModelRecord, Registry
-from orchestrator.config.schema import GenerationParams, PipelineSpec, StageSpec
+from orchestrator.config.schema import GENERATION_KEYS, GenerationParams, PipelineSpec, StageSpec
 from orchestrator.errors import ModelUnavailable, PipelineBlocked
 from orchestrator.records import error_dict
 
-GENERATION_KEYS = GenerationParams.keys()  # every sampling parameter, named once in config/schema.py
 _CONSTRAINTS = ("grammar", "json_schema")   # one output constraint: the most specific level setting either wins
 RunMode = Literal["base", "manual"]
 

@@ -1,4 +1,5 @@
-"""Vectors from an embedding model: its own `llama-server --embeddings`, leased from the runtime's pool.
+"""Vectors from an embedding model: its own `llama-server --embeddings` (leased from the runtime's pool by
+`orchestrator.runtime.runtime_embedder`), or a remote URL.
 
 A models.yaml entry with `role: embedding` is resolved with `--embeddings` (plan/resolve.py), so it is a
 server family of its own and never serves chat. The pool's lease runs the same memory admission as any
@@ -8,18 +9,13 @@ model. A model without a pooling type in its GGUF (a chat model used for a test)
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from launcher.errors import ChorusError
-
-if TYPE_CHECKING:
-    from orchestrator.runtime import Runtime
 
 
 class EmbeddingFailed(ChorusError):
@@ -70,17 +66,3 @@ class HttpEmbedder:
         if len(vectors) != len(texts) or not all(isinstance(v, list) and v for v in vectors):
             raise EmbeddingFailed(self.model, f"asked for {len(texts)} vectors, got {len(vectors)}")
         return vectors
-
-
-@contextlib.contextmanager
-def runtime_embedder(runtime: Runtime, model: str) -> Iterator[HttpEmbedder]:
-    """An embedder for `model` for the duration of the block: a local server is leased (admission, warm reuse)."""
-    rec = runtime.registry.get(model)
-    if rec.entry.role != "embedding":
-        raise NotAnEmbeddingModel(model, rec.entry.role)
-    if rec.is_remote:
-        key = os.environ.get(rec.entry.api_key_env) if rec.entry.api_key_env else None
-        yield HttpEmbedder(model, rec.entry.url or "", key, remote=True)
-        return
-    with runtime.pool.lease(runtime.server_spec(rec)) as server:
-        yield HttpEmbedder(model, server.base_url, server.api_key)

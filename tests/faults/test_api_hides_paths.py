@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import ApiSettings
+from orchestrator.app import Chorus
 from orchestrator.config.schema import load_config
-from orchestrator.runtime import Runtime
 
 
 def _client(tmp_path: Path) -> TestClient:
@@ -30,7 +30,7 @@ def _client(tmp_path: Path) -> TestClient:
                                                                                      "models": ["far"]}]}))
     (root / "pipelines" / "solo.yaml").write_text(yaml.safe_dump({"stages": [{"name": "x", "models": ["far"]}]}))
     (root / "pipelines" / "broken.yaml").write_text("stages: [ {name: x, models: [far], nonsense: 1} ]\n")
-    return TestClient(create_app(Runtime(load_config(root)), ApiSettings()), base_url="http://127.0.0.1")
+    return TestClient(create_app(Chorus(load_config(root)), ApiSettings()), base_url="http://127.0.0.1")
 
 
 def test_models_and_model_entries_name_pipeline_files_without_their_folders(tmp_path: Path) -> None:

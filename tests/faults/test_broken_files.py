@@ -16,14 +16,14 @@ import pytest
 
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import load_config
-from tests.conftest import ConfigDir, demo_model_path
+from tests.conftest import DEMO_MODEL_NAME, ConfigDir, demo_model_path
 from tests.faults.conftest import DEMO, assert_session_valid, chorus, make_runtime, manual, run
 
 HEAD_BYTES = 16 << 20  # the demo model's GGUF header and tensor index fit in this
 
 
-def _head() -> bytes:
-    with open(demo_model_path(), "rb") as f:
+def _head(source: Path | None = None) -> bytes:
+    with open(source or demo_model_path(), "rb") as f:
         return f.read(HEAD_BYTES)
 
 
@@ -36,7 +36,8 @@ def sparse_model(path: Path, head: bytes, size: int) -> Path:
 
 def broken_files(models_dir: Path) -> dict[str, tuple[str, str]]:
     """Write one broken file per kind; return model name -> (file name, what its reason must say)."""
-    head, size = _head(), demo_model_path().stat().st_size
+    source = models_dir / DEMO_MODEL_NAME  # the real demo file or the fast tier's synthetic one
+    head, size = _head(source), source.stat().st_size
     corrupt = bytearray(head)
     corrupt[24:4024] = bytes((i * 131 + 7) % 251 for i in range(4000))  # garbage over the metadata
     (models_dir / "corrupt.gguf").write_bytes(bytes(corrupt))

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.aggregators import allowed_functions
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import AggregationSpec, PipelineSpec
 from orchestrator.engine.aggregation import AggregationError, Candidate, aggregate
-from orchestrator.engine.aggregators import allowed_functions
 from orchestrator.errors import ConfigError
 from tests.conftest import ConfigDir
 from tests.faults.conftest import DEMO, assert_clean_failure, chorus

@@ -24,10 +24,10 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import ApiSettings
+from orchestrator.app import Chorus
 from orchestrator.config.schema import load_config
 from orchestrator.engine.fake import FakeBackend
 from orchestrator.errors import ConfigError
-from orchestrator.runtime import Runtime
 from tests.conftest import REPO
 
 ATTACKER = "attacker.example"
@@ -60,7 +60,7 @@ def client(config: Path) -> Iterator[TestClient]:
 
 
 def make_client(config: Path, **settings: Any) -> TestClient:
-    app = create_app(Runtime(load_config(config)), ApiSettings(**settings), backend_factory=FakeBackend)
+    app = create_app(Chorus(load_config(config)), ApiSettings(**settings), backend_factory=FakeBackend)
     return TestClient(app, base_url="http://127.0.0.1:8642")
 
 

@@ -75,9 +75,9 @@ def hostile_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     recorder = store.create({"mode": "manual", "question": "q", "pipeline": {"stages": []}})
     record_run(recorder, hostile_stages(), question=f"What is {INJECTED} {LINK}?")
     yield recorder.id
-    from ui.common import _runtime
+    from ui.common import _chorus
 
-    _runtime.clear()
+    _chorus.clear()
 
 
 def open_page(page: str) -> AppTest:

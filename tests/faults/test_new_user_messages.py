@@ -128,7 +128,8 @@ def test_a_missing_model_shows_the_mode_its_config_says_or_none(bare_config: Con
 def test_models_add_of_a_registered_file_adds_nothing_and_says_as_what(config_dir: ConfigDir,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     before = (config_dir.path / "models.yaml").read_text()
-    for given in (DEMO_MODEL_NAME, str(REPO / "models" / DEMO_MODEL_NAME)):  # by name, and by the link's target
+    target = (config_dir.models_dir / DEMO_MODEL_NAME).resolve()  # the demo file or its synthetic stand-in
+    for given in (DEMO_MODEL_NAME, str(target)):  # by name, and by the link's target
         assert main(["models", "add", given, "--config-dir", str(config_dir.path)]) == 0
         out = capsys.readouterr().out
         assert "already registered as 'gemma3-270m'" in out and "nothing was added" in out

@@ -139,9 +139,9 @@ def ui_env(config: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("CHORUS_CONFIG_DIR", str(config))
     monkeypatch.setenv("CHORUS_UI_TOKEN", TOKEN)
     yield
-    from ui.common import _runtime
+    from ui.common import _chorus
 
-    _runtime.clear()
+    _chorus.clear()
 
 
 def gated(at: AppTest) -> bool:

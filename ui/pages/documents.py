@@ -12,18 +12,18 @@ from collections.abc import Iterator
 
 import streamlit as st
 
+from orchestrator.app import Chorus
 from orchestrator.errors import ChorusError
 from orchestrator.rag.chunking import KINDS
-from orchestrator.rag.embed import HttpEmbedder, runtime_embedder
+from orchestrator.rag.embed import HttpEmbedder
 from orchestrator.rag.files import MiB
 from orchestrator.rag.retrieval import search
 from orchestrator.rag.sources import add_from_page, remove_uploads, uploads_root
 from orchestrator.rag.store import DocStore, Progress
-from orchestrator.runtime import Runtime
-from ui.common import fmt_time, md_escape, runtime
+from ui.common import chorus, fmt_time, md_escape
 
 st.title("Documents")
-rt = runtime()
+rt = chorus()
 if rt is None:
     st.stop()
 store = DocStore.beside(rt.config.sessions_dir)
@@ -33,11 +33,11 @@ embedding_models = sorted(name for name, rec in rt.registry.records.items()
 
 
 @contextlib.contextmanager
-def embedder_for(rt: Runtime, model: str | None) -> Iterator[HttpEmbedder | None]:
+def embedder_for(rt: Chorus, model: str | None) -> Iterator[HttpEmbedder | None]:
     if model is None:
         yield None
         return
-    with runtime_embedder(rt, model) as embedder:  # the shared pool: its server stays warm for the runs
+    with rt.embedder(model) as embedder:  # the shared pool: its server stays warm for the runs
         yield embedder
 
 

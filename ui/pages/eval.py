@@ -8,13 +8,13 @@ from typing import Any
 
 import streamlit as st
 
+from orchestrator.app import Chorus
 from orchestrator.errors import ChorusError
 from orchestrator.eval.items import BUNDLED, load_questions
 from orchestrator.eval.report import EvalReport, build_report
-from orchestrator.eval.run import EvalRunner, build_spec
 from orchestrator.eval.store import EvalStore
 from orchestrator.records import error_text
-from ui.common import fmt_time, md_escape, page_path, runtime
+from ui.common import chorus, fmt_time, md_escape, page_path
 from ui.eval_live import LiveEval
 
 LIVE_EVAL_KEY = "live_eval"
@@ -22,9 +22,10 @@ LIVE_EVAL_KEY = "live_eval"
 st.title("Eval")
 st.caption("Does the pipeline beat its own models? Every question runs through the pipeline and through each "
            "of its models alone; answers are scored against the reference and, optionally, by a judge model.")
-rt = runtime()
-if rt is None:
+door = chorus()
+if door is None:
     st.stop()
+rt: Chorus = door
 store = EvalStore(rt.config.sessions_dir)
 live: LiveEval | None = st.session_state.get(LIVE_EVAL_KEY)
 running = live is not None and not live.done
@@ -46,15 +47,13 @@ with st.expander("Start an eval", expanded=not store.list(limit=1)):
         try:
             file = BUNDLED if source.startswith("Bundled") else Path(path.strip())
             items = load_questions(file, limit=limit or None)
-            spec = build_spec(rt, rt.config.load_pipeline(), mode="base", baselines=baselines, judge=judge,
-                              concurrency=concurrency)
-            eval_id = EvalRunner(rt, store=store).start(
-                spec, items, source="bundled:basic.jsonl" if file == BUNDLED else str(file))
+            spec = rt.eval_spec(rt.eval_pipeline(), baselines=baselines, judge=judge, concurrency=concurrency)
+            eval_id = rt.start_eval(spec, items, source="bundled:basic.jsonl" if file == BUNDLED else str(file))
         except ChorusError as exc:
             st.error(md_escape(exc))
         else:
-            st.session_state[LIVE_EVAL_KEY] = LiveEval(eval_id, lambda on_progress, cancel: EvalRunner(
-                rt, store=store, on_progress=on_progress).run(eval_id, cancel=cancel))
+            st.session_state[LIVE_EVAL_KEY] = LiveEval(eval_id, lambda on_progress, cancel: rt.eval_runner(
+                on_progress=on_progress).run(eval_id, cancel=cancel))
             st.session_state["eval-open"] = eval_id
             st.rerun()
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from orchestrator.errors import ChorusError
-from ui.common import fmt_time, md_escape, render_session, runner, runtime
+from ui.common import chorus, fmt_time, md_escape, render_session
 
 st.title("History")
-rt = runtime()
+rt = chorus()
 if rt is None:
     st.stop()
-store = runner(rt).store
+store = rt.store
 
 query = st.text_input("Search questions, answers and steps", key="history-search")
 try:

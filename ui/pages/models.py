@@ -6,10 +6,10 @@ import streamlit as st
 
 from orchestrator.errors import ChorusError
 from orchestrator.units import fmt_bytes
-from ui.common import runtime
+from ui.common import chorus
 
 st.title("Models")
-rt = runtime()
+rt = chorus()
 if rt is None:
     st.stop()
 
@@ -22,14 +22,15 @@ st.caption(f"Models directory: {rt.config.models_dir}")
 st.subheader("Registered")
 rows = []
 for rec in registry.available.values():
-    row = {"name": rec.name, "file": rec.entry.file or rec.entry.url, "size": fmt_bytes(rec.size_bytes),
-           "mode": rec.mode, "description": rec.entry.description}
+    row: dict[str, object] = {"name": rec.name, "file": rec.entry.file or rec.entry.url,
+                              "size": fmt_bytes(rec.size_bytes), "mode": rec.mode,
+                              "description": rec.entry.description}
     meta = rec.metadata
     if meta is not None:
         row.update({"architecture": meta.architecture, "params": meta.size_label, "quant": meta.quantization,
                     "max ctx": meta.context_length, "layers": meta.block_count})
     try:
-        need = None if rec.is_remote else rt.memory_guard.need(rt.server_spec(rec))
+        need = None if rec.is_remote else rt.default_need(rec)
     except ChorusError as exc:
         need = None
         row["estimate"] = str(exc)
@@ -63,5 +64,5 @@ for server in servers:
     cols[0].markdown(f"**{s.model}** · pid {server.pid} · port {server.port} · n_ctx {s.n_ctx} · "
                      f"slots {s.slots} · ngl {s.n_gpu_layers} · RSS {fmt_bytes(server.rss_bytes())}")
     if cols[1].button("Stop", key=f"stop-{server.pid}"):
-        rt.pool.stop(server)
+        rt.stop_running(server)
         st.rerun()

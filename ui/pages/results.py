@@ -5,10 +5,10 @@ from __future__ import annotations
 import streamlit as st
 
 from orchestrator.errors import ChorusError
-from ui.common import live_run, md_escape, render_session, runner, runtime
+from ui.common import chorus, live_run, md_escape, render_session
 
 st.title("Results")
-rt = runtime()
+rt = chorus()
 if rt is None:
     st.stop()
 
@@ -16,7 +16,7 @@ live = live_run()
 if live is not None and not live.done:
     st.info("A run is in progress: see the Run page.")
 
-store = runner(rt).store
+store = rt.store
 session_id = st.session_state.get("last_session_id")
 if session_id is None:
     ids = store.ids()

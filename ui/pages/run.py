@@ -1,21 +1,20 @@
 """Run page: mode, question, the pipeline builder (manual) or this run's settings (base), the memory plan,
-and the live run. Logic lives in orchestrator.config (stage_builder, params_form, pipeline_files)."""
+and the live run. The front door (orchestrator.app) loads, checks and plans; the builder's helpers are ui/."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import streamlit as st
 
+from orchestrator.app import MAX_N_CTX, MIN_N_CTX, Chorus, Pipeline, Planned
 from orchestrator.charts import memory_chart
-from orchestrator.config.overrides import apply_overrides
+from orchestrator.config.aggregators import allowed_functions
 from orchestrator.config.schema import PipelineSpec, StageSpec
-from orchestrator.engine.aggregators import allowed_functions, check_pipeline
-from orchestrator.errors import ChorusError
+from orchestrator.errors import ChorusError, PipelineBlocked
 from orchestrator.plan.memory import (
     machine_view,
     plan_header,
-    plan_memory,
     plan_rows,
     stage_headline,
     stage_wave_lines,
@@ -23,7 +22,7 @@ from orchestrator.plan.memory import (
 from orchestrator.rag.store import DocStore
 from orchestrator.units import fmt_bytes
 from ui import params_form, pipeline_files, stage_builder
-from ui.common import LIVE_KEY, live_run, md_escape, render_live, runner, runtime
+from ui.common import LIVE_KEY, chorus, live_run, md_escape, render_live
 from ui.live import LiveRun
 from ui.params import overrides_form, param_input, param_inputs, split_common
 
@@ -32,16 +31,16 @@ DEFAULTS_KEY = "builder_defaults"
 NAME_KEY = "pipeline-name"
 
 st.title("chorus")
-rt = runtime()
-if rt is None:
+door = chorus()
+if door is None:
     st.stop()
+rt: Chorus = door
 
-registry = rt.registry
 config_dir, operator_allowed = rt.config.paths.config_dir, rt.config.app.aggregators.allowed
 custom_functions = [f.name for f in allowed_functions(config_dir, operator_allowed)]  # the only ones offered
-available = sorted(registry.generators)  # role: embedding models answer no stage: never offered here
+available = sorted(rt.models())  # role: embedding models answer no stage: never offered here
 docs_store = DocStore.beside(rt.config.sessions_dir)  # what retrieve stages read; opened only when one is built
-status = registry.base_pipeline_status()
+status = rt.base_status()
 FIELDS = params_form.generation_fields()
 SEED = next(f for f in FIELDS if f.name == "seed")
 
@@ -70,16 +69,17 @@ def unescaped(text: str) -> str:
 def model_choice(label: str, current: str | None, *, key: str, container: Any = st,
                  optional: bool = False) -> str | None:
     """A registered model (a model a loaded file names but that is not registered stays shown, flagged)."""
-    options = list(available) + ([current] if current and current not in available else [])
+    options: list[str | None] = [*available, *([current] if current and current not in available else [])]
     if optional:
         options = [None, *options]
     index = options.index(current) if current in options else (0 if optional else None)
-    return container.selectbox(label, options, index, key=key,
-                               format_func=lambda m: "(none)" if m is None else
-                               (m if m in available else f"{m} (not available)"))
+    chosen: str | None = container.selectbox(label, options, index, key=key,
+                                             format_func=lambda m: "(none)" if m is None else
+                                             (m if m in available else f"{m} (not available)"))
+    return chosen
 
 
-def slot_editor(stage: dict, j: int, slot: dict) -> None:
+def slot_editor(stage: dict[str, Any], j: int, slot: dict[str, Any]) -> None:
     c = slot["id"]
     with st.container(border=True):
         row = st.columns([3, 3, 2, 1], vertical_alignment="bottom")
@@ -97,7 +97,7 @@ def slot_editor(stage: dict, j: int, slot: dict) -> None:
                                      blank="stage's", errors=form_errors))
 
 
-def aggregation_editor(stage: dict, k: str) -> None:
+def aggregation_editor(stage: dict[str, Any], k: str) -> None:
     a = st.columns(3)
     stage["execution"] = a[0].selectbox("Execution", stage_builder.EXECUTION_MODES,
                                         stage_builder.EXECUTION_MODES.index(stage["execution"]), key=f"s{k}-execution",
@@ -188,7 +188,7 @@ def retrieve_editor(stage: dict[str, Any], k: str) -> None:
         st.info("No document collection yet: add a folder on the Documents page (or `chorus docs add`).")
 
 
-def stage_editor(i: int, stage: dict) -> None:
+def stage_editor(i: int, stage: dict[str, Any]) -> None:
     k = stage["id"]  # widget keys follow the stage, not its position, so moves keep their values
     stages = st.session_state[BUILDER_KEY]
     with st.container(border=True):
@@ -223,7 +223,7 @@ def stage_editor(i: int, stage: dict) -> None:
         common, more = split_common(FIELDS)
         stage.update(param_inputs(common, key=f"s{k}", values=stage, blank="default", errors=form_errors))
         c = st.columns(4)
-        n_ctx = c[0].number_input("n_ctx", 64, 4_194_304, stage["n_ctx"], 256, key=f"s{k}-n_ctx",
+        n_ctx = c[0].number_input("n_ctx", MIN_N_CTX, MAX_N_CTX, stage["n_ctx"], 256, key=f"s{k}-n_ctx",
                                   placeholder="the model's default")
         stage["n_ctx"] = None if n_ctx is None else int(n_ctx)
         ngl = c[1].number_input("n_gpu_layers", -1, 1000, value=stage["n_gpu_layers"], step=1,
@@ -277,8 +277,10 @@ def save_section(spec: PipelineSpec | None, save_clicked: bool, overwrite_clicke
 
 
 spec: PipelineSpec | None = None
+assignments: list[str] = []  # base mode: this run's settings, applied (and checked) by the front door
 form_errors: list[str] = []  # text boxes that do not parse (JSON): shown, and the run is refused
 save_clicked = overwrite_clicked = False
+run_mode: Literal["base", "manual"] = "base" if mode == "Base" else "manual"
 if mode == "Base":
     try:
         spec = rt.config.load_pipeline()
@@ -290,7 +292,6 @@ if mode == "Base":
             st.caption("Blank keeps the pipeline's value (shown greyed). 'All stages' sets the pipeline's "
                        "defaults: a stage or model call with its own value keeps it; set it on that stage's tab.")
             tabs = st.tabs(["All stages", *(s.name for s in spec.stages)])
-            assignments: list[str] = []
             with tabs[0]:
                 values = overrides_form(FIELDS, key="gen-defaults",
                                         current=params_form.current_values(spec.defaults, FIELDS), errors=form_errors)
@@ -300,12 +301,6 @@ if mode == "Base":
                     values = overrides_form(FIELDS, key=f"gen-{stage.name}",
                                             current=params_form.current_values(stage, FIELDS), errors=form_errors)
                     assignments += params_form.overrides(values, stage.name)
-        if assignments:
-            try:
-                spec = apply_overrides(spec, assignments, source="this run's settings", config_dir=config_dir)
-            except ChorusError as exc:
-                st.error(md_escape(exc))
-                spec = None
 else:
     if not available:
         st.error("No model is available. Check `chorus models` for the reasons.")
@@ -337,7 +332,8 @@ else:
         st.markdown("**Pipeline defaults** (every stage inherits these; blank: the model's or server's default)")
         defaults.update(param_inputs(FIELDS, key="pd", values=defaults, blank="not set", errors=form_errors))
         c = st.columns(4)
-        for col, key, low, high, step in ((c[0], "n_ctx", 64, 4_194_304, 256), (c[1], "n_gpu_layers", -1, 1000, 1)):
+        load = ((c[0], "n_ctx", MIN_N_CTX, MAX_N_CTX, 256), (c[1], "n_gpu_layers", -1, 1000, 1))
+        for col, key, low, high, step in load:
             value = col.number_input(key, low, high, defaults.get(key), step, key=f"pd-{key}", placeholder="not set")
             defaults[key] = None if value is None else int(value)
     st.subheader("Stages")
@@ -351,38 +347,34 @@ else:
                                         description=description, defaults=defaults)
     except ChorusError as exc:
         st.error(md_escape(exc))
-    if spec is not None:
-        missing = [m for m in spec.model_names() if m not in available]
-        if missing:
-            st.error(md_escape(f"Not available here: {', '.join(missing)}. Choose registered models "
-                               "(see the Models page)."))
-            spec = None
 
 for problem in form_errors:
     st.error(md_escape(problem))
-if form_errors:
-    spec = None
-if spec is not None:  # pipeline.yaml too may only name allowed custom functions
+pipeline: Pipeline | None = None
+if spec is not None and not form_errors:  # the front door's checks: models registered, aggregators allowed
     try:
-        check_pipeline(spec, config_dir, operator_allowed, source="pipeline" if mode == "Base" else "manual pipeline")
+        pipeline = rt.pipeline(spec, mode=run_mode, overrides=assignments, override_source="this run's settings",
+                               require_models=True)
+    except PipelineBlocked as exc:
+        st.error(md_escape(f"Not available here: {', '.join(exc.missing)}. Choose registered models "
+                           "(see the Models page)."))
     except ChorusError as exc:
         st.error(md_escape(exc))
-        spec = None
 
 if mode == "Manual":
-    save_section(spec, save_clicked, overwrite_clicked, name)
+    save_section(pipeline.spec if pipeline else None, save_clicked, overwrite_clicked, name)
 
 # ---------------------------------------------------------------- memory plan
 allow_sequential = True
-if spec is not None:
+if pipeline is not None:
+    planned: Planned | None = None
     with st.expander("Memory plan", expanded=False):
         try:
-            run_plan = rt.plan(spec)  # resolved once: the memory plan and the machine view read the same
-            plan = plan_memory(rt, run_plan)
+            planned = rt.plan(pipeline)  # resolved once: the memory plan and the machine view read the same
         except ChorusError as exc:
             st.error(md_escape(exc))
-            plan = None
-        if plan is not None:
+        if planned is not None:
+            run_plan, plan = planned.run, planned.memory
             res = rt.config.app.resources
             st.caption(md_escape(plan_header(plan, res.fraction, res.fixed_mib)))
             st.pyplot(memory_chart(plan), clear_figure=False)  # per device, per wave: weights, KV, compute
@@ -401,8 +393,8 @@ if spec is not None:
                                "needs": fmt_bytes(m.need_bytes) if m.need_bytes is not None else "-",
                                "free": fmt_bytes(m.have_bytes) if m.have_bytes is not None else "-",
                                "note": m.note} for m in machines], hide_index=True)
-    if plan is not None and not all(sp.fits_together for sp in plan.stages):
-        tight = [sp for sp in plan.stages if not sp.fits_together]
+    if planned is not None and not all(sp.fits_together for sp in planned.memory.stages):
+        tight = [sp for sp in planned.memory.stages if not sp.fits_together]
         st.warning(md_escape("Not enough memory to run these models together: "
                              + "; ".join(f"{sp.stage}: {sp.reason}" for sp in tight)))
         if mode == "Manual":
@@ -415,17 +407,16 @@ running = live is not None and not live.done
 cols = st.columns([1, 1, 4])
 # Enabled whatever the question box shows: a text area sends its text only when it loses focus, so a button
 # that waits for text stays disabled while the user types and swallows the first click.
-if cols[0].button("Run", type="primary", disabled=spec is None or running, key="run"):
+if cols[0].button("Run", type="primary", disabled=pipeline is None or running, key="run") and pipeline is not None:
     if not question.strip():
         st.warning("Type a question first.")
     else:
-        run_mode = "base" if mode == "Base" else "manual"
-        pipeline, q, allow = spec, question.strip(), allow_sequential
-        st.session_state[LIVE_KEY] = LiveRun(lambda observer, cancel: runner(rt).run(
-            pipeline, q, mode=run_mode, observers=[observer], cancel=cancel, allow_sequential=allow))
+        chosen, q, allow = pipeline, question.strip(), allow_sequential
+        st.session_state[LIVE_KEY] = LiveRun(lambda observer, cancel: rt.run(
+            chosen, q, observers=[observer], cancel=cancel, allow_sequential=allow))
         st.rerun()
-if running and cols[1].button("Stop", key="stop"):
-    live.cancel()  # type: ignore[union-attr]
+if live is not None and running and cols[1].button("Stop", key="stop"):
+    live.cancel()
 
 
 @st.fragment(run_every=0.5)

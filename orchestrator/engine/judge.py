@@ -1,8 +1,9 @@
 """A judge model's verdicts: a rubric score for one answer, or a preference between two.
 
-Shared by the `judge` aggregation (engine/aggregation.py) and `chorus eval`. The judge is reached
-through an `Ask` function `(model, prompt) -> reply` that the caller supplies (the engine's planned
-aggregation call, or the eval's judge plan), so every judge call is a normal, recorded model call.
+Shared by the `judge` aggregation (aggregation.py) and `chorus eval` (eval/run.py), so it lives in the
+engine, below eval. The judge is reached through an `Ask` function `(model, prompt) -> reply` that the
+caller supplies (the engine's planned aggregation call, or the eval's judge plan), so every judge call is
+a normal, recorded model call.
 
 Replies are read robustly ("Score: 8/10", "8", "**8**", "7 out of 10", JSON {"score": 8}; "Winner: A",
 "[[B]]", "Answer A is better", {"winner": "tie"}); an unreadable reply is asked once more with a stricter

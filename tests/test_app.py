@@ -1,0 +1,171 @@
+"""The front door (orchestrator.app.Chorus): every check once, in one place, for every front end.
+
+Runs go through the FakeBackend (milliseconds); one test runs the demo model on the real llama-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import orchestrator.app as app_module
+from orchestrator.app import Chorus, Pipeline
+from orchestrator.config import aggregators
+from orchestrator.config.inputs import QuestionError
+from orchestrator.config.schema import PipelineSpec
+from orchestrator.engine.fake import FakeBackend
+from orchestrator.errors import ConfigError, ModelUnavailable, PipelineBlocked
+from orchestrator.runtime import Runtime
+from tests.conftest import ConfigDir
+
+ONE_STAGE = {"name": "one", "stages": [{"name": "answer", "models": ["gemma3-270m"], "max_tokens": 8,
+                                        "n_ctx": 512, "seed": 7}]}
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[tuple[Any, ...]]:
+    """Replace `owner.name` by a wrapper that records each call's arguments and calls the original."""
+    calls: list[tuple[Any, ...]] = []
+    original: Callable[..., Any] = getattr(owner, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def fake_run(chorus: Chorus, pipeline: Pipeline, question: str = "Why is the sky blue?") -> Any:
+    return asyncio.run(chorus.arun(pipeline, question, backend=FakeBackend()))
+
+
+@pytest.fixture
+def chorus(config_dir: ConfigDir) -> Any:
+    door = Chorus.from_dir(config_dir.path)
+    yield door
+    door.close()
+
+
+def test_the_question_is_cleaned_once_per_run(chorus: Chorus, monkeypatch: pytest.MonkeyPatch) -> None:
+    cleaned = counting(monkeypatch, app_module, "clean_question")
+    outcome = fake_run(chorus, chorus.pipeline(), "Why is the sky blue\udcff?")  # a lone surrogate
+    assert outcome.run.status == "completed"
+    assert len(cleaned) == 1
+    assert outcome.run.question == "Why is the sky blue\ufffd?"  # what was run and saved is the cleaned text
+
+
+def test_the_aggregator_allow_list_is_checked_once_from_load_to_run(chorus: Chorus,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = counting(monkeypatch, app_module, "check_pipeline")
+    by_overrides = counting(monkeypatch, aggregators, "check_pipeline")  # what apply_overrides may call
+    fake_run(chorus, chorus.pipeline(overrides=["defaults.max_tokens=8"]))
+    assert len(checked) + len(by_overrides) == 1
+
+
+def test_an_empty_question_is_refused_before_a_session_is_created(chorus: Chorus, config_dir: ConfigDir) -> None:
+    with pytest.raises(QuestionError, match="empty"):
+        fake_run(chorus, chorus.pipeline(), "   ")
+    assert not config_dir.sessions_dir.exists() or not any(config_dir.sessions_dir.iterdir())
+
+
+def test_a_blocked_base_pipeline_is_refused_with_the_missing_model_and_why(chorus: Chorus,
+                                                                           config_dir: ConfigDir) -> None:
+    (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").unlink()
+    door = Chorus.from_dir(config_dir.path)  # the registry is read when the door is built
+    with pytest.raises(PipelineBlocked) as err:
+        door.pipeline()
+    assert "gemma3-270m" in err.value.missing and "base pipeline is blocked" in err.value.message
+    assert err.value.missing["gemma3-270m"]  # the reason, not just the name
+
+
+def test_a_manual_pipeline_with_a_missing_model_loads_but_the_catalogue_leaves_it_out(
+        config_dir: ConfigDir) -> None:
+    (config_dir.path / "pipelines").mkdir()
+    (config_dir.path / "pipelines" / "ghost.yaml").write_text(
+        yaml.safe_dump({"stages": [{"name": "x", "models": ["gone"]}]}))
+    door = Chorus.from_dir(config_dir.path)
+    spec = PipelineSpec.model_validate({"stages": [{"name": "x", "models": ["gone"]}]})
+    assert door.pipeline(spec, mode="manual").mode == "manual"  # runs, and says per call what is missing
+    assert [p.id for p in door.pipelines()] == ["chorus/base"]
+    with pytest.raises(ModelUnavailable, match="gone"):
+        door.pipeline_by_id("chorus/ghost")
+
+
+def test_overrides_are_applied_and_reach_the_plan(chorus: Chorus) -> None:
+    pipeline = chorus.pipeline(overrides=["defaults.max_tokens=7", "draft.temperature=0.1"])
+    assert pipeline.spec.defaults.max_tokens == 7
+    planned = chorus.plan(pipeline)
+    draft = next(s for s in planned.run.stages if s.name == "draft")
+    assert {c.request.max_tokens for s in planned.run.stages for c in s.calls} == {7}
+    assert [c.request.temperature for c in draft.calls] == [0.1]
+
+
+def test_a_bad_override_is_a_config_error_naming_the_field(chorus: Chorus) -> None:
+    with pytest.raises(ConfigError, match="nonsense"):
+        chorus.pipeline(overrides=["defaults.nonsense=1"])
+
+
+def test_plan_resolves_the_run_plan_once_and_the_memory_plan_from_it(chorus: Chorus,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    resolved = counting(monkeypatch, Runtime, "plan")
+    memory = counting(monkeypatch, app_module, "plan_memory")
+    planned = chorus.plan(chorus.pipeline())
+    assert len(resolved) == 1 and len(memory) == 1
+    assert memory[0][1] is planned.run  # the memory plan is made from the same resolved plan
+    assert planned.run.mode == "base"
+
+
+def test_the_catalogue_offers_the_base_pipeline_and_each_pipeline_file(config_dir: ConfigDir) -> None:
+    folder = config_dir.path / "pipelines"
+    folder.mkdir()
+    (folder / "solo.yaml").write_text(yaml.safe_dump(ONE_STAGE))
+    (folder / "bad name.yaml").write_text(yaml.safe_dump(ONE_STAGE))
+    door = Chorus.from_dir(config_dir.path)
+    by_id = {p.id: p for p in door.pipelines()}
+    assert sorted(by_id) == ["chorus/base", "chorus/solo"]
+    assert by_id["chorus/base"].mode == "base" and by_id["chorus/solo"].mode == "manual"
+    assert by_id["chorus/solo"].path == folder / "solo.yaml"
+
+
+def test_a_rerun_refuses_a_bad_override_before_anything_runs(chorus: Chorus) -> None:
+    parent = fake_run(chorus, chorus.pipeline())
+    with pytest.raises(ConfigError, match="nonsense"):
+        chorus.prepare_rerun(parent.session_id, 2, overrides=["draft.nonsense=1"])
+    prepared = chorus.prepare_rerun(parent.session_id, 2, overrides=["draft.seed=5"])
+    assert prepared.start.parent == parent.session_id and len(prepared.start.prior) == 1
+    assert next(s for s in prepared.pipeline.spec.stages if s.name == "draft").seed == 5
+
+
+def test_ps_and_stop_read_no_model_file(config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_runtime(*_args: Any, **_kwargs: Any) -> Runtime:
+        raise AssertionError("the runtime (registry, GGUF headers) was built")
+
+    monkeypatch.setattr(app_module, "Runtime", no_runtime)
+    door = Chorus.from_dir(config_dir.path)
+    assert door.servers() == []
+
+
+def test_sampling_may_change_on_a_checked_pipeline_but_models_may_not(chorus: Chorus) -> None:
+    pipeline = chorus.pipeline()
+    cooler = pipeline.spec.model_copy(update={"defaults": pipeline.spec.defaults.model_copy(
+        update={"temperature": 0.0})})
+    assert pipeline.with_spec(cooler).spec.defaults.temperature == 0.0
+    other = PipelineSpec.model_validate(ONE_STAGE)
+    with pytest.raises(ValueError, match="sampling"):
+        pipeline.with_spec(other)
+
+
+@pytest.mark.integration
+def test_a_real_run_through_the_front_door_is_answered_and_saved(config_dir: ConfigDir,
+                                                                 llama_server_bin: Path) -> None:
+    with Chorus.from_dir(config_dir.path) as door:
+        pipeline = door.pipeline(PipelineSpec.model_validate(ONE_STAGE), mode="manual")
+        door.require_binary(pipeline)
+        outcome = door.run(pipeline, "The capital of France is")
+    assert outcome.run.status == "completed" and outcome.run.final.strip()
+    assert outcome.session_dir is not None and (outcome.session_dir / "config_snapshot.json").exists()
