@@ -130,6 +130,7 @@ def test_run_in_a_terminal_shows_live_progress_and_streams_the_answer_once(confi
     assert "\x1b[1F\x1b[J" in screen  # the live area is redrawn in place
     assert re.search(r"gemma3-270m \(gemma3-270m\):\s+\d+ tokens\s+[\d.]+ tok/s\s+[\d.]+s", screen)
     final = json.loads(chorus(config_dir, "history", "show", "1", "--json").stdout)["final"].strip()
+    screen = screen.replace("\r\n", "\n")  # the terminal writes each newline of the answer as CR LF
     assert final and screen.count(final) == 1  # streamed as it came, not printed again at the end
     assert screen.index(final) < screen.index("status: completed")
 

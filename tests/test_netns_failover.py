@@ -167,7 +167,8 @@ def test_eight_clients_lose_no_request_when_a_replica_link_is_cut_and_restored(
     failed = [o for o in out if o.status not in (200, None)]
     lost = [o for o in out if o.status is None]
     back = sorted((o for o in answered if o.replica == r1 and o.started >= t_restore), key=lambda o: o.ended)
-    during = [o for o in answered if t_cut + REQUEST_TIMEOUT_S < o.started < t_restore]
+    # begun once the calls caught by the cut had timed out, and over before the link came back
+    during = [o for o in answered if t_cut + REQUEST_TIMEOUT_S < o.started and o.ended < t_restore]
     figures = {
         "test": "netns_failover", "clients": CLIENTS, "outage_s": round(t_restore - t_cut, 1),
         "request_timeout_s": REQUEST_TIMEOUT_S, "requests": len(out), "answered": len(answered),
@@ -186,8 +187,9 @@ def test_eight_clients_lose_no_request_when_a_replica_link_is_cut_and_restored(
         assert o.latency <= REQUEST_TIMEOUT_S + PROBE_TIMEOUT_S + 5, (o.latency, o.error)
     # nothing hangs: at worst a probe, one attempt to its deadline and one retry elsewhere
     assert figures["max_latency_s"] <= 2 * REQUEST_TIMEOUT_S + PROBE_TIMEOUT_S + 5
-    # while r1 was cut, the requests that began once it was known down were answered by r2
-    assert during and all(o.replica == r2 for o in during)
+    # while r1 was cut, the requests made once it was known down were answered by r2
+    odd = [(round(o.started - t_cut, 1), round(o.latency, 1), o.replica, o.calls) for o in during if o.replica != r2]
+    assert during and not odd, odd
     assert len(failed) <= CLIENTS, figures  # only calls caught on r1 by the cut may fail
     # marked down, probed, and back in use once its link returned
     assert re.search(rf"replica {re.escape(r1)} .*: down for \d+s", log_text), log_text[-3000:]
