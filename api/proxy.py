@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import httpx
 
 from orchestrator.app import Chorus, ModelServer
+from orchestrator.engine.replicas import ReplicaSet, shared
 from orchestrator.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
 
 log = logging.getLogger("chorus.proxy")
@@ -99,41 +101,76 @@ class ModelProxy:
         await self._client.aclose()
 
     @contextlib.asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[Upstream]:
-        """The model's endpoint, its server started (after the memory fit check) and held for the block.
-
-        Raises ModelUnavailable (unknown or missing model), InsufficientMemory (does not fit, even after
-        stopping idle servers) or a ServerStartError subclass (the server would not start).
-        """
-        async with self.chorus.lease_model(model) as (record, server):
-            if server is None:
-                yield Upstream(record.name, record.entry.url or "", _remote_key(record.entry.api_key_env), remote=True)
-            else:
-                yield Upstream(record.name, server.base_url, server.api_key, remote=False, server=server)
-
-    @contextlib.asynccontextmanager
     async def open(self, model: str, route: Route, body: dict[str, Any]) -> AsyncIterator[UpstreamResponse]:
-        """Lease `model`'s server and send `body` to its `route`; the response streams inside the block.
+        """Lease `model`'s server (after the memory admission) and send `body` to its `route`; the response
+        streams inside the block. A remote model with `replicas:` goes to the least busy healthy replica;
+        one that cannot be reached is marked down and the request goes to the next (the same replica state
+        as pipeline calls).
 
         The body goes as the client sent it (llama-server understands sampling fields chorus does not
-        model: top_k, min_p, penalties...), with `model` set to what the upstream expects.
+        model: top_k, min_p, penalties...), with `model` set to what the upstream expects. Raises
+        ModelUnavailable, InsufficientMemory, a ServerStartError, RequestTimeout or ServerCrashed.
         """
         if route not in ROUTES:
             raise ValueError(f"unknown route {route!r}")
-        async with self.lease(model) as upstream:
-            payload = {**body, "model": model}
-            request = self._client.build_request("POST", upstream.url(route), json=payload, headers=upstream.headers)
-            try:
-                response = await self._client.send(request, stream=True)
-            except httpx.TimeoutException as exc:
-                raise RequestTimeout(model, f"no answer from {upstream.url(route)} in time "
-                                            f"({type(exc).__name__})") from None
-            except httpx.HTTPError as exc:
-                raise await _lost(upstream, exc) from None
-            try:
-                yield UpstreamResponse(upstream, response)
-            finally:
-                await response.aclose()  # closing the stream stops the server's generation
+        payload = {**body, "model": model}
+        async with self.chorus.lease_model(model) as (record, server):
+            if server is not None:
+                upstream = Upstream(record.name, server.base_url, server.api_key, remote=False, server=server)
+                async with self._send(upstream, route, payload, None) as response:
+                    yield response
+                return
+            urls = [u for u in dict.fromkeys([record.entry.url, *record.entry.replicas]) if u]
+            replicas = shared(urls) if len(urls) > 1 else None
+            key = _remote_key(record.entry.api_key_env)
+            tried: list[str] = []
+            while True:
+                url = replicas.choose(exclude=tried) if replicas is not None else (urls[0] if urls else "")
+                tried.append(url)
+                upstream = Upstream(record.name, url, key, remote=True)
+                try:
+                    async with self._send(upstream, route, payload, replicas) as response:
+                        yield response
+                    return
+                except _NotReached as missed:
+                    if replicas is None or len(set(tried)) >= len(replicas.replicas):
+                        raise missed.error from None
+
+    @contextlib.asynccontextmanager
+    async def _send(self, upstream: Upstream, route: Route, payload: dict[str, Any],
+                    replicas: ReplicaSet | None) -> AsyncIterator[UpstreamResponse]:
+        """One request to one upstream; a replica that is not reached raises _NotReached (marked down)."""
+        started = time.monotonic()
+        request = self._client.build_request("POST", upstream.url(route), json=payload, headers=upstream.headers)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            error: ServerError = (RequestTimeout(upstream.model, f"no answer from {upstream.url(route)} in time "
+                                                                 f"({type(exc).__name__})")
+                                  if isinstance(exc, httpx.TimeoutException) else await _lost(upstream, exc))
+            if replicas is None:
+                raise error from None
+            replicas.mark_down(upstream.base_url, since=started)
+            replicas.release(upstream.base_url)
+            log.warning("replica %s of '%s' not reached (%s); trying another", upstream.base_url, upstream.model,
+                        error.detail)
+            raise _NotReached(error) from None
+        ok = False
+        try:
+            yield UpstreamResponse(upstream, response)
+            ok = response.status_code < 500
+        finally:
+            await response.aclose()  # closing the stream stops the server's generation
+            if replicas is not None:
+                replicas.release(upstream.base_url, ok=ok)
+
+
+class _NotReached(Exception):
+    """A replica could not be reached before any byte came back: the request may go to another."""
+
+    def __init__(self, error: ServerError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _remote_key(env_name: str | None) -> str | None:

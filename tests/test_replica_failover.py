@@ -82,3 +82,63 @@ def test_a_local_server_that_never_connects_still_times_out() -> None:
 def test_connecting_takes_at_most_half_the_deadline() -> None:
     assert GenerationClient(timeout_s=10).timeout.connect == 5
     assert GenerationClient(timeout_s=600).timeout.connect == 10
+
+
+def test_a_model_asked_for_directly_through_the_api_fails_over_to_a_replica_that_answers(config_dir) -> None:
+    """`chorus api` forwarding a `url:` model with `replicas:` (not only pipelines): the replica that cannot be
+    reached is marked down and the request goes to the next one; the next request goes there straight away."""
+    import json
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from api.proxy import ModelProxy
+    from orchestrator.app import Chorus
+
+    served: list[str] = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # an OpenAI-compatible server's answer, as llama-server gives it
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            served.append(self.path)
+            body = json.dumps({"object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "up"}, "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    live = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=live.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    models = config_dir.models()
+    dead_url, live_url = f"http://127.0.0.1:{dead}/v1", f"http://127.0.0.1:{live.server_port}/v1"
+    models["models"]["rep"] = {"url": dead_url, "replicas": [live_url]}
+    config_dir.write_models(models)
+
+    async def ask(proxy: ModelProxy) -> tuple[str, int]:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        async with proxy.open("rep", "chat/completions", body) as reply:
+            return reply.upstream.base_url, reply.response.status_code
+
+    async def twice() -> list[tuple[str, int]]:
+        with Chorus.from_dir(config_dir.path) as chorus:
+            proxy = ModelProxy(chorus)
+            try:
+                return [await ask(proxy), await ask(proxy)]
+            finally:
+                await proxy.aclose()
+
+    try:
+        answers = asyncio.run(twice())
+    finally:
+        live.shutdown()
+    assert answers == [(live_url, 200), (live_url, 200)]
+    assert served == ["/v1/chat/completions"] * 2
+    assert shared([dead_url, live_url]).down() == [dead_url]
