@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
+import yaml
 
 from orchestrator.config.schema import PipelineSpec, load_config
 from orchestrator.engine.events import Event
@@ -106,3 +108,17 @@ def process_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+@pytest.fixture
+def remote_config(tmp_path: Path) -> Path:
+    """A config with one remote model (no GGUF, no llama-server) and a one-stage pipeline on it."""
+    root = tmp_path / "config"
+    root.mkdir()
+    (root / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"),
+                                                   "sessions_dir": str(tmp_path / "sessions"),
+                                                   "logs_dir": str(tmp_path / "logs")}))
+    (root / "models.yaml").write_text(yaml.safe_dump({"models": {"alpha": {"url": "http://upstream.test/v1"}}}))
+    (root / "pipeline.yaml").write_text(yaml.safe_dump({"name": "base", "stages": [
+        {"name": "answer", "models": ["alpha"]}]}))
+    return root

@@ -22,7 +22,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-import yaml
 
 from tests.conftest import REPO
 
@@ -30,17 +29,8 @@ KEY = "k3y-that-must-stay-out-of-ps-0123456789"
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """A config with one remote model (no GGUF, no llama-server)."""
-    root = tmp_path / "config"
-    root.mkdir()
-    (root / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"),
-                                                   "sessions_dir": str(tmp_path / "sessions"),
-                                                   "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {"alpha": {"url": "http://upstream.test/v1"}}}))
-    (root / "pipeline.yaml").write_text(yaml.safe_dump({"name": "base", "stages": [
-        {"name": "answer", "models": ["alpha"]}]}))
-    return root
+def config(remote_config: Path) -> Path:
+    return remote_config
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -35,17 +35,8 @@ CHAT = {"model": "chorus/base", "messages": [{"role": "user", "content": "Why is
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """A config with one remote model (no GGUF, no llama-server) and a one-stage pipeline on it."""
-    root = tmp_path / "config"
-    root.mkdir()
-    (root / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"),
-                                                   "sessions_dir": str(tmp_path / "sessions"),
-                                                   "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {"alpha": {"url": "http://upstream.test/v1"}}}))
-    (root / "pipeline.yaml").write_text(yaml.safe_dump({"name": "base", "stages": [
-        {"name": "answer", "models": ["alpha"]}]}))
-    return root
+def config(remote_config: Path) -> Path:
+    return remote_config
 
 
 def set_allowed_hosts(config: Path, hosts: Any) -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
@@ -30,17 +29,8 @@ TOKEN = "correct-horse-battery-staple-42"
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """A config with one remote model (no GGUF, no llama-server) and a pipeline on it."""
-    root = tmp_path / "config"
-    root.mkdir()
-    (root / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"),
-                                                   "sessions_dir": str(tmp_path / "sessions"),
-                                                   "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {"alpha": {"url": "http://upstream.test/v1"}}}))
-    (root / "pipeline.yaml").write_text(yaml.safe_dump({"name": "base", "stages": [
-        {"name": "answer", "models": ["alpha"]}]}))
-    return root
+def config(remote_config: Path) -> Path:
+    return remote_config
 
 
 def chorus_ui(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
