@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,27 @@ def remote_config(tmp_path: Path) -> Path:
     (root / "pipeline.yaml").write_text(yaml.safe_dump({"name": "base", "stages": [
         {"name": "answer", "models": ["alpha"]}]}))
     return root
+
+
+@pytest.fixture
+def reaper() -> Iterator[list[int]]:
+    """Pids to SIGKILL at the end whatever happened, so a failing test leaves nothing behind either."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for child in proc.children(recursive=True):
+                child.kill()
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture
+def wrapper(llama_server_bin: Path, tmp_path: Path) -> Path:
+    """A `llama_server:` wrapper that does not `exec`: the real server is its child, in its process group."""
+    script = tmp_path / "llama-server-wrapper.sh"
+    script.write_text(f'#!/bin/sh\n"{llama_server_bin}" "$@"\necho "wrapper: server exited with $?"\n')
+    script.chmod(0o755)
+    return script

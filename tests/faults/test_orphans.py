@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -81,28 +81,6 @@ def listening(port: int) -> bool:
         return False
 
 
-@pytest.fixture
-def reaper() -> Iterator[list[int]]:
-    """Pids to SIGKILL at the end whatever happened, so a failing test leaves nothing behind either."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            for child in proc.children(recursive=True):
-                child.kill()
-            proc.kill()
-        except psutil.Error:
-            pass
-
-
-@pytest.fixture
-def wrapper(llama_server_bin: Path, tmp_path: Path) -> Path:
-    """A `llama_server:` wrapper that does not `exec`: the real server is its child, in its process group."""
-    script = tmp_path / "llama-server-wrapper.sh"
-    script.write_text(f'#!/bin/sh\n"{llama_server_bin}" "$@"\necho "wrapper: server exited with $?"\n')
-    script.chmod(0o755)
-    return script
 
 
 # ---------------------------------------------------------------- (b) wrapper scripts

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -37,28 +36,6 @@ from tests.faults.test_orphans import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def reaper() -> Iterator[list[int]]:
-    """Pids to SIGKILL at the end whatever happened, so a failing test leaves nothing behind either."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            for child in proc.children(recursive=True):
-                child.kill()
-            proc.kill()
-        except psutil.Error:
-            pass
-
-
-@pytest.fixture
-def wrapper(llama_server_bin: Path, tmp_path: Path) -> Path:
-    """A `llama_server:` wrapper that does not `exec`: the real server is its child, in its process group."""
-    script = tmp_path / "llama-server-wrapper.sh"
-    script.write_text(f'#!/bin/sh\n"{llama_server_bin}" "$@"\necho "wrapper: server exited with $?"\n')
-    script.chmod(0o755)
-    return script
 
 
 def serve_and_kill(config_dir: ConfigDir, reaper: list[int]) -> psutil.Process:
