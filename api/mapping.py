@@ -4,6 +4,8 @@
 - A sampling field the request sets (temperature, top_p, max_tokens, seed, stop) applies to every call of
   this run: it becomes the pipeline default and replaces any stage or slot value of that field, so
   `max_tokens: 8` means at most 8 tokens per call. The pipeline file is not changed.
+- `reasoning_format` ("none", "deepseek") becomes the run's `defaults.stream_reasoning`, so the stream
+  reads one setting and the session records the one that was used.
 """
 
 from __future__ import annotations
@@ -44,12 +46,16 @@ def check_pipeline_request(request: CompletionFields) -> None:
 
 
 def with_sampling(pipeline: PipelineSpec, request: CompletionFields) -> PipelineSpec:
-    """`pipeline` with the request's sampling fields applied to every call (a new spec)."""
+    """`pipeline` with the request's sampling fields applied to every call and its reasoning_format to the
+    run's reasoning stream (a new spec)."""
     values = request.sampling()
-    if not values:
+    reasoning = request.reasoning()
+    if not values and reasoning in (None, pipeline.defaults.stream_reasoning):
         return pipeline
     data = pipeline.model_dump(mode="python")
     data["defaults"].update(values)
+    if reasoning is not None:
+        data["defaults"]["stream_reasoning"] = reasoning
     for stage in data["stages"]:
         for key in values:
             stage[key] = None

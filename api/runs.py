@@ -23,7 +23,20 @@ from api.catalog import PipelineModel
 from api.errors import TooManyRuns, error_body, status_of
 from api.mapping import check_pipeline_request, history_kwargs, with_sampling
 from api.schemas import CompletionFields
-from api.stream import DONE, HEARTBEAT, Chunks, Content, Done, Item, Progress, RunFeed, finish_reason, sse, usage
+from api.stream import (
+    DONE,
+    HEARTBEAT,
+    Chunks,
+    Content,
+    Done,
+    Item,
+    Progress,
+    Reasoning,
+    RunFeed,
+    finish_reason,
+    sse,
+    usage,
+)
 from orchestrator.app import Chorus
 from orchestrator.engine.backend import Backend
 from orchestrator.engine.run import CancelToken
@@ -197,12 +210,13 @@ async def answer(request: Request, run: StartedRun, chunks: Chunks) -> Response:
                             headers=headers)
     record = outcome.run
     body = chunks.response(record.final, finish=finish_reason(record), usage=usage(record),
-                           chorus=summary(run, outcome))
+                           chorus=summary(run, outcome), reasoning=run.feed.reasoning)
     return JSONResponse(body, headers=headers)
 
 
 async def stream(run: StartedRun, chunks: Chunks, *, include_usage: bool, heartbeat_s: float) -> AsyncIterator[str]:
-    """The streamed answer: content chunks for the final answer, progress in `chorus`, then [DONE].
+    """The streamed answer: the earlier calls as reasoning, the final answer as content, progress in
+    `chorus`, then [DONE].
 
     Leaving this generator early (the client went away) cancels the run.
     """
@@ -220,6 +234,8 @@ async def stream(run: StartedRun, chunks: Chunks, *, include_usage: bool, heartb
             item, getter = getter.result(), None
             if isinstance(item, Content):
                 yield chunks.chunk(content=item.text)
+            elif isinstance(item, Reasoning):
+                yield chunks.chunk(reasoning=item.text)
             elif isinstance(item, Progress):
                 yield chunks.chunk(chorus=item.data)
             elif isinstance(item, Done):

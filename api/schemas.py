@@ -15,6 +15,7 @@ from api.errors import BadRequest
 
 SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop")  # what a pipeline call can take
 MAX_STOP = 16
+ReasoningFormat = Literal["none", "auto", "deepseek", "deepseek-legacy"]  # llama-server's names
 
 
 class Open(BaseModel):
@@ -63,6 +64,9 @@ class CompletionFields(Open):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=128)
+    # llama-server's request field: "none" turns a pipeline's reasoning stream off, "deepseek" (or
+    # "deepseek-legacy") on, "auto" or unset leaves it to the pipeline's `defaults.stream_reasoning`
+    reasoning_format: ReasoningFormat | None = None
     chorus: ChorusOptions = ChorusOptions()
 
     @field_validator("stop")
@@ -81,6 +85,12 @@ class CompletionFields(Open):
                                   "max_tokens": self.max_completion_tokens or self.max_tokens,
                                   "seed": self.seed, "stop": self.stop}
         return {k: v for k, v in values.items() if v is not None}
+
+    def reasoning(self) -> bool | None:
+        """Whether the request asks for the reasoning stream; None leaves it to the pipeline."""
+        if self.reasoning_format in (None, "auto"):
+            return None
+        return self.reasoning_format != "none"
 
     def ignored(self) -> list[str]:
         """Fields sent that a pipeline run does not use (reported back, not silently dropped)."""

@@ -14,7 +14,16 @@ from typing import Annotated, Any, Literal
 
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from launcher.process.server import MAX_N_CTX, MIN_N_CTX
 from orchestrator.config.hosts import allowed_host_entry
@@ -441,7 +450,9 @@ class StageSpec(GenerationParams, LoadParams):
 
 
 class PipelineDefaults(GenerationParams, LoadParams):
-    pass
+    # chorus api: a streamed answer shows every call but the answer's own as `reasoning_content` (api/stream.py);
+    # false leaves the earlier stages to the `chorus` field only. A request's `reasoning_format` wins.
+    stream_reasoning: StrictBool = True
 
 
 class PipelineSpec(Strict):
