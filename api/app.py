@@ -21,12 +21,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import catalog
-from api.errors import BodyTooLarge, Unauthorized, error_body, status_of
+from api.admission import Admission
+from api.errors import BodyTooLarge, TooManyRuns, Unauthorized, error_body, status_of
 from api.forward import EventStream, forward
 from api.hosts import HostCheck
 from api.mapping import conversation
 from api.proxy import ModelProxy, Route
-from api.runs import PipelineRuns, RunLimiter, answer, stream
+from api.runs import PipelineRuns, answer, stream
 from api.schemas import ChatRequest, CompletionFields, CompletionRequest
 from api.settings import ApiSettings
 from api.shutdown import watching_stop_signals
@@ -83,7 +84,8 @@ class BodyLimit:
 
 def error_response(exc: BaseException | dict[str, Any]) -> JSONResponse:
     status = status_of(exc)
-    headers = {"Retry-After": "1"} if status.http == 429 else {}
+    headers = {"Retry-After": str(exc.retry_after_s if isinstance(exc, TooManyRuns) else 1)} \
+        if status.http == 429 else {}
     if status.http == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(exc), status_code=status.http, headers=headers)
@@ -100,7 +102,8 @@ def create_app(chorus: Chorus | None = None, settings: ApiSettings | None = None
     owned = chorus is None
     door = chorus or Chorus.from_dir(None)
     config = door.config
-    limiter = RunLimiter(settings.max_runs)
+    limiter = Admission(settings.max_runs, settings.max_queue)
+    door.expect_runs(settings.max_runs)  # servers get the slots to batch the runs that go at once
     runs = PipelineRuns(door, limiter, backend_factory=backend_factory)
     model_proxy = proxy or ModelProxy(door)
 
@@ -165,7 +168,8 @@ def create_app(chorus: Chorus | None = None, settings: ApiSettings | None = None
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "runs": limiter.active, "max_runs": limiter.limit}
+        return {"status": "ok", "runs": limiter.active, "max_runs": limiter.limit, "queued": limiter.waiting,
+                "max_queue": limiter.queue, "refused": limiter.refused}
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models() -> dict[str, Any]:

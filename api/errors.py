@@ -79,10 +79,15 @@ class BadRequest(ApiError):
 
 
 class TooManyRuns(ApiError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"too many runs at once: {limit} already running",
-                         hint="Retry when one has finished, or raise the limit with `chorus api --max-runs`.")
+    """The queue is full: `limit` going and `queued` waiting. `retry_after_s` goes out as Retry-After."""
+
+    def __init__(self, limit: int, *, queued: int = 0, retry_after_s: int = 1) -> None:
+        super().__init__(f"too many requests at once: {limit} going and {queued} waiting, the queue is full",
+                         hint=f"Retry in about {retry_after_s} s, or raise the limits with `chorus api "
+                              "--max-runs/--max-queue`.")
         self.limit = limit
+        self.queued = queued
+        self.retry_after_s = retry_after_s
 
 
 class Unauthorized(ApiError):

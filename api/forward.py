@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from api.admission import Admission
 from api.errors import error_body
 from api.proxy import ModelProxy, Route
-from api.runs import GONE, RunLimiter, until_done_or_gone
+from api.runs import GONE, until_done_or_gone
 from api.schemas import CompletionFields
 from api.shutdown import stream_until_stopped
 from api.stream import sse
@@ -69,10 +71,11 @@ def renamed(data: Any, model: str) -> Any:
 class _Held:
     """The upstream response and the run slot, given back once, shielded from cancellation."""
 
-    def __init__(self, limiter: RunLimiter) -> None:
+    def __init__(self, limiter: Admission) -> None:
         self.limiter = limiter
         self.stack = contextlib.AsyncExitStack()
         self.closed = False
+        self.began = time.monotonic()
 
     async def close(self) -> None:
         if self.closed:
@@ -82,12 +85,12 @@ class _Held:
             with anyio.CancelScope(shield=True):
                 await self.stack.aclose()
         finally:
-            self.limiter.release()
+            self.limiter.release(time.monotonic() - self.began)
 
 
-async def forward(request: Request, proxy: ModelProxy, limiter: RunLimiter, model: str, route: Route,
+async def forward(request: Request, proxy: ModelProxy, limiter: Admission, model: str, route: Route,
                   body: CompletionFields) -> Response:
-    limiter.acquire()
+    await limiter.acquire()  # a place, or a wait in the queue, or 429 when that is full
     held = _Held(limiter)
     try:
         upstream = await held.stack.enter_async_context(proxy.open(model, route, body.wire()))

@@ -1,8 +1,9 @@
 """Pipeline runs for HTTP requests: start one on the event loop, answer it whole or as a stream.
 
 A run is an asyncio task around the front door's `Chorus.arun` with a `RunFeed` observer; the response only reads the
-feed's queue. The run holds a slot of the limiter until the task ends, not until the response ends,
-so a client that goes away cannot leave more runs going than the limit. A client that goes away
+feed's queue. The run holds a place of the admission (api/admission.py: a limit, then a bounded queue)
+until the task ends, not until the response ends, so a client that goes away cannot leave more runs
+going than the limit. A client that goes away
 cancels its run (CancelToken): noticed on the next write (a heartbeat is written while a stream is
 idle) or, for a non-streamed answer, by polling the connection.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,9 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from api.admission import Admission
 from api.catalog import PipelineModel
-from api.errors import TooManyRuns, error_body, status_of
+from api.errors import error_body, status_of
 from api.mapping import check_pipeline_request, history_kwargs, with_sampling
 from api.schemas import CompletionFields
 from api.stream import (
@@ -49,22 +52,6 @@ log = logging.getLogger("chorus.api")
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.5
 GONE = 499  # nginx's "client closed request": nobody reads it, the logs do
-
-
-class RunLimiter:
-    """At most `limit` runs and model requests at once; one more is refused (429), not queued."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def acquire(self) -> None:
-        if self.active >= self.limit:
-            raise TooManyRuns(self.limit)
-        self.active += 1
-
-    def release(self) -> None:
-        self.active = max(0, self.active - 1)
 
 
 class NotifyingStore(SessionStore):
@@ -103,7 +90,7 @@ class StartedRun:
 
 
 class PipelineRuns:
-    def __init__(self, chorus: Chorus, limiter: RunLimiter, *,
+    def __init__(self, chorus: Chorus, limiter: Admission, *,
                  backend_factory: Callable[[], Backend] | None = None) -> None:
         self.chorus = chorus
         self.limiter = limiter
@@ -127,14 +114,15 @@ class PipelineRuns:
         extra = history_kwargs(history)
         store = NotifyingStore(self.chorus.config.sessions_dir, created)
         backend = self.backend_factory() if self.backend_factory else None
-        self.limiter.acquire()
+        await self.limiter.acquire()  # a place, or a wait in the queue (429 when it is full)
+        admitted_at = time.monotonic()
         task = asyncio.ensure_future(self.chorus.arun(pipeline, question, observers=[feed], cancel=cancel,
                                                       allow_sequential=True, backend=backend, store=store, **extra))
         self.tasks.add(task)
         self.tokens.add(cancel)
 
         def finished(t: asyncio.Task[RunOutcome]) -> None:
-            self.limiter.release()
+            self.limiter.release(time.monotonic() - admitted_at)
             self.tasks.discard(t)
             self.tokens.discard(cancel)
             feed.queue.put_nowait(Done())

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from cli.api import (
     DEFAULT_HOST,
     DEFAULT_MAX_BODY_KIB,
+    DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_RUNS,
     ENV_ALLOWED_HOSTS,
     ENV_HOST,
     ENV_KEY,
     ENV_MAX_BODY,
+    ENV_MAX_QUEUE,
     ENV_MAX_RUNS,
     check_bind,
 )
@@ -25,6 +27,7 @@ class ApiSettings:
     host: str = DEFAULT_HOST
     api_key: str | None = None
     max_runs: int = DEFAULT_MAX_RUNS
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for a place; one more answers 429 with Retry-After
     max_body_bytes: int = DEFAULT_MAX_BODY_KIB * 1024
     heartbeat_s: float = 2.0   # an SSE comment when a stream is idle: a gone client is noticed within this
     allowed_hosts: tuple[str, ...] | None = None  # Host: names besides loopback; None: app.yaml's api.allowed_hosts
@@ -33,6 +36,8 @@ class ApiSettings:
         check_bind(self.host, self.api_key)  # also when uvicorn is started by hand on 0.0.0.0
         if self.max_runs < 1 or self.max_body_bytes < 1:
             raise ConfigError("chorus api", "max_runs and max_body_bytes must be at least 1")
+        if self.max_queue < 0:
+            raise ConfigError("chorus api", "max_queue must be 0 or more", field="max_queue")
         if self.allowed_hosts is not None:
             try:
                 object.__setattr__(self, "allowed_hosts", tuple(allowed_host_entry(h) for h in self.allowed_hosts))
@@ -43,6 +48,7 @@ class ApiSettings:
     def from_env(cls) -> ApiSettings:
         return cls(host=os.environ.get(ENV_HOST, DEFAULT_HOST), api_key=os.environ.get(ENV_KEY) or None,
                    max_runs=_int_env(ENV_MAX_RUNS, DEFAULT_MAX_RUNS),
+                   max_queue=_int_env(ENV_MAX_QUEUE, DEFAULT_MAX_QUEUE),
                    max_body_bytes=_int_env(ENV_MAX_BODY, DEFAULT_MAX_BODY_KIB * 1024),
                    allowed_hosts=_list_env(ENV_ALLOWED_HOSTS))
 

@@ -29,12 +29,14 @@ from orchestrator.errors import ChorusError, ConfigError
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8642
 DEFAULT_MAX_RUNS = 4
+DEFAULT_MAX_QUEUE = 32
 DEFAULT_MAX_BODY_KIB = 4096
 
 # what the child reads (api/settings.py): one name per setting
 ENV_HOST = "CHORUS_API_HOST"
 ENV_KEY = "CHORUS_API_KEY"
 ENV_MAX_RUNS = "CHORUS_API_MAX_RUNS"
+ENV_MAX_QUEUE = "CHORUS_API_MAX_QUEUE"
 ENV_MAX_BODY = "CHORUS_API_MAX_BODY_BYTES"
 ENV_ALLOWED_HOSTS = "CHORUS_API_ALLOWED_HOSTS"  # comma-separated; unset: app.yaml's api.allowed_hosts
 GRACEFUL_SHUTDOWN_S = 5
@@ -105,7 +107,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     config_dir = Path(args.config_dir or default_config_dir()).expanduser().resolve()
     load_config(config_dir)  # a broken config fails here, as one paragraph, before anything starts
     env = {**os.environ, "CHORUS_CONFIG_DIR": str(config_dir), ENV_HOST: args.host,
-           ENV_MAX_RUNS: str(args.max_runs), ENV_MAX_BODY: str(args.max_body_kib * 1024)}
+           ENV_MAX_RUNS: str(args.max_runs), ENV_MAX_QUEUE: str(args.max_queue),
+           ENV_MAX_BODY: str(args.max_body_kib * 1024)}
     env.pop(ENV_KEY, None)
     env.pop(ENV_ALLOWED_HOSTS, None)
     if api_key:
@@ -139,7 +142,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
                    help="a Host: name to answer besides localhost, 127.0.0.1 and [::1] (repeatable; '*' = any); "
                         "default: app.yaml's api.allowed_hosts. Other names get 403 (DNS rebinding)")
     p.add_argument("--max-runs", type=positive_int, default=DEFAULT_MAX_RUNS,
-                   help=f"pipeline runs and model requests at once; more answer 429 (default: {DEFAULT_MAX_RUNS})")
+                   help="pipeline runs and model requests going at once, sharing the servers' slots; more wait "
+                        f"in the queue (default: {DEFAULT_MAX_RUNS})")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests waiting for a place; more answer 429 with Retry-After (0: no queue; "
+                        f"default: {DEFAULT_MAX_QUEUE})")
     p.add_argument("--max-body-kib", type=positive_int, default=DEFAULT_MAX_BODY_KIB,
                    help=f"largest request body in KiB; larger answer 413 (default: {DEFAULT_MAX_BODY_KIB})")
     p.set_defaults(func=cmd_api)

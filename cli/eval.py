@@ -180,7 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = "bundled:basic.jsonl" if args.target is None else str(path.resolve())
     eval_id = chorus.start_eval(spec, items, source=source, runner=runner)
     print(f"{eval_id}: {len(items)} question(s) x {len(spec.systems)} system(s) "
-          f"({', '.join(s.name for s in spec.systems)})" + (f", judge {args.judge}" if args.judge else ""),
+          f"({', '.join(s.name for s in spec.systems)})" + (f", judge {args.judge}" if args.judge else "")
+          + f", {spec.concurrency} at once" + ("" if args.concurrency else " (what fits)"),
           file=sys.stderr)
     return _emit(_run(runner, eval_id, chorus), args)
 
@@ -203,8 +204,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
                    help="a judge model: rubric score of every answer, and pipeline vs each baseline in both orders")
     p.add_argument("--judge-max-tokens", type=positive_int, default=JUDGE_MAX_TOKENS, help="the judge's max_tokens")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions (list: N evals)")
-    p.add_argument("--concurrency", type=positive_int, default=1,
-                   help="runs and judge calls at once (each server start still passes the memory check)")
+    p.add_argument("--concurrency", type=positive_int, default=None,
+                   help="runs and judge calls at once; they share each server's slots (default: as many as fit "
+                        "in memory, at most app.yaml's server.max_slots; each start still passes the memory check)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE",
                    help="override a pipeline parameter, e.g. defaults.max_tokens=64 (repeatable)")
     p.add_argument("--items", action="store_true", help="show: every item with its answers and sessions")

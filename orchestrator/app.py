@@ -9,6 +9,7 @@ allow-list, a llama-server binary when a local model must run) are made here and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -48,7 +49,7 @@ from orchestrator.eval.items import EvalItem
 from orchestrator.eval.run import JUDGE_MAX_TOKENS, EvalRunner, EvalSpec, ProgressFn, build_spec
 from orchestrator.eval.store import EvalStore
 from orchestrator.history.store import SessionStore
-from orchestrator.plan.memory import MemoryPlan, plan_memory
+from orchestrator.plan.memory import MemoryPlan, plan_memory, runs_that_fit
 from orchestrator.plan.resolve import RunMode, RunPlan
 from orchestrator.rag.embed import HttpEmbedder
 from orchestrator.runs import Rerun, Runner, RunOutcome
@@ -368,10 +369,31 @@ class Chorus:
         return self.pipeline(source, mode=mode, overrides=overrides, require_models=True)
 
     def eval_spec(self, pipeline: Pipeline, *, baselines: bool = True, judge: str | None = None,
-                  judge_max_tokens: int = JUDGE_MAX_TOKENS, concurrency: int = 1) -> EvalSpec:
-        """The systems of an eval of a checked pipeline: it, then each member model alone."""
-        return build_spec(self.runtime, pipeline.spec, mode=pipeline.mode, baselines=baselines, judge=judge,
-                          judge_max_tokens=judge_max_tokens, concurrency=concurrency)
+                  judge_max_tokens: int = JUDGE_MAX_TOKENS, concurrency: int | None = None) -> EvalSpec:
+        """The systems of an eval of a checked pipeline: it, then each member model alone. Without a
+        `concurrency`, as many items go at once as fit (`runs_that_fit`, at most server.max_slots)."""
+        spec = build_spec(self.runtime, pipeline.spec, mode=pipeline.mode, baselines=baselines, judge=judge,
+                          judge_max_tokens=judge_max_tokens, concurrency=concurrency or 1)
+        if concurrency is None:
+            spec.concurrency = self.runs_that_fit([pipeline.spec, *(s.pipeline for s in spec.baselines)],
+                                                  mode=pipeline.mode)
+        return spec
+
+    def runs_that_fit(self, pipelines: Sequence[PipelineSpec], *, mode: RunMode = "manual") -> int:
+        """How many runs of `pipelines` fit at once, their servers sized to batch them (at most
+        server.max_slots): an eval's default concurrency."""
+        most = self.config.app.server.max_slots
+        try:
+            plans = [self.runtime.plan(p, mode if i == 0 else "manual") for i, p in enumerate(pipelines)]
+            return runs_that_fit(self.runtime, plans, most, most=most)
+        except ChorusError as exc:  # no estimate, no binary...: one at a time, each start checked as usual
+            log.info("how many runs fit at once is unknown (%s): one at a time", exc)
+            return 1
+
+    def expect_runs(self, runs: int) -> None:
+        """Tell the scheduler how many runs go at once (the API's max_runs): new servers get the slots to
+        batch them, as many as fit."""
+        self.runtime.expect_runs(runs)
 
     def eval_runner(self, *, backend: Backend | None = None, on_progress: ProgressFn | None = None) -> EvalRunner:
         return EvalRunner(self.runtime, store=self.eval_store(), backend=backend, on_progress=on_progress)
@@ -425,7 +447,8 @@ class Chorus:
             yield record, None
             return
         pool = self.runtime.pool
-        server = await pool.aacquire(self.runtime.server_spec(record))
+        spec = await asyncio.to_thread(self.runtime.place, self.runtime.server_spec(record))
+        server = await pool.aacquire(spec)
         try:
             yield record, server
         finally:

@@ -18,7 +18,7 @@ from launcher.errors import ChorusError
 from launcher.memory.admission import Demand, MemoryGuard, MemoryState, Schedule
 from launcher.memory.calibration import CalibrationCache
 from launcher.memory.probes import MemoryProbe, SystemProbe
-from launcher.memory.schedule import Wave
+from launcher.memory.schedule import Wave, with_slots
 from launcher.process.binary import find_llama_server
 from launcher.process.client import Endpoint
 from launcher.process.pool import ServerPool
@@ -64,6 +64,8 @@ class Runtime:
         self._guard: MemoryGuard | None = None
         self._pool: ServerPool | None = None
         self._warned_no_gpu = False
+        self._expected_runs = 1  # runs a front end expects at once: the API's max_runs, an eval's concurrency
+        self._active_runs = 0    # runs going now on this runtime's servers
 
     @property
     def state_dir(self) -> Path:
@@ -119,6 +121,74 @@ class Runtime:
     def is_idle(self, server: ModelServer) -> bool:
         """A pool server nobody uses now: the scheduler may stop it to make room."""
         return self._pool is not None and self._pool.is_idle(server)
+
+    # ---------------------------------------------------------------- sharing servers across runs
+
+    def expect_runs(self, runs: int) -> None:
+        """How many runs (API requests, eval items) the front end lets go at once: new servers are sized for
+        them, so their calls batch on one server's slots instead of queueing behind one slot."""
+        with self._lock:
+            self._expected_runs = max(1, runs)
+
+    @contextlib.contextmanager
+    def expecting(self, runs: int) -> Iterator[None]:
+        """`expect_runs(runs)` for the block (an eval), then back to what it was."""
+        with self._lock:
+            before, self._expected_runs = self._expected_runs, max(self._expected_runs, runs)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._expected_runs = before
+
+    @contextlib.contextmanager
+    def run_going(self) -> Iterator[None]:
+        """A run uses this runtime's servers for the block (counted by `sharing`)."""
+        with self._lock:
+            self._active_runs += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active_runs -= 1
+
+    @property
+    def sharing(self) -> int:
+        """How many runs may share a server now: the expected count, or more when more are going."""
+        with self._lock:
+            return max(self._expected_runs, self._active_runs)
+
+    def preferred_slots(self, planned: int, calls: int) -> int:
+        """The slots a new server should have when `calls` of each run want it and `sharing` runs may: at
+        most app.yaml's server.max_slots (never fewer than planned). Only a preference: the scheduler gives
+        a new server as many of them as fit without stopping anything more."""
+        return max(planned, min(self.config.app.server.max_slots, calls * self.sharing))
+
+    def place(self, spec: ServerSpec) -> ServerSpec:
+        """The server a single request for `spec`'s model should use (the API's proxied model): a warm one of
+        its family as it is (busy or not: its slots batch the requests), restarted bigger when it is idle
+        and a bigger one fits; else a new one with the preferred slots, as many as fit. The start itself
+        is still admitted by the pool."""
+        want = self.preferred_slots(spec.slots, 1)
+        with self._admit_lock:
+            try:
+                sched = self.schedule([Demand(with_slots(spec, want), want)])
+            except ChorusError:
+                return spec  # no estimate: the start reports the file's own error
+            if not sched.waves or not sched.waves[0].placements:
+                return spec  # does not fit: the pool's admission says so, need vs have
+            wave = sched.waves[0]
+            pool = self.pool
+            placement = wave.placements[0]
+            if placement.reuse is not None:
+                return placement.reuse.spec
+            for warm in wave.stop:  # idle servers in the way, or this family's smaller server
+                server = warm.holding.server
+                if isinstance(server, ModelServer) and pool.is_idle(server):
+                    log.info("stopping idle '%s' to make room for '%s' with %d slots", server.model, spec.model,
+                             placement.spec.slots)
+                    pool.stop(server)
+            return placement.spec
 
     # ---------------------------------------------------------------- the scheduler: one admission point
 

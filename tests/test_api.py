@@ -316,9 +316,9 @@ def test_a_run_that_does_not_fit_in_memory_is_503_with_need_and_have(config: Pat
     assert items[-1] == "[DONE]" and items[-2]["error"]["code"] == "insufficient_memory"
 
 
-def test_runs_beyond_the_limit_answer_429(config: Path) -> None:
+def test_runs_beyond_the_limit_and_a_full_queue_answer_429(config: Path) -> None:
     backend = FakeBackend(default=Script("slow answer", delay_s=1.0))
-    with make_client(config, backend, max_runs=1) as client:
+    with make_client(config, backend, max_runs=1, max_queue=0) as client:
         results: list[int] = []
         first = threading.Thread(target=lambda: results.append(
             client.post("/v1/chat/completions", json=chat("chorus/solo")).status_code))

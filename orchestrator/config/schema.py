@@ -72,6 +72,7 @@ class ServerSettings(Strict):
     idle_timeout_s: float = Field(900.0, gt=0)
     stop_grace_s: float = Field(5.0, ge=0)
     memory_budget_mib: int | None = Field(None, gt=0)
+    max_slots: int = Field(4, ge=1, le=64)  # the most slots a server takes for runs and requests that share it
 
 
 class AggregatorSettings(Strict):

@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 
 from launcher.errors import InsufficientMemory, RequestTimeout, ServerError
-from launcher.memory.schedule import Wave
+from launcher.memory.admission import Demand
+from launcher.memory.schedule import Wave, with_slots
 from launcher.process.client import Endpoint, GenerationClient, GenerationRequest, GenerationResult
 from launcher.process.rpc import RpcLoadFailed, RpcWorkerLost, probe
 from launcher.process.server import ServerSpec
@@ -53,10 +54,14 @@ class LocalBackend:
         self._rpc_specs: dict[str, ServerSpec] = {}  # base URL of a running server -> its spec (with workers)
         self._began: dict[int, float] = {}  # id of a replica call's endpoint -> when it was chosen
 
+        self._going = contextlib.ExitStack()
+
     async def __aenter__(self) -> LocalBackend:
+        self._going.enter_context(self.runtime.run_going())  # concurrent runs size new servers for each other
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._going.close()
         await self.client.aclose()
 
     @contextlib.asynccontextmanager
@@ -204,6 +209,9 @@ def forecast(runtime: Runtime, stages: Sequence[StagePlan]) -> list[WavePlan]:
 def next_wave(runtime: Runtime, calls: Sequence[CallPlan]) -> WaveStep:
     """The first wave of `calls`, decided from the live state now; the rest as the scheduler sees it now."""
     group = CallGroup.of(calls)
+    # runs going at once share servers: a new one is sized for their calls too (as many slots as fit)
+    group.demands = [Demand(with_slots(d.spec, runtime.preferred_slots(d.spec.slots, d.calls)), d.calls)
+                     for d in group.demands]
     sched = runtime.schedule(group.demands)
     estimate = runtime.memory_guard.need_or_none
     unfit: dict[str, dict[str, Any]] = {}

@@ -252,6 +252,7 @@ class EvalRunner:
                 self.progress = Progress(total=self._steps(eval_id, spec, items))
                 self._tick("")
                 semaphore = asyncio.Semaphore(spec.concurrency)
+                stack.enter_context(self.runtime.expecting(spec.concurrency))  # items share servers' slots
                 await asyncio.gather(*(self._item(eval_id, spec, item, judge, semaphore, cancel) for item in items))
             status = "interrupted" if cancel.cancelled else "completed"
         except asyncio.CancelledError:

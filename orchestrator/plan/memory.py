@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from launcher.errors import ChorusError
 from launcher.memory.admission import Availability, Demand, MemoryGuard, MemoryState, Schedule
 from launcher.memory.estimate import MemoryEstimate
 from launcher.memory.probes import BUDGET
-from launcher.memory.schedule import Placement, Unfit, Wave
+from launcher.memory.schedule import Placement, Unfit, Wave, with_slots
 from launcher.process.server import ServerSpec
 from launcher.units import fmt_bytes
 from orchestrator.plan.resolve import CallPlan, RunPlan, StagePlan
@@ -567,3 +568,29 @@ def machine_view(plan: RunPlan, memory: MemoryPlan | None = None, *,
                     row.models.append(t.model)
     rows.extend(remotes.values())
     return rows
+
+
+def runs_that_fit(runtime: MemorySource, plans: Sequence[RunPlan], max_slots: int, *, most: int) -> int:
+    """How many runs of `plans` may go at once (at most `most`): the largest count for which every stage's
+    servers, sized for that many runs' calls (up to `max_slots` slots each), fit together from the live
+    state with every idle server stopped. 1 when even that does not fit: the scheduler then runs waves."""
+    state = runtime.memory_state()
+    groups = [CallGroup.of(calls) for plan in plans for stage in plan.stages  # the synthesis runs after the calls
+              for calls in (stage.calls, [stage.synthesis] if stage.synthesis is not None else [])]
+    for runs in range(max(1, most), 1, -1):
+        ok = True
+        for group in groups:
+            slots = [max(d.spec.slots, min(max_slots, d.calls * runs)) for d in group.demands]
+            demands = [Demand(with_slots(d.spec, n), n) for d, n in zip(group.demands, slots, strict=True)]
+            if not demands:
+                continue
+            try:
+                if not runtime.schedule(demands, state).fits_together:
+                    ok = False
+                    break
+            except ChorusError:
+                ok = False
+                break
+        if ok:
+            return runs
+    return 1

@@ -1,0 +1,127 @@
+"""Concurrent requests, runs and eval items share the warm servers' slots, on the real llama-server.
+
+A server is sized for the runs that may go at once (the API's max_runs, an eval's concurrency), as many
+slots as memory allows and never past it (app.yaml's server.max_slots caps it); a warm server is reused
+busy or not, and restarted bigger only while idle and when the bigger one fits.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.settings import ApiSettings
+from orchestrator.app import Chorus
+from orchestrator.history.store import SessionStore
+from tests.conftest import ConfigDir
+from tests.test_memory_waves import need_mib, set_budget
+
+pytestmark = pytest.mark.integration
+
+MODEL = "smollm2-135m"
+LOCAL = "http://127.0.0.1"
+
+
+def ask(client: TestClient, model: str, i: int, out: list[int]) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": f"Say hello number {i}."}],
+            "max_tokens": 8, "temperature": 0}
+    out.append(client.post("/v1/chat/completions", json=body).status_code)
+
+
+def at_once(client: TestClient, model: str, n: int) -> list[int]:
+    statuses: list[int] = []
+    threads = [threading.Thread(target=ask, args=(client, model, i, statuses)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+def servers_of(door: Chorus, model: str) -> list[Any]:
+    return [s for s in door.running_servers() if s.model == model]
+
+
+def test_concurrent_requests_for_a_model_share_one_server_sized_for_them(config_dir: ConfigDir,
+                                                                          llama_server_bin: Path) -> None:
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        with TestClient(create_app(door, ApiSettings(max_runs=3)), base_url=LOCAL) as client:
+            statuses = at_once(client, MODEL, 6)
+            assert statuses == [200] * 6
+            (server,) = servers_of(door, MODEL)
+            assert server.spec.slots == 3  # max_runs 3: one slot per request going at once
+            assert door.runtime.pool.starts == 1
+            metrics = client.get("/health").json()
+            assert (metrics["max_runs"], metrics["runs"], metrics["queued"]) == (3, 0, 0)
+    finally:
+        door.close()
+
+
+def test_concurrent_pipeline_runs_reuse_one_warm_server_per_model(config_dir: ConfigDir,
+                                                                 llama_server_bin: Path) -> None:
+    pipelines = config_dir.path / "pipelines"
+    pipelines.mkdir(exist_ok=True)
+    (pipelines / "two.yaml").write_text(yaml.safe_dump({
+        "defaults": {"max_tokens": 8, "temperature": 0, "n_ctx": 1024},
+        "stages": [{"name": "draft", "models": [MODEL]},
+                   {"name": "refine", "models": [MODEL], "prompt": "Improve: {previous}"}]}))
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        with TestClient(create_app(door, ApiSettings(max_runs=2)), base_url=LOCAL) as client:
+            statuses = at_once(client, "chorus/two", 4)
+        assert statuses == [200] * 4
+        (server,) = servers_of(door, MODEL)
+        assert server.spec.slots == 2  # sized for the two runs that go at once
+        assert door.runtime.pool.starts == 1  # every stage of every run on the one warm server
+        assert len(SessionStore(door.config.sessions_dir).list()) == 4
+    finally:
+        door.close()
+
+
+def test_an_idle_warm_server_grows_its_slots_when_more_fit_and_never_past_the_budget(
+        config_dir: ConfigDir, llama_server_bin: Path) -> None:
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        one = door.runtime.server_spec(MODEL, n_ctx=4096)
+        with door.runtime.pool.lease(one):
+            pass  # a 1-slot server, warm and idle: what a single run leaves
+        door.expect_runs(4)
+        assert door.runtime.place(one).slots == 4  # idle and a 4-slot server fits: restarted bigger
+    finally:
+        door.close()
+    two, three = need_mib(config_dir, MODEL, 4096, 2), need_mib(config_dir, MODEL, 4096, 3)
+    set_budget(config_dir, int((two + three) / 2))  # room for two slots, not three
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        door.expect_runs(4)
+        placed = door.runtime.place(door.runtime.server_spec(MODEL, n_ctx=4096))
+        assert placed.slots == 2
+    finally:
+        door.close()
+
+
+def test_an_eval_goes_as_many_items_at_once_as_fit(config_dir: ConfigDir, llama_server_bin: Path) -> None:
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        pipeline = door.eval_pipeline(mode="base", overrides=["defaults.n_ctx=1024"])
+        roomy = door.eval_spec(pipeline).concurrency
+        assert roomy == door.config.app.server.max_slots  # plenty of memory: capped by server.max_slots
+        assert door.eval_spec(pipeline, concurrency=2).concurrency == 2  # asked for: taken as it is
+    finally:
+        door.close()
+    # n_ctx 8192: each smollm2 slot costs about 180 MiB. Room for the three reviewers' 3-slot server (one
+    # item at a time), not for the 4-slot server two items at once would want
+    set_budget(config_dir, int(need_mib(config_dir, "smollm2-135m", 8192, 3)) + 20)
+    tight = Chorus.from_dir(config_dir.path)
+    try:
+        pipeline = tight.eval_pipeline(mode="base", overrides=["defaults.n_ctx=8192"])
+        assert tight.eval_spec(pipeline).concurrency == 1
+    finally:
+        tight.close()
