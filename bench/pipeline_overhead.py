@@ -119,13 +119,24 @@ def baseline_child(binary: str, question: str) -> dict:
         cold = since_process_start()
         t1 = time.perf_counter()
         asyncio.run(workload())
-        return {"cold_s": cold, "warm_s": time.perf_counter() - t1, "final": final}
+        return {"cold_s": cold, "warm_s": time.perf_counter() - t1, "final": final, **rss_mib([proc.pid])}
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def rss_mib(server_pids: list[int]) -> dict[str, float]:
+    """This Python process's resident memory beside its llama-server's (the model's mapped weights are the
+    server's, not ours)."""
+    servers = 0
+    for pid in server_pids:
+        with contextlib.suppress(psutil.Error):
+            servers += psutil.Process(pid).memory_info().rss
+    return {"own_rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
+            "server_rss_mib": round(servers / 2**20, 1)}
 
 
 def since_process_start() -> float:
@@ -148,7 +159,8 @@ def chorus_child(config_dir: str, spec_path: str, question: str) -> dict:
         t1 = time.perf_counter()
         Runner(runtime).run(pipeline, question, mode="manual")
         return {"cold_s": cold, "warm_s": time.perf_counter() - t1, "final": outcome.run.final.strip(),
-                "status": outcome.run.status, "starts_second": runtime.pool.starts - starts}
+                "status": outcome.run.status, "starts_second": runtime.pool.starts - starts,
+                **rss_mib([s.pid for s in runtime.running_servers() if s.pid is not None])}
     finally:
         runtime.close()
 
@@ -229,6 +241,10 @@ def main() -> int:
           f" → ratio {cold_ratio:.3f} (target ≤ 1.05)")
     print(f"median warm: baseline {med(b['warm_s'] for b in base):.2f}s, chorus "
           f"{med(o['warm_s'] for o in ours):.2f}s → ratio {warm_ratio:.3f} (target ≤ 1.03)")
+    print(f"RSS: chorus process {med(o['own_rss_mib'] for o in ours):.0f} MiB beside its server's "
+          f"{med(o['server_rss_mib'] for o in ours):.0f} MiB; the hand script "
+          f"{med(b['own_rss_mib'] for b in base):.0f} "
+          f"MiB beside its server's {med(b['server_rss_mib'] for b in base):.0f} MiB")
     print(f"same final text: {same_text} (per run: {matches}; baseline runs agree: {base_agree}, chorus runs "
           f"agree: {ours_agree}); second run started {[o['starts_second'] for o in ours]} servers")
     for i, (o, b) in enumerate(zip(ours, base, strict=True), start=1):
@@ -244,6 +260,10 @@ def main() -> int:
               "same_final_text": same_text, "same_final_text_per_run": matches,
               "baseline_runs_agree": base_agree, "chorus_runs_agree": ours_agree,
               "second_run_server_starts": [o["starts_second"] for o in ours],
+              "chorus_rss_mib": [o["own_rss_mib"] for o in ours],
+              "chorus_server_rss_mib": [o["server_rss_mib"] for o in ours],
+              "baseline_script_rss_mib": [b["own_rss_mib"] for b in base],
+              "baseline_server_rss_mib": [b["server_rss_mib"] for b in base],
               "pass": cold_ratio <= 1.05 and warm_ratio <= 1.03 and same_text and zero_starts}
     print(json.dumps(result))
     return 0

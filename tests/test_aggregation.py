@@ -417,6 +417,7 @@ def test_vote_pattern_search_gives_up_after_its_timeout() -> None:
     from orchestrator.config.schema import VoteOptions
     from orchestrator.engine.aggregation import VOTE_REGEX_TIMEOUT_S, extract_answer
 
+    extract_answer("a", VoteOptions(extract="regex", pattern="a"))  # the regex engine is imported on first use
     started = time.monotonic()
     with pytest.raises(AggregationError, match="took longer than"):
         extract_answer("a" * 40 + "b", VoteOptions(extract="regex", pattern="(a|aa)+$"))

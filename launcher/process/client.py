@@ -190,6 +190,7 @@ class GenerationClient:
         # connecting may take half the deadline at most: a replica that cannot be reached leaves time for another
         self.timeout = httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s / 2))
         self._client: httpx.AsyncClient | None = None
+        self._tls_client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> GenerationClient:
         return self
@@ -197,17 +198,24 @@ class GenerationClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    @property
-    def http(self) -> httpx.AsyncClient:
+    def http(self, url: str) -> httpx.AsyncClient:
+        """The client for `url`. Plain http (every local llama-server) gets one without a TLS context: loading
+        the CA store costs 40-90 ms of CPU per client, paid on a cold start while the server loads. An https
+        URL (a remote model) gets its own client that verifies certificates as usual."""
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        if url.startswith("https:"):
+            if self._tls_client is None:
+                self._tls_client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+            return self._tls_client
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout,
-                                             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, verify=False)  # never TLS
         return self._client
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in (self._client, self._tls_client):
+            if client is not None:
+                await client.aclose()
+        self._client = self._tls_client = None
 
     async def generate(self, endpoint: Endpoint, req: GenerationRequest,
                        on_token: TokenCallback | None = None, *, timeout_s: float | None = None) -> GenerationResult:
@@ -248,7 +256,7 @@ class GenerationClient:
         start = time.perf_counter()
         timeout = httpx.Timeout(timeout_s, connect=self.timeout.connect) if timeout_s else self.timeout
         try:
-            async with self.http.stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
+            async with self.http(url).stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
                 got_response = True
                 if response.status_code != 200:
                     text = (await response.aread()).decode("utf-8", errors="replace")[:500]

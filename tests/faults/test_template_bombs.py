@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+import regex  # noqa: F401  (the vote search imports it on first use; the timings below are of the search)
 
 from orchestrator.config.schema import AggregationSpec
 from orchestrator.engine.aggregation import VOTE_REGEX_TIMEOUT_S, AggregationError, Candidate, aggregate
