@@ -33,6 +33,7 @@ from orchestrator.engine.backend import TokenCallback
 from orchestrator.engine.fake import FakeBackend, Script, crash
 from orchestrator.errors import ConfigError
 from orchestrator.history.store import SessionStore
+from orchestrator.rag.store import DocStore
 from tests.conftest import ConfigDir
 
 PIPELINE = {
@@ -311,6 +312,21 @@ def test_a_failed_call_is_said_in_the_reasoning_and_the_others_go_on(
     assert beta.split("## review · synthesis")[0] == "## review · beta\n\n_(failed: model 'beta': server crashed: " \
                                                      "connection lost)_\n\n"
     assert read.text("content").startswith("said")
+
+
+def test_a_retrieve_stage_says_in_the_reasoning_how_many_passages_it_found(
+        config: Path, serve: Callable[[FakeBackend], Served]) -> None:
+    docs = config.parent / "docs"
+    docs.mkdir()
+    (docs / "sky.md").write_text("# Sky\n\nThe sky is blue because air scatters blue light the most.\n")
+    DocStore.beside(load_config(config).sessions_dir).add("kb", [docs])
+    (config / "pipelines" / "rag.yaml").write_text(yaml.safe_dump({"stages": [
+        {"name": "find", "kind": "retrieve", "collection": "kb", "top_k": 2},
+        {"name": "answer", "models": ["alpha"], "prompt": "{{ context }}"}]}))
+    read = read_chat(serve(FakeBackend(default=Script(reply))).client(), "chorus/rag")
+    assert read.text("reasoning") == ("## find · passages from 'kb'\n\n1 passage found.\n\n"
+                                      "## answer · alpha → the answer\n\n")
+    assert read.text("content").strip().startswith("said - to <Answer from the numbered")
 
 
 def test_an_unknown_reasoning_format_is_refused_naming_the_field(serve: Callable[[FakeBackend], Served]) -> None:
