@@ -38,7 +38,9 @@ with st.expander("Start an eval", expanded=not store.list(limit=1)):
                          help='One JSON object per line: {"question": ..., "answer" | "number" | "regex": ...}')
     cols = st.columns(4)
     limit = int(cols[0].number_input("Questions (0 = all)", 0, 100_000, 0, key="eval-limit"))
-    concurrency = int(cols[1].number_input("At once", 1, 16, 1, key="eval-concurrency"))
+    concurrency = int(cols[1].number_input("At once (0 = what fits)", 0, 16, 0, key="eval-concurrency",
+                                           help="Items run at once, sharing the servers' slots; 0: as many as "
+                                                "fit in memory (at most server.max_slots)"))
     baselines = cols[2].checkbox("Members alone", True, key="eval-baselines",
                                  help="Each model of the pipeline alone, with its generation parameters")
     judges = [None, *sorted(rt.registry.generators)]
@@ -47,7 +49,8 @@ with st.expander("Start an eval", expanded=not store.list(limit=1)):
         try:
             file = BUNDLED if source.startswith("Bundled") else Path(path.strip())
             items = load_questions(file, limit=limit or None)
-            spec = rt.eval_spec(rt.eval_pipeline(), baselines=baselines, judge=judge, concurrency=concurrency)
+            spec = rt.eval_spec(rt.eval_pipeline(), baselines=baselines, judge=judge,
+                                concurrency=concurrency or None)
             eval_id = rt.start_eval(spec, items, source="bundled:basic.jsonl" if file == BUNDLED else str(file))
         except ChorusError as exc:
             st.error(md_escape(exc))
