@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -52,6 +54,22 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.delenv(var, raising=False)
     # the cross-process admission ledger of this test only (the real one is shared by the whole machine)
     monkeypatch.setenv("CHORUS_ADMISSION_LEDGER", str(tmp_path / "admission.json"))
+
+
+_SCRIPT_CACHE: list[Any] = []  # Streamlit's ScriptCache, one for the session (made on first use)
+
+
+@pytest.fixture(autouse=True)
+def _pages_compiled_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A served Streamlit app compiles each page once (magic rewrite, then compile); AppTest makes a new
+    ScriptCache on every run and so compiles every page again on each click, a third of a rerun's time.
+    AppTest here shares one cache, as the server does. The pages do not change during a test session."""
+    for name in ("streamlit.testing.v1.app_test", "streamlit.testing.v1.local_script_runner"):
+        module = sys.modules.get(name)  # only where a test module has imported AppTest
+        if module is not None:
+            if not _SCRIPT_CACHE:
+                _SCRIPT_CACHE.append(module.ScriptCache())
+            monkeypatch.setattr(module, "ScriptCache", lambda: _SCRIPT_CACHE[0])
 
 
 class ConfigDir:

@@ -8,7 +8,6 @@ from typing import Any, Literal
 import streamlit as st
 
 from orchestrator.app import MAX_N_CTX, MIN_N_CTX, Chorus, Pipeline, Planned
-from orchestrator.charts import memory_chart
 from orchestrator.config.aggregators import allowed_functions
 from orchestrator.config.schema import PipelineSpec, StageSpec
 from orchestrator.errors import ChorusError, PipelineBlocked
@@ -368,7 +367,10 @@ if mode == "Manual":
 allow_sequential = True
 if pipeline is not None:
     planned: Planned | None = None
-    with st.expander("Memory plan", expanded=False):
+    # The chart (a matplotlib PNG, most of a rerun's time) is drawn only while the box is open: the page
+    # reruns on every widget change, and a closed box's content would be drawn and thrown away each time.
+    memory_box = st.expander("Memory plan", expanded=False, key="memory-plan", on_change="rerun")
+    with memory_box:
         try:
             planned = rt.plan(pipeline)  # resolved once: the memory plan and the machine view read the same
         except ChorusError as exc:
@@ -377,7 +379,10 @@ if pipeline is not None:
             run_plan, plan = planned.run, planned.memory
             res = rt.config.app.resources
             st.caption(md_escape(plan_header(plan, res.fraction, res.fixed_mib)))
-            st.pyplot(memory_chart(plan), clear_figure=False)  # per device, per wave: weights, KV, compute
+            if memory_box.open:
+                from orchestrator.charts import memory_chart  # matplotlib: imported when first drawn
+
+                st.pyplot(memory_chart(plan), clear_figure=False)  # per device, per wave: weights, KV, compute
             for sp in plan.stages:
                 st.markdown(f"**{md_escape(sp.stage)}** — {md_escape(stage_headline(sp))}")
                 st.dataframe([{"wave": r["wave"], "model": r["model"], "calls": r["labels"], "slots": r["slots"],
