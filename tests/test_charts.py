@@ -7,7 +7,6 @@ what a user would see: which bar, where, how tall, with which label.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from orchestrator.plan.memory import PARTS, MemoryPlan, ServerNeed, StageMemory,
 from orchestrator.records import AggregationRecord, ResponseRecord, RunRecord, StageRecord, to_dict
 from orchestrator.runtime import Runtime
 from orchestrator.units import MiB
-from tests.conftest import REPO, ConfigDir
+from tests.clirun import run_main
+from tests.conftest import ConfigDir
 from tests.test_history_manage import fake_run, said
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -234,8 +234,8 @@ def test_charts_are_written_as_png_files(tmp_path: Path) -> None:
 
 
 def chorus(config_dir: ConfigDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", "--config-dir", str(config_dir.path),
-                           *args], capture_output=True, text=True, timeout=180, cwd=REPO)
+    """`chorus --config-dir DIR ARGS`, its main() in this process (tests/clirun.py)."""
+    return run_main("--config-dir", str(config_dir.path), *args)
 
 
 def test_cli_plan_png_writes_the_memory_chart(config_dir: ConfigDir, tmp_path: Path) -> None:

@@ -28,12 +28,13 @@ from orchestrator.engine.run import Engine
 from orchestrator.plan.resolve import Machine, RunPlan, build_plan
 from orchestrator.records import ResponseRecord, RunRecord
 from orchestrator.runs import RunOutcome
+from tests.clirun import run_main
 from tests.conftest import REPO, ConfigDir
 
 
-def chorus(*args: str, cwd: object = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120, stdin=subprocess.DEVNULL)
+def chorus(*args: str) -> subprocess.CompletedProcess[str]:
+    """`chorus ARGS`, its main() in this process (tests/clirun.py); `| head` below runs a real process."""
+    return run_main(*args)
 
 
 @pytest.fixture
@@ -244,8 +245,7 @@ def test_run_dash_reads_the_question_from_stdin(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_run_dash_with_empty_stdin_is_a_clear_error_before_anything_runs(config_dir: ConfigDir) -> None:
-    out = subprocess.run([sys.executable, "-m", "cli", "run", "-", "--config-dir",
-                          str(config_dir.path)], input="  \n", capture_output=True, text=True, cwd=REPO, timeout=60)
+    out = run_main("run", "-", "--config-dir", str(config_dir.path), input="  \n")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "question" in out.stderr.lower()
     assert not config_dir.sessions_dir.exists() or not any(config_dir.sessions_dir.iterdir())

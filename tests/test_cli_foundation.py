@@ -1,4 +1,5 @@
-"""`chorus models` and `chorus check`, run as a user runs them (a subprocess)."""
+"""`chorus models` and `chorus check`: their main() in this process (tests/clirun.py); the tests with a real
+llama-server run chorus as a user does, a process of its own (serve, ps and stop across processes)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,18 @@ import json
 import subprocess
 import sys
 
+from tests.clirun import run_main
 from tests.conftest import REPO, ConfigDir
 
 
 def chorus(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    """`chorus ARGS` as a process of its own."""
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=120)
 
 
 def test_models_json_lists_the_demo_model_as_available(config_dir: ConfigDir) -> None:
-    out = chorus("models", "--json", "--config-dir", str(config_dir.path))
+    out = run_main("models", "--json", "--config-dir", str(config_dir.path))
     assert out.returncode == 0, out.stderr
     demo = next(m for m in json.loads(out.stdout) if m["name"] == "gemma3-270m")
     assert demo["status"] == "available"
@@ -29,17 +32,17 @@ def test_models_shows_missing_entry_and_logs_a_warning(config_dir: ConfigDir) ->
     models = config_dir.models()
     models["models"]["ghost"] = {"file": "ghost.gguf"}
     config_dir.write_models(models)
-    out = chorus("models", "--json", "--config-dir", str(config_dir.path))
+    out = run_main("models", "--json", "--config-dir", str(config_dir.path))
     ghost = next(m for m in json.loads(out.stdout) if m["name"] == "ghost")
     assert ghost["status"] == "missing" and "not found" in ghost["reason"]
     assert "warning" in out.stderr.lower() and "ghost" in out.stderr
-    table = chorus("models", "--config-dir", str(config_dir.path))
+    table = run_main("models", "--config-dir", str(config_dir.path))
     assert "missing" in table.stdout and "gemma3" in table.stdout
 
 
 def test_check_reports_blocked_base_pipeline_and_memory(config_dir: ConfigDir) -> None:
     (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").unlink()
-    out = chorus("check", "--config-dir", str(config_dir.path))
+    out = run_main("check", "--config-dir", str(config_dir.path))
     assert out.returncode == 0
     assert "BLOCKED" in out.stdout and "gemma3-270m" in out.stdout
     assert "RAM:" in out.stdout and "VRAM:" in out.stdout
@@ -48,14 +51,14 @@ def test_check_reports_blocked_base_pipeline_and_memory(config_dir: ConfigDir) -
 
 def test_check_names_the_build_command_when_the_configured_binary_is_missing(config_dir: ConfigDir) -> None:
     config_dir.write_app(llama_server=str(config_dir.path / "no-such-llama-server"))
-    out = chorus("check", "--json", "--config-dir", str(config_dir.path))
+    out = run_main("check", "--json", "--config-dir", str(config_dir.path))
     server = json.loads(out.stdout)["llama_server"]
     assert server["path"] is None and "scripts/build_llama_server.sh" in server["error"]
 
 
 def test_malformed_models_yaml_is_one_short_paragraph_without_traceback(config_dir: ConfigDir) -> None:
     config_dir.write_models("models:\n  a: {file: x.gguf\n")
-    out = chorus("models", "--config-dir", str(config_dir.path))
+    out = run_main("models", "--config-dir", str(config_dir.path))
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "models.yaml" in out.stderr and "line" in out.stderr
@@ -93,9 +96,9 @@ def test_serve_runs_a_server_that_ps_lists_and_ctrl_c_stops(config_dir: ConfigDi
 
 def test_history_before_any_run_is_empty_not_an_error(config_dir: ConfigDir) -> None:
     assert not config_dir.sessions_dir.exists()
-    out = chorus("history", "list", "--config-dir", str(config_dir.path))
+    out = run_main("history", "list", "--config-dir", str(config_dir.path))
     assert out.returncode == 0 and "no sessions yet" in out.stdout
-    found = chorus("history", "search", "anything", "--json", "--config-dir", str(config_dir.path))
+    found = run_main("history", "search", "anything", "--json", "--config-dir", str(config_dir.path))
     assert found.returncode == 0 and json.loads(found.stdout) == []
 
 

@@ -1,7 +1,8 @@
 """History a user manages: export (Markdown, JSON), rm, prune, downloads in the UI, and what each call records.
 
 Sessions are real ones, recorded by the Runner from a run on the FakeBackend (no llama-server: milliseconds);
-the CLI is driven as a subprocess, as a user types it.
+the CLI's main() runs in this process (tests/clirun.py), and as a process of its own where another process's
+view is the point (a session's writer lock).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from orchestrator.history.store import SessionStore
 from orchestrator.plan.resolve import Machine
 from orchestrator.runs import Runner, RunOutcome
 from orchestrator.runtime import Runtime
+from tests.clirun import run_main
 from tests.conftest import REPO, ConfigDir
 
 REVIEW = PipelineSpec.model_validate({"name": "t", "stages": [
@@ -55,8 +57,13 @@ def fake_run(config_dir: ConfigDir, question: str = "Why is the sky blue?", *,
         rt.close()
 
 
-def chorus(config_dir: ConfigDir, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", "--config-dir", str(config_dir.path),
+def chorus(config_dir: ConfigDir, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_main("--config-dir", str(config_dir.path), *args)
+
+
+def chorus_process(config_dir: ConfigDir, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`chorus` as a process of its own, as a user types it."""
+    return subprocess.run([sys.executable, "-m", "cli", "--config-dir", str(config_dir.path),
                            *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -151,7 +158,7 @@ def test_rm_refuses_a_session_that_a_live_process_is_writing(config_dir: ConfigD
     store = SessionStore(config_dir.sessions_dir)
     recorder = store.create({"mode": "manual", "question": "still running", "pipeline": {"stages": []}})
     try:
-        done = chorus(config_dir, "history", "rm", recorder.id)  # another process: sees our lock
+        done = chorus_process(config_dir, "history", "rm", recorder.id)  # another process: sees our lock
         assert done.returncode == 2
         assert f"is still being written by a running chorus (pid {os.getpid()})" in said(done.stderr)
         assert recorder.dir.is_dir() and [r["id"] for r in store.list()] == [recorder.id]

@@ -21,6 +21,7 @@ from launcher.process.state import ServerRecord, list_running, stop_recorded, wr
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import ModelEntry, load_config
 from orchestrator.errors import ConfigError
+from tests.clirun import run_main
 from tests.conftest import REPO, SECOND_MODEL_NAME, ConfigDir
 
 SMOL = SECOND_MODEL_NAME
@@ -38,7 +39,13 @@ models:
 """
 
 
-def chorus(config_dir: ConfigDir, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+def chorus(config_dir: ConfigDir, *args: str) -> subprocess.CompletedProcess[str]:
+    """`chorus ARGS --config-dir DIR`, its main() in this process (tests/clirun.py)."""
+    return run_main(*args, "--config-dir", str(config_dir.path))
+
+
+def chorus_process(config_dir: ConfigDir, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    """The same as a process of its own, as a user types it."""
     return subprocess.run([sys.executable, "-m", "cli", *args, "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -201,7 +208,7 @@ def test_stop_cli_stops_a_model_and_reports_it(config_dir: ConfigDir, tmp_path: 
     try:
         write_record(state, record_of(keep, "other"))
         write_record(state, record_of(gone, "gemma3-270m"))
-        out = chorus(config_dir, "stop", "gemma3-270m")
+        out = chorus_process(config_dir, "stop", "gemma3-270m")  # another process stops what this one started
         assert out.returncode == 0, out.stderr
         assert f"gemma3-270m (pid {gone.pid}" in out.stdout and ": stopped" in out.stdout
         assert gone.wait(timeout=5) is not None and keep.poll() is None

@@ -23,6 +23,7 @@ from orchestrator.engine.events import Event
 from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner, RunOutcome
 from orchestrator.runtime import Runtime
+from tests.clirun import run_main
 from tests.conftest import REPO, ConfigDir
 
 DEMO = "gemma3-270m"
@@ -73,6 +74,12 @@ def chorus(config_dir: ConfigDir, *args: str, timeout: int = 300, **popen: Any) 
     return subprocess.run([sys.executable, "-m", "cli", *args, "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, stdin=subprocess.DEVNULL,
                           **popen)
+
+
+def chorus_main(config_dir: ConfigDir, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`chorus ARGS --config-dir DIR`, its main() in this process (tests/clirun.py): for what the command says
+    and how it exits, where being a process of its own is not what the test is about."""
+    return run_main(*args, "--config-dir", str(config_dir.path), input=input)
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess[str]) -> None:

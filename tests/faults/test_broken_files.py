@@ -17,7 +17,7 @@ import pytest
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import load_config
 from tests.conftest import DEMO_MODEL_NAME, ConfigDir, demo_model_path
-from tests.faults.conftest import DEMO, assert_session_valid, chorus, make_runtime, manual, run
+from tests.faults.conftest import DEMO, assert_session_valid, chorus_main, make_runtime, manual, run
 
 HEAD_BYTES = 16 << 20  # the demo model's GGUF header and tensor index fit in this
 
@@ -81,7 +81,7 @@ def test_broken_files_are_invalid_each_with_its_reason(config_dir: ConfigDir,
     status = registry.pipeline_status(manual([{"name": "s", "models": [DEMO, "truncated"]}]))
     assert not status.available and "past the end" in status.missing["truncated"]
 
-    listed = chorus(config_dir, "models", "--json")
+    listed = chorus_main(config_dir, "models", "--json")
     assert listed.returncode == 0, listed.stderr
     by_name = {r["name"]: r for r in json.loads(listed.stdout)}
     assert {n: by_name[n]["status"] for n in kinds} == dict.fromkeys(kinds, "invalid")

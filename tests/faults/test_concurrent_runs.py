@@ -16,7 +16,7 @@ from orchestrator.config.overrides import apply_overrides
 from orchestrator.history.store import SessionStore, write_json_atomic
 from orchestrator.runs import Runner, RunOutcome
 from tests.conftest import ConfigDir, small_pipeline
-from tests.faults.conftest import assert_session_valid, chorus, make_runtime
+from tests.faults.conftest import assert_session_valid, chorus_main, make_runtime
 
 RUNS = 8
 
@@ -63,7 +63,7 @@ def test_eight_concurrent_runs_complete_every_session_and_share_one_server_per_k
 
     indexed = {row["id"] for row in SessionStore(config_dir.sessions_dir).index.list(limit=100)}
     assert indexed == set(ids)  # the search index lost none of them either
-    listed = chorus(config_dir, "history", "search", "plus")
+    listed = chorus_main(config_dir, "history", "search", "plus")
     assert listed.returncode == 0 and all(sid in listed.stdout for sid in ids), listed.stdout
 
 

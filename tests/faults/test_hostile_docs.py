@@ -23,7 +23,7 @@ from orchestrator.rag.files import MiB, read_regular_file
 from orchestrator.rag.retrieval import search
 from orchestrator.rag.store import DocStore
 from tests.conftest import REPO, ConfigDir
-from tests.faults.conftest import chorus
+from tests.faults.conftest import chorus, chorus_main
 
 SECRET = "PASSWORD=hunter2"
 
@@ -89,20 +89,21 @@ def test_only_regular_files_inside_the_folder_are_indexed_and_each_skip_says_why
 @pytest.mark.timeout(120)
 def test_the_cli_lists_every_skipped_file_with_its_reason_and_no_traceback(cfg: ConfigDir, tmp_path: Path) -> None:
     docs = hostile_folder(tmp_path)
-    out = chorus(cfg, "docs", "add", "kb", str(docs), "--no-embed", timeout=60)
+    out = chorus_main(cfg, "docs", "add", "kb", str(docs), "--no-embed")
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "2 added" in out.stdout
     for name, reason in REASONS.items():
         assert f"skipped {docs / name}: " in out.stderr and reason in out.stderr, name
-    as_json = chorus(cfg, "docs", "add", "kb", str(docs), "--no-embed", "--json", timeout=60)
+    as_json = chorus_main(cfg, "docs", "add", "kb", str(docs), "--no-embed", "--json")
     assert set(json.loads(as_json.stdout)["skipped"]) == {str(docs / name) for name in REASONS}
-    found = chorus(cfg, "docs", "search", "kb", "hunter2", "--bm25", "--json")
+    found = chorus_main(cfg, "docs", "search", "kb", "hunter2", "--bm25", "--json")
     assert found.returncode == 0 and json.loads(found.stdout) == []
 
 
 @pytest.mark.timeout(60)
 def test_a_device_or_fifo_named_on_its_own_is_skipped_not_read(cfg: ConfigDir, tmp_path: Path) -> None:
-    """The operator may name a file outside any folder, but it is still read only if it is a regular file."""
+    """The operator may name a file outside any folder, but it is still read only if it is a regular file.
+    A process of its own: a FIFO that is read blocks, and the subprocess's timeout ends that."""
     docs = hostile_folder(tmp_path)
     out = chorus(cfg, "docs", "add", "kb", str(docs / "zero.txt"), str(docs / "pipe.txt"), "--no-embed", "--json",
                  timeout=60)

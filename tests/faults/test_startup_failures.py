@@ -20,6 +20,7 @@ from tests.faults.conftest import (
     assert_clean_failure,
     assert_session_valid,
     chorus,
+    chorus_main,
     make_runtime,
     manual,
     run,
@@ -34,7 +35,7 @@ def _sessions(config_dir: ConfigDir) -> list[Path]:
 
 def test_missing_binary_is_one_clear_error_with_the_build_command(config_dir: ConfigDir, tmp_path: Path) -> None:
     config_dir.write_app(llama_server=str(tmp_path / "nowhere" / "llama-server"))
-    out = chorus(config_dir, "run", "hello", *SMALL)
+    out = chorus_main(config_dir, "run", "hello", *SMALL)
     assert_clean_failure(out)
     assert out.returncode == 2
     message = " ".join(out.stderr.split())  # the paragraph is wrapped at 100 columns, where a long path falls
@@ -57,7 +58,7 @@ def test_binary_that_is_not_executable_is_one_clear_error(config_dir: ConfigDir,
     binary.write_text("#!/bin/sh\nexec true\n")
     binary.chmod(0o644)
     config_dir.write_app(llama_server=str(binary))
-    out = chorus(config_dir, "run", "hello", *SMALL)
+    out = chorus_main(config_dir, "run", "hello", *SMALL)
     assert_clean_failure(out)
     message = " ".join(out.stderr.split())  # wrapped at 100 columns, where a long path falls
     assert out.returncode == 2 and message.count("is not executable") == 1, out.stderr
