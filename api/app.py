@@ -82,7 +82,7 @@ class BodyLimit:
         await JSONResponse(error_body(exc), status_code=status_of(exc).http)(scope, receive, send)
 
 
-def error_response(exc: BaseException | dict[str, Any]) -> JSONResponse:
+def error_response(exc: BaseException) -> JSONResponse:
     status = status_of(exc)
     headers = {"Retry-After": str(exc.retry_after_s if isinstance(exc, TooManyRuns) else 1)} \
         if status.http == 429 else {}

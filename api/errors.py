@@ -1,8 +1,8 @@
 """chorus's typed errors as OpenAI error bodies with the status codes OpenAI clients act on.
 
 The same table serves a live exception (walked up its class hierarchy, so a new subclass of
-ServerStartError is still a 502) and an error a run recorded on its step (a dict with its type's name:
-the engine never raises, it records). The body keeps OpenAI's shape, `{"error": {message, type, param,
+ServerStartError is still a 502) and an error a run recorded on its step (an ErrorInfo with its type's
+name: the engine never raises, it records). The body keeps OpenAI's shape, `{"error": {message, type, param,
 code}}`, plus what chorus knows (the model, need vs have, the hint) for clients that look.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import ChorusError
+from orchestrator.records import ErrorInfo
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ UPSTREAM = Status(502, "server_error", "model_server_error")
 PIPELINE = Status(500, "server_error", "pipeline_error")  # the pipeline's own templates or merge failed
 INTERNAL = Status(500, "server_error", "internal_error")
 
-# chorus error type name -> status. Keys are class names so recorded errors (dicts) map the same way.
+# chorus error type name -> status. Keys are class names so recorded errors (ErrorInfo) map the same way.
 STATUS_BY_TYPE: dict[str, Status] = {
     "ModelUnavailable": NOT_FOUND,
     "PipelineBlocked": NOT_FOUND,
@@ -112,16 +113,17 @@ class BodyTooLarge(ApiError):
         self.limit = limit
 
 
-def status_of(error: BaseException | dict[str, Any]) -> Status:
-    """The status of a live error (by its class and its parents) or of a recorded one (by its type name)."""
+def status_of(error: BaseException | ErrorInfo) -> Status:
+    """The status of a live error (by its class and its parents) or of a recorded one (by its type name;
+    a type this process does not know by the data it carries)."""
     if isinstance(error, BaseException):
         names = [cls.__name__ for cls in type(error).__mro__]
     else:
-        known = _error_types().get(str(error.get("type") or ""))
-        names = [cls.__name__ for cls in known.__mro__] if known else [str(error.get("type") or "")]
-        if "need" in error and "have" in error:
+        known = _error_types().get(error.type)
+        names = [cls.__name__ for cls in known.__mro__] if known else [error.type]
+        if error.need is not None and error.have is not None:
             names.append("InsufficientMemory")
-        if "exit_code" in error or "log_tail" in error:
+        if error.exit_code is not None or error.log_tail is not None:
             names.append("ServerError")
     if isinstance(error, BadRequest):
         return BAD_REQUEST
@@ -142,19 +144,15 @@ def _error_types() -> dict[str, type]:
     return found
 
 
-def error_body(error: BaseException | dict[str, Any], *, session_id: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object for `error`, with chorus's data beside it."""
+def error_body(error: BaseException | ErrorInfo, *, session_id: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object for `error`, with chorus's data beside it (a recorded error serialised here)."""
     status = status_of(error)
     if isinstance(error, BaseException):
         data: dict[str, Any] = error.to_dict() if isinstance(error, ChorusError) else {
             "type": type(error).__name__, "message": str(error)}
         message = str(error)
     else:
-        data = dict(error)
-        message = str(data.get("message") or data.get("type") or "error")
-        hint = data.get("hint")
-        if hint and hint not in message:
-            message = f"{message} Hint: {hint}"
+        data, message = error.to_dict(), error.text()
     body: dict[str, Any] = {"message": message, "type": status.type, "param": data.get("param"),
                             "code": status.code, "chorus_type": data.get("type")}
     body.update({k: data[k] for k in PUBLIC_FIELDS if data.get(k) is not None})

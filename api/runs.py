@@ -45,6 +45,7 @@ from orchestrator.engine.backend import Backend
 from orchestrator.engine.run import CancelToken
 from orchestrator.history.recorder import Recorder
 from orchestrator.history.store import SessionStore
+from orchestrator.records import ErrorInfo
 from orchestrator.runs import RunOutcome
 
 log = logging.getLogger("chorus.api")
@@ -156,12 +157,12 @@ def summary(run: StartedRun, outcome: RunOutcome) -> dict[str, Any]:
             "warnings": list(record.warnings)}
 
 
-def failure(outcome: RunOutcome) -> dict[str, Any]:
+def failure(outcome: RunOutcome) -> ErrorInfo:
     """The typed error of a run that gave no answer."""
     record = outcome.run
     if record.status == "cancelled":
-        return {"type": "Cancelled", "message": "the run was cancelled"}
-    return record.error or {"type": "RunFailed", "message": f"the run ended {record.status} without an answer"}
+        return ErrorInfo("Cancelled", "the run was cancelled")
+    return record.error or ErrorInfo("RunFailed", f"the run ended {record.status} without an answer")
 
 
 def answered(outcome: RunOutcome) -> bool:

@@ -35,7 +35,7 @@ from orchestrator.engine.events import (
     Token,
 )
 from orchestrator.plan.resolve import RunPlan
-from orchestrator.records import RunRecord, error_text
+from orchestrator.records import RunRecord
 
 Kind = Literal["chat", "text"]
 EventLevel = Literal["none", "progress", "tokens"]
@@ -169,7 +169,7 @@ class Thinking:
                 self._write(block, block.text.feed(event.text))
         elif isinstance(event, ModelFinished):
             r = event.response
-            why = str((r.error or {}).get("message") or "error")  # the hint is for the operator: in `chorus`
+            why = (r.error.message if r.error else "") or "error"  # the hint is for the operator: in `chorus`
             note = f"_(failed: {why})_" if r.status == "failed" else ""
             self._end((event.stage, r.label), note)
         elif isinstance(event, StageStarted) and event.stage in self.retrieving:
@@ -277,7 +277,7 @@ def progress(event: Event) -> dict[str, Any] | None:
         r = event.response
         return {**base, "stage": event.stage, "label": r.label, "model": r.model, "status": r.status,
                 "completion_tokens": r.completion_tokens, "seconds": r.total_s,
-                "error": error_text(r.error) or None}
+                "error": r.error.text() if r.error else None}
     if isinstance(event, Notice):
         return {**base, "stage": event.stage, "message": event.message, "waves": event.waves}
     if isinstance(event, AggregationDone):
@@ -285,7 +285,7 @@ def progress(event: Event) -> dict[str, Any] | None:
     if isinstance(event, StageFinished):
         s = event.record
         return {**base, "index": s.index, "stage": s.name, "status": s.status, "output": s.output,
-                "error": error_text(s.error) or None}
+                "error": s.error.text() if s.error else None}
     if isinstance(event, RunFinished):
         return None  # the last chunk says how the run ended, with the session id
     return {**base}

@@ -163,7 +163,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     resources = chorus.config.app.resources
     print(plan_header(plan, resources.fraction, resources.fixed_mib))
     if run_plan.blocked is not None:
-        print(str(run_plan.blocked.get("message", run_plan.blocked)))
+        print(run_plan.blocked.message)
     for stage, resolved in zip(plan.stages, run_plan.stages, strict=True):
         print()
         if resolved.retrieval is not None:  # no model call: passages from docs.db, nothing to fit in memory

@@ -32,7 +32,7 @@ from orchestrator.engine.events import (
     Token,
 )
 from orchestrator.plan.resolve import RunPlan
-from orchestrator.records import ResponseRecord, error_text
+from orchestrator.records import ResponseRecord
 
 CLEAR_BELOW = "\x1b[J"      # erase from the cursor to the end of the screen
 
@@ -198,7 +198,7 @@ class ProgressPrinter:
                 extra = f" (agreement {agg.details['agreement']:.0%})" if "agreement" in agg.details else ""
                 self._line(f"  merged by {agg.kind}{extra}")
             case StageFinished(record=st) if st.status not in ("ok", "copied"):
-                err = error_text(st.error)
+                err = st.error.text() if st.error else ""
                 self._line(f"  stage {st.name}: {st.status}" + (f": {err}" if err else ""))
             case RunFinished():
                 self.close()
@@ -296,7 +296,7 @@ def _finished(r: ResponseRecord, call_s: float | None = None) -> str:
         wait = took - request_s
         waited = f" ({wait:.1f}s of it waiting for its server)" if wait >= 0.5 else ""
         return f"  {r.label}: {r.completion_tokens or 0} tokens in {took:.1f}s{rate}{cut}{waited}"
-    return f"  {r.label}: {r.status.upper()}: {error_text(r.error)}"
+    return f"  {r.label}: {r.status.upper()}: {r.error.text() if r.error else ''}"
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -19,7 +19,6 @@ from orchestrator.config.schema import load_config
 from orchestrator.engine.run import CancelToken, SequentialQuestion
 from orchestrator.errors import ConfigError
 from orchestrator.history.store import SessionError, SessionStore
-from orchestrator.records import error_text
 from orchestrator.runs import RunOutcome
 
 
@@ -65,7 +64,7 @@ def emit_outcome(outcome: RunOutcome, as_json: bool, printer: ProgressPrinter | 
         shown = printer is not None and printer.answer_shown(outcome.run.final)
         if outcome.run.status in ("completed", "partial") and not shown:
             print(outcome.run.final.strip())
-        err = error_text(outcome.run.error)
+        err = outcome.run.error.text() if outcome.run.error else ""
         print(f"\nstatus: {outcome.run.status}" + (f" ({err})" if err else ""), file=sys.stderr)
         if (took := run_time(outcome)) is not None:
             print(f"time: {took:.1f}s for the whole run, server starts included", file=sys.stderr)
@@ -191,16 +190,17 @@ def cmd_history_show(args: argparse.Namespace) -> int:
     if m.get("parent_session"):
         print(f"rerun of {m['parent_session']} from stage {m.get('rerun_from_stage')}")
     print(f"question: {m.get('question')}\n")
-    if m.get("error"):  # why the run was refused, failed or cancelled (need vs have for a refused one)
-        print(f"why: {error_text(m['error'])}\n")
+    if session.error:  # why the run was refused, failed or cancelled (need vs have for a refused one)
+        print(f"why: {session.error.text()}\n")
     for stage in session.stages:
         print(f"== step {stage.index}: {stage.name} [{stage.status}]")
         if len(stage.waves) > 1:
             print(f"   in {len(stage.waves)} waves: " + " then ".join("+".join(w) for w in stage.waves))
         if stage.error and stage.status != "ok":
-            print(f"   error: {error_text(stage.error)}")
+            print(f"   error: {stage.error.text()}")
         for r in stage.responses:
-            head = f"-- {r.label} ({r.model})" + (f" {r.status}: {error_text(r.error)}" if not r.ok else "")
+            why = f" {r.status}: {r.error.text() if r.error else ''}" if not r.ok else ""
+            head = f"-- {r.label} ({r.model})" + why
             print(head)
             if r.text:
                 print(r.text.strip())

@@ -6,11 +6,13 @@ An error is stored on the record it belongs to and the run goes on where it can.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import time
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 from launcher.errors import ChorusError
@@ -20,20 +22,74 @@ StageStatus = Literal["pending", "running", "ok", "partial", "failed", "cancelle
 RunStatus = Literal["running", "completed", "partial", "failed", "cancelled", "interrupted"]
 
 
-def error_dict(exc: BaseException) -> dict[str, Any]:
-    """A typed error as data: its type, message and the fields it carries."""
-    if isinstance(exc, ChorusError):
-        return exc.to_dict()
-    return {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A typed error as stored on a record: what every error has, the data chorus errors carry, the rest in
+    `extra`. Records hold it; it becomes a dict only at the edges (session files, API bodies, --json).
+
+    `to_dict` gives the dict `ChorusError.to_dict` gave (or the one read from a file) key for key and in the
+    same order, so sessions written before and after this type read and write back identical.
+    """
+
+    type: str                          # the exception's class name
+    message: str
+    hint: str | None = None
+    model: str | None = None           # the model the error is about
+    reason: str | None = None          # why, in words (ModelUnavailable, StageRefused...)
+    detail: str | None = None          # the message without its context (ServerError, ConfigError...)
+    need: dict[str, int] | None = None  # InsufficientMemory, RpcWorkerShort: bytes per device or worker
+    have: dict[str, int] | None = None
+    file: str | None = None            # ConfigError: the file, line and dotted field
+    line: int | None = None
+    field: str | None = None
+    path: str | None = None            # GGUFError, SessionError: the file or folder
+    exit_code: int | None = None       # ServerError: how the server ended, its log
+    log_path: str | None = None
+    log_tail: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # any other field, as stored
+    order: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)  # the stored key order
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ErrorInfo:
+        """A caught exception as data: a ChorusError with the fields it carries, anything else type and message."""
+        if isinstance(exc, ChorusError):
+            return cls.from_dict(exc.to_dict(), where=type(exc).__name__)
+        return cls(type(exc).__name__, str(exc) or type(exc).__name__)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "error") -> ErrorInfo:
+        """An error as stored (a session file, an older chorus): RecordError unless it has a text type and
+        message; a field of another type than declared (a newer chorus) stays in `extra`, as it was."""
+        if not isinstance(data, dict):
+            raise RecordError(where, f"is {_kind(data)}, not an object")
+        for name in ("type", "message"):
+            if not isinstance(data.get(name), str):
+                raise RecordError(where, f"'{name}' is {_kind(data.get(name))}, not text")
+        typed: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in copy.deepcopy(data).items():
+            if key in _ERROR_FIELDS and _fits(value, _ERROR_FIELDS[key]):
+                typed[key] = value
+            else:
+                extra[str(key)] = value
+        return cls(**typed, extra=extra, order=tuple(str(k) for k in data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored shape (a deep copy): the keys it was read or made with, in their order, then any field
+        set since."""
+        values: dict[str, Any] = {name: getattr(self, name) for name in _ERROR_FIELDS}
+        values.update(self.extra)
+        added = [k for k in values if k not in self.order and (k in ("type", "message") or values[k] is not None)]
+        return {k: copy.deepcopy(values[k]) for k in (*self.order, *added) if k in values}
+
+    def text(self) -> str:
+        """One line for people: the message, then the hint when there is one."""
+        text = self.message or self.type or "error"
+        return f"{text} Hint: {self.hint}" if self.hint and self.hint not in text else text
 
 
-def error_text(error: dict[str, Any] | None) -> str:
-    """One line for people: the message, then the hint when there is one."""
-    if not error:
-        return ""
-    text = str(error.get("message") or error.get("type") or "error")
-    hint = error.get("hint")
-    return f"{text} Hint: {hint}" if hint and hint not in text else text
+_ERROR_FIELDS: dict[str, Any] = {name: hint for name, hint in typing.get_type_hints(ErrorInfo).items()
+                                  if name not in ("extra", "order")}  # field -> its declared type
 
 
 @dataclass
@@ -47,7 +103,7 @@ class ResponseRecord:
     params: dict[str, Any] = field(default_factory=dict)
     text: str = ""
     status: ResponseStatus = "pending"
-    error: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     first_token_s: float | None = None
@@ -90,7 +146,7 @@ class StageRecord:
     aggregation: AggregationRecord | None = None
     output: str = ""
     status: StageStatus = "pending"
-    error: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
     started_at: float | None = None
     finished_at: float | None = None
 
@@ -112,7 +168,7 @@ class RunRecord:
     stages: list[StageRecord] = field(default_factory=list)
     status: RunStatus = "running"
     final: str = ""
-    error: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     parent_session: str | None = None
@@ -135,20 +191,33 @@ class RecordError(ChorusError):
 
 
 def to_dict(record: Any) -> dict[str, Any]:
-    """A record as JSON-ready data (a deep copy: safe to hand to another thread)."""
+    """A record as JSON-ready data (a deep copy: safe to hand to another thread); errors as their dicts."""
     if isinstance(record, RunRecord):
         return run_to_dict(record)
-    data = asdict(record)
+    data: dict[str, Any] = _plain(record)
     if isinstance(record, StageRecord):
         data["duration_s"] = record.duration_s
     return data
 
 
 def run_to_dict(run: RunRecord) -> dict[str, Any]:
-    data = asdict(run)
+    data: dict[str, Any] = _plain(run)
     for stage, stage_data in zip(run.stages, data["stages"], strict=True):
         stage_data["duration_s"] = stage.duration_s
     return data
+
+
+def _plain(value: Any) -> Any:
+    """`dataclasses.asdict`, but an ErrorInfo becomes its stored dict (`to_dict`), not its fields."""
+    if isinstance(value, ErrorInfo):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return copy.deepcopy(value)
 
 
 def response_from_dict(data: Any, *, where: str = "response") -> ResponseRecord:
@@ -192,6 +261,9 @@ def _checked(cls: type, data: Any, where: str, nested: tuple[str, ...] = ()) -> 
         if f.name in nested:
             continue
         value, expected = data[f.name], _hints(cls)[f.name]
+        if expected == ErrorInfo | None:  # an error is read into its type
+            values[f.name] = None if value is None else ErrorInfo.from_dict(value, where=f"{where}, '{f.name}'")
+            continue
         if not _fits(value, expected):
             raise RecordError(where, f"'{f.name}' is {_kind(value)}, not {_expected(expected)}")
         values[f.name] = value

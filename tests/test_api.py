@@ -41,6 +41,7 @@ from orchestrator.config.schema import load_config
 from orchestrator.engine import run as engine_run
 from orchestrator.engine.fake import FakeBackend, Script, crash
 from orchestrator.history.store import SessionStore
+from orchestrator.records import ErrorInfo
 from tests.conftest import REPO, ConfigDir
 
 # ---------------------------------------------------------------- unit: the app on the fake backend
@@ -371,11 +372,11 @@ def test_every_typed_error_has_its_own_status() -> None:
     modules = (launcher_errors, orchestrator_errors, engine_run)
     types = {cls for m in modules for cls in vars(m).values()
              if isinstance(cls, type) and issubclass(cls, ChorusError) and cls is not ChorusError}
-    unmapped = sorted(cls.__name__ for cls in types if status_of({"type": cls.__name__}) == INTERNAL)
+    unmapped = sorted(cls.__name__ for cls in types if status_of(ErrorInfo(cls.__name__, "")) == INTERNAL)
     assert unmapped == []
-    assert status_of({"type": "ServerCrashed"}).http == 502
-    assert status_of({"type": "ServerOutOfMemory"}).http == 503
-    assert status_of({"type": "PortInUse", "exit_code": 1}).http == 502  # a start error by its data
+    assert status_of(ErrorInfo("ServerCrashed", "")).http == 502
+    assert status_of(ErrorInfo("ServerOutOfMemory", "")).http == 503
+    assert status_of(ErrorInfo("SomeStartError", "", exit_code=1)).http == 502  # an unknown type, by its data
 
 
 # ---------------------------------------------------------------- unit: the model proxy

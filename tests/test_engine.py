@@ -142,7 +142,7 @@ def test_plan_to_dict_shows_servers_with_slots_and_each_calls_request(registry: 
 
 def test_base_mode_with_a_missing_model_is_blocked_in_the_plan(registry: Registry) -> None:
     plan = plan_of(registry, spec([{"name": "a", "models": ["gone"]}]), mode="base")
-    assert plan.blocked is not None and plan.blocked["type"] == "PipelineBlocked"
+    assert plan.blocked is not None and plan.blocked.type == "PipelineBlocked"
     record, events = run(plan, FakeBackend())
     assert record.status == "failed" and record.error == plan.blocked
     assert [type(e) for e in events] == [RunStarted, RunFinished]
@@ -189,7 +189,7 @@ def test_manual_mode_asks_before_waves_and_a_no_refuses_the_stage(registry: Regi
 
     record, _ = run(plan_of(registry, three_reviewers()), backend, allow_sequential=decline)
     assert asked == ["review"]
-    assert record.status == "cancelled" and record.error and record.error["type"] == "StageRefused"
+    assert record.status == "cancelled" and record.error and record.error.type == "StageRefused"
     assert backend.requests == []  # asked before anything ran: the draft did not run either
 
 
@@ -199,8 +199,8 @@ def test_a_model_that_does_not_fit_even_alone_refuses_the_run_before_anything_ru
                                                        ["r3"]) if any(c.label == "r3" for c in calls)
                           else WavePlan(True, [[c.label for c in calls]]))
     record, events = run(plan_of(registry, three_reviewers(), mode="base"), backend)
-    assert record.status == "failed" and record.error and record.error["type"] == "RunRefused"
-    assert "needs 9 GiB, 2 GiB usable" in record.error["message"] and record.stages == []
+    assert record.status == "failed" and record.error and record.error.type == "RunRefused"
+    assert "needs 9 GiB, 2 GiB usable" in record.error.message and record.stages == []
     assert backend.requests == [] and not any(e.type == "model_started" for e in events)
 
 
@@ -210,7 +210,7 @@ def test_a_failed_call_is_recorded_and_the_stage_goes_on_as_partial(registry: Re
     review = record.stages[1]
     assert review.status == "partial" and record.status == "partial"
     r2 = review.responses[1]
-    assert r2.status == "failed" and r2.error and r2.error["type"] == "ServerCrashed"
+    assert r2.status == "failed" and r2.error and r2.error.type == "ServerCrashed"
     assert record.final == review.output  # the others' answer is still the run's answer
     failed = [e for e in events if isinstance(e, ModelFinished) and e.response.status == "failed"]
     assert [e.label for e in failed] == ["r2"]
@@ -223,14 +223,14 @@ def test_on_error_stop_ends_the_run_at_the_failing_stage(registry: Registry) -> 
     ])
     record, _ = run(plan_of(registry, pipeline), FakeBackend())
     assert record.status == "failed" and [s.name for s in record.stages] == ["one"]
-    assert record.error and record.error["type"] == "ModelUnavailable"
+    assert record.error and record.error.type == "ModelUnavailable"
 
 
 def test_a_hung_call_discards_its_server(registry: Registry) -> None:
     backend = FakeBackend().script("second", RequestTimeout("second", "no answer in 0.1s"))
     record, _ = run(plan_of(registry, spec([{"name": "a", "models": ["gemma3-270m", "second"]}])), backend)
     assert backend.discarded == ["second"]
-    assert record.stages[0].responses[1].error["type"] == "RequestTimeout"  # type: ignore[index]
+    assert record.stages[0].responses[1].error.type == "RequestTimeout"  # type: ignore[union-attr]
 
 
 def test_cancel_stops_the_calls_in_flight_and_the_run_ends_cancelled(registry: Registry) -> None:
@@ -319,7 +319,7 @@ def test_a_missing_model_fails_its_step_and_the_stage_goes_on(registry: Registry
     stage = record.stages[0]
     assert record.status == "partial" and stage.status == "partial"
     ghost = stage.response("ghost")
-    assert ghost and ghost.status == "failed" and ghost.error and ghost.error["type"] == "ModelUnavailable"
+    assert ghost and ghost.status == "failed" and ghost.error and ghost.error.type == "ModelUnavailable"
     assert stage.output == "here"
 
 
@@ -336,7 +336,7 @@ def test_a_template_reaching_python_internals_fails_the_stage_before_any_call(re
     backend = FakeBackend()
     pipeline = spec([{"name": "s", "models": ["gemma3-270m"], "prompt": "{{ ''.__class__.__mro__ }}"}])
     record, _ = run(plan_of(registry, pipeline), backend)
-    assert record.status == "failed" and record.error and "sandbox" in record.error["message"].lower()
+    assert record.status == "failed" and record.error and "sandbox" in record.error.message.lower()
     assert backend.requests == []
 
 
@@ -357,4 +357,4 @@ def test_an_embedding_model_named_in_a_stage_is_unavailable_with_the_reason(conf
     target = plan.stage(1).calls[0].target
     assert target.kind == "unavailable" and "embedding model" in (target.reason or "")
     record, _ = run(plan, FakeBackend())
-    assert record.stages[0].responses[0].error["type"] == "ModelUnavailable"  # type: ignore[index]
+    assert record.stages[0].responses[0].error.type == "ModelUnavailable"  # type: ignore[union-attr]

@@ -281,9 +281,9 @@ def test_judge_retries_once_then_fails_the_stage_with_the_replies(registry: Regi
     backend = FakeBackend({"gemma3-270m": Script("x"), "second": Script("y"), "judge": Script("I cannot say.")})
     _, record = run_engine(registry, judged_stage(), backend)
     assert record.status == "failed" and record.stages[0].status == "failed"
-    error = record.stages[0].error or {}
-    assert error["type"] == "AggregationError" and "no readable score after a stricter retry" in error["message"]
-    assert error["details"]["replies"] == ["I cannot say.", "I cannot say."]
+    error = record.stages[0].error
+    assert error and error.type == "AggregationError" and "no readable score after a stricter retry" in error.message
+    assert error.extra["details"]["replies"] == ["I cannot say.", "I cannot say."]
     assert [m for m, _ in backend.requests].count("judge") == 2  # the first answer: asked, retried, given up
 
 

@@ -90,11 +90,11 @@ def test_a_worker_cut_off_mid_generation_fails_in_time_named_and_the_run_is_part
                 rt.close()
 
     assert cut_at, f"the split model never produced a token: {split.status} {split.error}"
-    error = split.error or {}
-    assert split.status == "failed" and error.get("type") == "RpcWorkerLost", error
-    assert worker in error["message"], error
+    error = split.error
+    assert split.status == "failed" and error and error.type == "RpcWorkerLost", error
+    assert worker in error.message, error
     took = (split.finished_at or 0) - cut_at[0]
-    print(f"split call failed {took:.1f}s after the cut: {error['message']}")
+    print(f"split call failed {took:.1f}s after the cut: {error.message}")
     assert took <= REQUEST_TIMEOUT_S + WORKER_PROBE_S + STOP_GRACE_S + 4, took
     assert other.ok and other.text, (other.status, other.error)
     assert record.status == "partial"

@@ -150,7 +150,7 @@ def test_manual_stage_that_does_not_fit_is_refused_unless_sequential_is_allowed(
         return False
 
     record, _ = run(small_machine_runtime, two_model_stage(), engine={"allow_sequential": decline})
-    assert record.status == "cancelled" and record.error and record.error["type"] == "StageRefused"
+    assert record.status == "cancelled" and record.error and record.error.type == "StageRefused"
     assert asked and asked[0].waves == [["gemma3-270m"], ["second"]]
     assert small_machine_runtime.pool.starts == 0  # refused before any model loaded
 
@@ -220,7 +220,7 @@ def test_remote_url_model_runs_in_a_pipeline_without_a_local_server(config_dir: 
         finally:
             rt.close()
         error = record.stages[0].responses[0].error
-        assert record.status == "failed" and error and error["type"] == "RequestFailed" and "401" in error["message"]
+        assert record.status == "failed" and error and error.type == "RequestFailed" and "401" in error.message
     finally:
         remote.stop()
 

@@ -362,7 +362,7 @@ def test_a_missing_collection_fails_the_stage_with_its_name(config_dir: ConfigDi
     plan = build_plan(PipelineSpec.model_validate(RAG_PIPELINE), registry, Machine())
     record = asyncio.run(Engine(FakeBackend()).run(plan, "q"))
     assert record.status == "failed" and record.error is not None
-    assert record.error["type"] == "CollectionNotFound" and "'kb'" in record.error["message"]
+    assert record.error.type == "CollectionNotFound" and "'kb'" in record.error.message
 
 
 def test_templates_see_the_latest_retrieve_stages_context() -> None:

@@ -191,7 +191,7 @@ def test_a_call_fails_when_its_retry_fails_too() -> None:
     backend = FakeBackend(failing_urls={"http://a/v1", "http://b/v1"})
     run = asyncio.run(Engine(backend).run(_replica_plan(), "q"))  # type: ignore[arg-type]
     calls = run.stages[0].responses
-    assert all(c.status == "failed" and c.error and c.error["type"] == "ServerCrashed" for c in calls)
+    assert all(c.status == "failed" and c.error and c.error.type == "ServerCrashed" for c in calls)
     assert len(backend.requests) == 6  # each call: once, then once more, never a third time
     assert set(backend.marked_down) == {"http://a/v1", "http://b/v1"}  # both down after failing
 
@@ -294,13 +294,13 @@ def test_a_worker_killed_mid_run_names_the_worker_and_the_run_goes_on(config_dir
         record, _ = engine_run(rt, spec, observers=[kill_on_first_split_token])
         split, other = record.stages[0].responses
         assert split.status == "failed" and split.error is not None
-        assert victim.endpoint in split.error["message"], split.error
+        assert victim.endpoint in split.error.message, split.error
         assert other.ok and other.text
         assert record.status == "partial"
         # the next use of the model refuses before starting, naming the dead worker
         again, _ = engine_run(rt, _pipeline([{"name": "again", "models": ["gemma-split"], "prompt": "Hi"}]))
-        error = again.stages[0].responses[0].error or {}
-        assert error.get("type") == "RpcError" and victim.endpoint in error.get("message", "")
+        error = again.stages[0].responses[0].error
+        assert error and error.type == "RpcError" and victim.endpoint in error.message
     finally:
         rt.close()
 
@@ -368,9 +368,9 @@ def test_a_worker_capped_below_its_share_fails_the_load_naming_the_workers(confi
                            "execution": "sequential"}])
         record, _ = engine_run(rt, spec)
         split, other = record.stages[0].responses
-        error = split.error or {}
-        assert split.status == "failed" and error.get("type") == "RpcLoadFailed", error
-        assert all(w.endpoint in error["message"] for w in capped) and "--mem" in (error.get("hint") or "")
+        error = split.error
+        assert split.status == "failed" and error and error.type == "RpcLoadFailed", error
+        assert all(w.endpoint in error.message for w in capped) and "--mem" in (error.hint or "")
         assert other.ok and record.status == "partial"
         assert all(w.process.poll() is None for w in capped)  # the workers refused the buffer and live on
     finally:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from orchestrator.engine.run import CancelToken
-from orchestrator.records import error_dict
+from orchestrator.records import ErrorInfo
 
 T = TypeVar("T")
 
@@ -20,7 +20,7 @@ class Background(Generic[T]):
     def __init__(self, name: str) -> None:
         self.cancel_token = CancelToken()
         self.result: T | None = None
-        self.error: dict[str, Any] | None = None
+        self.error: ErrorInfo | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._work: Callable[[CancelToken], T] | None = None
@@ -35,7 +35,7 @@ class Background(Generic[T]):
         try:
             self.result = self._work(self.cancel_token)
         except Exception as exc:  # the UI shows it
-            self.error = error_dict(exc)
+            self.error = ErrorInfo.of(exc)
 
     @property
     def done(self) -> bool:

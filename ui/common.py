@@ -18,7 +18,7 @@ from orchestrator.config.schema import PipelineSpec
 from orchestrator.errors import ChorusError
 from orchestrator.history.store import Session
 from orchestrator.rag.retrieval import cited
-from orchestrator.records import StageRecord, error_text
+from orchestrator.records import StageRecord
 from ui import params_form
 from ui.auth import gate
 from ui.live import LiveRun, StageView
@@ -119,7 +119,7 @@ def render_live(live: LiveRun) -> None:
         st.info(md_escape(note))
     render_live_stages(live.snapshot())
     if live.error:
-        st.error(f"The run could not start: {md_escape(error_text(live.error))}")
+        st.error(f"The run could not start: {md_escape(live.error.text())}")
     outcome = live.outcome
     if outcome is not None:
         if outcome.history_error:
@@ -130,7 +130,7 @@ def render_live(live: LiveRun) -> None:
             st.subheader("Final answer")
             st.markdown(f'<div id="chorus-final-answer">{html_text(run.final)}</div>', unsafe_allow_html=True)
         else:
-            st.error(f"Run {md_escape(run.status)}: {md_escape(error_text(run.error))}")
+            st.error(f"Run {md_escape(run.status)}: {md_escape(run.error.text() if run.error else '')}")
 
 
 # ---------------------------------------------------------------- saved sessions
@@ -156,7 +156,7 @@ def render_session(session: Session, *, key: str) -> None:
             for r in stage.responses:
                 st.markdown(md_escape(f"{r.label} ({r.model}) — {r.status}"))
                 if r.error:
-                    st.error(md_escape(error_text(r.error)))
+                    st.error(md_escape(r.error.text()))
                 if r.text:
                     st.text(r.text)
                 if r.completion_tokens:
@@ -180,7 +180,7 @@ def render_session(session: Session, *, key: str) -> None:
                     render_judge(agg.details)
                 st.text(agg.output)
             if stage.error:
-                st.error(md_escape(error_text(stage.error)))
+                st.error(md_escape(stage.error.text()))
     retrieved = [s for s in session.stages if s.aggregation is not None and s.aggregation.kind == "retrieve"]
     if session.final is not None:
         answer, sources = st.columns([3, 2]) if retrieved else (st.container(), None)

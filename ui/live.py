@@ -21,7 +21,6 @@ from orchestrator.engine.events import (
     Token,
 )
 from orchestrator.engine.run import CancelToken
-from orchestrator.records import error_text
 from orchestrator.runs import RunOutcome
 from ui.background import Background
 
@@ -83,7 +82,7 @@ class LiveRun(Background[RunOutcome]):
             case ModelFinished(response=r) if current is not None:
                 view = current.models.setdefault(r.label, ModelView(r.label, r.model))
                 view.text, view.status = r.text, r.status
-                view.error = error_text(r.error) or None
+                view.error = r.error.text() if r.error else None
                 view.tokens, view.tokens_per_s, view.seconds = r.completion_tokens, r.tokens_per_s, r.total_s
             case AggregationDone(aggregation=agg) if current is not None:
                 current.merged_by = agg.kind
@@ -93,7 +92,7 @@ class LiveRun(Background[RunOutcome]):
                     stage_view = StageView(st.index, st.name)
                     self.stages.append(stage_view)
                 stage_view.status, stage_view.output = st.status, st.output
-                stage_view.error = error_text(st.error) or None
+                stage_view.error = st.error.text() if st.error else None
 
     def snapshot(self) -> list[StageView]:
         """A consistent copy for rendering while the run goes on."""

@@ -28,7 +28,7 @@ from orchestrator.config import aggregators
 from orchestrator.config.schema import AggregationSpec, VoteOptions
 from orchestrator.engine.judge import JudgeUnparseable, PairVerdict, ScoreVerdict, judge_pair, judge_score
 from orchestrator.engine.templates import TemplateError, render_async
-from orchestrator.records import AggregationRecord, error_dict
+from orchestrator.records import AggregationRecord, ErrorInfo
 
 
 @dataclass(frozen=True)
@@ -331,7 +331,7 @@ async def _break_tie(spec: AggregationSpec, question: str, tied: list[_Group], a
         reply = await synthesize(spec.synthesis_model, prompt)
     except Exception as exc:
         details.update(tie_break="first", tie_break_fallback=f"the tie-break model failed: {exc}",
-                       tie_break_error=error_dict(exc))
+                       tie_break_error=ErrorInfo.of(exc).to_dict())
         return tied[0]
     details["tie_break_reply"] = reply
     chosen = match_reply(reply, [g.normalised for g in tied], spec.vote.similarity)
@@ -386,7 +386,7 @@ async def _synthesis(spec: AggregationSpec, question: str, inputs: list[dict[str
         reply = await synthesize(model, prompt)
     except Exception as exc:
         raise AggregationError("synthesis", f"synthesis model '{model}' failed: {exc}",
-                               details={**details, "synthesis_error": error_dict(exc)}) from exc
+                               details={**details, "synthesis_error": ErrorInfo.of(exc).to_dict()}) from exc
     details["synthesis_output"] = reply
     if not reply.strip():
         raise AggregationError("synthesis", f"synthesis model '{model}' returned an empty answer", details=details,
@@ -436,7 +436,7 @@ async def _judge(spec: AggregationSpec, question: str, candidates: Sequence[Cand
         raise AggregationError("judge", str(exc), details={**details, "template_error": exc.to_dict()}) from exc
     except ChorusError as exc:
         raise AggregationError("judge", f"judge model '{model}' failed: {exc}",
-                               details={**details, "judge_error": error_dict(exc)}) from exc
+                               details={**details, "judge_error": ErrorInfo.of(exc).to_dict()}) from exc
     best = max(points)
     winner = points.index(best)
     details.update(winner_label=labels[winner], winner_score=best,

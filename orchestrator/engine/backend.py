@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from launcher.process.client import Endpoint, GenerationRequest, GenerationResult
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target
+from orchestrator.records import ErrorInfo
 
 TokenCallback = Callable[[str], None]
 
@@ -35,7 +36,7 @@ class WaveStep:
     chose), the calls that cannot run at all and why, how many waves the rest takes, and what to record."""
 
     calls: list[CallPlan]
-    unfit: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> typed error: need vs have
+    unfit: dict[str, ErrorInfo] = field(default_factory=dict)  # label -> typed error: need vs have
     waves_left: int = 1                                      # this wave and the ones after it, as planned now
     reason: str = ""                                         # why it takes several waves
     waves: list[list[str]] = field(default_factory=list)     # labels of this wave and the ones after it

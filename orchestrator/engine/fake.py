@@ -16,6 +16,7 @@ from launcher.process.client import Endpoint, GenerationRequest, GenerationResul
 from orchestrator.engine.backend import TokenCallback, WavePlan, WaveStep
 from orchestrator.engine.replicas import ReplicaSet
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target
+from orchestrator.records import ErrorInfo
 
 Reply = str | Callable[[GenerationRequest], str] | BaseException
 
@@ -106,7 +107,7 @@ class FakeBackend:
     async def next_wave(self, calls: Sequence[CallPlan], *, together: bool = False) -> WaveStep:
         labels = [c.label for c in calls]
         plan = WavePlan(True, [labels]) if together else self._plan(calls)
-        unfit = {label: {"type": "InsufficientMemory", "message": plan.reason} for label in plan.unfit
+        unfit = {label: ErrorInfo("InsufficientMemory", plan.reason) for label in plan.unfit
                  if label in labels}
         waves = [[label for label in w if label in labels] for w in plan.waves]
         waves = [w for w in waves if w]

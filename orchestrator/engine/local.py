@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import httpx
 
@@ -40,7 +39,7 @@ from orchestrator.plan.memory import (
     waves_text,
 )
 from orchestrator.plan.resolve import CallPlan, StagePlan, Target, remote_api_key
-from orchestrator.records import error_dict
+from orchestrator.records import ErrorInfo
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger("chorus.replicas")
@@ -214,14 +213,14 @@ def next_wave(runtime: Runtime, calls: Sequence[CallPlan]) -> WaveStep:
                      for d in group.demands]
     sched = runtime.schedule(group.demands)
     estimate = runtime.memory_guard.need_or_none
-    unfit: dict[str, dict[str, Any]] = {}
+    unfit: dict[str, ErrorInfo] = {}
     for u in sched.unfit:
         spec = group.demands[u.demand].spec
         exc = InsufficientMemory(spec.model, u.need, u.have,
                                  ["it does not fit even alone, with every idle server stopped: use a smaller "
                                   "n_ctx or model, or a larger budget"])
         for call in group.calls[u.demand]:
-            unfit[call.label] = error_dict(exc)
+            unfit[call.label] = ErrorInfo.of(exc)
     # no local memory, or no estimate (the start says why): they ride in the first wave
     extra = [*group.remote, *(c for u in sched.unknown for c in group.calls[u.demand]), *group.unavailable]
     if not sched.waves:

@@ -44,12 +44,11 @@ from orchestrator.rag.retrieval import stage_output as retrieve_output
 from orchestrator.rag.store import DocStore
 from orchestrator.records import (
     AggregationRecord,
+    ErrorInfo,
     ResponseRecord,
     RunRecord,
     StageRecord,
     StageStatus,
-    error_dict,
-    error_text,
     to_dict,
 )
 
@@ -172,12 +171,12 @@ class Engine:
         except asyncio.CancelledError:
             run.status = "cancelled"
         except StageRefused as exc:  # the user said no to waves: their choice, not a failure
-            run.status, run.error = "cancelled", error_dict(exc)
+            run.status, run.error = "cancelled", ErrorInfo.of(exc)
         except ChorusError as exc:  # expected trouble (a refused plan): recorded, no traceback
-            run.status, run.error = "failed", error_dict(exc)
+            run.status, run.error = "failed", ErrorInfo.of(exc)
         except Exception as exc:  # the engine never raises into its caller; the run records why
             log.exception("run failed")
-            run.status, run.error = "failed", error_dict(exc)
+            run.status, run.error = "failed", ErrorInfo.of(exc)
         if run.status == "completed":
             run.final = run.stages[-1].output if run.stages else ""
         run.finished_at = time.time()
@@ -269,7 +268,7 @@ class Engine:
         try:
             record.prompt = await render_async(spec.prompt, context, where=f"stage '{stage.name}' prompt")
         except ChorusError as exc:
-            return self._finish(run, record, "failed", error=error_dict(exc))
+            return self._finish(run, record, "failed", error=ErrorInfo.of(exc))
         if sources := sources_in_prompt(run.stages, record.prompt):  # which retrieved passages this prompt got
             record.params["sources"] = sources
         record.responses = [ResponseRecord(label=c.label, model=c.model, system_prompt=c.request.system_prompt,
@@ -292,20 +291,20 @@ class Engine:
                 except InsufficientMemory as exc:  # memory changed since the wave was decided
                     for call in step.calls:
                         if responses[call.label].status == "pending":
-                            responses[call.label].status, responses[call.label].error = "failed", error_dict(exc)
+                            responses[call.label].status, responses[call.label].error = "failed", ErrorInfo.of(exc)
                 if cancel.cancelled:
                     return self._finish(run, record, "cancelled")
                 if spec.on_error == "stop" and any(r.status == "failed" for r in record.responses):
                     break
         except ChorusError as exc:
-            return self._finish(run, record, "failed", error=error_dict(exc))
+            return self._finish(run, record, "failed", error=ErrorInfo.of(exc))
         record.execution = "parallel" if len(record.waves) <= 1 else "sequential"
         ok = [r for r in record.responses if r.ok]
         failed = [r for r in record.responses if r.status == "failed"]
         if not ok:
             first = failed[0].error if failed else None
             return self._finish(run, record, "failed",
-                                error=first or {"type": "StageFailed", "message": "no model answered"})
+                                error=first or ErrorInfo("StageFailed", "no model answered"))
         if failed and spec.on_error == "stop":
             return self._finish(run, record, "failed", error=failed[0].error)
         synthesis_calls: list[ResponseRecord] = []
@@ -315,7 +314,7 @@ class Engine:
                 synthesize=self._synthesizer(run, stage, cancel, synthesis_calls),
                 config_dir=plan.config_dir, context=context)
         except (AggregationError, ChorusError) as exc:
-            return self._finish(run, record, "failed", error=error_dict(exc))
+            return self._finish(run, record, "failed", error=ErrorInfo.of(exc))
         if synthesis_calls:  # the synthesis model's tokens and timings, kept with the merge they made
             record.aggregation.details["synthesis_calls"] = [to_dict(c) for c in synthesis_calls]
         record.output = record.aggregation.output
@@ -347,7 +346,7 @@ class Engine:
         except asyncio.CancelledError:
             return self._finish(run, record, "cancelled")
         except ChorusError as exc:
-            return self._finish(run, record, "failed", error=error_dict(exc))
+            return self._finish(run, record, "failed", error=ErrorInfo.of(exc))
         context = format_context(passages)
         record.output = retrieve_output(context, run.question)
         record.aggregation = AggregationRecord(
@@ -363,7 +362,7 @@ class Engine:
             return (await asyncio.to_thread(embedder.embed, [query]))[0]
 
     def _finish(self, run: RunRecord, record: StageRecord, status: StageStatus, *,
-                error: dict[str, Any] | None = None) -> StageRecord:
+                error: ErrorInfo | None = None) -> StageRecord:
         record.status = status
         record.error = error
         record.finished_at = time.time()
@@ -414,12 +413,12 @@ class Engine:
                 await cancel.guard(self._generate(call, rec, on_token))
                 rec.status = "ok"
         except asyncio.CancelledError:
-            rec.status, rec.error = "cancelled", {"type": "Cancelled", "message": "cancelled by the user"}
+            rec.status, rec.error = "cancelled", ErrorInfo("Cancelled", "cancelled by the user")
         except ChorusError as exc:
-            rec.status, rec.error = "failed", error_dict(exc)
+            rec.status, rec.error = "failed", ErrorInfo.of(exc)
         except Exception as exc:
             log.exception("model call failed")
-            rec.status, rec.error = "failed", error_dict(exc)
+            rec.status, rec.error = "failed", ErrorInfo.of(exc)
         rec.finished_at = time.time()
         self._emit(run, ModelFinished(stage, rec))
 
@@ -461,16 +460,16 @@ class Engine:
             calls.append(rec)
             step = await self.backend.next_wave([call])  # a wave of its own, decided now
             if step.unfit:
-                raise SynthesisFailed(model, error_text(step.unfit[call.label]))
+                raise SynthesisFailed(model, step.unfit[call.label].text())
             try:
                 async with self.backend.running(step):
                     await self._call(run, stage.name, step.calls[0], rec, cancel)
             except InsufficientMemory as exc:
-                rec.status, rec.error = "failed", error_dict(exc)
+                rec.status, rec.error = "failed", ErrorInfo.of(exc)
             if rec.status == "cancelled":
                 raise asyncio.CancelledError
             if not rec.ok:
-                raise SynthesisFailed(model, (rec.error or {}).get("message", "failed"))
+                raise SynthesisFailed(model, rec.error.message if rec.error else "failed")
             return rec.text
 
         return synthesize

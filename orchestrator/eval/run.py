@@ -26,7 +26,7 @@ from orchestrator.eval.report import EvalReport, build_report
 from orchestrator.eval.scoring import score_reference
 from orchestrator.eval.store import EvalStore
 from orchestrator.plan.resolve import RunMode, RunPlan
-from orchestrator.records import RunRecord, error_dict, error_text
+from orchestrator.records import ErrorInfo, RunRecord
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
 
@@ -185,7 +185,7 @@ class EngineJudge:
         if record.status == "cancelled":
             raise asyncio.CancelledError
         if record.status != "completed":
-            raise JudgeCallFailed(model, error_text(record.error) or record.status)
+            raise JudgeCallFailed(model, record.error.text() if record.error else record.status)
         self.completion_tokens += sum(r.completion_tokens or 0 for s in record.stages for r in s.responses)
         return record.final
 
@@ -258,7 +258,7 @@ class EvalRunner:
         except asyncio.CancelledError:
             status = "interrupted"
         except Exception as exc:
-            status, error = "failed", error_text(error_dict(exc))
+            status, error = "failed", ErrorInfo.of(exc).text()
             raise
         finally:
             self.store.set_status(eval_id, status, error=error)
@@ -320,7 +320,7 @@ class EvalRunner:
         prompt_tokens, completion_tokens = run_tokens(run)
         wall = (run.finished_at or time.time()) - run.started_at
         self.store.put_answer(eval_id, item.index, system.name, session_id=outcome.session_id, status=run.status,
-                              answer=text, error=error_text(run.error) or None, prompt_tokens=prompt_tokens,
+                              answer=text, error=run.error.text() if run.error else None, prompt_tokens=prompt_tokens,
                               completion_tokens=completion_tokens, wall_s=wall)
         reference = score_reference(item, text)
         if reference is not None:
@@ -343,7 +343,7 @@ class EvalRunner:
                                                 reference=item.reference_text)
                     value, detail = verdict.score, verdict.to_dict()
                 except ChorusError as exc:
-                    value, detail = None, {"error": error_dict(exc)}
+                    value, detail = None, {"error": ErrorInfo.of(exc).to_dict()}
         self.store.put_score(eval_id, item.index, system, "judge", value, detail)
         self._tick(f"{item.id} · judge {system}", 1)
 
@@ -362,7 +362,7 @@ class EvalRunner:
                                             (baseline, other["answer"]), reference=item.reference_text)
                 except ChorusError as exc:
                     self.store.put_pair(eval_id, item.index, baseline, points=0.5, outcome="error", consistent=None,
-                                        detail={"error": error_dict(exc)})
+                                        detail={"error": ErrorInfo.of(exc).to_dict()})
                     self._tick(f"{item.id} · judge pipeline vs {baseline}", 1)
                     return
             points, outcome, consistent, detail = pair.points_a, pair.outcome, pair.consistent, pair.to_dict()

@@ -20,7 +20,6 @@ from typing import Any, Literal
 from orchestrator.history.recorder import writer_alive
 from orchestrator.history.serialize import SESSION_FILE, Session, SessionError, check_meta, plain_text
 from orchestrator.history.store import SessionStore, normalise_id, read_json
-from orchestrator.records import error_text
 
 ExportFormat = Literal["md", "json"]
 FORMATS: tuple[ExportFormat, ...] = ("md", "json")
@@ -74,8 +73,8 @@ def session_markdown(session: Session) -> str:
     if isinstance(pipeline, dict) and pipeline.get("name"):
         facts.append(("pipeline", pipeline["name"]))
     out += [f"- **{k}:** {_inline(v)}" for k, v in facts if v not in (None, "")]
-    if m.get("error"):
-        out.append(f"- **error:** {_inline(error_text(m['error']))}")
+    if session.error:
+        out.append(f"- **error:** {_inline(session.error.text())}")
     if session.problems:
         out.append(f"- **damaged:** {_inline('; '.join(session.problems))}")
     out += ["", "## Question", "", _block(m.get("question") or "")]
@@ -88,7 +87,7 @@ def session_markdown(session: Session) -> str:
             if figures:
                 out += [figures, ""]
             if r.error:
-                out += [f"Error: {_inline(error_text(r.error))}", ""]
+                out += [f"Error: {_inline(r.error.text())}", ""]
             if r.text:
                 out += [_block(r.text), ""]
         agg = stage.aggregation
@@ -103,7 +102,7 @@ def session_markdown(session: Session) -> str:
                 out += [f"Agreement: {agg.details['agreement']:.0%}", ""]
             out += [_block(stage.output or agg.output), ""]
         if stage.error:
-            out += [f"Error: {_inline(error_text(stage.error))}", ""]
+            out += [f"Error: {_inline(stage.error.text())}", ""]
     out += ["", "## Final answer", ""]
     out.append(_block(session.final) if session.final is not None else "_(no final answer)_")
     lines = [line for i, line in enumerate(out) if line or i == 0 or out[i - 1]]  # one blank line between parts

@@ -22,6 +22,7 @@ from typing import Any
 
 from launcher.errors import ChorusError
 from orchestrator.records import (
+    ErrorInfo,
     RecordError,
     RunRecord,
     StageRecord,
@@ -83,7 +84,7 @@ def session_meta(session_id: str, run: RunRecord, *, created_at: float, writer: 
     return {"id": session_id, "created_at": created_at, "finished_at": run.finished_at, "mode": run.mode,
             "question": run.question, "status": run.status, "parent_session": run.parent_session,
             "rerun_from_stage": run.rerun_from_stage, "stages": [s.name for s in run.stages],
-            "error": run.error, "warnings": list(run.warnings), "writer": writer}
+            "error": run.error.to_dict() if run.error else None, "warnings": list(run.warnings), "writer": writer}
 
 
 def first_meta(session_id: str, snapshot: dict[str, Any], *, created_at: float,
@@ -139,6 +140,12 @@ def check_meta(raw: Any, session_id: str) -> tuple[dict[str, Any], list[str]]:
         elif not isinstance(value, types_) or isinstance(value, bool):
             problems.append(f"{SESSION_FILE}: '{key}' is {_kind(value)}")
             meta[key] = empty
+    if meta["error"] is not None:
+        try:
+            ErrorInfo.from_dict(meta["error"], where=f"{SESSION_FILE}: 'error'")
+        except RecordError as exc:
+            problems.append(exc.message)
+            meta["error"] = None
     if not all(isinstance(s, str) for s in meta["stages"]):
         problems.append(f"{SESSION_FILE}: 'stages' is not a list of names")
         meta["stages"] = []
@@ -221,6 +228,12 @@ class Session:
     @property
     def damaged(self) -> bool:
         return bool(self.problems)
+
+    @property
+    def error(self) -> ErrorInfo | None:
+        """Why the run failed or was cancelled, read from session.json (checked by `check_meta`)."""
+        error = self.meta.get("error")
+        return ErrorInfo.from_dict(error, where=f"{self.id}: {SESSION_FILE}") if error else None
 
     def to_dict(self) -> dict[str, Any]:
         """The session as `history show --json` and the UI see it."""

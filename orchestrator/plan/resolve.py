@@ -22,7 +22,7 @@ from launcher.process.server import ServerSpec
 from orchestrator.config.registry import ModelRecord, Registry
 from orchestrator.config.schema import GENERATION_KEYS, GenerationParams, PipelineSpec, StageSpec
 from orchestrator.errors import ModelUnavailable, PipelineBlocked
-from orchestrator.records import error_dict
+from orchestrator.records import ErrorInfo
 
 _CONSTRAINTS = ("grammar", "json_schema")   # one output constraint: the most specific level setting either wins
 RunMode = Literal["base", "manual"]
@@ -49,7 +49,7 @@ class Target:
     urls: tuple[str, ...] = ()              # remote with replicas: every base URL (url first)
     api_key_env: str | None = None          # remote: the environment variable holding the key
     reason: str | None = None               # unavailable
-    error: dict[str, Any] | None = None     # unavailable: the typed error to record on the step
+    error: ErrorInfo | None = None          # unavailable: the typed error to record on the step
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "kind": self.kind, "mode": self.mode}
@@ -147,7 +147,7 @@ class RunPlan:
     stages: tuple[StagePlan, ...]
     machine: Machine = field(default_factory=Machine)
     config_dir: Path | None = None              # where custom aggregators are found
-    blocked: dict[str, Any] | None = None       # base mode: why the run cannot start (a typed error)
+    blocked: ErrorInfo | None = None            # base mode: why the run cannot start (a typed error)
 
     @property
     def servers(self) -> list[ServerSpec]:
@@ -164,7 +164,8 @@ class RunPlan:
         return self.stages[index - 1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline.name, "mode": self.mode, "blocked": self.blocked,
+        return {"pipeline": self.pipeline.name, "mode": self.mode,
+                "blocked": self.blocked.to_dict() if self.blocked else None,
                 "gpu": self.machine.has_gpu, "gpu_note": self.machine.gpu_note,
                 "servers": [server_dict(s) for s in self.servers],
                 "stages": [s.to_dict() for s in self.stages]}
@@ -218,11 +219,11 @@ def _target(registry: Registry, model: str, machine: Machine, n_ctx: int | None,
     if record is None or not record.available:
         exc = ModelUnavailable(model, "not defined in models.yaml" if record is None
                                else (record.reason or record.status))
-        return Target(model, "unavailable", reason=exc.reason, error=error_dict(exc))
+        return Target(model, "unavailable", reason=exc.reason, error=ErrorInfo.of(exc))
     if record.entry.role != role:
         exc = ModelUnavailable(model, "an embedding model (role: embedding) cannot answer in a stage"
                                if record.entry.role == "embedding" else "not an embedding model (role: embedding)")
-        return Target(model, "unavailable", reason=exc.reason, error=error_dict(exc))
+        return Target(model, "unavailable", reason=exc.reason, error=ErrorInfo.of(exc))
     if record.is_remote:
         urls = tuple(dict.fromkeys([u for u in [record.entry.url, *record.entry.replicas] if u]))
         return Target(model, "remote", mode=record.mode, url=record.entry.url, urls=urls,
@@ -300,7 +301,7 @@ def build_plan(pipeline: PipelineSpec, registry: Registry, machine: Machine | No
         try:
             registry.pipeline_status(pipeline).raise_if_blocked()
         except PipelineBlocked as exc:
-            blocked = error_dict(exc)
+            blocked = ErrorInfo.of(exc)
     return RunPlan(pipeline, mode, stages, machine, config_dir, blocked)
 
 

@@ -111,8 +111,8 @@ def test_a_file_the_header_check_passes_but_llama_server_rejects_fails_that_mode
     stage = outcome.run.stages[0]
     alien, good = stage.response("alien"), stage.response(DEMO)
     assert alien is not None and alien.status == "failed" and alien.error is not None
-    assert alien.error["type"] == "InvalidModelFile", alien.error
-    assert "architecture" in alien.error["message"] and alien.error["log_tail"]
+    assert alien.error.type == "InvalidModelFile", alien.error
+    assert "architecture" in alien.error.message and alien.error.log_tail
     assert good is not None and good.ok
     assert outcome.run.status == "partial" and stage.status == "partial"
     assert_session_valid(config_dir.sessions_dir, outcome.session_id, status="partial")  # type: ignore[arg-type]
@@ -132,6 +132,6 @@ def test_a_file_truncated_after_registration_fails_at_start_with_a_typed_error(
         runtime.close()
     response = outcome.run.stages[0].responses[0]
     assert response.status == "failed" and response.error is not None
-    assert response.error["type"] == "InvalidModelFile", response.error
+    assert response.error.type == "InvalidModelFile", response.error
     assert outcome.run.status == "failed" and outcome.run.error == response.error
     assert_session_valid(config_dir.sessions_dir, outcome.session_id, status="failed")  # type: ignore[arg-type]

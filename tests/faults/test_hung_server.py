@@ -49,8 +49,8 @@ def test_a_stopped_server_times_out_typed_and_is_replaced(config_dir: ConfigDir,
         stage = outcome.run.stages[0]
         b, a = stage.response("b"), stage.response("a")
         assert b is not None and b.status == "failed" and b.error is not None
-        assert b.error["type"] == "RequestTimeout", b.error
-        assert "request timed out" in b.error["message"] and "within 4s" in b.error["message"]
+        assert b.error.type == "RequestTimeout", b.error
+        assert "request timed out" in b.error.message and "within 4s" in b.error.message
         assert a is not None and a.ok  # the other model of the stage is unaffected
         assert outcome.run.status == "partial" and stage.status == "partial"
         assert_session_valid(config_dir.sessions_dir, outcome.session_id, status="partial")  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from orchestrator.history.store import SessionStore
-from orchestrator.records import AggregationRecord, ResponseRecord, StageRecord
+from orchestrator.records import AggregationRecord, ErrorInfo, ResponseRecord, StageRecord
 from tests.conftest import REPO, ConfigDir
 from tests.test_sessions import record_run
 
@@ -33,11 +33,11 @@ def hostile_stages() -> list[StageRecord]:
                       responses=[ResponseRecord("gemma", f"gemma {INJECTED}", text=f"answer {bad}", status="ok",
                                                 completion_tokens=3, total_s=0.1)])
     two = StageRecord(2, "review", prompt=bad, status="partial", output=f"merged {bad}",
-                      error={"type": "AggregationError", "message": f"stage error {bad}"},
+                      error=ErrorInfo("AggregationError", f"stage error {bad}"),
                       responses=[ResponseRecord("a", "gemma", text=f"a {bad}", status="ok"),
                                  ResponseRecord("b", "gemma", status="failed",
-                                                error={"type": "ServerError", "message": f"died {bad}",
-                                                       "hint": f"hint {INJECTED}"})],
+                                                error=ErrorInfo("ServerError", f"died {bad}",
+                                                                hint=f"hint {INJECTED}"))],
                       aggregation=AggregationRecord("synthesis", output=f"merged {bad}",
                                                     details={"synthesis_prompt": f"prompt {bad}",
                                                              "synthesis_model": f"gemma {INJECTED}"}))
@@ -106,6 +106,7 @@ def _live_page() -> None:
     """A live run whose every text field carries the injection (run by AppTest.from_function)."""
     from types import SimpleNamespace
 
+    from orchestrator.records import ErrorInfo
     from ui.common import render_live
     from ui.live import ModelView, StageView
 
@@ -116,8 +117,8 @@ def _live_page() -> None:
                               "b": ModelView("b", "m", text=f"u {bad}", status="ok")})
     run = SimpleNamespace(status="completed", final=f"final {bad}\nsecond line", error=None)
     outcome = SimpleNamespace(history_error=f"h {bad}", run=run, session_id="session_001")
-    live = SimpleNamespace(notices=[f"note {bad}"], snapshot=lambda: [stage], error={"message": f"start {bad}"},
-                           outcome=outcome)
+    live = SimpleNamespace(notices=[f"note {bad}"], snapshot=lambda: [stage],
+                           error=ErrorInfo("RunFailed", f"start {bad}"), outcome=outcome)
     render_live(live)
 
 

@@ -38,8 +38,8 @@ def test_unplugged_models_dir_keeps_warm_servers_and_recovers_when_back(config_d
             cold, _ = run(runtime, other_ctx)  # a new server cannot load a file that is not there
             response = cold.run.stages[0].responses[0]
             assert cold.run.status == "failed" and response.error is not None
-            assert response.error["type"] == "ServerStartError" and "model file not found" in response.error["message"]
-            assert str(models_dir) in response.error["message"] and "unplugged" in response.error["hint"]
+            assert response.error.type == "ServerStartError" and "model file not found" in response.error.message
+            assert str(models_dir) in response.error.message and "unplugged" in (response.error.hint or "")
             assert warm.is_alive()
 
             caplog.clear()
@@ -52,11 +52,11 @@ def test_unplugged_models_dir_keeps_warm_servers_and_recovers_when_back(config_d
 
             blocked, _ = run(runtime, small, mode="base")
             assert blocked.run.status == "failed" and blocked.run.error is not None
-            assert blocked.run.error["type"] == "PipelineBlocked" and "models directory" in blocked.run.error["message"]
+            assert blocked.run.error.type == "PipelineBlocked" and "models directory" in blocked.run.error.message
             assert_session_valid(config_dir.sessions_dir, blocked.session_id, status="failed")  # type: ignore[arg-type]
             unavailable, _ = engine_run(runtime, small, "q")
             assert unavailable.status == "failed" and unavailable.error is not None
-            assert unavailable.error["type"] == "ModelUnavailable"
+            assert unavailable.error.type == "ModelUnavailable"
             assert warm.is_alive()  # nothing stopped the running server
 
             cli = chorus(config_dir, "run", "hello")  # the user sees one clear error, no traceback

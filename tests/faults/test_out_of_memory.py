@@ -45,10 +45,10 @@ def test_fit_check_on_a_small_machine_refuses_before_the_start_with_need_and_hav
         runtime.close()
     error = outcome.run.error
     assert outcome.run.status == "failed" and error is not None
-    assert error["type"] == "RunRefused", error  # the whole run is planned first: refused before stage 1
-    assert "does not fit in memory" in error["message"] and "ram: needs" in error["message"]
-    assert "usable" in error["message"] and error["hint"]
-    assert error["reasons"]["s"].startswith(f"{DEMO} does not fit even alone")
+    assert error.type == "RunRefused", error  # the whole run is planned first: refused before stage 1
+    assert "does not fit in memory" in error.message and "ram: needs" in error.message
+    assert "usable" in error.message and error.hint
+    assert error.extra["reasons"]["s"].startswith(f"{DEMO} does not fit even alone")
     assert outcome.run.stages == [] and not any(e.type == "model_started" for e in events)
     assert_session_valid(config_dir.sessions_dir, outcome.session_id, status="failed")  # type: ignore[arg-type]
 
@@ -87,8 +87,8 @@ def test_server_dying_of_oom_at_load_is_a_typed_error_for_the_run_and_the_user(
     finally:
         runtime.close()
     error = outcome.run.stages[0].responses[0].error
-    assert error is not None and error["type"] == "ServerOutOfMemory", error
-    assert "out of memory" in error["message"] and error["log_tail"] and error["command"]
+    assert error is not None and error.type == "ServerOutOfMemory", error
+    assert "out of memory" in error.message and error.log_tail and error.extra["command"]
     assert outcome.run.status == "failed"
     assert_session_valid(config_dir.sessions_dir, outcome.session_id, status="failed")  # type: ignore[arg-type]
 

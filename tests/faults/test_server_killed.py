@@ -52,7 +52,7 @@ def test_kill_9_mid_generation_fails_only_that_model_and_the_rerun_works(config_
         a, b = panel.response("a"), panel.response("b")
         assert a is not None and a.ok and a.text
         assert b is not None and b.status == "failed"
-        assert b.error is not None and b.error["type"] == "ServerCrashed" and b.error["message"]
+        assert b.error is not None and b.error.type == "ServerCrashed" and b.error.message
         assert panel.output.strip() == a.text.strip()  # the merge used the surviving model only
         assert run_rec.stages[1].status == "ok" and run_rec.final
         finished = {e.label: e.response.status for e in events

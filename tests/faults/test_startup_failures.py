@@ -49,7 +49,7 @@ def test_missing_binary_is_one_clear_error_with_the_build_command(config_dir: Co
     finally:
         runtime.close()
     assert outcome.run.status == "failed" and outcome.run.error is not None
-    assert outcome.run.error["type"] == "BinaryNotFound" and "build_llama_server" in outcome.run.error["hint"]
+    assert outcome.run.error.type == "BinaryNotFound" and "build_llama_server" in (outcome.run.error.hint or "")
     assert_session_valid(config_dir.sessions_dir, outcome.session_id, status="failed")  # type: ignore[arg-type]
 
 

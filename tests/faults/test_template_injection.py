@@ -74,8 +74,8 @@ def test_an_injected_stage_prompt_fails_the_run_cleanly_and_starts_no_server(con
     finally:
         runtime.close()
     assert outcome.run.status == "failed" and outcome.run.error is not None
-    assert outcome.run.error["type"] == "TemplateError" and outcome.run.error["refused"]
-    assert "refused by the sandbox" in outcome.run.error["message"] and "'evil' prompt" in outcome.run.error["message"]
+    assert outcome.run.error.type == "TemplateError" and outcome.run.error.extra["refused"]
+    assert "refused by the sandbox" in outcome.run.error.message and "'evil' prompt" in outcome.run.error.message
     assert_session_valid(config_dir.sessions_dir, outcome.session_id, status="failed")  # type: ignore[arg-type]
 
     spec = config_dir.path.parent / "evil.yaml"
@@ -107,8 +107,8 @@ def test_injected_aggregation_templates_fail_their_stage_and_model_output_is_nev
         runtime.close()
     for outcome, stage in ((custom, "merge"), (synthesis, "synth")):
         assert outcome.run.status == "failed" and outcome.run.error is not None, stage
-        assert outcome.run.error["type"] == "AggregationError", outcome.run.error
-        assert "refused by the sandbox" in outcome.run.error["message"]
+        assert outcome.run.error.type == "AggregationError", outcome.run.error
+        assert "refused by the sandbox" in outcome.run.error.message
         record = outcome.run.stages[0]
         assert record.status == "failed" and all(r.ok for r in record.responses)  # the models had answered
         assert_session_valid(config_dir.sessions_dir, outcome.session_id, status="failed")  # type: ignore[arg-type]

@@ -13,7 +13,6 @@ from orchestrator.errors import ChorusError
 from orchestrator.eval.items import BUNDLED, load_questions
 from orchestrator.eval.report import EvalReport, build_report
 from orchestrator.eval.store import EvalStore
-from orchestrator.records import error_text
 from ui.common import chorus, fmt_time, md_escape, page_path
 from ui.eval_live import LiveEval
 
@@ -70,7 +69,7 @@ def progress_view() -> None:
     eta = f" · ETA {p.eta_s:.0f}s" if p.eta_s is not None else ""
     st.progress(p.fraction, text=md_escape(f"{current.eval_id}: {p.done}/{p.total}{eta} · {p.last}"))
     if current.error:
-        st.error(f"The eval stopped: {md_escape(error_text(current.error))}")
+        st.error(f"The eval stopped: {md_escape(current.error.text())}")
     if not current.done and st.button("Stop", key="eval-stop"):
         current.cancel()
     if current.done and not st.session_state.get("eval-rendered-final"):
