@@ -108,6 +108,7 @@ class Pipeline:
     mode: RunMode
     id: str | None = None
     path: Path | None = None
+    status: PipelineStatus | None = None  # the models check, when it was made: the plan takes it, not asking again
 
     def with_spec(self, spec: PipelineSpec) -> Pipeline:
         """The same pipeline with new sampling values (the API's request fields): models and aggregators, what
@@ -298,17 +299,19 @@ class Chorus:
         config_dir = self.config.paths.config_dir
         if overrides:  # no config_dir: the allow-list is checked below, once, overrides applied
             spec = apply_overrides(spec, overrides, source=override_source)
+        status = None
         if require_models if require_models is not None else mode == "base":
-            self.registry.pipeline_status(spec).raise_if_blocked()
+            status = self.registry.pipeline_status(spec)
+            status.raise_if_blocked()
         check_pipeline(spec, config_dir, self.config.app.aggregators.allowed,
                        source=check_source or ("pipeline" if mode == "base" else "manual pipeline"))
-        return Pipeline(spec, mode, id, path)
+        return Pipeline(spec, mode, id, path, status)
 
     # ---------------------------------------------------------------- planning
 
     def plan(self, pipeline: Pipeline) -> Planned:
         """The run plan and its memory plan (the scheduler's what-if), each resolved once."""
-        run_plan = self.runtime.plan(pipeline.spec, pipeline.mode)
+        run_plan = self.runtime.plan(pipeline.spec, pipeline.mode, status=pipeline.status)
         return Planned(pipeline, run_plan, plan_memory(self.runtime, run_plan))
 
     def require_binary(self, pipeline: Pipeline) -> None:
@@ -330,7 +333,7 @@ class Chorus:
         question = clean_question(question)
         self.require_binary(pipeline)
         return self.runner().run(pipeline.spec, question, mode=pipeline.mode, observers=observers, cancel=cancel,
-                                 allow_sequential=allow_sequential, history=history)
+                                 allow_sequential=allow_sequential, history=history, status=pipeline.status)
 
     async def arun(self, pipeline: Pipeline, question: str, *, observers: Sequence[Observer] = (),
                    cancel: CancelToken | None = None, allow_sequential: AllowSequential | bool = True,
@@ -342,7 +345,7 @@ class Chorus:
             self.require_binary(pipeline)
         return await self.runner(store).arun(pipeline.spec, question, mode=pipeline.mode, observers=observers,
                                              cancel=cancel, allow_sequential=allow_sequential, backend=backend,
-                                             history=history)
+                                             history=history, status=pipeline.status)
 
     def prepare_rerun(self, session_id: str, stage: int, *, overrides: Sequence[str] = (),
                       override_source: str = "--set") -> PreparedRerun:
@@ -359,7 +362,7 @@ class Chorus:
         again = prepared.start
         return self.runner().run(prepared.pipeline.spec, again.question, mode=again.mode, observers=observers,
                                  cancel=cancel, allow_sequential=allow_sequential, prior_stages=again.prior,
-                                 parent_session=again.parent)
+                                 parent_session=again.parent, status=prepared.pipeline.status)
 
     # ---------------------------------------------------------------- evals
 

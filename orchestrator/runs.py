@@ -18,6 +18,7 @@ from launcher.errors import ChorusError
 from launcher.process.binary import binary_version
 from orchestrator import __version__
 from orchestrator.config.overrides import apply_overrides
+from orchestrator.config.registry import PipelineStatus
 from orchestrator.config.schema import PipelineSpec
 from orchestrator.engine.backend import Backend
 from orchestrator.engine.events import Observer
@@ -77,19 +78,21 @@ class Runner:
     def run(self, pipeline: PipelineSpec, question: str, *, mode: RunMode = "manual",
             observers: Sequence[Observer] = (), cancel: CancelToken | None = None,
             allow_sequential: AllowSequential | bool = True, prior_stages: list[StageRecord] | None = None,
-            parent_session: str | None = None, history: Sequence[dict[str, str]] = ()) -> RunOutcome:
+            parent_session: str | None = None, history: Sequence[dict[str, str]] = (),
+            status: PipelineStatus | None = None) -> RunOutcome:
         """Run to the end, saving history as it goes. Never raises for model, memory or history trouble."""
         return asyncio.run(self.arun(pipeline, question, mode=mode, observers=observers, cancel=cancel,
                                      allow_sequential=allow_sequential, prior_stages=prior_stages,
-                                     parent_session=parent_session, history=history))
+                                     parent_session=parent_session, history=history, status=status))
 
     async def arun(self, pipeline: PipelineSpec, question: str, *, mode: RunMode = "manual",
                    observers: Sequence[Observer] = (), cancel: CancelToken | None = None,
                    allow_sequential: AllowSequential | bool = True, prior_stages: list[StageRecord] | None = None,
                    parent_session: str | None = None, backend: Backend | None = None,
-                   history: Sequence[dict[str, str]] = ()) -> RunOutcome:
-        """`run` for callers that have an event loop (the HTTP API); `backend` replaces the real one in tests."""
-        plan = self.runtime.plan(pipeline, mode)
+                   history: Sequence[dict[str, str]] = (), status: PipelineStatus | None = None) -> RunOutcome:
+        """`run` for callers that have an event loop (the HTTP API); `backend` replaces the real one in tests.
+        `status`: the front door's models check, taken by the plan instead of asking the registry again."""
+        plan = self.runtime.plan(pipeline, mode, status=status)
         recorder = None
         history_error = None
         try:

@@ -23,7 +23,7 @@ from launcher.process.binary import find_llama_server
 from launcher.process.client import Endpoint
 from launcher.process.pool import ServerPool
 from launcher.process.server import ModelServer, ServerOptions, ServerSpec
-from orchestrator.config.registry import ModelRecord, Registry
+from orchestrator.config.registry import ModelRecord, PipelineStatus, Registry
 from orchestrator.config.schema import ChorusConfig, PipelineSpec
 from orchestrator.plan.resolve import Machine, RunMode, RunPlan, build_plan, resolve_server
 from orchestrator.rag.embed import HttpEmbedder, NotAnEmbeddingModel
@@ -261,10 +261,12 @@ class Runtime:
             log.info("%s: running on the CPU, n_gpu_layers forced to 0", guard.gpu_note or "no GPU")
         return Machine(has_gpu=has_gpu, gpu_note=guard.gpu_note, cores=usable_cores())
 
-    def plan(self, pipeline: PipelineSpec, mode: RunMode = "manual") -> RunPlan:
-        """The run plan of `pipeline` on this registry and machine: every parameter resolved once."""
+    def plan(self, pipeline: PipelineSpec, mode: RunMode = "manual", *,
+             status: PipelineStatus | None = None) -> RunPlan:
+        """The run plan of `pipeline` on this registry and machine: every parameter resolved once (`status`:
+        the models check the front door made, not made again)."""
         return build_plan(pipeline, self.registry, self.machine(), mode=mode,
-                          config_dir=self.config.paths.config_dir)
+                          config_dir=self.config.paths.config_dir, status=status)
 
     def server_spec(self, model: str | ModelRecord, *, n_ctx: int | None = None,
                     n_gpu_layers: int | None = None, slots: int = 1) -> ServerSpec:

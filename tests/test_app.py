@@ -83,6 +83,26 @@ def test_a_blocked_base_pipeline_is_refused_with_the_missing_model_and_why(choru
     assert err.value.missing["gemma3-270m"]  # the reason, not just the name
 
 
+def test_a_base_pipelines_models_are_checked_once_from_load_to_plan_and_run(chorus: Chorus,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = counting(monkeypatch, chorus.registry, "pipeline_status")
+    pipeline = chorus.pipeline()
+    assert chorus.plan(pipeline).run.blocked is None
+    assert fake_run(chorus, pipeline).run.status == "completed"
+    assert len(checked) == 1  # at the front door; the plans take its answer
+
+
+def test_a_base_pipeline_let_through_unchecked_is_blocked_on_its_plan_and_its_run(config_dir: ConfigDir) -> None:
+    (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").unlink()
+    door = Chorus.from_dir(config_dir.path)
+    pipeline = door.pipeline(require_models=False)  # `chorus plan` shows it blocked; a rerun records why
+    blocked = door.plan(pipeline).run.blocked
+    assert blocked is not None and blocked.type == "PipelineBlocked" and "gemma3-270m" in blocked.extra["missing"]
+    outcome = fake_run(door, pipeline)
+    assert outcome.run.status == "failed" and outcome.run.error == blocked
+    door.close()
+
+
 def test_a_manual_pipeline_with_a_missing_model_loads_but_the_catalogue_leaves_it_out(
         config_dir: ConfigDir) -> None:
     (config_dir.path / "pipelines").mkdir()

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from launcher.process.client import GenerationRequest, Mode
 from launcher.process.server import ServerSpec
-from orchestrator.config.registry import ModelRecord, Registry
+from orchestrator.config.registry import ModelRecord, PipelineStatus, Registry
 from orchestrator.config.schema import GENERATION_KEYS, GenerationParams, PipelineSpec, StageSpec
 from orchestrator.errors import ModelUnavailable, PipelineBlocked
 from orchestrator.records import ErrorInfo
@@ -261,8 +261,13 @@ def _shared(call: CallPlan, servers: dict[tuple[object, ...], ServerSpec]) -> Ca
 
 
 def build_plan(pipeline: PipelineSpec, registry: Registry, machine: Machine | None = None, *,
-               mode: RunMode = "manual", config_dir: Path | None = None) -> RunPlan:
+               mode: RunMode = "manual", config_dir: Path | None = None,
+               status: PipelineStatus | None = None) -> RunPlan:
     """Resolve every call of every stage. Never raises for a missing model: the call's target says why.
+
+    Base mode records a blocked pipeline on the plan: from `status` when the front door checked the models
+    already (`Chorus.pipeline`), so the check is made once; asked of the registry here only when it did not
+    (a rerun, a resumed eval, a Runner used on its own).
 
     Slots: per resolved server family (everything but the slot count), the most calls any one stage
     makes at once; every stage asks for that many, so one warm server serves the whole run.
@@ -299,7 +304,7 @@ def build_plan(pipeline: PipelineSpec, registry: Registry, machine: Machine | No
     blocked = None
     if mode == "base":
         try:
-            registry.pipeline_status(pipeline).raise_if_blocked()
+            (status or registry.pipeline_status(pipeline)).raise_if_blocked()
         except PipelineBlocked as exc:
             blocked = ErrorInfo.of(exc)
     return RunPlan(pipeline, mode, stages, machine, config_dir, blocked)
