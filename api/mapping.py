@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,12 +38,19 @@ def conversation(request: ChatRequest) -> tuple[str, list[Turn]]:
 
 
 def check_pipeline_request(request: CompletionFields) -> None:
-    """What a pipeline cannot honour is refused rather than silently answered otherwise."""
+    """What a pipeline cannot honour is refused rather than silently answered otherwise.
+
+    Tools merely offered (`tool_choice` absent, "auto" or "none") are honoured by answering without a
+    call, as a model may, and listed in `chorus.ignored`: Open WebUI offers its built-in tools with every
+    request. A request that demands a call (`tool_choice` "required" or a named function) is refused.
+    """
     if request.n != 1:
         raise BadRequest("a pipeline gives one answer: n must be 1", param="n")
     extra = request.model_extra or {}
-    if extra.get("tools") or extra.get("functions"):
-        raise BadRequest("a pipeline cannot call tools", param="tools")
+    for offered, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+        if extra.get(offered) and extra.get(choice) not in (None, "auto", "none"):
+            raise BadRequest(f"a pipeline cannot call tools: {choice} {json.dumps(extra[choice])} asks for a call",
+                             param=choice)
 
 
 def with_sampling(pipeline: PipelineSpec, request: CompletionFields) -> PipelineSpec:

@@ -329,6 +329,19 @@ def test_a_retrieve_stage_says_in_the_reasoning_how_many_passages_it_found(
     assert read.text("content").strip().startswith("said - to <Answer from the numbered")
 
 
+def test_tools_only_offered_are_answered_without_a_call_and_a_demanded_call_is_refused(
+        serve: Callable[[FakeBackend], Served]) -> None:
+    """Open WebUI 0.12 offers its built-in tools with every request; a pipeline answers as a model may."""
+    served = serve(FakeBackend(default=Script(reply)))
+    tool = {"type": "function", "function": {"name": "search_notes", "parameters": {"type": "object"}}}
+    ask = {"model": "chorus/solo", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    offered = httpx.post(f"{served.url}/v1/chat/completions", json=ask, timeout=60)
+    required = httpx.post(f"{served.url}/v1/chat/completions", json={**ask, "tool_choice": "required"}, timeout=60)
+    assert offered.status_code == 200 and offered.json()["chorus"]["ignored"] == ["tools"]
+    assert offered.json()["choices"][0]["message"]["content"].strip().startswith("said")
+    assert required.status_code == 400 and required.json()["error"]["param"] == "tool_choice"
+
+
 def test_an_unknown_reasoning_format_is_refused_naming_the_field(serve: Callable[[FakeBackend], Served]) -> None:
     served = serve(FakeBackend())
     r = httpx.post(f"{served.url}/v1/chat/completions", json={
