@@ -6,6 +6,7 @@ level, inside functions and under `if TYPE_CHECKING:`."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,18 @@ FORBIDDEN = {
 }
 
 
+@functools.cache
+def _parse_text(text: str) -> ast.Module:
+    return ast.parse(text)
+
+
+def parse(path: Path) -> ast.Module:
+    """The file's syntax tree, parsed once per content: every check here walks the same ~200 files."""
+    return _parse_text(path.read_text(encoding="utf-8"))
+
+
 def imported_roots(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree = parse(path)
     roots: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -74,7 +85,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         deps: set[str] = set()
-        for node in _runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _runtime_imports(parse(path)):
             targets = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [f"{node.module}.{a.name}" for a in node.names] + [node.module or ""])
             for target in targets:
@@ -151,7 +162,7 @@ def all_imports(path: Path, name: str) -> list[tuple[int, str]]:
     `if TYPE_CHECKING:`; relative imports made absolute. `from a import b` names both a and a.b."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(parse(path)):
         if isinstance(node, ast.Import):
             out.extend((node.lineno, a.name) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
