@@ -9,6 +9,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -63,9 +64,9 @@ def test_the_run_page_resolves_the_plan_once_per_render(ui_env: ConfigDir, monke
     calls: list[str] = []
     original = Runtime.plan
 
-    def counted(self: Runtime, pipeline: PipelineSpec, mode: RunMode = "manual") -> RunPlan:
+    def counted(self: Runtime, pipeline: PipelineSpec, mode: RunMode = "manual", **given: Any) -> RunPlan:
         calls.append(mode)
-        return original(self, pipeline, mode)
+        return original(self, pipeline, mode, **given)
 
     monkeypatch.setattr(Runtime, "plan", counted)
     at.run()
