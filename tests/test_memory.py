@@ -29,6 +29,7 @@ from launcher.process.client import Endpoint, GenerationClient, GenerationReques
 from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from orchestrator.config.schema import load_config
 from orchestrator.runtime import Runtime
+from tests.clirun import run_main
 from tests.conftest import REPO, ConfigDir
 
 MiB = 1 << 20
@@ -510,6 +511,7 @@ def test_runtime_admission_stops_the_lru_idle_server_then_refuses(llama_server_b
 
 
 def test_chorus_plan_json_has_the_documented_keys(config_dir: ConfigDir) -> None:
+    """`chorus plan` as a user runs it, a process of its own."""
     out = subprocess.run([sys.executable, "-m", "cli", "plan", "--json", "--config-dir",
                           str(config_dir.path)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -520,8 +522,7 @@ def test_chorus_plan_json_has_the_documented_keys(config_dir: ConfigDir) -> None
         assert isinstance(stage["fits_together"], bool) and isinstance(stage["waves"], list)
         for m in stage["models"]:
             assert {"name", "ram_bytes", "vram_bytes"} <= set(m) and m["ram_bytes"] > 0
-    text = subprocess.run([sys.executable, "-m", "cli", "plan", "--config-dir", str(config_dir.path)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    text = run_main("plan", "--config-dir", str(config_dir.path))  # the table: main() in this process
     assert text.returncode == 0 and "stage 'review'" in text.stdout and "fits together" in text.stdout
 
 

@@ -23,6 +23,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.clirun import run_main
 from tests.conftest import REPO
 
 KEY = "k3y-that-must-stay-out-of-ps-0123456789"
@@ -37,10 +38,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}, **extra}
 
 
-def chorus_api(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", "api", "--config-dir", str(config), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=60, stdin=subprocess.DEVNULL,
-                          env=env or clean_env())
+def chorus_api(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`chorus api` refusing its arguments: its main() in this process (tests/clirun.py). The tests where it
+    starts run it as a process of its own: what `ps` shows is of a real process tree."""
+    return run_main("api", "--config-dir", str(config), *args, env=clean_env())
 
 
 def flat(text: str) -> str:

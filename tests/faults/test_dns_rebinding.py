@@ -28,6 +28,7 @@ from orchestrator.app import Chorus
 from orchestrator.config.schema import load_config
 from orchestrator.engine.fake import FakeBackend
 from orchestrator.errors import ConfigError
+from tests.clirun import run_main
 from tests.conftest import REPO
 
 ATTACKER = "attacker.example"
@@ -184,8 +185,6 @@ def test_real_chorus_api_refuses_a_rebound_host_and_honours_allowed_host(config:
 
 
 def test_a_bad_allowed_host_flag_is_one_error_naming_the_flag(config: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "cli", "api", "--config-dir", str(config),
-                          "--allowed-host", "http://chorus.lan/"], capture_output=True, text=True, cwd=REPO,
-                         timeout=60, stdin=subprocess.DEVNULL)
+    out = run_main("api", "--config-dir", str(config), "--allowed-host", "http://chorus.lan/")  # in this process
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--allowed-host" in flat(out.stderr) and "not a URL" in flat(out.stderr)

@@ -19,6 +19,7 @@ import pytest
 from orchestrator.config.inputs import QuestionError, clean_question
 from orchestrator.history import recorder as recorder_module
 from orchestrator.history.store import SessionError, SessionStore
+from tests.clirun import run_main
 from tests.conftest import REPO, ConfigDir
 from tests.test_sessions import make_stages, record_run
 
@@ -67,6 +68,7 @@ def test_a_session_whose_first_write_fails_leaves_no_folder(tmp_path: Path, monk
 
 
 def _chorus_run(cfg: ConfigDir, question: bytes, pipeline: Path) -> subprocess.CompletedProcess[bytes]:
+    """A process of its own: Python decodes its argv bytes (surrogateescape), which is what is tested."""
     return subprocess.run([sys.executable.encode(), b"-m", b"cli", b"run", question, b"--manual",
                            str(pipeline).encode(), b"--config-dir", str(cfg.path).encode()],
                           capture_output=True, cwd=REPO, timeout=300, stdin=subprocess.DEVNULL)
@@ -98,7 +100,7 @@ def test_chorus_run_with_a_latin1_question_records_the_session(cfg: ConfigDir, t
 def test_chorus_run_with_an_empty_question_is_refused_before_any_session(cfg: ConfigDir, tmp_path: Path) -> None:
     pipeline = tmp_path / "manual.yaml"
     pipeline.write_text("stages:\n  - {name: answer, models: [gemma3-270m], max_tokens: 4}\n")
-    out = _chorus_run(cfg, b"  ", pipeline)
-    assert out.returncode == 2 and b"Traceback" not in out.stderr
-    assert b"chorus: error: the question is empty" in out.stderr
+    out = run_main("run", "  ", "--manual", str(pipeline), "--config-dir", str(cfg.path))  # in this process
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "chorus: error: the question is empty" in out.stderr
     assert not cfg.sessions_dir.exists() or SessionStore(cfg.sessions_dir).folders() == []

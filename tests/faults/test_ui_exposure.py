@@ -22,6 +22,7 @@ import pytest
 from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
+from tests.clirun import run_main
 from tests.conftest import REPO
 
 APP = str(REPO / "ui" / "app.py")
@@ -34,9 +35,9 @@ def config(remote_config: Path) -> Path:
 
 
 def chorus_ui(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", "ui", "--config-dir", str(config), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=60, stdin=subprocess.DEVNULL,
-                          env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
+    """`chorus ui` refusing its arguments: its main() in this process (tests/clirun.py). Where it starts, the
+    test runs it as a process of its own: what `ps` shows is of a real process tree."""
+    return run_main("ui", "--config-dir", str(config), *args, env=env)
 
 
 def flat(text: str) -> str:
