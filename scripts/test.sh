@@ -46,6 +46,11 @@ if [[ $tier != fast ]]; then
   .venv/bin/mypy
 fi
 
+# Bytecode is cached (__pycache__/, git-ignored) even where PYTHONDONTWRITEBYTECODE is set: otherwise every
+# xdist worker and every chorus process a test starts compiles the same files again, pytest's rewriting of
+# the test modules' asserts included (half of the fast tier's collection time).
+unset PYTHONDONTWRITEBYTECODE
+
 markers=()
 case $tier in
   # The fast tier spreads over the cores (pytest-xdist): its tests hold no shared port, folder or server.

@@ -151,10 +151,16 @@ def _mapping(text: str) -> bool:
         return False
 
 
+_REPLACED: dict[Path, str] = {}  # config folder -> its one file that differs from the shipped one
+
+
 def write_config(config_dir: Path, name: str, text: str | bytes) -> Path:
-    """The shipped files, with `name` replaced by `text`."""
-    for other in FILES:
-        (config_dir / other).write_text(SHIPPED[other], encoding="utf-8")
+    """The shipped files, with `name` replaced by `text`. `config_dir` starts as a copy of the shipped files, so
+    only the file replaced last time needs putting back (one write per fuzz example, not three)."""
+    previous = _REPLACED.get(config_dir)
+    if previous is not None and previous != name:
+        (config_dir / previous).write_text(SHIPPED[previous], encoding="utf-8")
+    _REPLACED[config_dir] = name
     target = config_dir / name
     if isinstance(text, bytes):
         target.write_bytes(text)
