@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from launcher.process.server import ModelServer
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"          # gemma3-270m: a base model, completion mode
@@ -106,7 +110,13 @@ class ConfigDir:
 # Fixtures that mean "needs the real llama-server or a demo model file": a test using one (directly or
 # through another fixture) is an integration test.
 REAL_FIXTURES = frozenset({"llama_server_bin", "demo_model", "second_model", "runtime", "shared_runtime",
+                           "warm_demo_server", "warm_chat_server",
                            "zoo"})  # zoo: synthetic zoo files built from the llama.cpp source tree of the build
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "serial: runs with no other test at the same time, also under pytest-xdist "
+                                       "(it measures real memory or needs the cores to itself)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -115,6 +125,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.get_closest_marker("browser") is not None
                 or REAL_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Under pytest-xdist (scripts/test.sh --rest), a `serial` test holds a lock file exclusively and every
+    other test holds it shared, around its whole setup, call and teardown: a serial test waits for the tests
+    running on the other workers, and they wait for it. A serial test that waits also holds a turnstile that
+    other tests pass before they take their share, so a worker going from test to test cannot starve it.
+    Without xdist there is one test at a time anyway."""
+    basetemp = item.config.option.basetemp  # a worker's: <the run's basetemp>/<worker id>
+    if getattr(item.config, "workerinput", None) is None or not basetemp:
+        yield
+        return
+    import fcntl
+
+    root = Path(basetemp).parent
+    with open(root / "serial.turnstile", "a") as turnstile, open(root / "serial.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if item.get_closest_marker("serial"):
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the turnstile stays closed until this test is done
+        else:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield  # both locks go with the files' closing
 
 
 SMOLLM2_CHAT_TEMPLATE = (
@@ -263,21 +297,37 @@ def runtime(config_dir: ConfigDir, llama_server_bin: Path):
     rt.close()
 
 
-@pytest.fixture(scope="module")
-def shared_runtime(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, second_model: Path,
-                   llama_server_bin: Path):
-    """One Runtime on the shipped config for a whole test module: its servers stay warm from test to test.
-    For tests that only run pipelines and read the outcome (not ones that count starts from zero, stop,
-    kill or reconfigure servers). Its own admission ledger; servers stopped after the module."""
-    from orchestrator.config.schema import load_config
-    from orchestrator.runtime import Runtime
-
-    root = tmp_path_factory.mktemp("shared-runtime")
+def real_config_dir(root: Path, demo_model: Path, second_model: Path) -> ConfigDir:
+    """`config_dir` for a module- or session-scoped fixture: the shipped config under `root`, its models_dir
+    linking the two real demo files."""
     models = root / "models"
     models.mkdir()
     (models / DEMO_MODEL_NAME).symlink_to(demo_model)
     (models / SECOND_MODEL_NAME).symlink_to(second_model)
-    config = ConfigDir(root, models)
+    return ConfigDir(root, models)
+
+
+def subprocess_env(config: ConfigDir) -> dict[str, str]:
+    """The environment for a chorus process a module- or session-scoped fixture starts: no CHORUS_* of the
+    caller (the per-test isolation is not in force yet when such a fixture is made), the config's own
+    admission ledger."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
+    env["CHORUS_ADMISSION_LEDGER"] = str(config.path.parent / "admission.json")
+    return env
+
+
+@pytest.fixture(scope="session")
+def shared_runtime(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, second_model: Path,
+                   llama_server_bin: Path):
+    """One Runtime on the shipped config for the whole session (one per xdist worker): its servers stay warm
+    from test to test and module to module. For tests that only run pipelines and read the outcome (not ones
+    that count starts from zero, stop, kill or reconfigure servers); a test that reads history gives its
+    Runner a SessionStore of its own. Its own admission ledger; servers stopped at the end."""
+    from orchestrator.config.schema import load_config
+    from orchestrator.runtime import Runtime
+
+    root = tmp_path_factory.mktemp("shared-runtime")
+    config = real_config_dir(root, demo_model, second_model)
     with pytest.MonkeyPatch.context() as mp:  # the ledger is fixed when the runtime is made
         for var in ("CHORUS_CONFIG_DIR", "CHORUS_MODELS_DIR", "CHORUS_SESSIONS_DIR", "CHORUS_HOME"):
             mp.delenv(var, raising=False)
@@ -285,6 +335,30 @@ def shared_runtime(tmp_path_factory: pytest.TempPathFactory, demo_model: Path, s
         rt = Runtime(load_config(config.path))
     yield rt
     rt.close()
+
+
+def _warm_server(tmp_path_factory: pytest.TempPathFactory, name: str, model: Path,
+                 binary: Path) -> Iterator[ModelServer]:
+    from launcher.process.server import ModelServer, ServerSpec
+
+    server = ModelServer(ServerSpec(name, model, n_ctx=512), binary, tmp_path_factory.mktemp(f"warm-{name}")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def warm_demo_server(tmp_path_factory: pytest.TempPathFactory, demo_model: Path,
+                     llama_server_bin: Path) -> Iterator[ModelServer]:
+    """A llama-server of the demo model (completion mode, n_ctx 512, one slot) for the whole session, for
+    tests that only send it requests: not ones that stop, kill or count it, or read its log from the start."""
+    yield from _warm_server(tmp_path_factory, "gemma3-270m", demo_model, llama_server_bin)
+
+
+@pytest.fixture(scope="session")
+def warm_chat_server(tmp_path_factory: pytest.TempPathFactory, second_model: Path,
+                     llama_server_bin: Path) -> Iterator[ModelServer]:
+    """A llama-server of the second demo model (chat template, n_ctx 512, one slot), as `warm_demo_server`."""
+    yield from _warm_server(tmp_path_factory, "smollm2-135m", second_model, llama_server_bin)
 
 
 def small_pipeline(**overrides: object):

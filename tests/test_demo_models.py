@@ -32,8 +32,8 @@ def test_base_pipeline_gives_each_model_the_role_it_is_good_at() -> None:
 
 
 @pytest.mark.integration
-def test_a_base_run_on_both_models_answers_without_leaking_prompt_labels(runtime) -> None:
-    record, _ = engine_run(runtime, small_pipeline(max_tokens=24), mode="base")
+def test_a_base_run_on_both_models_answers_without_leaking_prompt_labels(shared_runtime) -> None:
+    record, _ = engine_run(shared_runtime, small_pipeline(max_tokens=24), mode="base")
     assert record.status == "completed", [s.error for s in record.stages]
     models = {r.model for s in record.stages for r in s.responses}
     assert models == {"smollm2-135m", "gemma3-270m"}

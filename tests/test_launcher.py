@@ -73,16 +73,11 @@ def test_start_generate_stop(llama_server_bin: Path, demo_model: Path, tmp_path:
     assert not server.is_alive()
 
 
-def test_requests_without_the_api_key_are_refused(llama_server_bin: Path, demo_model: Path,
-                                                  tmp_path: Path) -> None:
+def test_requests_without_the_api_key_are_refused(warm_demo_server: ModelServer) -> None:
     import httpx
 
-    server = ModelServer(spec_for(demo_model), llama_server_bin, tmp_path).start()
-    try:
-        r = httpx.post(f"{server.base_url}/completion", json={"prompt": "hi", "n_predict": 1})
-        assert r.status_code == 401
-    finally:
-        server.stop()
+    r = httpx.post(f"{warm_demo_server.base_url}/completion", json={"prompt": "hi", "n_predict": 1})
+    assert r.status_code == 401
 
 
 def test_two_parallel_requests_use_both_slots_of_one_server(pool: ServerPool, demo_model: Path) -> None:
@@ -276,21 +271,18 @@ def test_pool_is_usable_from_asyncio(pool: ServerPool, demo_model: Path) -> None
     assert len({id(s) for s in servers}) == 1
 
 
-def test_remote_openai_endpoint_with_key_from_environment(llama_server_bin: Path, demo_model: Path,
-                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remote_openai_endpoint_with_key_from_environment(warm_demo_server: ModelServer,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A llama-server reached only by URL plays the remote machine (vLLM, Ollama, another box)."""
-    server = ModelServer(spec_for(demo_model), llama_server_bin, tmp_path).start()
+    server = warm_demo_server
     monkeypatch.setenv("FAR_KEY", server.api_key)
-    try:
-        ep = Endpoint("far", f"{server.base_url}/v1", "completion", os.environ["FAR_KEY"], remote=True)
+    ep = Endpoint("far", f"{server.base_url}/v1", "completion", os.environ["FAR_KEY"], remote=True)
 
-        async def go():
-            async with GenerationClient() as client:
-                return await client.generate(ep, GenerationRequest("The sky is", max_tokens=8, seed=3))
+    async def go():
+        async with GenerationClient() as client:
+            return await client.generate(ep, GenerationRequest("The sky is", max_tokens=8, seed=3))
 
-        assert asyncio.run(go()).text
-    finally:
-        server.stop()
+    assert asyncio.run(go()).text
 
 
 def test_missing_binary_error_gives_the_build_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

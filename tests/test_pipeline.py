@@ -191,38 +191,32 @@ def test_chat_mode_model_with_a_named_template_answers_through_chat_completions(
     assert chat.prompt_tokens and plain.prompt_tokens and chat.prompt_tokens > plain.prompt_tokens
 
 
-def test_remote_url_model_runs_in_a_pipeline_without_a_local_server(config_dir: ConfigDir, llama_server_bin,
-                                                                   demo_model, tmp_path,
+def test_remote_url_model_runs_in_a_pipeline_without_a_local_server(config_dir: ConfigDir, warm_demo_server,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Another machine's OpenAI-compatible server, played by a llama-server reached only by URL."""
-    from launcher.process.server import ModelServer, ServerSpec
-
-    remote = ModelServer(ServerSpec("far", demo_model, n_ctx=512), llama_server_bin, tmp_path).start()
+    remote = warm_demo_server
+    monkeypatch.setenv("FAR_KEY", remote.api_key)
+    models = config_dir.models()
+    models["models"]["far"] = {"url": f"{remote.base_url}/v1", "api_key_env": "FAR_KEY", "mode": "completion"}
+    config_dir.write_models(models)
+    rt = Runtime(load_config(config_dir.path))
     try:
-        monkeypatch.setenv("FAR_KEY", remote.api_key)
-        models = config_dir.models()
-        models["models"]["far"] = {"url": f"{remote.base_url}/v1", "api_key_env": "FAR_KEY", "mode": "completion"}
-        config_dir.write_models(models)
-        rt = Runtime(load_config(config_dir.path))
-        try:
-            record, _ = run(rt, manual([{"name": "s", "models": ["far"], "seed": 2}]), "The capital of France is")
-            assert "pool" not in rt.__dict__  # nothing started locally
-        finally:
-            rt.close()
-        response = record.stages[0].responses[0]
-        assert record.status == "completed", record.error
-        assert response.ok and response.text and response.completion_tokens
-
-        monkeypatch.setenv("FAR_KEY", "wrong-key")
-        rt = Runtime(load_config(config_dir.path))
-        try:
-            record, _ = run(rt, manual([{"name": "s", "models": ["far"]}]))
-        finally:
-            rt.close()
-        error = record.stages[0].responses[0].error
-        assert record.status == "failed" and error and error.type == "RequestFailed" and "401" in error.message
+        record, _ = run(rt, manual([{"name": "s", "models": ["far"], "seed": 2}]), "The capital of France is")
+        assert "pool" not in rt.__dict__  # nothing started locally
     finally:
-        remote.stop()
+        rt.close()
+    response = record.stages[0].responses[0]
+    assert record.status == "completed", record.error
+    assert response.ok and response.text and response.completion_tokens
+
+    monkeypatch.setenv("FAR_KEY", "wrong-key")
+    rt = Runtime(load_config(config_dir.path))
+    try:
+        record, _ = run(rt, manual([{"name": "s", "models": ["far"]}]))
+    finally:
+        rt.close()
+    error = record.stages[0].responses[0].error
+    assert record.status == "failed" and error and error.type == "RequestFailed" and "401" in error.message
 
 
 def test_unset_and_explicit_default_n_ctx_start_exactly_one_server(runtime: Runtime) -> None:

@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
-from launcher.process.server import ModelServer, ServerSpec
+from launcher.process.server import ModelServer
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import (
@@ -294,14 +294,9 @@ def _settings(server: ModelServer, mode: str, request: GenerationRequest) -> dic
 
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["completion", "chat"])
-def test_llama_server_reads_every_param_under_the_names_we_send(llama_server_bin: Path, demo_model: Path,
-                                                               second_model: Path, tmp_path: Path, mode: str) -> None:
-    model = demo_model if mode == "completion" else second_model
-    server = ModelServer(ServerSpec("m", model, n_ctx=512), llama_server_bin, tmp_path).start()
-    try:
-        got = _settings(server, mode, GenerationRequest(prompt="Is water wet?", **{**EVERY_PARAM, "max_tokens": 4}))
-    finally:
-        server.stop()
+def test_llama_server_reads_every_param_under_the_names_we_send(request: pytest.FixtureRequest, mode: str) -> None:
+    server = request.getfixturevalue("warm_demo_server" if mode == "completion" else "warm_chat_server")
+    got = _settings(server, mode, GenerationRequest(prompt="Is water wet?", **{**EVERY_PARAM, "max_tokens": 4}))
     for key in ("top_k", "repeat_last_n", "mirostat", "seed", "stop"):
         assert got[key] == EVERY_PARAM[key], key
     for key in ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
@@ -312,34 +307,29 @@ def test_llama_server_reads_every_param_under_the_names_we_send(llama_server_bin
 
 
 @pytest.mark.integration
-def test_grammar_json_schema_top_k_and_logit_bias_take_effect(llama_server_bin: Path, demo_model: Path,
-                                                              second_model: Path, tmp_path: Path) -> None:
-    base = ModelServer(ServerSpec("gemma", demo_model, n_ctx=512), llama_server_bin, tmp_path).start()
-    chat = ModelServer(ServerSpec("smol", second_model, n_ctx=512), llama_server_bin, tmp_path).start()
-    try:
-        # a grammar forces a yes/no answer from a base model that would ramble on
-        answers = {_run(base, "completion", GenerationRequest(prompt=f"Q: {q}\nA:", grammar='root ::= "yes" | "no"',
-                                                               max_tokens=8, seed=s, temperature=1.0))
-                   for s, q in ((1, "Is the sky blue?"), (2, "Is fire cold?"), (3, "Can fish fly?"))}
-        assert answers <= {"yes", "no"} and answers
-        # a JSON schema makes the chat model's output parse and match it
-        schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["blue", "red", "green"]}},
-                  "required": ["colour"]}
-        text = _run(chat, "chat", GenerationRequest(prompt="What colour is the sky? Answer in JSON.",
-                                                    json_schema=schema, max_tokens=40, temperature=0.2))
-        assert json.loads(text)["colour"] in {"blue", "red", "green"}
-        # logit_bias +100 on one token: greedy (top_k 1) output is that token again and again
-        token = httpx.post(f"{chat.base_url}/tokenize", json={"content": " banana"},
-                           headers={"Authorization": f"Bearer {chat.api_key}"}).json()["tokens"][0]
-        piece = httpx.post(f"{chat.base_url}/detokenize", json={"tokens": [token]},
-                           headers={"Authorization": f"Bearer {chat.api_key}"}).json()["content"]
-        text = _run(chat, "chat", GenerationRequest(prompt="Say hello.", logit_bias={str(token): 100.0}, top_k=1,
-                                                    max_tokens=3, repeat_penalty=1.0))
-        assert text.strip() == (piece * 3).strip()
-        # top_k 1 is greedy: two seeds at temperature 1.5 give the same answer
-        twice = {_run(base, "completion", GenerationRequest(prompt="The capital of France is", top_k=1, seed=s,
-                                                            temperature=1.5, max_tokens=6)) for s in (1, 99)}
-        assert len(twice) == 1
-    finally:
-        base.stop()
-        chat.stop()
+def test_grammar_json_schema_top_k_and_logit_bias_take_effect(warm_demo_server: ModelServer,
+                                                              warm_chat_server: ModelServer) -> None:
+    base, chat = warm_demo_server, warm_chat_server
+    # a grammar forces a yes/no answer from a base model that would ramble on
+    answers = {_run(base, "completion", GenerationRequest(prompt=f"Q: {q}\nA:", grammar='root ::= "yes" | "no"',
+                                                           max_tokens=8, seed=s, temperature=1.0))
+               for s, q in ((1, "Is the sky blue?"), (2, "Is fire cold?"), (3, "Can fish fly?"))}
+    assert answers <= {"yes", "no"} and answers
+    # a JSON schema makes the chat model's output parse and match it
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["blue", "red", "green"]}},
+              "required": ["colour"]}
+    text = _run(chat, "chat", GenerationRequest(prompt="What colour is the sky? Answer in JSON.",
+                                                json_schema=schema, max_tokens=40, temperature=0.2))
+    assert json.loads(text)["colour"] in {"blue", "red", "green"}
+    # logit_bias +100 on one token: greedy (top_k 1) output is that token again and again
+    token = httpx.post(f"{chat.base_url}/tokenize", json={"content": " banana"},
+                       headers={"Authorization": f"Bearer {chat.api_key}"}).json()["tokens"][0]
+    piece = httpx.post(f"{chat.base_url}/detokenize", json={"tokens": [token]},
+                       headers={"Authorization": f"Bearer {chat.api_key}"}).json()["content"]
+    text = _run(chat, "chat", GenerationRequest(prompt="Say hello.", logit_bias={str(token): 100.0}, top_k=1,
+                                                max_tokens=3, repeat_penalty=1.0))
+    assert text.strip() == (piece * 3).strip()
+    # top_k 1 is greedy: two seeds at temperature 1.5 give the same answer
+    twice = {_run(base, "completion", GenerationRequest(prompt="The capital of France is", top_k=1, seed=s,
+                                                        temperature=1.5, max_tokens=6)) for s in (1, 99)}
+    assert len(twice) == 1

@@ -178,9 +178,14 @@ def tiny(max_tokens: int = 6, **params: object) -> PipelineSpec:
                                                     "max_tokens": max_tokens, "n_ctx": 512, **params}]})
 
 
+def own_history(runtime: Runtime, tmp_path: Path) -> Runner:
+    """A Runner on the session's warm runtime that saves into this test's own sessions folder."""
+    return Runner(runtime, store=SessionStore(tmp_path / "sessions"))
+
+
 @pytest.mark.integration
-def test_a_real_run_writes_the_seed_layout(runtime: Runtime) -> None:
-    outcome = Runner(runtime).run(small_pipeline(), "Why is the sky blue?", mode="base")
+def test_a_real_run_writes_the_seed_layout(shared_runtime: Runtime, tmp_path: Path) -> None:
+    outcome = own_history(shared_runtime, tmp_path).run(small_pipeline(), "Why is the sky blue?", mode="base")
     assert outcome.run.status == "completed" and outcome.session_dir
     d = outcome.session_dir
     names = sorted(p.name for p in d.iterdir())
@@ -252,8 +257,8 @@ def test_a_run_killed_mid_stage_leaves_valid_json(config_dir: ConfigDir, llama_s
 
 
 @pytest.mark.integration
-def test_reindex_after_deleting_the_database_finds_the_same_sessions(runtime: Runtime) -> None:
-    runner = Runner(runtime)
+def test_reindex_after_deleting_the_database_finds_the_same_sessions(shared_runtime: Runtime, tmp_path: Path) -> None:
+    runner = own_history(shared_runtime, tmp_path)
     for q in ("alpha question", "beta question"):
         runner.run(tiny(), q)
     before = runner.store.index.list()
@@ -267,8 +272,8 @@ def test_reindex_after_deleting_the_database_finds_the_same_sessions(runtime: Ru
 
 
 @pytest.mark.integration
-def test_a_corrupt_database_is_rebuilt_not_fatal(runtime: Runtime) -> None:
-    runner = Runner(runtime)
+def test_a_corrupt_database_is_rebuilt_not_fatal(shared_runtime: Runtime, tmp_path: Path) -> None:
+    runner = own_history(shared_runtime, tmp_path)
     runner.run(tiny(), "gamma question")
     (runner.store.dir / "index.db").write_bytes(b"this is not sqlite" * 100)
     for suffix in ("-wal", "-shm"):
@@ -277,8 +282,8 @@ def test_a_corrupt_database_is_rebuilt_not_fatal(runtime: Runtime) -> None:
 
 
 @pytest.mark.integration
-def test_search_finds_a_question_by_a_word_of_its_final_answer(runtime: Runtime) -> None:
-    runner = Runner(runtime)
+def test_search_finds_a_question_by_a_word_of_its_final_answer(shared_runtime: Runtime, tmp_path: Path) -> None:
+    runner = own_history(shared_runtime, tmp_path)
     outcome = runner.run(tiny(12, temperature=0, seed=3), "Tell me about the ocean")  # deterministic words
     runner.run(tiny(), "something unrelated")
     words = re.findall(r"[A-Za-z]{4,}", outcome.run.final)
@@ -290,8 +295,9 @@ def test_search_finds_a_question_by_a_word_of_its_final_answer(runtime: Runtime)
 
 
 @pytest.mark.integration
-def test_rerun_changes_only_the_stages_from_n_on(runtime: Runtime) -> None:
-    runner = Runner(runtime)
+def test_rerun_changes_only_the_stages_from_n_on(shared_runtime: Runtime, tmp_path: Path) -> None:
+    runtime = shared_runtime
+    runner = own_history(runtime, tmp_path)
     first = runner.run(small_pipeline(), "What is rain?", mode="base")
     starts = runtime.pool.starts
     again = runner.rerun(first.session_id, 2, overrides=["draft.seed=99", "draft.temperature=1.2"])  # type: ignore
