@@ -53,9 +53,10 @@ unset PYTHONDONTWRITEBYTECODE
 
 markers=()
 case $tier in
-  # The fast tier spreads over the cores (pytest-xdist): its tests hold no shared port, folder or server.
-  # `-n 0` among the extra arguments runs it in one process.
-  fast) markers=(-m "not integration and not browser" -n auto) ;;
+  # The fast tier spreads over the cores (pytest-xdist): its tests hold no shared port, folder or server;
+  # tests marked xdist_group("name") share one worker (and so an expensive module fixture). `-n 0` among the
+  # extra arguments runs it in one process.
+  fast) markers=(-m "not integration and not browser" -n auto --dist loadgroup) ;;
   rest) markers=(-m "integration or browser") ;;
 esac
 echo "== pytest ($tier)"

@@ -25,6 +25,7 @@ from orchestrator.config.locations import CONFIG_FILES
 from tests.conftest import REPO
 
 SOURCES = ("api", "launcher", "orchestrator", "ui", "config", "pyproject.toml", "README.md")
+pytestmark = pytest.mark.xdist_group("installed-wheel")  # one worker builds the wheel (`site`), not each
 
 
 def _pip(*args: str, cwd: Path) -> None:
