@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.engine.events import Event, StageStarted
 from orchestrator.history.store import SessionStore
@@ -29,8 +30,14 @@ from tests.faults.conftest import answered, assert_session_valid, chorus, make_r
 pytestmark = pytest.mark.integration
 
 QUESTION = "The capital of France is"
-# the base pipeline, merged by concat: a 4-token synthesis from a base model may be empty (a failed run)
-SMALL = ["--set", "defaults.max_tokens=4", "--set", "defaults.n_ctx=512", "--set", "review.aggregation.type=concat"]
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> list[str]:
+    """`chorus run` arguments for a one-stage manual pipeline on the demo model (one server to start)."""
+    spec = tmp_path / "small.yaml"
+    spec.write_text(yaml.safe_dump({"stages": [answered("s", max_tokens=4, n_ctx=512)]}))
+    return ["--manual", str(spec)]
 
 
 @pytest.fixture
@@ -70,7 +77,7 @@ def fill(folder: Path) -> Path:
 
 
 def test_sessions_dir_that_cannot_be_created_or_written_still_gives_the_answer(
-        config_dir: ConfigDir, llama_server_bin, tmp_path: Path) -> None:
+        config_dir: ConfigDir, llama_server_bin, tmp_path: Path, small: list[str]) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     config_dir.write_app(sessions_dir=str(blocker / "sessions"))  # mkdir fails: Not a directory
@@ -101,14 +108,14 @@ def test_sessions_dir_that_cannot_be_created_or_written_still_gives_the_answer(
     finally:
         runtime.close()
 
-    out = chorus(config_dir, "run", QUESTION, *SMALL)
+    out = chorus(config_dir, "run", QUESTION, *small)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert out.stdout.strip()  # the answer
     assert "warning: history could not be saved" in out.stderr
 
 
 def test_full_disk_loses_the_history_not_the_answer_and_recovers(
-        config_dir: ConfigDir, llama_server_bin, tmpfs: Callable[..., Path]) -> None:
+        config_dir: ConfigDir, llama_server_bin, tmpfs: Callable[..., Path], small: list[str]) -> None:
     disk = tmpfs("disk")
     sessions = disk / "sessions"
     config_dir.write_app(sessions_dir=str(sessions))
@@ -130,7 +137,7 @@ def test_full_disk_loses_the_history_not_the_answer_and_recovers(
         assert midway.run.status == "completed" and midway.run.final.strip()
         assert midway.history_error and "No space left on device" in midway.history_error
 
-        out = chorus(config_dir, "run", QUESTION, *SMALL)  # the user's view on the full disk
+        out = chorus(config_dir, "run", QUESTION, *small)  # the user's view on the full disk
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
         assert out.stdout.strip() and "warning: history could not be saved" in out.stderr
         assert "session:" not in out.stderr  # its first write failed: no session, and no empty folder left
