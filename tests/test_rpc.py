@@ -289,8 +289,9 @@ def test_a_worker_killed_mid_run_names_the_worker_and_the_run_goes_on(config_dir
             victim.kill()
 
     try:
-        spec = _pipeline([{"name": "both", "models": ["gemma-split", "smollm2-135m"], "prompt": "Tell a story:",
-                           "execution": "sequential"}], max_tokens=200)
+        spec = _pipeline([{"name": "both", "prompt": "Tell a story:", "execution": "sequential",
+                           "models": ["gemma-split", {"model": "smollm2-135m", "max_tokens": 12}]}],
+                         max_tokens=200)  # the split model still generating when its worker is killed
         record, _ = engine_run(rt, spec, observers=[kill_on_first_split_token])
         split, other = record.stages[0].responses
         assert split.status == "failed" and split.error is not None
