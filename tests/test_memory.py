@@ -430,6 +430,7 @@ def _generate(server: ModelServer) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.serial  # measures a real server's memory
 def test_estimate_matches_llama_cpp_buffers_and_measured_rss(llama_server_bin: Path, demo_model: Path,
                                                             tmp_path: Path) -> None:
     """The estimate is llama.cpp's peak (full KV and compute buffers); RSS after a short generation
@@ -459,6 +460,7 @@ def test_estimate_matches_llama_cpp_buffers_and_measured_rss(llama_server_bin: P
 
 
 @pytest.mark.integration
+@pytest.mark.serial  # measures a real server's memory
 def test_runtime_calibrates_a_new_server_and_the_next_need_is_the_measurement(
         config_dir: ConfigDir, llama_server_bin: Path, tmp_path: Path) -> None:
     cache = CalibrationCache(tmp_path / "cal")
@@ -479,6 +481,7 @@ def test_runtime_calibrates_a_new_server_and_the_next_need_is_the_measurement(
 
 
 @pytest.mark.integration
+@pytest.mark.serial  # measures a real server's memory
 def test_runtime_admission_stops_the_lru_idle_server_then_refuses(llama_server_bin: Path, demo_model: Path,
                                                                  config_dir: ConfigDir, tmp_path: Path) -> None:
     """The one eviction policy, through the pool's admission (a start no wave reserved): the scheduler

@@ -22,7 +22,8 @@ from orchestrator.config.schema import load_config
 from orchestrator.runtime import Runtime
 from tests.conftest import REPO, ConfigDir
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration,
+              pytest.mark.serial]  # budgets from the live calibration: no other test's servers beside
 
 MiB = 2**20
 

@@ -177,6 +177,7 @@ def test_processes_admitting_at_the_same_moment_take_turns(demo_model: Path, tmp
 
 
 @pytest.mark.integration
+@pytest.mark.serial  # a real server under a memory budget, measured
 def test_budget_refuses_a_second_real_server_here_and_in_another_process(
         config_dir: ConfigDir, llama_server_bin: Path, demo_model: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
