@@ -29,13 +29,17 @@ APP = str(REPO / "ui" / "app.py")
 
 @pytest.fixture
 def ui_env(config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("CHORUS_CONFIG_DIR", str(config_dir.path))
-    yield config_dir
-    from launcher.process.server import stop_all_servers
+    """The pages on `config_dir`; at the end the servers started meanwhile (the pages' runs) are stopped, not
+    the session's warm ones (tests/conftest.py)."""
+    from launcher.process import server as server_module
     from ui.common import _chorus
 
+    monkeypatch.setenv("CHORUS_CONFIG_DIR", str(config_dir.path))
+    before = set(server_module._LIVE)
+    yield config_dir
     _chorus.clear()
-    stop_all_servers()
+    for server in set(server_module._LIVE) - before:
+        server.stop(grace_s=1.0)
 
 
 def app(page: str | None = None) -> AppTest:
