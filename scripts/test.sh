@@ -59,10 +59,10 @@ case $tier in
   # tests marked xdist_group("name") share one worker (and so an expensive module fixture). `-n 0` among the
   # extra arguments runs it in one process.
   fast) markers=(-m "not integration and not browser" -n auto --dist loadgroup) ;;
-  # The rest tier runs on two workers, each test file on one of them (its module fixtures, a `chorus api`
-  # or a browser, start once); the session's warm servers start once per worker. Tests marked serial
-  # (real memory measured) run while the other worker waits (tests/conftest.py).
-  rest) markers=(-m "integration or browser" -n 2 --dist loadfile) ;;
+  # The rest tier runs on two workers; the tests of a module with a module fixture (a `chorus api`, a
+  # browser) stay on one, so it starts once; the session's warm servers start once per worker. Tests marked
+  # serial (real memory measured) run while the other worker waits (tests/conftest.py).
+  rest) markers=(-m "integration or browser" -n 2 --dist loadgroup) ;;
 esac
 echo "== pytest ($tier)"
 set +e

@@ -119,12 +119,21 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "(it measures real memory or needs the cores to itself)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("integration") is None and (
                 item.get_closest_marker("browser") is not None
                 or REAL_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("integration") is not None and _uses_a_module_fixture(item):
+            # the module's set-up (a `chorus api`, a browser) starts once: its tests share one xdist worker
+            item.add_marker(pytest.mark.xdist_group(f"module:{item.nodeid.split('::')[0]}"))
+
+
+def _uses_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
 
 
 @pytest.hookimpl(hookwrapper=True)
