@@ -24,6 +24,7 @@ from streamlit.testing.v1 import AppTest
 
 from cli.main import main
 from orchestrator.history.store import SessionStore
+from tests.clirun import run_mains_in_child
 from tests.conftest import REPO, ConfigDir
 from tests.test_sessions import recorded_session
 
@@ -80,7 +81,7 @@ def cfg(tmp_path: Path) -> ConfigDir:
 @pytest.fixture
 def history(cfg: ConfigDir, capsys: pytest.CaptureFixture[str]) -> Callable[..., subprocess.CompletedProcess[str]]:
     """`chorus history ARGS` in this process (a traceback would fail the test); the full-disk case and
-    one damaged case also run it as a real subprocess."""
+    one damaged case also run in a process of their own."""
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         capsys.readouterr()
         code = main(["history", *args, "--config-dir", str(cfg.path)])
@@ -127,11 +128,11 @@ def test_one_damaged_session_is_listed_as_damaged_and_the_others_still_load(cfg:
     assert good.returncode == 0 and "third question" in good.stdout and not good.stderr
 
 
-def test_the_real_cli_lists_and_shows_around_a_damaged_session(cfg: ConfigDir) -> None:
+def test_a_new_process_lists_and_shows_around_a_damaged_session(cfg: ConfigDir) -> None:
+    """reindex, list and show one after another in a fresh process (tests/clirun.py), nothing of this one's."""
     _, bad, _ = three_sessions(cfg, _write("session.json", "[]"))
-    for args in (["reindex"], ["list"], ["show", bad]):
-        out = subprocess.run([sys.executable, "-m", "cli", "history", *args, "--config-dir",
-                              str(cfg.path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    calls = [["history", *args, "--config-dir", str(cfg.path)] for args in (["reindex"], ["list"], ["show", bad])]
+    for out in run_mains_in_child(*calls):
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
         assert "session.json is a list, not an object" in out.stdout + out.stderr
 

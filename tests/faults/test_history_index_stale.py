@@ -14,7 +14,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import pytest
 
 from cli.main import main
 from orchestrator.history.store import SessionStore
-from tests.conftest import REPO, ConfigDir
+from tests.clirun import run_mains_in_child
+from tests.conftest import ConfigDir
 from tests.test_sessions import recorded_session
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
@@ -69,10 +69,10 @@ def no_file_may_grow() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
 
 
-def full_disk_chorus(cfg: ConfigDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", "history", *args, "--config-dir",
-                           str(cfg.path)], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          stdin=subprocess.DEVNULL, preexec_fn=no_file_may_grow)
+def full_disk_chorus(cfg: ConfigDir, *calls: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """`chorus history CALL` for each call, in one process on a full disk (tests/clirun.py)."""
+    return run_mains_in_child(*(["history", *args, "--config-dir", str(cfg.path)] for args in calls),
+                              preexec_fn=no_file_may_grow)
 
 
 def test_a_deleted_index_is_rebuilt_by_the_next_list_and_search(cfg: ConfigDir, history: History) -> None:
@@ -118,20 +118,18 @@ def test_list_and_search_work_on_a_full_disk_from_the_session_files(cfg: ConfigD
     ids = sessions(cfg, 3)
     listed(history)  # the index exists and is in step
 
-    fresh = full_disk_chorus(cfg, "list", "--json")  # was: "disk I/O error"
+    (fresh,) = full_disk_chorus(cfg, ["list", "--json"])  # was: "disk I/O error"
     assert fresh.returncode == 0 and "Traceback" not in fresh.stderr, fresh.stderr
     assert [r["id"] for r in json.loads(fresh.stdout)] == ids[::-1]
 
     delete_index(cfg)  # and a session damaged since: only the files can say
     (cfg.sessions_dir / ids[1] / "session.json").write_text("[]")
-    stale = full_disk_chorus(cfg, "list", "--json")
+    stale, table, found = full_disk_chorus(cfg, ["list", "--json"], ["list"], ["search", "charlie", "--json"])
     assert stale.returncode == 0 and "Traceback" not in stale.stderr, stale.stderr
     rows = {r["id"]: r for r in json.loads(stale.stdout)}
     assert list(rows) == ids[::-1] and rows[ids[1]]["problems"] == ["session.json is a list, not an object"]
     assert "reading the session files instead" in stale.stderr
-    table = full_disk_chorus(cfg, "list")
     assert table.returncode == 0 and all(sid in table.stdout for sid in ids), table.stderr
-    found = full_disk_chorus(cfg, "search", "charlie", "--json")
     assert found.returncode == 0 and [h["id"] for h in json.loads(found.stdout)] == [ids[2]], found.stderr
 
     assert list(listed(history)) == ids[::-1]  # room again: the index is refilled
