@@ -22,6 +22,7 @@ from launcher.errors import BinaryNotFound
 from launcher.process import binary
 from launcher.process.binary import BUILD_REVISION, PINNED_LLAMA_CPP, cached_builds, find_llama_server
 from orchestrator.config.locations import CONFIG_FILES
+from tests.clirun import run_main
 from tests.conftest import REPO
 
 SOURCES = ("api", "launcher", "orchestrator", "ui", "config", "pyproject.toml", "README.md")
@@ -99,7 +100,7 @@ def test_installed_package_is_imported_from_the_install_not_the_checkout(
     assert all(cmd in helped.stdout for cmd in ("init", "models", "check", "run"))
 
 
-def test_installed_console_script_init_writes_the_packaged_config_once(
+def test_installed_console_script_init_writes_the_packaged_config(
         site: Path, outside: Outside, tmp_path: Path) -> None:
     target = tmp_path / "mine" / "config"
     script = site / "bin" / "chorus"  # the [project.scripts] entry point, as pip wrote it
@@ -111,20 +112,10 @@ def test_installed_console_script_init_writes_the_packaged_config_once(
     assert str(tmp_path / "mine" / "models") in done.stdout  # where to put the .gguf files
     assert f"chorus check --config-dir {target}" in done.stdout
 
-    (target / "models.yaml").write_text("models: {}\n")
-    again = outside.run(script, "init", str(target))
-    refusal = " ".join(again.stderr.split())  # the CLI wraps error paragraphs
-    assert again.returncode == 2
-    assert "already has app.yaml, models.yaml, pipeline.yaml; nothing was written" in refusal and "--force" in refusal
-    assert (target / "models.yaml").read_text() == "models: {}\n"  # refused means untouched
-    forced = outside.run(script, "init", str(target), "--force")
-    assert forced.returncode == 0, forced.stderr
-    assert (target / "models.yaml").read_bytes() == (REPO / "config" / "models.yaml").read_bytes()
-
 
 def test_installed_models_lists_an_init_config(outside: Outside, tmp_path: Path) -> None:
     target = tmp_path / "cfg"
-    assert outside.chorus("init", str(target)).returncode == 0
+    assert run_main("init", str(target)).returncode == 0  # the same files as the installed init's (above)
     done = outside.chorus("models", "--json", "--config-dir", str(target))
     assert done.returncode == 0, done.stderr
     listed = [(m["name"], m["status"]) for m in json.loads(done.stdout)]
@@ -233,6 +224,20 @@ def test_init_without_a_folder_writes_to_chorus_home_where_the_lookup_then_finds
     assert find_config_dir().path == tmp_path / "home" / "config"
     assert "chorus check\n" in out and "--config-dir" not in out  # found without the flag
     assert str(tmp_path / "home" / "models") in out
+
+
+def test_init_refuses_a_folder_that_has_config_files_unless_forced(tmp_path: Path) -> None:
+    target = tmp_path / "mine" / "config"
+    assert run_main("init", str(target)).returncode == 0
+    (target / "models.yaml").write_text("models: {}\n")
+    again = run_main("init", str(target))
+    refusal = " ".join(again.stderr.split())  # the CLI wraps error paragraphs
+    assert again.returncode == 2
+    assert "already has app.yaml, models.yaml, pipeline.yaml; nothing was written" in refusal and "--force" in refusal
+    assert (target / "models.yaml").read_text() == "models: {}\n"  # refused means untouched
+    forced = run_main("init", str(target), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (target / "models.yaml").read_bytes() == (REPO / "config" / "models.yaml").read_bytes()
 
 
 def test_init_into_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
