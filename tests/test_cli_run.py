@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.clirun import run_main
 from tests.conftest import REPO, ConfigDir
 
 pytestmark = pytest.mark.integration
@@ -16,6 +17,12 @@ pytestmark = pytest.mark.integration
 def chorus(config_dir: ConfigDir, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli", *args, "--config-dir", str(config_dir.path)],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def chorus_main(config_dir: ConfigDir, *args: str) -> subprocess.CompletedProcess[str]:
+    """`chorus ARGS` through main() in this process (tests/clirun.py): for commands that start no server,
+    where what they print matters, not that they are a process of their own."""
+    return run_main(*args, "--config-dir", str(config_dir.path))
 
 
 def test_run_json_then_history_list_show_search_rerun(config_dir: ConfigDir, llama_server_bin) -> None:
@@ -30,11 +37,11 @@ def test_run_json_then_history_list_show_search_rerun(config_dir: ConfigDir, lla
     assert data["stages"][2]["aggregation"]["kind"] == "synthesis"
     assert "[1/3] analyse" in out.stderr and "tokens in" in out.stderr
 
-    listed = json.loads(chorus(config_dir, "history", "list", "--json").stdout)
+    listed = json.loads(chorus_main(config_dir, "history", "list", "--json").stdout)
     assert [r["id"] for r in listed] == [data["session_id"]]
-    shown = chorus(config_dir, "history", "show", "1")
+    shown = chorus_main(config_dir, "history", "show", "1")
     assert "step 3: review" in shown.stdout and "== final" in shown.stdout
-    found = json.loads(chorus(config_dir, "history", "search", "sky", "--json").stdout)
+    found = json.loads(chorus_main(config_dir, "history", "search", "sky", "--json").stdout)
     assert found and found[0]["id"] == data["session_id"]
 
     rerun = chorus(config_dir, "history", "rerun", "1", "--stage", "3", "--json", "--set", "review.max_tokens=4")
@@ -42,7 +49,7 @@ def test_run_json_then_history_list_show_search_rerun(config_dir: ConfigDir, lla
     child = json.loads(rerun.stdout)
     assert child["session_id"] == "session_002" and child["stages"][0]["status"] == "copied"
 
-    reindexed = chorus(config_dir, "history", "reindex")
+    reindexed = chorus_main(config_dir, "history", "reindex")
     assert "reindexed 2 session(s)" in reindexed.stdout
 
 
@@ -57,18 +64,18 @@ def test_run_plain_prints_the_final_answer_on_stdout(config_dir: ConfigDir, llam
 
 def test_run_in_base_mode_with_a_missing_model_is_refused_with_the_reason(config_dir: ConfigDir) -> None:
     (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").unlink()
-    out = chorus(config_dir, "run", "hello")
+    out = chorus_main(config_dir, "run", "hello")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "base pipeline is blocked" in out.stderr and "gemma3-270m" in out.stderr
 
 
 def test_bad_set_value_names_the_field(config_dir: ConfigDir) -> None:
-    out = chorus(config_dir, "run", "hello", "--set", "review.temperature=hot")
+    out = chorus_main(config_dir, "run", "hello", "--set", "review.temperature=hot")
     assert out.returncode == 2 and "stages[2].temperature" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_history_show_of_an_unknown_session_is_a_clear_error(config_dir: ConfigDir) -> None:
-    out = chorus(config_dir, "history", "show", "42")
+    out = chorus_main(config_dir, "history", "show", "42")
     assert out.returncode == 2 and "no session 'session_042'" in " ".join(out.stderr.split())
 
 
@@ -129,7 +136,7 @@ def test_run_in_a_terminal_shows_live_progress_and_streams_the_answer_once(confi
     assert "[1/2] first: gemma3-270m" in screen and "[2/2] last: gemma3-270m" in screen
     assert "\x1b[1F\x1b[J" in screen  # the live area is redrawn in place
     assert re.search(r"gemma3-270m \(gemma3-270m\):\s+\d+ tokens\s+[\d.]+ tok/s\s+[\d.]+s", screen)
-    final = json.loads(chorus(config_dir, "history", "show", "1", "--json").stdout)["final"].strip()
+    final = json.loads(chorus_main(config_dir, "history", "show", "1", "--json").stdout)["final"].strip()
     screen = screen.replace("\r\n", "\n")  # the terminal writes each newline of the answer as CR LF
     assert final and screen.count(final) == 1  # streamed as it came, not printed again at the end
     assert screen.index(final) < screen.index("status: completed")

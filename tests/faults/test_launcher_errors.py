@@ -21,7 +21,7 @@ from launcher.errors import InvalidServerSpec, ServerCrashed, ServerFilesUnwrita
 from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
 from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from tests.conftest import ConfigDir
-from tests.faults.conftest import DEMO, assert_clean_failure, chorus
+from tests.faults.conftest import DEMO, assert_clean_failure, chorus, chorus_main
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ def test_chorus_run_with_an_unwritable_logs_dir_says_which_dir_and_what_to_do(co
 ])
 def test_chorus_serve_refuses_out_of_range_settings_before_starting_anything(
         config_dir: ConfigDir, args: list[str], complaint: str) -> None:
-    out = chorus(config_dir, "serve", DEMO, *args, timeout=60)
+    out = chorus_main(config_dir, "serve", DEMO, *args)  # refused by its arguments: no process needed
     assert_clean_failure(out)
     assert out.returncode == 2 and complaint in out.stderr
     assert not (config_dir.path.parent / "logs").exists()  # no server was started, so no log either
