@@ -60,20 +60,28 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CHORUS_ADMISSION_LEDGER", str(tmp_path / "admission.json"))
 
 
-_SCRIPT_CACHE: list[Any] = []  # Streamlit's ScriptCache, one for the session (made on first use)
+_STREAMLIT_ONCE: dict[str, Any] = {}  # what a served app computes once, computed once per test session
 
 
 @pytest.fixture(autouse=True)
-def _pages_compiled_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A served Streamlit app compiles each page once (magic rewrite, then compile); AppTest makes a new
-    ScriptCache on every run and so compiles every page again on each click, a third of a rerun's time.
-    AppTest here shares one cache, as the server does. The pages do not change during a test session."""
-    for name in ("streamlit.testing.v1.app_test", "streamlit.testing.v1.local_script_runner"):
-        module = sys.modules.get(name)  # only where a test module has imported AppTest
-        if module is not None:
-            if not _SCRIPT_CACHE:
-                _SCRIPT_CACHE.append(module.ScriptCache())
-            monkeypatch.setattr(module, "ScriptCache", lambda: _SCRIPT_CACHE[0])
+def _streamlit_work_done_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A served Streamlit app compiles each page once (magic rewrite, then compile) and scans the installed
+    packages for components once; AppTest compiles every page again on each run (a third of a click's time)
+    and scans the ~100 installed distributions' metadata for every new AppTest (0.1 s each). Here AppTest
+    shares one page cache and one scan, as the server does: neither the pages nor the installed packages
+    change during a test session. Only where a test module has imported AppTest."""
+    if "streamlit.testing.v1.app_test" not in sys.modules:
+        return
+    from streamlit.components.v2 import manifest_scanner
+    from streamlit.testing.v1 import app_test, local_script_runner
+
+    if not _STREAMLIT_ONCE:
+        _STREAMLIT_ONCE["pages"] = app_test.ScriptCache()
+        _STREAMLIT_ONCE["manifests"] = manifest_scanner.scan_component_manifests()
+    pages, manifests = _STREAMLIT_ONCE["pages"], _STREAMLIT_ONCE["manifests"]
+    for module in (app_test, local_script_runner):
+        monkeypatch.setattr(module, "ScriptCache", lambda: pages)
+    monkeypatch.setattr(manifest_scanner, "scan_component_manifests", lambda max_workers=None: manifests)
 
 
 class ConfigDir:
