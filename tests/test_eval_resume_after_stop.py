@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.clirun import run_main
 from tests.conftest import REPO, ConfigDir
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,7 @@ def test_eval_resume_answers_again_what_a_stop_all_failed(config_dir: ConfigDir,
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:  # its server is up: a run is in flight
-            ps = chorus(config_dir, "ps", "--json", timeout=60)
+            ps = run_main("ps", "--json", "--config-dir", str(config_dir.path))  # in this process: polled often
             if ps.returncode == 0 and json.loads(ps.stdout or "[]"):
                 break
             time.sleep(0.2)

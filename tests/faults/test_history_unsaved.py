@@ -25,7 +25,7 @@ from orchestrator.engine.events import Event, StageStarted
 from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner
 from tests.conftest import REPO, ConfigDir
-from tests.faults.conftest import answered, assert_session_valid, chorus, make_runtime, manual, run
+from tests.faults.conftest import answered, assert_session_valid, chorus, chorus_main, make_runtime, manual, run
 
 pytestmark = pytest.mark.integration
 
@@ -149,14 +149,14 @@ def test_full_disk_loses_the_history_not_the_answer_and_recovers(
         assert_session_valid(sessions, back.session_id)  # type: ignore[arg-type]
     finally:
         runtime.close()
-    listed = chorus(config_dir, "history", "list", "--json")
+    listed = chorus_main(config_dir, "history", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     ids = [r["id"] for r in json.loads(listed.stdout)]
     assert back.session_id in ids
     assert full.session_id is None  # a full disk from the start: nothing to list
     assert {r["id"]: r["status"] for r in json.loads(listed.stdout)}[midway.session_id] == "interrupted"
     for sid in {full.session_id, midway.session_id} - {None}:  # half-written sessions never crash the history
-        shown = chorus(config_dir, "history", "show", sid)  # type: ignore[arg-type]
+        shown = chorus_main(config_dir, "history", "show", sid)  # type: ignore[arg-type]
         assert "Traceback" not in shown.stderr, shown.stderr
 
 
