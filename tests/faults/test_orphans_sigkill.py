@@ -23,7 +23,7 @@ import pytest
 from launcher.process import state
 from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from tests.conftest import REPO, ConfigDir
-from tests.faults.conftest import DEMO, chorus, process_gone
+from tests.faults.conftest import DEMO, chorus_main, process_gone
 from tests.faults.test_orphans import (
     all_gone,
     free_port,
@@ -58,16 +58,16 @@ def test_ps_and_stop_find_the_server_a_killed_chorus_left_behind_a_wrapper(confi
                                                                            reaper: list[int]) -> None:
     config_dir.write_app(llama_server=str(wrapper))
     real = serve_and_kill(config_dir, reaper)
-    ps = chorus(config_dir, "ps", "--json")
+    ps = chorus_main(config_dir, "ps", "--json")  # the killed chorus is the other process
     assert ps.returncode == 0, ps.stderr
     (listed,) = json.loads(ps.stdout)
     assert listed["pid"] == real.pid and listed["model"] == DEMO, "ps does not show the orphaned server"
     assert listed["rss_bytes"] and listed["rss_bytes"] > 50 * 2**20  # the server's memory, not the shell's
-    assert f"{listed['owner_pid']} (gone)" in chorus(config_dir, "ps").stdout  # the table marks the orphan
-    stopped = chorus(config_dir, "stop", "--all")
+    assert f"{listed['owner_pid']} (gone)" in chorus_main(config_dir, "ps").stdout  # the table marks the orphan
+    stopped = chorus_main(config_dir, "stop", "--all")
     assert stopped.returncode == 0 and f"{DEMO} (pid {real.pid}" in stopped.stdout, stopped.stdout
     assert all_gone([real.pid], timeout=10), "chorus stop --all left the orphaned server running"
-    assert chorus(config_dir, "ps").stdout.strip() == "no llama-server running"
+    assert chorus_main(config_dir, "ps").stdout.strip() == "no llama-server running"
 
 
 def test_the_next_start_stops_the_server_a_killed_chorus_left(config_dir: ConfigDir, wrapper: Path,
