@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import REPO
 
 PACKAGES = ("launcher", "orchestrator", "cli", "ui", "api")
+pytestmark = pytest.mark.xdist_group("architecture")  # one worker parses the sources (`parse`), not each
 FORBIDDEN = {
     "launcher": {"orchestrator", "ui", "api", "streamlit"},
     "orchestrator": {"ui", "api", "streamlit"},
