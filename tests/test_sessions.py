@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.fileio import write_text_atomic
 from orchestrator.config.schema import PipelineSpec
 from orchestrator.engine.events import RunFinished, RunStarted, StageFinished
 from orchestrator.history import recorder as recorder_module
@@ -73,6 +74,18 @@ def record_run(recorder: Recorder, stages: list[StageRecord], *, question: str =
     if close:
         assert recorder.close() is None
     return run
+
+
+def test_an_atomic_write_reaches_the_disk_before_it_replaces_the_file(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the fast tier's conftest skips elsewhere: the new text is fsynced, then renamed over the file."""
+    steps: list[str] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: steps.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}"))
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (steps.append(f"replace {dst}"), replace(src, dst)))
+    write_text_atomic(tmp_path / "session.json", "{}")
+    assert len(steps) == 2 and steps[0].startswith(f"fsync {tmp_path}/.session.json.")
+    assert steps[1] == f"replace {tmp_path / 'session.json'}" and (tmp_path / "session.json").read_text() == "{}"
 
 
 def recorded_session(sessions_dir: Path, question: str = "Why is the sky blue?", **kwargs: object) -> str:
