@@ -113,7 +113,7 @@ def test_a_model_asked_for_directly_through_the_api_fails_over_to_a_replica_that
             pass
 
     live = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=live.serve_forever, daemon=True).start()
+    threading.Thread(target=live.serve_forever, args=(0.02,), daemon=True).start()  # shutdown() waits a poll
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]  # closed once the block ends: nothing listens there

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -166,10 +167,16 @@ def test_with_a_token_no_page_runs_before_sign_in_even_asked_for_by_name(ui_env:
     assert gated(at), f"{page} ran without the token"
 
 
-def test_a_wrong_token_is_refused_and_keeps_the_gate_shut(ui_env: None) -> None:
+def test_a_wrong_token_is_refused_after_a_delay_and_keeps_the_gate_shut(ui_env: None,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from ui import auth
+
+    slept: list[float] = []  # the guesser's wait, noted instead of waited out here
+    monkeypatch.setattr(auth, "time", SimpleNamespace(sleep=slept.append))
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     sign_in(at, TOKEN[:-1])
+    assert slept == [auth.WRONG_TOKEN_DELAY_S] and auth.WRONG_TOKEN_DELAY_S >= 1.0
     assert [e.value for e in at.error] == ["Wrong token."]
     assert gated(at)
 
