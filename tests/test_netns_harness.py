@@ -98,14 +98,14 @@ def test_a_cut_link_is_a_black_hole_until_restored(lab: NetLab) -> None:
     with lab.inside("hub"):
         sock = socket.create_connection((link.far_ip, port), timeout=5)
         lab.cut("r1")
-        sock.settimeout(1.0)
+        sock.settimeout(0.3)  # a black hole never answers: any wait shows it
         sock.sendall(b"x")
         with pytest.raises(TimeoutError):  # no reset, no error: the bytes just vanish
             sock.recv(1)
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):  # a new connection hangs too, as to a machine that is gone
-            socket.create_connection((link.far_ip, port), timeout=1.0)
-        assert time.monotonic() - t0 >= 0.9
+            socket.create_connection((link.far_ip, port), timeout=0.3)
+        assert time.monotonic() - t0 >= 0.25
         lab.restore("r1")
         with socket.create_connection((link.far_ip, port), timeout=5) as fresh:
             assert _round_trips(fresh, 1)
