@@ -350,9 +350,9 @@ def test_request_timeout_bounds_the_whole_answer_not_each_chunk(pool: ServerPool
     async def go():
         async with GenerationClient(timeout_s=600) as client:
             return await client.generate(ep, GenerationRequest("Count: 1, 2, 3,", max_tokens=4000),
-                                         tokens.append, timeout_s=1.0)
+                                         tokens.append, timeout_s=3.0)  # first tokens in time on a busy machine
 
-    with pytest.raises(RequestTimeout, match="within 1s"):
+    with pytest.raises(RequestTimeout, match="within 3s"):
         asyncio.run(go())
     assert tokens  # it was streaming when the deadline hit
     assert server.is_alive()
