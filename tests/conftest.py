@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,21 +62,12 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_fsync_in_the_fast_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fsync, and SQLite's own syncs, make a write outlive a power cut, which no test can observe, and cost
-    4-20 ms each on this disk: four history test files made 1,375 fsyncs (24 s of waiting), one of them
-    900 SQLite syncs more. The fast tier skips them in this process (the processes it starts keep them;
-    test_sessions.py checks that an atomic write calls fsync); integration tests keep them."""
-    if request.node.get_closest_marker("integration") is not None:
-        return
-    monkeypatch.setattr(os, "fsync", lambda fd: None)
-    connect = sqlite3.connect
-
-    def unsynced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = connect(*args, **kwargs)
-        conn.execute("PRAGMA synchronous=OFF")
-        return conn
-
-    monkeypatch.setattr(sqlite3, "connect", unsynced)
+    """fsync makes a write outlive a power cut, which no test can observe, and costs 4-20 ms on this disk:
+    four history test files made 1,375 calls (24 s of waiting). The fast tier skips it in this process (the
+    processes it starts keep it; test_sessions.py checks that an atomic write calls it); integration tests
+    keep it. SQLite's own syncs stay: without them the concurrent-index test loses rows (a race they hide)."""
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setattr(os, "fsync", lambda fd: None)
 
 
 _STREAMLIT_ONCE: dict[str, Any] = {}  # what a served app computes once, computed once per test session
