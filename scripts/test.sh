@@ -59,10 +59,13 @@ case $tier in
   # tests marked xdist_group("name") share one worker (and so an expensive module fixture). `-n 0` among the
   # extra arguments runs it in one process.
   fast) markers=(-m "not integration and not browser" -n auto --dist loadgroup) ;;
-  # The rest tier runs on two workers; the tests of a module with a module fixture (a `chorus api`, a
-  # browser) stay on one, so it starts once; the session's warm servers start once per worker. Tests marked
-  # serial (real memory measured) run while the other worker waits (tests/conftest.py).
-  rest) markers=(-m "integration or browser" -n 2 --dist loadgroup) ;;
+  # The rest tier runs on two workers, each on its half of the cores with its llama-servers (the servers of
+  # two workers on the same cores slow each other down more than the second worker gains). A test file stays
+  # on one worker, so a module fixture (a `chorus api`, a browser) starts once; the session's warm servers
+  # start once per worker. Tests marked serial (real memory measured) run while the other worker waits.
+  # (tests/conftest.py; --dist loadfile, as loadgroup's groups are ignored with pytest 9.2, xdist #1386.)
+  rest) markers=(-m "integration or browser" -n 2 --dist loadfile)
+        export CHORUS_TESTS_SPLIT_CORES=1 ;;
 esac
 echo "== pytest ($tier)"
 set +e

@@ -135,23 +135,31 @@ REAL_FIXTURES = frozenset({"llama_server_bin", "demo_model", "second_model", "ru
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "serial: runs with no other test at the same time, also under pytest-xdist "
                                        "(it measures real memory or needs the cores to itself)")
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and os.environ.get("CHORUS_TESTS_SPLIT_CORES"):
+        _take_this_workers_cores(int(workerinput["workercount"]), int(str(workerinput["workerid"]).removeprefix("gw")))
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks added here
+def _take_this_workers_cores(workers: int, index: int) -> None:
+    """One xdist worker of `workers` (scripts/test.sh --rest) keeps to its own share of the cores, and so do
+    the chorus processes and llama-servers it starts; a server started without -t runs a thread per core of
+    the share (LLAMA_ARG_THREADS), chorus gives its servers a share of them (launcher.cpus reads the affinity).
+    Two workers whose servers each ran a thread per core of the machine fought over the cores: llama.cpp's
+    threads wait for each other at every step, and two 2-thread servers on 2 cores took twice the CPU time
+    for the same tokens (the whole tier about 15 CPU-minutes instead of 7)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if 1 < workers <= len(cpus):
+        mine = set(cpus[index::workers])
+        os.sched_setaffinity(0, mine)
+        os.environ["LLAMA_ARG_THREADS"] = str(len(mine))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("integration") is None and (
                 item.get_closest_marker("browser") is not None
                 or REAL_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.integration)
-        if item.get_closest_marker("integration") is not None and _uses_a_module_fixture(item):
-            # the module's set-up (a `chorus api`, a browser) starts once: its tests share one xdist worker
-            item.add_marker(pytest.mark.xdist_group(f"module:{item.nodeid.split('::')[0]}"))
-
-
-def _uses_a_module_fixture(item: pytest.Item) -> bool:
-    info = getattr(item, "_fixtureinfo", None)
-    return info is not None and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
 
 
 @pytest.hookimpl(hookwrapper=True)
