@@ -70,9 +70,16 @@ class ServerPool:
             return [e.server for e in self._entries.values()]
 
     def _find(self, spec: ServerSpec) -> tuple[object, ...] | None:
-        """The key of a running server that can serve `spec` (same family, fewest slots that suffice)."""
+        """The key of a running server that can serve `spec`: same family, the fewest slots that suffice, else
+        a busy one of the family with the most slots (its queue takes the extra calls: concurrent runs that
+        asked for different slot counts would otherwise hold the same weights twice). An idle smaller one
+        is not taken: asking for more slots next to it means a bigger server is wanted."""
         fits = [(e.server.spec.slots, key) for key, e in self._entries.items() if e.server.spec.serves(spec)]
-        return min(fits, key=lambda pair: pair[0])[1] if fits else None
+        if fits:
+            return min(fits, key=lambda pair: pair[0])[1]
+        same = [(e.server.spec.slots, key) for key, e in self._entries.items()
+                if e.server.spec.family == spec.family and e.in_use > 0]
+        return max(same, key=lambda pair: pair[0])[1] if same else None
 
     # -- acquire / release
     def acquire(self, spec: ServerSpec) -> ModelServer:
