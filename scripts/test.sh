@@ -62,9 +62,11 @@ case $tier in
   # The rest tier runs on two workers, each on its half of the cores with its llama-servers (the servers of
   # two workers on the same cores slow each other down more than the second worker gains). A test file stays
   # on one worker, so a module fixture (a `chorus api`, a browser) starts once; the session's warm servers
-  # start once per worker. Tests marked serial (real memory measured) run while the other worker waits.
-  # (tests/conftest.py; --dist loadfile, as loadgroup's groups are ignored with pytest 9.2, xdist #1386.)
-  rest) markers=(-m "integration or browser" -n 2 --dist loadfile)
+  # start once per worker. Tests marked serial (real memory measured) run while the other worker waits
+  # (tests/conftest.py).
+  # The longest files start first (tests/conftest.py, LONG_FIRST). --dist loadfile, as loadgroup's groups
+  # are ignored with pytest 9.2 (pytest-xdist #1386).
+  rest) markers=(-m "integration or browser" -n 2 --dist loadfile --no-loadscope-reorder)
         export CHORUS_TESTS_SPLIT_CORES=1 ;;
 esac
 echo "== pytest ($tier)"

@@ -154,12 +154,22 @@ def _take_this_workers_cores(workers: int, index: int) -> None:
         os.environ["LLAMA_ARG_THREADS"] = str(len(mine))
 
 
+# Real-server test files whose tests take longest, most of it waiting (a 90 s wait for a worker, timed cuts of
+# a link, a browser): first, so that pytest-xdist starts them while the other worker runs the short ones,
+# not last with nothing left to run beside them (scripts/test.sh --rest keeps this order).
+LONG_FIRST = ("tests/test_netns_worker_lost.py", "tests/test_netns_failover.py", "tests/test_browser.py",
+              "tests/test_gguf.py", "tests/test_eval_resume_after_stop.py", "tests/test_eval.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("integration") is None and (
                 item.get_closest_marker("browser") is not None
                 or REAL_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.integration)
+    rank = {path: i for i, path in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank))
+               if item.get_closest_marker("integration") is not None else len(rank))
 
 
 @pytest.hookimpl(hookwrapper=True)
