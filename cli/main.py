@@ -98,6 +98,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     install_signal_cleanup()
+    # "Ctrl-C stops it" must hold also when we were started with SIGINT ignored (`chorus serve … &` in a
+    # script, a test runner's worker): Python then installs no KeyboardInterrupt handler of its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = _chorus(args).serve(
         args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, slots=args.slots,
         announce=lambda spec: print(f"starting llama-server for '{spec.model}' (n_ctx={spec.n_ctx}, "
