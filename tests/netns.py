@@ -85,6 +85,25 @@ def _setns(fd: int) -> None:
         raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
 
 
+def _enter(target: int) -> int:
+    """Move the calling thread into network namespace `target`; a descriptor of the one it was in."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _setns(target)
+    except BaseException:
+        os.close(own)
+        raise
+    return own
+
+
+def _leave(own: int) -> None:
+    """Move the calling thread back into `own` (from `_enter`)."""
+    try:
+        _setns(own)
+    finally:
+        os.close(own)
+
+
 @dataclass(frozen=True)
 class Link:
     """The veth pair between the hub and one far namespace."""
@@ -265,19 +284,31 @@ class NetLab:
     @contextlib.contextmanager
     def inside(self, ns: str) -> Iterator[None]:
         """Run this thread in namespace `ns` for the block: its sockets, threads and child processes live
-        there. Start long-lived children from a long-lived thread (they die with the thread that forked
-        them, PR_SET_PDEATHSIG)."""
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        there, and so do the llama-servers chorus starts meanwhile. Start long-lived children from a
+        long-lived thread (they die with the thread that forked them, PR_SET_PDEATHSIG).
+
+        chorus forks every llama-server from one long-lived spawner thread, which is moved in for the block
+        too, and back after. Left alone, a server started in the block ran wherever that thread had been
+        made: outside when an earlier test had started a server (the split server of
+        test_netns_worker_lost could not reach its worker), and inside a namespace that is then deleted
+        when the thread was first made in the block (every later server of the process unreachable)."""
+        from launcher.process import server as server_process
+
+        spawner = server_process._SPAWNER
+        spawner.submit(lambda: None).result()  # its thread made now, out here, if it was not yet
         target = os.open(f"/run/netns/{self.names[ns]}", os.O_RDONLY)
         try:
-            _setns(target)
+            own = _enter(target)
             try:
-                yield
+                spawner_own = spawner.submit(_enter, target).result()
+                try:
+                    yield
+                finally:
+                    spawner.submit(_leave, spawner_own).result()
             finally:
-                _setns(own)
+                _leave(own)
         finally:
             os.close(target)
-            os.close(own)
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:

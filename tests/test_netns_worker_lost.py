@@ -25,6 +25,9 @@ pytestmark = pytest.mark.integration
 REQUEST_TIMEOUT_S = 8
 STOP_GRACE_S = 2
 WORKER_PROBE_S = 1.0  # LocalBackend's probe of each worker after a failure
+# rpc-server answers again about a second after the link is back, or, still on the dead connection, not within
+# 90 s (docs/reliability.md, 26.2): a longer wait only delays the run
+RECOVERY_WAIT_S = 30
 PORT = 50052
 
 
@@ -44,9 +47,6 @@ def _wait(check, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
     return False
 
 
-@pytest.mark.xfail(strict=False, reason="the split server's first connection to the fresh worker is sometimes refused "
-                   "(llama-server aborts: 'Failed to connect'), 2 of 5 full runs; the cut itself is handled: open, "
-                   "see docs/reliability.md")
 def test_a_worker_cut_off_mid_generation_fails_in_time_named_and_the_run_is_partial(
         config_dir, demo_model: Path, llama_server_bin: Path, tmp_path: Path) -> None:
     from orchestrator.config.schema import load_config
@@ -83,8 +83,10 @@ def test_a_worker_cut_off_mid_generation_fails_in_time_named_and_the_run_is_part
                 wedged = [s for s in rt.running_servers() if s.spec.rpc and s.is_alive()]
                 lab.restore("w1")
                 restored = time.monotonic()
-                back = _wait(lambda: probe(worker), 90)
-                print(f"worker answered again {time.monotonic() - restored:.1f}s after its link came back")
+                back = _wait(lambda: probe(worker), RECOVERY_WAIT_S)
+                waited = time.monotonic() - restored
+                print(f"worker answered again {waited:.1f}s after its link came back" if back
+                      else f"worker did not answer within {waited:.0f}s of its link coming back")
                 again = engine_run(rt, _pipeline(["gemma-split"], 4))[0] if back else None
             finally:
                 rt.close()
