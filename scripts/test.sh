@@ -59,21 +59,31 @@ case $tier in
   # tests marked xdist_group("name") share one worker (and so an expensive module fixture). `-n 0` among the
   # extra arguments runs it in one process.
   fast) markers=(-m "not integration and not browser" -n auto --dist loadgroup) ;;
-  # The rest tier runs on two workers, each on its half of the cores with its llama-servers (the servers of
-  # two workers on the same cores slow each other down more than the second worker gains). A test file stays
-  # on one worker, so a module fixture (a `chorus api`, a browser) starts once; the session's warm servers
-  # start once per worker. Tests marked serial (real memory measured) run while the other worker waits
-  # (tests/conftest.py).
-  # The longest files start first (tests/conftest.py, LONG_FIRST). --dist loadfile, as loadgroup's groups
-  # are ignored with pytest 9.2 (pytest-xdist #1386).
-  rest) markers=(-m "integration or browser" -n 2 --dist loadfile --no-loadscope-reorder)
+  # The rest tier: first the tests marked serial (they measure real memory) in a pass of their own, then the
+  # others on two workers, each on its half of the cores with its llama-servers (the servers of two workers
+  # on the same cores slow each other down more than the second worker gains). A test file stays on one
+  # worker, so a module fixture (a `chorus api`, a browser) starts once; the session's warm servers start
+  # once per worker; the longest files start first (tests/conftest.py). --dist loadfile, as loadgroup's
+  # groups are ignored with pytest 9.2 (pytest-xdist #1386).
+  rest) markers=(-m "(integration or browser) and not serial" -n 2 --dist loadfile --no-loadscope-reorder)
         export CHORUS_TESTS_SPLIT_CORES=1 ;;
 esac
+serial_rc=5
+if [[ $tier == rest ]]; then
+  echo "== pytest (rest, serial)"
+  set +e
+  .venv/bin/python -m pytest -m "(integration or browser) and serial" "$@"
+  serial_rc=$?
+  set -e
+fi
 echo "== pytest ($tier)"
 set +e
 .venv/bin/python -m pytest "${markers[@]}" "$@"
 rc=$?
 set -e
+if [[ $rc -eq 5 || ($rc -eq 0 && $serial_rc -ne 5) ]]; then
+  rc=$serial_rc  # each pass's failure counts; no tests collected only when neither pass found any
+fi
 if [[ $rc -eq 5 ]]; then
   echo "pytest collected no tests" >&2
   exit 1

@@ -174,11 +174,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    """Under pytest-xdist (scripts/test.sh --rest), a `serial` test holds a lock file exclusively and every
-    other test holds it shared, around its whole setup, call and teardown: a serial test waits for the tests
-    running on the other workers, and they wait for it. A serial test that waits also holds a turnstile that
-    other tests pass before they take their share, so a worker going from test to test cannot starve it.
-    Without xdist there is one test at a time anyway."""
+    """Under pytest-xdist, a `serial` test holds a lock file exclusively and every other test holds it shared,
+    around its whole setup, call and teardown: a serial test waits for the tests running on the other
+    workers, and they wait for it. A serial test that waits also holds a turnstile that other tests pass
+    before they take their share, so a worker going from test to test cannot starve it. Without xdist there
+    is one test at a time anyway. (scripts/test.sh --rest runs the serial tests in a pass of their own, so
+    that none waits for a long test on the other worker; this keeps them alone in any other run.)"""
     basetemp = item.config.option.basetemp  # a worker's: <the run's basetemp>/<worker id>
     if getattr(item.config, "workerinput", None) is None or not basetemp:
         yield
