@@ -154,7 +154,7 @@ def _take_this_workers_cores(workers: int, index: int) -> None:
         os.environ["LLAMA_ARG_THREADS"] = str(len(mine))
 
 
-# Real-server test files whose tests take longest, most of it waiting (a 90 s wait for a worker, timed cuts of
+# Real-server test files whose tests take longest, most of it waiting (for a worker to answer, timed cuts of
 # a link, a browser): first, so that pytest-xdist starts them while the other worker runs the short ones,
 # not last with nothing left to run beside them (scripts/test.sh --rest keeps this order).
 LONG_FIRST = ("tests/test_netns_worker_lost.py", "tests/test_netns_failover.py", "tests/test_browser.py",
