@@ -21,7 +21,7 @@ SHIPPED = REPO / "config" / "pipeline.yaml"
 RICH = {
     "name": "rich",
     "description": "every kind of setting the YAML can hold",
-    "defaults": {"max_tokens": 32, "n_ctx": 1024, "repeat_penalty": 1.2, "stop": ["\nQ:"]},
+    "defaults": {"max_tokens": 32, "n_ctx": 1024, "repeat_penalty": 1.2, "stop": ["\nQ:"], "stream_reasoning": False},
     "stages": [
         {"name": "sources", "kind": "retrieve", "collection": "kb", "top_k": 4, "query_from": "previous"},
         {"name": "ask", "models": [

@@ -305,6 +305,7 @@ def test_a_built_pipeline_is_saved_asked_before_replacing_and_loaded_back(ui_env
     sid = at.session_state["builder_stages"][0]["id"]
     at.text_input(key=f"s{sid}-name").set_value("answer").run()
     at.number_input(key=f"s{sid}-max_tokens").set_value(24).run()
+    at.checkbox(key="pd-stream_reasoning").uncheck().run()  # the API's reasoning stream, off for this one
     at.text_input(key="pipeline-name").set_value("mine").run()
     at.button(key="save").click().run()
     path = ui_env.path / "pipelines" / "mine.yaml"
@@ -315,14 +316,17 @@ def test_a_built_pipeline_is_saved_asked_before_replacing_and_loaded_back(ui_env
     assert any("exists. Replace it?" in plain(w.value) for w in at.warning) and path.read_text() == saved
     at.button(key="save-overwrite").click().run()
     assert load_pipeline_file(path).stages[0].max_tokens == 48
+    assert load_pipeline_file(path).defaults.stream_reasoning is False
 
     fresh = manual(app("run"))  # another browser tab: load it into an empty builder
     fresh.selectbox(key="load-choice").set_value("mine").run()
     fresh.button(key="load").click().run()
     assert not fresh.exception
-    spec = stage_builder.build_spec(fresh.session_state["builder_stages"], name="mine")
+    spec = stage_builder.build_spec(fresh.session_state["builder_stages"], name="mine",
+                                    defaults=fresh.session_state["builder_defaults"])
     assert spec.model_dump() == load_pipeline_file(path).model_dump()
     assert fresh.text_input(key="pipeline-name").value == "mine"
+    assert fresh.checkbox(key="pd-stream_reasoning").value is False
 
 
 def test_loading_a_broken_pipeline_file_shows_its_file_and_line(ui_env: ConfigDir) -> None:

@@ -169,6 +169,8 @@ def pipeline_to_yaml_dict(stages: list[dict[str, Any]], *, name: str = "manual",
     if description:
         data["description"] = description
     chosen = _set(defaults or {}, GENERATION_KEYS + LOAD_KEYS)
+    if (defaults or {}).get("stream_reasoning") is False:  # chorus api's reasoning stream, off for this pipeline
+        chosen["stream_reasoning"] = False
     if chosen:
         data["defaults"] = chosen
     data["stages"] = [stage_to_yaml_dict(s) for s in stages]
@@ -234,6 +236,7 @@ def stage_from_spec(stage: StageSpec) -> dict[str, Any]:
 def from_spec(spec: PipelineSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The builder's stages and pipeline defaults for a loaded pipeline (build_spec gives the spec back)."""
     defaults = {k: getattr(spec.defaults, k) for k in GENERATION_KEYS + LOAD_KEYS}
+    defaults["stream_reasoning"] = spec.defaults.stream_reasoning
     return [stage_from_spec(s) for s in spec.stages], defaults
 
 

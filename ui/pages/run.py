@@ -335,6 +335,10 @@ else:
         for col, key, low, high, step in load:
             value = col.number_input(key, low, high, defaults.get(key), step, key=f"pd-{key}", placeholder="not set")
             defaults[key] = None if value is None else int(value)
+        defaults["stream_reasoning"] = c[2].checkbox(
+            "Stream stages as reasoning", value=defaults.get("stream_reasoning", True), key="pd-stream_reasoning",
+            help="chorus api: a streamed answer shows every earlier stage as `reasoning_content` (a thinking "
+                 "block in Open WebUI); off: only chorus-aware clients see them")
     st.subheader("Stages")
     for i, stage in enumerate(stages):
         stage_editor(i, stage)
