@@ -43,7 +43,6 @@ from typing import TypedDict
 
 import httpx
 import psutil
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
 
 from launcher.errors import (
     InvalidModelFile,
@@ -512,6 +511,8 @@ class ModelServer:
         self._write_state(self.process.pid)  # recorded while it loads: a kill -9 of chorus now leaves a trace
 
     def _wait_ready(self) -> None:
+        from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential  # after the spawn
+
         deadline = self.options.startup_timeout_s
 
         # one client for every probe, without a TLS context (the URL is plain http on loopback): a new client

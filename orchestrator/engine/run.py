@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from launcher.errors import ChorusError, InsufficientMemory, RequestTimeout, ServerCrashed
-from orchestrator.engine.aggregation import AggregationError, Candidate, aggregate
 from orchestrator.engine.backend import Backend, WaveStep
 from orchestrator.engine.events import (
     AggregationDone,
@@ -41,7 +40,6 @@ from orchestrator.rag.embed import HttpEmbedder
 from orchestrator.rag.retrieval import format_context, sources_in_prompt
 from orchestrator.rag.retrieval import search as rag_search
 from orchestrator.rag.retrieval import stage_output as retrieve_output
-from orchestrator.rag.store import DocStore
 from orchestrator.records import (
     AggregationRecord,
     ErrorInfo,
@@ -308,6 +306,9 @@ class Engine:
         if failed and spec.on_error == "stop":
             return self._finish(run, record, "failed", error=failed[0].error)
         synthesis_calls: list[ResponseRecord] = []
+        # imported when the first stage merges (aggregation, judge): a cold start spawns its first server sooner
+        from orchestrator.engine.aggregation import AggregationError, Candidate, aggregate
+
         try:
             record.aggregation = await aggregate(
                 spec.aggregation, run.question, [Candidate(r.label, r.model, r.text) for r in ok],
@@ -337,6 +338,8 @@ class Engine:
         query = previous if plan.query_from == "previous" and previous.strip() else run.question
         record.prompt = query
         vector: list[float] | None = None
+        from orchestrator.rag.store import DocStore  # sqlite and chunking only for pipelines that retrieve
+
         try:
             if plan.embedder is not None:
                 record.params["embedding_model"] = plan.embedder.model

@@ -10,9 +10,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.rag.store import DocStore
+if TYPE_CHECKING:  # an annotation only: the rendering helpers every run uses load no sqlite or chunking
+    from orchestrator.rag.store import DocStore
 
 RRF_K = 60
 CANDIDATES = 50  # per ranking, before fusion
