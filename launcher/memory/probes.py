@@ -20,7 +20,10 @@ process's own servers hold is taken off by the admission check, like on a simula
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import importlib.util
 import logging
+import sys
 import threading
 import types
 from collections.abc import Collection, Iterator
@@ -247,9 +250,26 @@ def _model_arg(pid: int) -> str | None:
 _nvml_lock = threading.Lock()
 
 
+class _NoNvmlLibrary(Exception):
+    """libnvidia-ml cannot be loaded: pynvml's nvmlInit would raise its 'NVML Shared Library Not Found'."""
+
+
+def _check_nvml_library() -> None:
+    """On Linux without the NVIDIA driver, fail as nvmlInit would, without importing pynvml (~10 ms of a cold
+    start): it loads the same library, by the same name, first thing. Once pynvml is imported (or replaced by
+    a test's stand-in), or where it is not installed (ImportError says so), pynvml answers itself."""
+    if not sys.platform.startswith("linux") or "pynvml" in sys.modules or importlib.util.find_spec("pynvml") is None:
+        return
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        raise _NoNvmlLibrary("NVML Shared Library Not Found") from None
+
+
 @contextlib.contextmanager
 def _nvml() -> Iterator[types.ModuleType]:
     """pynvml, initialised for the block; raises ImportError or an NVMLError when there is none."""
+    _check_nvml_library()
     import pynvml
 
     with _nvml_lock:
