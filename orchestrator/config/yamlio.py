@@ -62,14 +62,45 @@ def load_yaml_text(text: str, source: str) -> tuple[Any, yaml.Node | None]:
 def parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
     """The data and the node tree as written; raises yaml.YAMLError (ExpansionTooLarge for a bomb).
 
-    The node tree is composed on its own: constructing merges (`<<: *base`) rewrites the nodes it is
-    given, and the tree must stay as written for duplicate-key checks and line lookups.
+    The text is parsed once and the data constructed from that tree, unless it has merges (`<<: *base`)
+    or `=` keys: constructing those rewrites the nodes it is given, and the tree must stay as written for
+    duplicate-key checks and line lookups, so the data then comes from a second parse of its own.
     """
     node = yaml.compose(text, Loader=BoundedLoader)
     if node is None:
         return None, None
     _check_expansion(node, MAX_YAML_NODES)  # before constructing, so the error has the tree's line
-    return yaml.load(text, Loader=BoundedLoader), node  # a SafeLoader, its expansion bounded
+    if _rewritten_by_construction(node):
+        return yaml.load(text, Loader=BoundedLoader), node  # a SafeLoader, its expansion bounded
+    loader = BoundedLoader("")
+    try:
+        return loader.construct_document(node), node
+    finally:
+        loader.dispose()
+
+
+# the keys SafeConstructor.flatten_mapping rewrites in place
+_REWRITTEN_KEY_TAGS = frozenset({"tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"})
+
+
+def _rewritten_by_construction(root: yaml.Node) -> bool:
+    """Whether any mapping has a key that constructing rewrites in place (a merge `<<`, a value key `=`)."""
+    stack: list[yaml.Node] = [root]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:  # aliases share nodes
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag in _REWRITTEN_KEY_TAGS:
+                    return True
+                stack.append(key)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return False
 
 
 MAX_YAML_NODES = 100_000
