@@ -264,6 +264,9 @@ class GenerationParams(Strict):
     "off". OpenAI's presence/frequency penalties and logit_bias keep OpenAI's ranges.
     """
 
+    # built when first used on its own: at import only its subclasses are (they set defer_build back to False)
+    model_config = ConfigDict(defer_build=True)
+
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1_000_000)           # 0 = every token
@@ -322,12 +325,16 @@ GENERATION_KEYS: tuple[str, ...] = tuple(GenerationParams.model_fields)  # every
 
 
 class LoadParams(Strict):
+    model_config = ConfigDict(defer_build=True)  # as GenerationParams: its subclasses are built at import
+
     n_ctx: int | None = Field(None, ge=MIN_N_CTX, le=MAX_N_CTX)
     n_gpu_layers: int | None = Field(None, ge=-1)
 
 
 class ModelSlot(GenerationParams):
     """One model call in a stage; the same model may appear several times with its own overrides."""
+
+    model_config = ConfigDict(defer_build=False)
 
     model: Annotated[str, Field(pattern=NAME_PATTERN)]
     label: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
@@ -386,6 +393,8 @@ class AggregationSpec(Strict):
 
 
 class StageSpec(GenerationParams, LoadParams):
+    model_config = ConfigDict(defer_build=False)
+
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     kind: Literal["generate", "retrieve"] = "generate"
     models: list[ModelSlot] = Field(default_factory=list, validate_default=True)
@@ -451,6 +460,8 @@ class StageSpec(GenerationParams, LoadParams):
 
 
 class PipelineDefaults(GenerationParams, LoadParams):
+    model_config = ConfigDict(defer_build=False)
+
     # chorus api: a streamed answer shows every call but the answer's own as `reasoning_content` (api/stream.py);
     # false leaves the earlier stages to the `chorus` field only. A request's `reasoning_format` wins.
     stream_reasoning: StrictBool = True
