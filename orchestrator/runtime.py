@@ -159,10 +159,11 @@ class Runtime:
             return max(self._expected_runs, self._active_runs)
 
     def preferred_slots(self, planned: int, calls: int) -> int:
-        """The slots a new server should have when `calls` of each run want it and `sharing` runs may: at
-        most app.yaml's server.max_slots (never fewer than planned). Only a preference: the scheduler gives
-        a new server as many of them as fit without stopping anything more."""
-        return max(planned, min(self.config.app.server.max_slots, calls * self.sharing))
+        """The slots a new server should have when each run wants `planned` of them at its busiest stage (or
+        `calls` now) and `sharing` runs may: at most app.yaml's server.max_slots (never fewer than planned).
+        Sized for the busiest stage, not the one that starts it: the server outlives the stage. Only a
+        preference: the scheduler gives a new server as many of them as fit without stopping anything more."""
+        return max(planned, min(self.config.app.server.max_slots, max(planned, calls) * self.sharing))
 
     def place(self, spec: ServerSpec) -> ServerSpec:
         """The server a single request for `spec`'s model should use (the API's proxied model): a warm one of

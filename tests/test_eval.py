@@ -7,6 +7,7 @@ import asyncio
 import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -367,6 +368,25 @@ def test_an_eval_runs_every_system_records_sessions_and_reports(eval_runtime: Ru
     assert store.eval_of_session(sessions[0]) == eval_id
     assert all((config_dir.sessions_dir / sid / "final.txt").read_text() == "42" for sid in sessions)
     assert stat.S_IMODE((config_dir.sessions_dir / "eval.db").stat().st_mode) == 0o600
+
+
+def test_concurrent_items_answer_one_system_at_a_time_so_their_calls_meet_on_one_server(
+        eval_runtime: Runtime) -> None:
+    """Item-major order let a pipeline run and both baselines go together: two servers fought over the cores
+    (eval --concurrency 3 took 1.5-2.3x as long as 1 on 2 cores); system by system, their calls batch."""
+    spec = build_spec(eval_runtime, two_model_pipeline(), concurrency=3)
+    runner = EvalRunner(eval_runtime, backend=FakeBackend(default=Script(fake_model)))
+    started: list[tuple[str, str]] = []
+    arun = runner.runner.arun
+
+    async def recording(pipeline: PipelineSpec, question: str, **kwargs: Any) -> Any:
+        started.append((pipeline.name, question))
+        return await arun(pipeline, question, **kwargs)
+
+    runner.runner.arun = recording  # type: ignore[method-assign]
+    report = runner.run(runner.start(spec, QUESTIONS, source="test"))
+    assert report.eval["status"] == "completed"
+    assert started == [(system.pipeline.name, item.question) for system in spec.systems for item in QUESTIONS]
 
 
 def test_an_interrupted_eval_resumes_where_it_stopped(eval_runtime: Runtime) -> None:

@@ -80,6 +80,23 @@ def test_requests_without_the_api_key_are_refused(warm_demo_server: ModelServer)
     assert r.status_code == 401
 
 
+def test_a_server_spins_briefly_at_openmp_barriers_unless_the_user_says_otherwise(
+        warm_demo_server: ModelServer) -> None:
+    """Servers busy at once must not spin through each other's time slices (launcher/process/server.py)."""
+    assert warm_demo_server.pid is not None
+    environ = psutil.Process(warm_demo_server.pid).environ()
+    assert environ.get("GOMP_SPINCOUNT") == "1000"
+    assert "LLAMA_API_KEY" not in environ
+
+
+def test_the_users_openmp_setting_wins_over_chorus_spin_count() -> None:
+    assert server_mod.server_env({"OMP_WAIT_POLICY": "PASSIVE"}, {})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "GOMP_SPINCOUNT" not in server_mod.server_env({"OMP_WAIT_POLICY": "PASSIVE"}, {})
+    assert server_mod.server_env({}, {"GOMP_SPINCOUNT": "50"})["GOMP_SPINCOUNT"] == "50"
+    assert server_mod.server_env({"PATH": "/bin", "LLAMA_API_KEY": "k"}, {}) == {"PATH": "/bin",
+                                                                                 "GOMP_SPINCOUNT": "1000"}
+
+
 def test_two_parallel_requests_use_both_slots_of_one_server(pool: ServerPool, demo_model: Path) -> None:
     server = pool.acquire(spec_for(demo_model, slots=2))
     ep = Endpoint(server.model, server.base_url, "completion", server.api_key)

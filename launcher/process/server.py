@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,13 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 LOG_KEEP = 5                    # llama-server logs kept per model, the new one included
 LOG_CAP_BYTES = 2 * 1024 * 1024  # an older log is cut to its last 2 MiB
+# llama-server's CPU threads meet at an OpenMP barrier after every op, and libgomp spins 300,000 times
+# before sleeping there. Two servers busy at once (two models of concurrent runs, a proxy beside one) then
+# take more threads than cores and spin through each other's time slices: on 2 cores a gemma and a smollm2
+# server generating together made 8-33 tok/s in all, against 75 and 120 each alone. 1,000 spins keep a lone
+# server as fast (within noise) and gave 60-70 together; fewer cost a lone server 5-30%. A user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+OMP_SPIN_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,15 @@ class ServerOptions:
     state_dir: Path | None = None       # where running servers are recorded for `chorus ps`
     runtime_dir: Path | None = None     # where key files live; default <logs_dir>/runtime
     env: dict[str, str] = field(default_factory=dict)
+
+
+def server_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """A server's environment: ours and the options', with short OpenMP spinning unless one is set."""
+    env = {**environ, **extra}
+    env.pop("LLAMA_API_KEY", None)  # would add a key of the user's to ours
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & env.keys():
+        env.update(OMP_SPIN_ENV)
+    return env
 
 
 def chat_template_args(template: str) -> list[str]:
@@ -486,8 +503,7 @@ class ModelServer:
         self.port = port
         self._stopping = False
         self._oom_kills_at_start = _oom_kill_count()
-        env = {**os.environ, **self.options.env}
-        env.pop("LLAMA_API_KEY", None)  # would add a key of the user's to ours
+        env = server_env(os.environ, self.options.env)
         cmd = self.command(port)
         rlimit = self.options.rlimit_as_bytes
         parent = os.getpid()

@@ -253,7 +253,21 @@ class EvalRunner:
                 self._tick("")
                 semaphore = asyncio.Semaphore(spec.concurrency)
                 stack.enter_context(self.runtime.expecting(spec.concurrency))  # items share servers' slots
-                await asyncio.gather(*(self._item(eval_id, spec, item, judge, semaphore, cancel) for item in items))
+                # Answers are queued system by system (every item's pipeline run, then every item's first
+                # baseline...): runs let go together then call the same models in step, so their calls batch
+                # on one server's slots instead of two servers fighting over the cores (eval_order).
+                stored = self.store.answers(eval_id)
+                answers = {(item.index, s.name): asyncio.ensure_future(
+                               self._answer(eval_id, item, s, semaphore, cancel,
+                                            retry=(item.index, s.name) in stored))
+                           for s, item in eval_order(spec.systems, items)
+                           if not _done(stored.get((item.index, s.name)))}
+                try:
+                    await asyncio.gather(*(self._item(eval_id, spec, item, judge, semaphore, cancel, [
+                        task for (index, _), task in answers.items() if index == item.index]) for item in items))
+                finally:
+                    for task in answers.values():  # one failed: the others stop with it, as one gather did
+                        task.cancel()
             status = "interrupted" if cancel.cancelled else "completed"
         except asyncio.CancelledError:
             status = "interrupted"
@@ -284,10 +298,9 @@ class EvalRunner:
             self.on_progress(self.progress)
 
     async def _item(self, eval_id: str, spec: EvalSpec, item: EvalItem, judge: EngineJudge | None,
-                    semaphore: asyncio.Semaphore, cancel: CancelToken) -> None:
-        stored = self.store.answers(eval_id)
-        await asyncio.gather(*(self._answer(eval_id, item, s, semaphore, cancel, retry=(item.index, s.name) in stored)
-                               for s in spec.systems if not _done(stored.get((item.index, s.name)))))
+                    semaphore: asyncio.Semaphore, cancel: CancelToken, answering: list[asyncio.Future[None]]) -> None:
+        """Wait for the item's answers (already queued), then judge them."""
+        await asyncio.gather(*answering)
         if cancel.cancelled or judge is None or spec.judge is None:
             return
         answers = self.store.answers(eval_id)
@@ -369,6 +382,11 @@ class EvalRunner:
         self.store.put_pair(eval_id, item.index, baseline, points=points, outcome=outcome, consistent=consistent,
                             detail=detail)
         self._tick(f"{item.id} · judge pipeline vs {baseline}", 1)
+
+
+def eval_order(systems: list[System], items: list[EvalItem]) -> list[tuple[System, EvalItem]]:
+    """The order answers are queued in: system by system, each item in turn."""
+    return [(system, item) for system in systems for item in items]
 
 
 def _answered(answer: dict[str, Any] | None) -> bool:
