@@ -450,8 +450,13 @@ class Chorus:
             yield record, None
             return
         pool = self.runtime.pool
-        spec = await asyncio.to_thread(self.runtime.place, self.runtime.server_spec(record))
-        server = await pool.aacquire(spec)
+        spec = self.runtime.server_spec(record)
+        # a warm server nothing would replace: leased at once, without a memory decision in a worker thread
+        # (that cost about 5 ms of CPU per request, taken from the server's cores)
+        server = self.runtime.lease_warm(spec)
+        if server is None:
+            spec = await asyncio.to_thread(self.runtime.place, spec)
+            server = await pool.aacquire(spec)
         try:
             yield record, server
         finally:

@@ -165,6 +165,13 @@ class Runtime:
         preference: the scheduler gives a new server as many of them as fit without stopping anything more."""
         return max(planned, min(self.config.app.server.max_slots, max(planned, calls) * self.sharing))
 
+    def lease_warm(self, spec: ServerSpec) -> ModelServer | None:
+        """The warm server `place` would pick without a decision (one with the preferred slots, or a busy one
+        of the family), leased now; None when placing could choose otherwise (release it to the pool)."""
+        if self._pool is None:
+            return None
+        return self._pool.try_acquire(with_slots(spec, self.preferred_slots(spec.slots, 1)))
+
     def place(self, spec: ServerSpec) -> ServerSpec:
         """The server a single request for `spec`'s model should use (the API's proxied model): a warm one of
         its family as it is (busy or not: its slots batch the requests), restarted bigger when it is idle
@@ -187,6 +194,12 @@ class Runtime:
                 server = warm.holding.server
                 if isinstance(server, ModelServer) and pool.is_idle(server):
                     log.info("stopping idle '%s' to make room for '%s' with %d slots", server.model, spec.model,
+                             placement.spec.slots)
+                    pool.stop(server)
+            for server in pool.servers():  # restarted bigger: the smaller idle copy of the weights goes too
+                if (server.spec.family == spec.family and server.spec.slots < placement.spec.slots
+                        and pool.is_idle(server)):
+                    log.info("stopping idle '%s' (%d slots): restarted with %d", server.model, server.spec.slots,
                              placement.spec.slots)
                     pool.stop(server)
             return placement.spec

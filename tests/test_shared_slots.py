@@ -107,6 +107,30 @@ def test_an_idle_warm_server_grows_its_slots_when_more_fit_and_never_past_the_bu
         door.close()
 
 
+def test_a_request_to_a_warm_server_nothing_would_replace_is_leased_without_a_memory_decision(
+        config_dir: ConfigDir, llama_server_bin: Path) -> None:
+    """The proxy's hot path: no scheduling (about 5 ms of CPU per request, taken from the server's cores)
+    while the warm server is the one placing would pick; an idle smaller one still goes through `place`."""
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        spec = door.runtime.server_spec(MODEL)  # the proxy's spec for the model
+        assert door.runtime.lease_warm(spec) is None  # nothing warm yet
+        door.expect_runs(2)
+        with door.runtime.pool.lease(door.runtime.place(spec)) as warm:
+            assert warm.spec.slots == 2
+        leased = door.runtime.lease_warm(spec)
+        assert leased is warm
+        door.runtime.pool.release(leased)
+        door.expect_runs(4)  # more slots wanted, and the 2-slot server is idle: placing decides again
+        assert door.runtime.lease_warm(spec) is None
+        with TestClient(create_app(door, ApiSettings(max_runs=4)), base_url=LOCAL) as client:
+            assert at_once(client, MODEL, 4) == [200] * 4
+        (server,) = servers_of(door, MODEL)
+        assert server.spec.slots == 4 and door.runtime.pool.starts == 2  # the idle 2-slot one stopped
+    finally:
+        door.close()
+
+
 def test_an_eval_goes_as_many_items_at_once_as_fit(config_dir: ConfigDir, llama_server_bin: Path) -> None:
     door = Chorus.from_dir(config_dir.path)
     try:

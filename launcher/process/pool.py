@@ -112,6 +112,19 @@ class ServerPool:
         own = self.idle_timeout_for(spec) if self.idle_timeout_for is not None else None
         return own if own is not None else self.idle_timeout_s
 
+    def try_acquire(self, spec: ServerSpec) -> ModelServer | None:
+        """A live running server for `spec` (as `acquire` would find it) marked in use, or None at once: no
+        start, no wait on a start in progress. The hot path of a proxied request to a warm model."""
+        with self._lock:
+            key = self._find(spec)
+            entry = self._entries.get(key) if key else None
+            if entry is None or not entry.server.is_alive():
+                return None
+            entry.in_use += 1
+            entry.last_used = time.monotonic()
+            entry.idle_timeout_s = _longer(entry.idle_timeout_s, self.keep_alive(spec))
+            return entry.server
+
     async def aacquire(self, spec: ServerSpec) -> ModelServer:
         return await asyncio.to_thread(self.acquire, spec)
 
