@@ -81,7 +81,7 @@ class Runtime:
     def server_options(self) -> ServerOptions:
         s = self.config.app.server
         return ServerOptions(startup_timeout_s=s.startup_timeout_s, stop_grace_s=s.stop_grace_s,
-                             state_dir=self.state_dir)
+                             state_dir=self.state_dir, shares_cores=lambda: self.sharing > 1)
 
     @property
     def memory_guard(self) -> MemoryGuard:

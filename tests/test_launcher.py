@@ -80,21 +80,31 @@ def test_requests_without_the_api_key_are_refused(warm_demo_server: ModelServer)
     assert r.status_code == 401
 
 
-def test_a_server_spins_briefly_at_openmp_barriers_unless_the_user_says_otherwise(
-        warm_demo_server: ModelServer) -> None:
+def test_a_server_spins_briefly_at_openmp_barriers_only_while_servers_share_the_cores(
+        llama_server_bin: Path, demo_model: Path, tmp_path: Path) -> None:
     """Servers busy at once must not spin through each other's time slices (launcher/process/server.py)."""
-    assert warm_demo_server.pid is not None
-    environ = psutil.Process(warm_demo_server.pid).environ()
-    assert environ.get("GOMP_SPINCOUNT") == "1000"
-    assert "LLAMA_API_KEY" not in environ
+    sharing = [False]
+    options = ServerOptions(shares_cores=lambda: sharing[0])
+    spec = ServerSpec("gemma3-270m", demo_model, n_ctx=256, n_gpu_layers=0)
+    for shares in (False, True):
+        sharing[0] = shares
+        server = ModelServer(spec, llama_server_bin, tmp_path, options).start()
+        try:
+            assert server.pid is not None
+            environ = psutil.Process(server.pid).environ()
+            assert environ.get("GOMP_SPINCOUNT") == ("1000" if shares else None)
+            assert "LLAMA_API_KEY" not in environ
+        finally:
+            server.stop()
 
 
 def test_the_users_openmp_setting_wins_over_chorus_spin_count() -> None:
-    assert server_mod.server_env({"OMP_WAIT_POLICY": "PASSIVE"}, {})["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert "GOMP_SPINCOUNT" not in server_mod.server_env({"OMP_WAIT_POLICY": "PASSIVE"}, {})
-    assert server_mod.server_env({}, {"GOMP_SPINCOUNT": "50"})["GOMP_SPINCOUNT"] == "50"
-    assert server_mod.server_env({"PATH": "/bin", "LLAMA_API_KEY": "k"}, {}) == {"PATH": "/bin",
-                                                                                 "GOMP_SPINCOUNT": "1000"}
+    env = server_mod.server_env
+    assert env({"OMP_WAIT_POLICY": "PASSIVE"}, {}, shares_cores=True) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert env({}, {"GOMP_SPINCOUNT": "50"}, shares_cores=True)["GOMP_SPINCOUNT"] == "50"
+    assert env({"PATH": "/bin", "LLAMA_API_KEY": "k"}, {}, shares_cores=True) == {"PATH": "/bin",
+                                                                                   "GOMP_SPINCOUNT": "1000"}
+    assert env({"PATH": "/bin"}, {}) == {"PATH": "/bin"}  # a server alone spins as llama.cpp chose
 
 
 def test_two_parallel_requests_use_both_slots_of_one_server(pool: ServerPool, demo_model: Path) -> None:

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +75,12 @@ PRIVATE_FILE_MODE = 0o600
 LOG_KEEP = 5                    # llama-server logs kept per model, the new one included
 LOG_CAP_BYTES = 2 * 1024 * 1024  # an older log is cut to its last 2 MiB
 # llama-server's CPU threads meet at an OpenMP barrier after every op, and libgomp spins 300,000 times
-# before sleeping there. Two servers busy at once (two models of concurrent runs, a proxy beside one) then
-# take more threads than cores and spin through each other's time slices: on 2 cores a gemma and a smollm2
-# server generating together made 8-33 tok/s in all, against 75 and 120 each alone. 1,000 spins keep a lone
-# server as fast (within noise) and gave 60-70 together; fewer cost a lone server 5-30%. A user's own
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# before sleeping there. Two servers busy at once (two models of concurrent runs) then take more threads
+# than cores and spin through each other's time slices: on 2 cores a gemma and a smollm2 server generating
+# together made 8-33 tok/s in all, against 75 and 120 each alone. 1,000 spins gave 60-70 together and a lone
+# server about the same speed in a bare test, but cost a single pipeline run 3-7% beside its own busy client
+# process, so it is only used where servers share the cores (ServerOptions.shares_cores: concurrent runs
+# expected). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 OMP_SPIN_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 
@@ -140,13 +141,15 @@ class ServerOptions:
     state_dir: Path | None = None       # where running servers are recorded for `chorus ps`
     runtime_dir: Path | None = None     # where key files live; default <logs_dir>/runtime
     env: dict[str, str] = field(default_factory=dict)
+    shares_cores: Callable[[], bool] | None = None  # asked at each start: short OpenMP spinning (OMP_SPIN_ENV)
 
 
-def server_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """A server's environment: ours and the options', with short OpenMP spinning unless one is set."""
+def server_env(environ: Mapping[str, str], extra: Mapping[str, str], *, shares_cores: bool = False) -> dict[str, str]:
+    """A server's environment: ours and the options', with short OpenMP spinning when it shares the cores
+    with other busy servers, unless the user set OpenMP's waiting."""
     env = {**environ, **extra}
     env.pop("LLAMA_API_KEY", None)  # would add a key of the user's to ours
-    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & env.keys():
+    if shares_cores and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & env.keys():
         env.update(OMP_SPIN_ENV)
     return env
 
@@ -503,7 +506,8 @@ class ModelServer:
         self.port = port
         self._stopping = False
         self._oom_kills_at_start = _oom_kill_count()
-        env = server_env(os.environ, self.options.env)
+        shares = self.options.shares_cores
+        env = server_env(os.environ, self.options.env, shares_cores=shares is not None and shares())
         cmd = self.command(port)
         rlimit = self.options.rlimit_as_bytes
         parent = os.getpid()
