@@ -196,12 +196,6 @@ class Runtime:
                     log.info("stopping idle '%s' to make room for '%s' with %d slots", server.model, spec.model,
                              placement.spec.slots)
                     pool.stop(server)
-            for server in pool.servers():  # restarted bigger: the smaller idle copy of the weights goes too
-                if (server.spec.family == spec.family and server.spec.slots < placement.spec.slots
-                        and pool.is_idle(server)):
-                    log.info("stopping idle '%s' (%d slots): restarted with %d", server.model, server.spec.slots,
-                             placement.spec.slots)
-                    pool.stop(server)
             return placement.spec
 
     # ---------------------------------------------------------------- the scheduler: one admission point

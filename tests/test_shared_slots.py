@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -57,6 +58,8 @@ def test_concurrent_requests_for_a_model_share_one_server_sized_for_them(config_
             assert statuses == [200] * 6
             (server,) = servers_of(door, MODEL)
             assert server.spec.slots == 3  # max_runs 3: one slot per request going at once
+            assert server.pid is not None  # runs share the cores: short OpenMP spinning (launcher/process/server.py)
+            assert psutil.Process(server.pid).environ().get("GOMP_SPINCOUNT") == "1000"
             assert door.runtime.pool.starts == 1
             metrics = client.get("/health").json()
             assert (metrics["max_runs"], metrics["runs"], metrics["queued"]) == (3, 0, 0)
@@ -126,7 +129,7 @@ def test_a_request_to_a_warm_server_nothing_would_replace_is_leased_without_a_me
         with TestClient(create_app(door, ApiSettings(max_runs=4)), base_url=LOCAL) as client:
             assert at_once(client, MODEL, 4) == [200] * 4
         (server,) = servers_of(door, MODEL)
-        assert server.spec.slots == 4 and door.runtime.pool.starts == 2  # the idle 2-slot one stopped
+        assert server.spec.slots == 4 and door.runtime.pool.starts == 2  # the idle 2-slot one restarted bigger
     finally:
         door.close()
 

@@ -98,10 +98,7 @@ class ServerPool:
                     entry.server.stop(grace_s=1.0)  # what is left of it: its group, key file and record
                     entry = None
                 if entry is not None:
-                    entry.in_use += 1
-                    entry.last_used = time.monotonic()
-                    entry.idle_timeout_s = _longer(entry.idle_timeout_s, self.keep_alive(spec))
-                    return entry.server
+                    return self._take(entry, spec)
             server = self._start(spec)
             with self._lock:
                 self._entries[spec.key] = _Entry(server, in_use=1, idle_timeout_s=self.keep_alive(spec))
@@ -120,10 +117,14 @@ class ServerPool:
             entry = self._entries.get(key) if key else None
             if entry is None or not entry.server.is_alive():
                 return None
-            entry.in_use += 1
-            entry.last_used = time.monotonic()
-            entry.idle_timeout_s = _longer(entry.idle_timeout_s, self.keep_alive(spec))
-            return entry.server
+            return self._take(entry, spec)
+
+    def _take(self, entry: _Entry, spec: ServerSpec) -> ModelServer:
+        """Mark a found server in use for `spec` (under the lock)."""
+        entry.in_use += 1
+        entry.last_used = time.monotonic()
+        entry.idle_timeout_s = _longer(entry.idle_timeout_s, self.keep_alive(spec))
+        return entry.server
 
     async def aacquire(self, spec: ServerSpec) -> ModelServer:
         return await asyncio.to_thread(self.acquire, spec)
