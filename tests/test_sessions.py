@@ -162,6 +162,26 @@ def test_the_index_is_updated_from_the_record_not_from_the_files(tmp_path: Path,
     assert [h["id"] for h in index.search("salt")] == [sid]
 
 
+def test_recording_and_indexing_a_run_never_imports_sqlite_utils(tmp_path: Path) -> None:
+    """The writer thread runs beside the run's first llama-server loading: sqlite-utils (and what it pulls
+    in) cost a cold run tens of ms there and a process ~80 MiB; plain sqlite3 writes the index, readers
+    still query it through sqlite-utils."""
+    script = f"""
+import sys
+from tests.test_sessions import make_stages, record_run
+from orchestrator.history.store import SessionStore
+store = SessionStore({str(tmp_path)!r})
+recorder = store.create({{"mode": "manual", "question": "Why is the sea salty?", "pipeline": {{"stages": []}}}})
+record_run(recorder, make_stages("rivers carry salt"))
+assert "sqlite_utils" not in sys.modules, "the recorder imported sqlite_utils"
+assert [h["id"] for h in store.index.search("rivers")] == [recorder.id]
+assert "sqlite_utils" in sys.modules  # reading goes through it
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_a_rerun_records_its_copied_stages_and_its_parent(tmp_path: Path) -> None:
     parent = recorded_session(tmp_path)
     store = SessionStore(tmp_path)

@@ -52,6 +52,10 @@ _SCHEMA = [
          INSERT INTO "documents_fts" (rowid, "content") VALUES (new.rowid, new."content"); END""",
     f"PRAGMA user_version={SCHEMA_VERSION}",
 ]
+_COLUMNS = ("id", "number", "created_at", "finished_at", "mode", "question", "status", "final", "parent_session",
+            "rerun_from_stage", "stages", "problems", "stamp")
+_UPSERT_SESSION = (f'INSERT INTO "sessions" ({", ".join(_COLUMNS)}) VALUES ({", ".join(":" + c for c in _COLUMNS)}) '
+                   f'ON CONFLICT("id") DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])}')
 Rows = list[dict[str, Any]]  # (a name: `list` is a method of the classes below)
 Ids = list[str]
 _WRITE_LOCKS: dict[str, threading.RLock] = {}
@@ -89,7 +93,9 @@ class HistoryIndex:
         self.store = store
 
     # -- connection
-    def _connect(self) -> sqlite_utils.Database:
+    def _open(self) -> sqlite3.Connection:
+        """A connection to the index file with its schema made; plain sqlite3, so the recorder's writer thread
+        never imports sqlite-utils (readers wrap it: `db()`)."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # no session yet: an empty history
             _create_owner_only(self.path)
@@ -97,21 +103,22 @@ class HistoryIndex:
         except (OSError, sqlite3.OperationalError) as exc:
             raise SessionError(self.path, f"cannot open the history index ({exc})",
                                hint="Check that sessions_dir exists and is writable.") from None
-        import sqlite_utils  # (~0.25 s with the pandas it pulls in) on the recorder's writer thread, not at start-up
+        try:
+            conn.execute("PRAGMA busy_timeout=30000")
+            with contextlib.suppress(sqlite3.OperationalError):  # another connection is switching it: WAL anyway
+                conn.execute("PRAGMA journal_mode=WAL")
+            _owner_only(self.path)  # -wal and -shm exist now (SQLite gives them the database's mode)
+            self._ensure_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
-        db = sqlite_utils.Database(conn)
-        db.execute("PRAGMA busy_timeout=30000")
-        with contextlib.suppress(sqlite3.OperationalError):  # another connection is switching it: WAL anyway
-            db.execute("PRAGMA journal_mode=WAL")
-        _owner_only(self.path)  # -wal and -shm exist now (SQLite gives them the database's mode)
-        self._ensure_schema(db)
-        return db
-
-    def _ensure_schema(self, db: sqlite_utils.Database) -> None:
-        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION and "documents_fts" in db.table_names():
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION and conn.execute(
+                "select 1 from sqlite_master where name = 'documents_fts'").fetchone():
             return
         with _write_lock(self.path):
-            conn = db.conn
             conn.execute("BEGIN IMMEDIATE")  # other processes wait here, then find the schema made
             try:
                 _create_schema(conn)
@@ -120,26 +127,44 @@ class HistoryIndex:
                 conn.execute("ROLLBACK")
                 raise
 
-    def db(self) -> sqlite_utils.Database:
-        """An open, healthy database; a corrupt file is moved aside and rebuilt from the JSON files.
+    def conn(self) -> sqlite3.Connection:
+        """An open, healthy index; a corrupt file is moved aside and rebuilt from the JSON files.
 
         Only real corruption counts: a locked or busy database (OperationalError) is raised, not rebuilt,
         since moving its files aside would pull them from under the connections that hold them.
         """
         try:
-            db = self._connect()
-            db.execute("select count(*) from sessions").fetchone()
-            return db
+            conn = self._open()
         except sqlite3.OperationalError as exc:
-            raise SessionError(self.path, f"the history index is busy or unreadable ({exc})",
-                               hint="Try again; `chorus history reindex` rebuilds it from the session files.") from None
+            raise self._busy(exc) from None
         except sqlite3.DatabaseError as exc:
-            with _write_lock(self.path):
-                log.warning("history index %s is unreadable (%s): rebuilding it from the session files",
-                            self.path, exc)
-                self._move_aside()
-                self.rebuild()
-                return self._connect()
+            return self._rebuilt(exc)
+        try:
+            conn.execute("select count(*) from sessions").fetchone()
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise self._busy(exc) from None
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            return self._rebuilt(exc)
+
+    def db(self) -> sqlite_utils.Database:
+        """`conn()` for readers, with sqlite-utils' queries."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn())
+
+    def _busy(self, exc: sqlite3.OperationalError) -> SessionError:
+        return SessionError(self.path, f"the history index is busy or unreadable ({exc})",
+                            hint="Try again; `chorus history reindex` rebuilds it from the session files.")
+
+    def _rebuilt(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
+        with _write_lock(self.path):
+            log.warning("history index %s is unreadable (%s): rebuilding it from the session files", self.path, exc)
+            self._move_aside()
+            self.rebuild()
+            return self._open()
 
     def _move_aside(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -157,12 +182,12 @@ class HistoryIndex:
             try:
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-                db = self._connect()
+                conn = self._open()
                 try:
                     for sid in self.store.folders():
-                        self._reindex_one(db, sid, report)
+                        self._reindex_one(conn, sid, report)
                 finally:
-                    db.conn.close()
+                    conn.close()
             except (OSError, sqlite3.Error) as exc:
                 raise SessionError(self.path, f"cannot rebuild the history index ({exc})",
                                    hint="Free disk space and check the permissions of the sessions dir, then "
@@ -172,7 +197,7 @@ class HistoryIndex:
                  len(report.skipped))
         return report
 
-    def _reindex_one(self, db: sqlite_utils.Database, sid: str, report: ReindexReport) -> None:
+    def _reindex_one(self, conn: sqlite3.Connection, sid: str, report: ReindexReport) -> None:
         if not (self.store.dir / sid / SESSION_FILE).is_file():
             report.skipped[sid] = f"no {SESSION_FILE} (nothing of this session was saved)"
             return
@@ -182,20 +207,20 @@ class HistoryIndex:
         except SessionError as exc:
             report.skipped[sid] = exc.detail
             return
-        self._upsert(db, session, stamp)  # sqlite errors (a full disk) fail the whole rebuild
+        self._upsert(conn, session, stamp)  # sqlite errors (a full disk) fail the whole rebuild
         report.indexed += 1
         if session.problems:
             report.damaged[sid] = list(session.problems)
 
     def upsert(self, session: Session) -> None:
         with _write_lock(self.path):
-            db = self.db()
+            conn = self.conn()
             try:
-                self._upsert(db, session)
+                self._upsert(conn, session)
             finally:
-                db.conn.close()
+                conn.close()
 
-    def _upsert(self, db: sqlite_utils.Database, session: Session, stamp: str | None = None) -> None:
+    def _upsert(self, conn: sqlite3.Connection, session: Session, stamp: str | None = None) -> None:
         """The session's row and search documents; `stamp` is its folder's when it was read (else now's)."""
         m = session.meta  # checked by the loader: every value has its column's type
         docs = [("question", m.get("question") or ""), ("final", session.final or "")]
@@ -203,36 +228,35 @@ class HistoryIndex:
             docs.append((f"step{stage.index}", stage.output or ""))
             docs.extend((f"step{stage.index}_{r.label}", r.text or "") for r in stage.responses if len(
                 stage.responses) > 1)
-        with db.conn:
-            db.table("sessions").upsert({
-                "id": session.id, "number": int(session.id.split("_")[1]), "created_at": m.get("created_at"),
-                "finished_at": m.get("finished_at"), "mode": m.get("mode"), "question": m.get("question"),
-                "status": m.get("status"), "final": session.final or "", "parent_session": m.get("parent_session"),
-                "rerun_from_stage": m.get("rerun_from_stage"), "stages": len(session.stages),
-                "problems": "\n".join(session.problems) or None,
-                "stamp": stamp if stamp is not None else folder_stamp(session.dir)}, pk="id")
-            db.execute("delete from documents where session_id = ?", [session.id])
-            db.table("documents").insert_all(
-                [{"id": f"{session.id}:{f}", "session_id": session.id, "field": f, "content": c}
-                 for f, c in docs if c], pk="id", replace=True)
+        row = {"id": session.id, "number": int(session.id.split("_")[1]), "created_at": m.get("created_at"),
+               "finished_at": m.get("finished_at"), "mode": m.get("mode"), "question": m.get("question"),
+               "status": m.get("status"), "final": session.final or "", "parent_session": m.get("parent_session"),
+               "rerun_from_stage": m.get("rerun_from_stage"), "stages": len(session.stages),
+               "problems": "\n".join(session.problems) or None,
+               "stamp": stamp if stamp is not None else folder_stamp(session.dir)}
+        with conn:  # one transaction; the FTS table follows the documents through its triggers
+            conn.execute(_UPSERT_SESSION, row)
+            conn.execute("delete from documents where session_id = ?", [session.id])
+            conn.executemany('INSERT OR REPLACE INTO "documents" ("id", "session_id", "field", "content") '
+                             "VALUES (?, ?, ?, ?)", [(f"{session.id}:{f}", session.id, f, c) for f, c in docs if c])
 
     def remove(self, session_ids: Ids) -> None:
         """Drop sessions and their search documents (the FTS table follows through its trigger)."""
         with _write_lock(self.path):
-            db = self.db()
+            conn = self.conn()
             try:
-                with db.conn:
+                with conn:
                     for sid in session_ids:
-                        db.execute("delete from documents where session_id = ?", [sid])
-                        db.execute("delete from sessions where id = ?", [sid])
+                        conn.execute("delete from documents where session_id = ?", [sid])
+                        conn.execute("delete from sessions where id = ?", [sid])
             finally:
-                db.conn.close()
+                conn.close()
 
     # -- in step with the folders
-    def sync(self, db: sqlite_utils.Database) -> int:
+    def sync(self, conn: sqlite3.Connection) -> int:
         """Re-index the sessions whose folder changed or is new since it was indexed, drop the rows of folders
         that are gone; returns how many rows changed. Cheap when nothing did: one stamp per folder."""
-        indexed = {r[0]: r[1] for r in db.execute('select id, stamp from "sessions"').fetchall()}
+        indexed = {r[0]: r[1] for r in conn.execute('select id, stamp from "sessions"').fetchall()}
         on_disk = folder_stamps(self.store.dir, self.store.folders())  # after: a row read has its folder on disk
         stale = [sid for sid, stamp in on_disk.items() if indexed.get(sid) != stamp]
         gone = [sid for sid in indexed if sid not in on_disk]
@@ -244,13 +268,13 @@ class HistoryIndex:
                     session = self.store.load(sid)
                 except SessionError:  # gone or emptied meanwhile: the next read drops its row
                     continue
-                self._upsert(db, session, on_disk[sid])
-            with db.conn:
+                self._upsert(conn, session, on_disk[sid])
+            with conn:
                 for sid in gone:
                     if folder_stamp(self.store.dir / sid) is not None:  # back meanwhile
                         continue
-                    db.execute("delete from documents where session_id = ?", [sid])
-                    db.execute("delete from sessions where id = ?", [sid])
+                    conn.execute("delete from documents where session_id = ?", [sid])
+                    conn.execute("delete from sessions where id = ?", [sid])
         log.info("history index brought in step: %d session(s) re-indexed, %d dropped", len(stale), len(gone))
         return len(stale) + len(gone)
 
@@ -261,7 +285,7 @@ class HistoryIndex:
         db: sqlite_utils.Database | None = None
         try:
             db = self.db()
-            self.sync(db)
+            self.sync(db.conn)
         except (SessionError, sqlite3.Error, OSError) as exc:
             if db is not None:
                 db.conn.close()
@@ -283,7 +307,7 @@ class HistoryIndex:
         db = sqlite_utils.Database(conn)
         for sid, stamp in folder_stamps(self.store.dir, self.store.folders()).items():
             try:
-                self._upsert(db, self.store.load(sid), stamp)
+                self._upsert(conn, self.store.load(sid), stamp)
             except SessionError:
                 continue
         return db
