@@ -168,7 +168,7 @@ def create_app(chorus: Chorus | None = None, settings: ApiSettings | None = None
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "runs": limiter.active, "max_runs": limiter.limit, "queued": limiter.waiting,
+        return {"status": "ok", "runs": limiter.going, "max_runs": limiter.limit, "queued": limiter.waiting,
                 "max_queue": limiter.queue, "refused": limiter.refused}
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])

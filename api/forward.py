@@ -90,7 +90,7 @@ class _Held:
 
 async def forward(request: Request, proxy: ModelProxy, limiter: Admission, model: str, route: Route,
                   body: CompletionFields) -> Response:
-    await limiter.acquire()  # a place, or a wait in the queue, or 429 when that is full
+    await limiter.acquire(ahead=True)  # a place (in the server's queue when need be), a wait, or 429
     held = _Held(limiter)
     try:
         upstream = await held.stack.enter_async_context(proxy.open(model, route, body.wire()))

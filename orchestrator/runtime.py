@@ -66,6 +66,7 @@ class Runtime:
         self._warned_no_gpu = False
         self._expected_runs = 1  # runs a front end expects at once: the API's max_runs, an eval's concurrency
         self._active_runs = 0    # runs going now on this runtime's servers
+        self._planned_families: set[tuple[object, ...]] = set()  # the local servers runs were planned on
 
     @property
     def state_dir(self) -> Path:
@@ -81,7 +82,19 @@ class Runtime:
     def server_options(self) -> ServerOptions:
         s = self.config.app.server
         return ServerOptions(startup_timeout_s=s.startup_timeout_s, stop_grace_s=s.stop_grace_s,
-                             state_dir=self.state_dir, shares_cores=lambda: self.sharing > 1)
+                             state_dir=self.state_dir, shares_cores=self._servers_share_cores)
+
+    def _servers_share_cores(self, starting: ServerSpec) -> bool:
+        """Whether `starting` may be busy beside another server on the same cores: runs share this runtime's
+        servers and more than one server is in play (planned by a run, running, or this one). One model
+        serving concurrent requests alone keeps libgomp's spinning (short spinning cost it 4-13% of its
+        tokens/s under load); see OMP_SPIN_ENV."""
+        if self.sharing <= 1:
+            return False
+        with self._lock:
+            families = {*self._planned_families, starting.family}
+        families.update(s.spec.family for s in self.running_servers())
+        return len(families) > 1
 
     @property
     def memory_guard(self) -> MemoryGuard:
@@ -273,8 +286,12 @@ class Runtime:
              status: PipelineStatus | None = None) -> RunPlan:
         """The run plan of `pipeline` on this registry and machine: every parameter resolved once (`status`:
         the models check the front door made, not made again)."""
-        return build_plan(pipeline, self.registry, self.machine(), mode=mode,
+        plan = build_plan(pipeline, self.registry, self.machine(), mode=mode,
                           config_dir=self.config.paths.config_dir, status=status)
+        families = {c.target.server.family for st in plan.stages for c in st.all_calls() if c.target.server}
+        with self._lock:
+            self._planned_families |= families
+        return plan
 
     def server_spec(self, model: str | ModelRecord, *, n_ctx: int | None = None,
                     n_gpu_layers: int | None = None, slots: int = 1) -> ServerSpec:

@@ -8,6 +8,7 @@ not, a model proxied to its llama-server, each error case, a disconnect that can
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -381,7 +382,7 @@ def test_every_typed_error_has_its_own_status() -> None:
 
 # ---------------------------------------------------------------- unit: the model proxy
 
-def proxied_client(config: Path, handler: Any) -> tuple[TestClient, list[dict]]:
+def proxied_client(config: Path, handler: Any, settings: ApiSettings | None = None) -> tuple[TestClient, list[dict]]:
     sent: list[dict] = []
 
     async def record(request: httpx.Request) -> httpx.Response:
@@ -390,7 +391,40 @@ def proxied_client(config: Path, handler: Any) -> tuple[TestClient, list[dict]]:
 
     chorus = Chorus.from_dir(config)
     proxy = ModelProxy(chorus, client=httpx.AsyncClient(transport=httpx.MockTransport(record)))
-    return TestClient(create_app(chorus, ApiSettings(), proxy=proxy), base_url=LOCAL), sent
+    return TestClient(create_app(chorus, settings or ApiSettings(), proxy=proxy), base_url=LOCAL), sent
+
+
+def test_model_requests_beyond_the_limit_wait_in_the_servers_queue_and_one_more_than_the_queue_is_429(
+        config: Path) -> None:
+    """The server's own queue hands a freed slot over at once; chorus keeps the bound (limit + queue)."""
+    at_upstream = [0, 0]  # now, most at once
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        at_upstream[0] += 1
+        at_upstream[1] = max(at_upstream[1], at_upstream[0])
+        await asyncio.sleep(0.6)
+        at_upstream[0] -= 1
+        return httpx.Response(200, json={"model": "x", "object": "chat.completion",
+                                         "choices": [{"message": {"role": "assistant", "content": "Hi"}}]})
+
+    client, sent = proxied_client(config, slow, ApiSettings(max_runs=1, max_queue=2))
+    statuses: list[int] = []
+    with client:
+        threads = [threading.Thread(target=lambda: statuses.append(
+            client.post("/v1/chat/completions", json=chat("alpha")).status_code)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(sent) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        health = client.get("/health").json()
+        refused = client.post("/v1/chat/completions", json=chat("alpha"))
+        for t in threads:
+            t.join()
+    assert at_upstream[1] == 3  # all three at the server at once: one going, two in its queue
+    assert (health["runs"], health["queued"]) == (1, 2)
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert statuses == [200, 200, 200]
 
 
 def test_a_model_request_is_forwarded_as_sent_and_answered_under_its_name(config: Path) -> None:

@@ -98,6 +98,44 @@ def test_a_place_handed_to_a_request_that_just_left_goes_to_the_next() -> None:
     assert asyncio.run(scenario()) == (1, 0)
 
 
+def test_model_requests_beyond_the_limit_wait_in_their_servers_queue_up_to_the_same_bound() -> None:
+    async def scenario() -> tuple[tuple[int, int], TooManyRuns, TooManyRuns]:
+        gate = Admission(limit=2, queue=3)
+        for _ in range(5):
+            await gate.acquire(ahead=True)  # 2 going, 3 sent ahead to the server's queue: none waits here
+        counts = (gate.going, gate.waiting)
+        with pytest.raises(TooManyRuns) as model_refused:
+            await gate.acquire(ahead=True)
+        with pytest.raises(TooManyRuns) as run_refused:  # a pipeline run too: the queue is full
+            await gate.acquire()
+        return counts, model_refused.value, run_refused.value
+
+    counts, model_refused, run_refused = asyncio.run(scenario())
+    assert counts == (2, 3)
+    assert model_refused.queued == run_refused.queued == 3
+
+
+def test_a_run_waiting_behind_model_requests_sent_ahead_starts_only_when_fewer_than_the_limit_go() -> None:
+    async def scenario() -> list[tuple[int, bool]]:
+        gate = Admission(limit=1, queue=4)
+        await gate.acquire(ahead=True)
+        await gate.acquire(ahead=True)  # waits in the server's queue
+        run = asyncio.ensure_future(gate.acquire())  # a pipeline run waits here, behind them
+        await asyncio.sleep(0)
+        model = asyncio.ensure_future(gate.acquire(ahead=True))  # in line behind the run: no overtaking
+        await asyncio.sleep(0)
+        seen = [(gate.waiting, run.done())]
+        gate.release()  # the first model request is answered; the second now goes: still one going
+        await asyncio.sleep(0)
+        seen.append((gate.waiting, run.done()))
+        gate.release()  # nothing going: the run starts, and the model request behind it is sent ahead
+        await asyncio.sleep(0)
+        seen.append((gate.waiting, run.done() and model.done()))
+        return seen
+
+    assert asyncio.run(scenario()) == [(3, False), (2, False), (1, True)]
+
+
 def test_concurrent_pipeline_requests_beyond_the_limit_queue_and_all_get_answers(config: Path) -> None:
     backend = FakeBackend(default=Script("an answer", delay_s=0.3))
     results: list[int] = []

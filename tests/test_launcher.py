@@ -84,7 +84,7 @@ def test_a_server_spins_briefly_at_openmp_barriers_only_while_servers_share_the_
         llama_server_bin: Path, demo_model: Path, tmp_path: Path) -> None:
     """Servers busy at once must not spin through each other's time slices (launcher/process/server.py)."""
     sharing = [False]
-    options = ServerOptions(shares_cores=lambda: sharing[0])
+    options = ServerOptions(shares_cores=lambda _spec: sharing[0])
     spec = ServerSpec("gemma3-270m", demo_model, n_ctx=256, n_gpu_layers=0)
     for shares in (False, True):
         sharing[0] = shares

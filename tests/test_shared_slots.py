@@ -58,11 +58,37 @@ def test_concurrent_requests_for_a_model_share_one_server_sized_for_them(config_
             assert statuses == [200] * 6
             (server,) = servers_of(door, MODEL)
             assert server.spec.slots == 3  # max_runs 3: one slot per request going at once
-            assert server.pid is not None  # runs share the cores: short OpenMP spinning (launcher/process/server.py)
-            assert psutil.Process(server.pid).environ().get("GOMP_SPINCOUNT") == "1000"
             assert door.runtime.pool.starts == 1
             metrics = client.get("/health").json()
             assert (metrics["max_runs"], metrics["runs"], metrics["queued"]) == (3, 0, 0)
+            # one model alone on the cores keeps libgomp's spinning (launcher/process/server.py: OMP_SPIN_ENV)
+            assert server.pid is not None and "GOMP_SPINCOUNT" not in psutil.Process(server.pid).environ()
+            # a second model's server may be busy beside it: short spinning
+            assert at_once(client, "gemma3-270m", 1) == [200]
+            (other,) = servers_of(door, "gemma3-270m")
+            assert other.pid is not None and psutil.Process(other.pid).environ().get("GOMP_SPINCOUNT") == "1000"
+    finally:
+        door.close()
+
+
+def test_servers_of_a_pipeline_with_two_models_spin_short_when_runs_share_them(config_dir: ConfigDir,
+                                                                              llama_server_bin: Path) -> None:
+    """Concurrent runs of a two-model pipeline keep two servers busy at once: each starts with short
+    OpenMP spinning, the first one too (the plan names both before either starts)."""
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        spec = {"defaults": {"max_tokens": 4, "temperature": 0, "n_ctx": 1024},
+                "stages": [{"name": "draft", "models": ["gemma3-270m"], "prompt": "Q: {{ question }}\nA:"},
+                           {"name": "refine", "models": [MODEL]}]}
+        pipelines = config_dir.path / "pipelines"
+        pipelines.mkdir(exist_ok=True)
+        (pipelines / "pair.yaml").write_text(yaml.safe_dump(spec))
+        with TestClient(create_app(door, ApiSettings(max_runs=2)), base_url=LOCAL) as client:
+            assert at_once(client, "chorus/pair", 1) == [200]
+        servers = door.running_servers()
+        assert sorted(s.model for s in servers) == ["gemma3-270m", MODEL]
+        assert all(s.pid is not None and psutil.Process(s.pid).environ().get("GOMP_SPINCOUNT") == "1000"
+                   for s in servers)
     finally:
         door.close()
 

@@ -79,8 +79,9 @@ LOG_CAP_BYTES = 2 * 1024 * 1024  # an older log is cut to its last 2 MiB
 # than cores and spin through each other's time slices: on 2 cores a gemma and a smollm2 server generating
 # together made 8-33 tok/s in all, against 75 and 120 each alone. 1,000 spins gave 60-70 together and a lone
 # server about the same speed in a bare test, but cost a single pipeline run 3-7% beside its own busy client
-# process, so it is only used where servers share the cores (ServerOptions.shares_cores: concurrent runs
-# expected). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# process, and one model's server serving many API requests alone 4-13% of its tokens/s, so it is only used
+# where servers may be busy side by side (ServerOptions.shares_cores: concurrent runs expected and more than
+# one server in play). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 OMP_SPIN_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 
@@ -141,7 +142,8 @@ class ServerOptions:
     state_dir: Path | None = None       # where running servers are recorded for `chorus ps`
     runtime_dir: Path | None = None     # where key files live; default <logs_dir>/runtime
     env: dict[str, str] = field(default_factory=dict)
-    shares_cores: Callable[[], bool] | None = None  # asked at each start: short OpenMP spinning (OMP_SPIN_ENV)
+    # asked at each start, with the spec starting: short OpenMP spinning (OMP_SPIN_ENV)
+    shares_cores: Callable[[ServerSpec], bool] | None = None
 
 
 def server_env(environ: Mapping[str, str], extra: Mapping[str, str], *, shares_cores: bool = False) -> dict[str, str]:
@@ -507,7 +509,7 @@ class ModelServer:
         self._stopping = False
         self._oom_kills_at_start = _oom_kill_count()
         shares = self.options.shares_cores
-        env = server_env(os.environ, self.options.env, shares_cores=shares is not None and shares())
+        env = server_env(os.environ, self.options.env, shares_cores=shares is not None and shares(self.spec))
         cmd = self.command(port)
         rlimit = self.options.rlimit_as_bytes
         parent = os.getpid()
