@@ -6,6 +6,7 @@ The CLI makes one per command; the UI keeps one in st.cache_resource so a page r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -298,7 +299,11 @@ class Runtime:
         """One model's server spec outside a pipeline (`chorus serve`, the Models page), resolved by the plan's
         own rule."""
         rec = model if isinstance(model, ModelRecord) else self.registry.get(model)
-        return resolve_server(rec, self.machine(), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, slots=slots)
+        machine = self.machine()
+        spec = resolve_server(rec, machine, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, slots=slots)
+        # every core, as a plan gives a server that runs alone: the same family, so a proxied model's requests
+        # and pipeline runs of it share one server (without `-t` they had two copies of the model)
+        return spec if spec.threads is not None else dataclasses.replace(spec, threads=machine.cores)
 
     def start_server(self, spec: ServerSpec) -> ModelServer:
         """A standalone server outside the pool (for `chorus serve`), after the memory fit check."""

@@ -114,6 +114,25 @@ def test_concurrent_pipeline_runs_reuse_one_warm_server_per_model(config_dir: Co
         door.close()
 
 
+def test_a_models_requests_and_pipeline_runs_of_it_share_one_server(config_dir: ConfigDir,
+                                                                       llama_server_bin: Path) -> None:
+    """The proxy's server and a pipeline's are one family (the same threads: every core for a server that runs
+    alone), so requests and runs batch on one server's slots rather than loading the model twice."""
+    pipelines = config_dir.path / "pipelines"
+    pipelines.mkdir(exist_ok=True)
+    (pipelines / "one.yaml").write_text(yaml.safe_dump({
+        "defaults": {"max_tokens": 4, "temperature": 0}, "stages": [{"name": "answer", "models": [MODEL]}]}))
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        with TestClient(create_app(door, ApiSettings(max_runs=2)), base_url=LOCAL) as client:
+            assert at_once(client, MODEL, 2) == [200, 200]
+            assert at_once(client, "chorus/one", 2) == [200, 200]
+        (server,) = servers_of(door, MODEL)
+        assert door.runtime.pool.starts == 1 and server.spec.threads == door.runtime.machine().cores
+    finally:
+        door.close()
+
+
 def test_an_idle_warm_server_grows_its_slots_when_more_fit_and_never_past_the_budget(
         config_dir: ConfigDir, llama_server_bin: Path) -> None:
     door = Chorus.from_dir(config_dir.path)
