@@ -143,7 +143,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
                         "default: app.yaml's api.allowed_hosts. Other names get 403 (DNS rebinding)")
     p.add_argument("--max-runs", type=positive_int, default=DEFAULT_MAX_RUNS,
                    help="pipeline runs and model requests going at once, sharing the servers' slots; more wait "
-                        f"in the queue (default: {DEFAULT_MAX_RUNS})")
+                        f"in the queue (a model request in its server's own) (default: {DEFAULT_MAX_RUNS})")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests waiting for a place; more answer 429 with Retry-After (0: no queue; "
                         f"default: {DEFAULT_MAX_QUEUE})")
