@@ -11,9 +11,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
-
-import httpx
+from typing import TYPE_CHECKING, Any, Literal
 
 from launcher.errors import (
     RequestFailed,
@@ -24,6 +22,9 @@ from launcher.errors import (
     connection_reason,
 )
 from launcher.process.server import find_server
+
+if TYPE_CHECKING:  # httpx is imported on first use: a cold start spawns its server before paying for it
+    import httpx
 
 Mode = Literal["chat", "completion"]
 TokenCallback = Callable[[str], None]
@@ -188,7 +189,8 @@ class GenerationClient:
 
     def __init__(self, *, timeout_s: float = 600.0, connect_timeout_s: float = 10.0) -> None:
         # connecting may take half the deadline at most: a replica that cannot be reached leaves time for another
-        self.timeout = httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s / 2))
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = min(connect_timeout_s, timeout_s / 2)
         self._client: httpx.AsyncClient | None = None
         self._tls_client: httpx.AsyncClient | None = None
 
@@ -202,13 +204,16 @@ class GenerationClient:
         """The client for `url`. Plain http (every local llama-server) gets one without a TLS context: loading
         the CA store costs 40-90 ms of CPU per client, paid on a cold start while the server loads. An https
         URL (a remote model) gets its own client that verifies certificates as usual."""
+        import httpx
+
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        timeout = httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
         if url.startswith("https:"):
             if self._tls_client is None:
-                self._tls_client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+                self._tls_client = httpx.AsyncClient(timeout=timeout, limits=limits)
             return self._tls_client
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, verify=False)  # never TLS
+            self._client = httpx.AsyncClient(timeout=timeout, limits=limits, verify=False)  # never TLS
         return self._client
 
     async def aclose(self) -> None:
@@ -231,7 +236,7 @@ class GenerationClient:
 
     async def _generate_with_retry(self, endpoint: Endpoint, req: GenerationRequest, on_token: TokenCallback | None,
                                    timeout_s: float | None) -> GenerationResult:
-        total = timeout_s or self.timeout.read or 600.0
+        total = timeout_s or self.timeout_s or 600.0
         for attempt in (1, 2):
             result = GenerationResult(text="")
             try:
@@ -249,12 +254,14 @@ class GenerationClient:
 
     async def _generate_once(self, endpoint: Endpoint, req: GenerationRequest, on_token: TokenCallback | None,
                              timeout_s: float | None, result: GenerationResult) -> GenerationResult:
+        import httpx
+
         url, body = endpoint.url_and_body(req)
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         pieces: list[str] = []
         got_response = False
         start = time.perf_counter()
-        timeout = httpx.Timeout(timeout_s, connect=self.timeout.connect) if timeout_s else self.timeout
+        timeout = httpx.Timeout(timeout_s or self.timeout_s, connect=self.connect_timeout_s)
         try:
             async with self.http(url).stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
                 got_response = True

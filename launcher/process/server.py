@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
-import httpx
 import psutil
 
 from launcher.errors import (
@@ -372,6 +371,14 @@ def install_signal_cleanup() -> None:
 
 # ---------------------------------------------------------------- the server
 
+def _runs(pid: int, binary: Path) -> bool:
+    """Whether process `pid` is running the executable `binary` itself (Linux: /proc/<pid>/exe)."""
+    try:
+        return os.path.samefile(f"/proc/{pid}/exe", binary)
+    except OSError:
+        return False
+
+
 class ModelServer:
     """A running llama-server. Create with `ModelServer(spec, binary, logs_dir).start()`."""
 
@@ -533,7 +540,8 @@ class ModelServer:
         self._write_state(self.process.pid)  # recorded while it loads: a kill -9 of chorus now leaves a trace
 
     def _wait_ready(self) -> None:
-        from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential  # after the spawn
+        import httpx  # after the spawn, as tenacity: the model loads meanwhile
+        from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
 
         deadline = self.options.startup_timeout_s
 
@@ -626,8 +634,12 @@ class ModelServer:
         if self.process is None or self.port is None:
             return
         leader = self.process.pid
-        self.listen_pid = state.listener(self.port, [leader, *group_members(leader)]) or leader
-        self._write_state(self.listen_pid)
+        if _runs(leader, self.binary):  # spawned straight, no wrapper: it listens (a search costs 10 ms per start)
+            self.listen_pid = leader
+        else:
+            self.listen_pid = state.listener(self.port, [leader, *group_members(leader)]) or leader
+        if self.listen_pid != self._record_pid:
+            self._write_state(self.listen_pid)
 
     def _write_state(self, pid: int) -> None:
         """Record the server for `chorus ps`, `chorus stop` and the orphan sweep under `pid`, in the group chorus

@@ -20,8 +20,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
-import httpx
-
 from launcher.errors import InsufficientMemory, RequestTimeout, ServerError
 from launcher.memory.admission import Demand
 from launcher.memory.schedule import Wave, with_slots
@@ -129,6 +127,8 @@ class LocalBackend:
             tried.append(url)
 
     async def _probe(self, url: str, target: Target) -> bool:
+        import httpx  # on first use (see launcher.process.client)
+
         key = remote_api_key(target)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:

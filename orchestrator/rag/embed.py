@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from launcher.errors import ChorusError
 
 
@@ -49,6 +47,8 @@ class HttpEmbedder:
             return []
         url = self.base_url.rstrip("/") + ("/embeddings" if self.remote else "/v1/embeddings")
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        import httpx  # on first use: the runtime imports this module on every cold start
+
         try:
             resp = httpx.post(url, json={"model": self.model, "input": list(texts)}, headers=headers,
                               timeout=self.timeout_s)
