@@ -106,6 +106,8 @@ def baseline_child(binary: str, question: str, server_flags: str, mode: str = "t
                     break
             except httpx.HTTPError:
                 pass
+            if proc.poll() is not None:
+                raise SystemExit(f"the hand-started llama-server exited with {proc.returncode}: {' '.join(cmd)}")
             time.sleep(0.05)
 
         async def gen(client: httpx.AsyncClient, prompt: str) -> str:
