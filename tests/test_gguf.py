@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from launcher.errors import GGUFError
+from launcher.memory import gguf as gguf_module
 from launcher.memory.gguf import ArrayInfo, GGUFMetadata, clear_cache, read_gguf
 
 if TYPE_CHECKING:
@@ -24,7 +25,8 @@ UINT8, INT32, UINT32, FLOAT32, BOOL, STRING, ARRAY, UINT64 = 0, 5, 4, 6, 7, 8, 9
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache() -> Iterator[None]:
+def _fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("CHORUS_CACHE_DIR", str(tmp_path / "cache"))  # headers kept on disk: this test's own
     clear_cache()
     yield
     clear_cache()
@@ -196,6 +198,61 @@ def test_cache_rereads_after_touch(tmp_path: Path) -> None:
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert read_gguf(path) is not first
+
+
+def _no_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parse(*_args: object) -> None:
+        raise AssertionError("parsed the file again")
+    monkeypatch.setattr(gguf_module, "_read_file", parse)
+
+
+def test_a_header_read_once_is_read_back_from_disk_by_a_new_process_without_parsing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kvs = [*_model_kvs("gemma3", _u32("gemma3.attention.sliding_window", 512)), _text("general.name", "g"),
+           _array("tokenizer.ggml.tokens", STRING, 3000, b"".join(_str(f"t{i}") for i in range(3000))),
+           _array("gemma3.attention.head_count_kv", INT32, 8, struct.pack("<8i", *range(1, 9)))]
+    path = _write(tmp_path, _gguf(kvs, [("token_embd.weight", (64, 3000), 0), ("blk.0.attn_q.weight", (64, 64), 1)]))
+    parsed = read_gguf(path)
+    clear_cache(disk=False)  # what a new process starts with
+    _no_parse(monkeypatch)
+    again = read_gguf(path)
+    assert again == parsed and again.fields == parsed.fields and again.tensors == parsed.tensors
+    assert again.fields["tokenizer.ggml.tokens"] == ArrayInfo("STRING", 3000)
+    assert again.head_count_kv == tuple(range(1, 9))
+
+
+def test_the_demo_models_header_read_back_from_disk_equals_the_parsed_one(
+        demo_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = read_gguf(demo_path)
+    clear_cache(disk=False)
+    _no_parse(monkeypatch)
+    again = read_gguf(demo_path)
+    assert (again, again.fields, again.tensors, again.chat_template) == (parsed, parsed.fields, parsed.tensors,
+                                                                        parsed.chat_template)
+
+
+def test_a_rewritten_file_is_parsed_again_not_served_from_disk(tmp_path: Path) -> None:
+    path = _write(tmp_path, _gguf([*_model_kvs("llama"), _text("general.name", "one")]))
+    read_gguf(path)
+    path.write_bytes(_gguf([*_model_kvs("llama"), _text("general.name", "two")]))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    clear_cache(disk=False)
+    assert read_gguf(path).name == "two"
+
+
+def test_a_damaged_disk_entry_is_parsed_again_and_rewritten(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, _gguf(_model_kvs("llama")))
+    parsed = read_gguf(path)
+    [entry] = (tmp_path / "cache" / "gguf").glob("*.json")
+    entry.write_text('{"format": 1, "path": "elsewhere"')
+    clear_cache(disk=False)
+    assert read_gguf(path) == parsed
+    json.loads(entry.read_text())  # whole again
+    clear_cache(disk=False)
+    _no_parse(monkeypatch)
+    assert read_gguf(path) == parsed
 
 
 # -------------------------------------------------------------------------------- hand-built files

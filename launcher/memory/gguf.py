@@ -12,7 +12,10 @@ a `GGUFHeaderError` naming the field, so a hostile header is an invalid model, n
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import mmap
 import os
 import re
@@ -20,10 +23,13 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 from launcher.errors import GGUFError
+from launcher.fileio import atomic_writer
+from launcher.paths import cache_dir
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -734,10 +740,11 @@ _cache_lock = threading.Lock()
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFMetadata:
-    """Read a GGUF header, cached per process by (absolute path, size, mtime_ns).
+    """Read a GGUF header, cached per process by (absolute path, size, mtime_ns), and on disk.
 
     A header that is refused is cached too: the registry, the planner and the estimator each ask for
-    the same file, and a damaged one should cost its parse once, not once per question.
+    the same file, and a damaged one should cost its parse once, not once per question. A header read
+    once is kept on disk (see `_disk_load`): each chorus process starts by reading every model's header.
     """
     shown = os.fspath(path)
     abs_path = os.path.abspath(shown)
@@ -749,6 +756,10 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFMetadata:
             if isinstance(hit[2], GGUFError):
                 raise hit[2]
             return hit[2]
+    cached = _disk_load(abs_path, st.st_size, st.st_mtime_ns, shown)
+    if cached is not None:
+        _remember(abs_path, st.st_size, st.st_mtime_ns, cached)
+        return cached
     try:
         size, mtime_ns, meta = _read_file(shown, abs_path)
     except GGUFError as exc:
@@ -756,6 +767,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFMetadata:
             _remember(abs_path, st.st_size, st.st_mtime_ns, exc)
         raise
     _remember(abs_path, size, mtime_ns, meta)
+    _disk_store(abs_path, size, mtime_ns, meta)
     return meta
 
 
@@ -767,10 +779,15 @@ def _remember(abs_path: str, size: int, mtime_ns: int, outcome: GGUFMetadata | G
             _cache.popitem(last=False)
 
 
-def clear_cache() -> None:
-    """Forget every cached header (tests and benchmarks want cold reads)."""
+def clear_cache(*, disk: bool = True) -> None:
+    """Forget every cached header (tests and benchmarks want cold reads); `disk=False`: this process's only,
+    as a new process starts."""
     with _cache_lock:
         _cache.clear()
+    if disk:
+        for entry in (cache_dir() / "gguf").glob("*.json"):
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def _stat_regular(path: str) -> os.stat_result:
@@ -800,3 +817,64 @@ def _read_file(path: str, abs_path: str) -> tuple[int, int, GGUFMetadata]:
     except (ValueError, MemoryError) as exc:  # mmap refusing the file; parse errors are GGUFError already
         raise GGUFError(path, f"cannot map: {exc}") from exc
     return st.st_size, st.st_mtime_ns, meta
+
+
+# ------------------------------------------------------------------------------ the header cache on disk
+# Parsing a header means skipping its vocabulary: a 262k-token one cost 27 ms (10 of them compiling the
+# skip pattern) at the start of every chorus process, before its first server could start. A parsed
+# header is kept as JSON under the cache folder, keyed by absolute path, size and mtime_ns, and checked
+# again (`validate_header`) when it is read back. Anything unreadable there is parsed again and rewritten.
+
+_DISK_FORMAT = 1
+
+
+def _disk_path(abs_path: str) -> Path:
+    return cache_dir() / "gguf" / (hashlib.sha256(abs_path.encode()).hexdigest()[:32] + ".json")
+
+
+def _encode(value: object) -> object:
+    if isinstance(value, ArrayInfo):
+        return {"array": [value.element_type, value.length]}
+    if isinstance(value, tuple):
+        return {"tuple": list(value)}
+    return value
+
+
+def _decode(value: object) -> object:
+    if isinstance(value, dict):
+        if "array" in value:
+            element_type, length = value["array"]
+            return ArrayInfo(str(element_type), int(length))
+        return tuple(value["tuple"])
+    return value
+
+
+def _disk_store(abs_path: str, size: int, mtime_ns: int, meta: GGUFMetadata) -> None:
+    data = {f.name: _encode(getattr(meta, f.name)) for f in fields(meta) if f.name not in ("fields", "tensors")}
+    data["fields"] = {k: _encode(v) for k, v in meta.fields.items()}
+    data["tensors"] = [[t.name, t.ggml_type, t.type_name, list(t.shape), t.offset, t.n_bytes] for t in meta.tensors]
+    target = _disk_path(abs_path)
+    with contextlib.suppress(OSError, ValueError, TypeError):  # not written: the next start parses it again
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(target) as f:
+            f.write(json.dumps({"format": _DISK_FORMAT, "path": abs_path, "size": size, "mtime_ns": mtime_ns,
+                                "meta": data}, separators=(",", ":")))
+
+
+def _disk_load(abs_path: str, size: int, mtime_ns: int, shown: str) -> GGUFMetadata | None:
+    """The header kept on disk for this very file (same path, size and mtime), else None."""
+    try:
+        with open(_disk_path(abs_path), encoding="utf-8") as f:
+            data = json.load(f)
+        if (data["format"], data["path"], data["size"], data["mtime_ns"]) != (_DISK_FORMAT, abs_path, size,
+                                                                              mtime_ns):
+            return None
+        raw = data["meta"]
+        kw: dict[str, Any] = {name: _decode(value) for name, value in raw.items() if name not in ("fields", "tensors")}
+        meta = GGUFMetadata(**kw, fields={k: _decode(v) for k, v in raw["fields"].items()},
+                            tensors=tuple(TensorInfo(n, g, t, tuple(shape), o, b)
+                                          for n, g, t, shape, o, b in raw["tensors"]))
+        validate_header(meta, shown=shown)
+    except (OSError, ValueError, KeyError, TypeError, GGUFError):
+        return None
+    return meta
