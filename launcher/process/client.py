@@ -200,6 +200,13 @@ class GenerationClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    @property
+    def timeout(self) -> httpx.Timeout:
+        """Every request's timeouts (httpx is imported here, on first use)."""
+        import httpx
+
+        return httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
+
     def http(self, url: str) -> httpx.AsyncClient:
         """The client for `url`. Plain http (every local llama-server) gets one without a TLS context: loading
         the CA store costs 40-90 ms of CPU per client, paid on a cold start while the server loads. An https
@@ -207,7 +214,7 @@ class GenerationClient:
         import httpx
 
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        timeout = httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
+        timeout = self.timeout
         if url.startswith("https:"):
             if self._tls_client is None:
                 self._tls_client = httpx.AsyncClient(timeout=timeout, limits=limits)
