@@ -96,16 +96,18 @@ class Runner:
         recorder = None
         history_error = None
         try:
-            recorder = self.store.create(config_snapshot(self.runtime, plan, question))
-        except SessionError as exc:
-            history_error = f"history could not be saved: {exc}"
-            log.warning("%s", history_error)
-        observers = [*([recorder] if recorder else []), *observers]
-        try:
             async with contextlib.AsyncExitStack() as stack:
                 if backend is None:
                     backend = await stack.enter_async_context(LocalBackend(self.runtime))
-                engine = Engine(backend, allow_sequential=allow_sequential, observers=observers)
+                if plan.blocked is None:  # the first servers load while the session is written
+                    await backend.prepare(plan.stages[len(prior_stages or []):])
+                try:
+                    recorder = self.store.create(config_snapshot(self.runtime, plan, question))
+                except SessionError as exc:
+                    history_error = f"history could not be saved: {exc}"
+                    log.warning("%s", history_error)
+                engine = Engine(backend, allow_sequential=allow_sequential,
+                                observers=[*([recorder] if recorder else []), *observers])
                 run = await engine.run(plan, question, cancel=cancel, prior_stages=prior_stages,
                                        parent_session=parent_session, history=history)
         finally:

@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,9 @@ class CalibratingPool(ServerPool):
         super().__init__(*args, **kwargs)
         self.guard = guard
 
-    def acquire(self, spec: ServerSpec) -> ModelServer:
+    def acquire(self, spec: ServerSpec, *, on_spawn: Callable[[], None] | None = None) -> ModelServer:
         try:
-            server = super().acquire(spec)
+            server = super().acquire(spec, on_spawn=on_spawn)
         finally:
             self.guard.forget(spec)  # started or failed: no longer a pending start
         self.guard.observe([server])  # once per process: /proc, NVML and the log head

@@ -249,7 +249,7 @@ class FakeServer:
 
 
 class ProcesslessPool(ServerPool):
-    def _start(self, spec: ServerSpec) -> FakeServer:  # type: ignore[override]
+    def _start(self, spec: ServerSpec, **_: object) -> FakeServer:  # type: ignore[override]
         return FakeServer(spec)
 
 

@@ -82,8 +82,9 @@ class ServerPool:
         return max(same, key=lambda pair: pair[0])[1] if same else None
 
     # -- acquire / release
-    def acquire(self, spec: ServerSpec) -> ModelServer:
-        """A running server for `spec` (started if needed), marked in use until `release`."""
+    def acquire(self, spec: ServerSpec, *, on_spawn: Callable[[], None] | None = None) -> ModelServer:
+        """A running server for `spec` (started if needed), marked in use until `release`. `on_spawn`: called
+        when a start's process runs, before its model has loaded (not called for a warm server)."""
         self._ensure_reaper()
         with self._lock:
             key_lock = self._key_locks.setdefault(spec.family, threading.Lock())
@@ -99,7 +100,7 @@ class ServerPool:
                     entry = None
                 if entry is not None:
                     return self._take(entry, spec)
-            server = self._start(spec)
+            server = self._start(spec, on_spawn=on_spawn)
             with self._lock:
                 self._entries[spec.key] = _Entry(server, in_use=1, idle_timeout_s=self.keep_alive(spec))
             return server
@@ -144,7 +145,7 @@ class ServerPool:
         finally:
             self.release(server)
 
-    def _start(self, spec: ServerSpec) -> ModelServer:
+    def _start(self, spec: ServerSpec, *, on_spawn: Callable[[], None] | None = None) -> ModelServer:
         """Start `spec` once admitted: the admission (the runtime's scheduler) may stop idle servers first;
         the pool itself never chooses what to stop."""
         with self._lock:
@@ -155,7 +156,7 @@ class ServerPool:
             self.starts += 1
         log.info("starting llama-server for '%s' (n_ctx=%d, ngl=%d, slots=%d)", spec.model, spec.n_ctx,
                  spec.n_gpu_layers, spec.slots)
-        return server.start()
+        return server.start(on_spawn=on_spawn)
 
     def is_idle(self, server: ModelServer) -> bool:
         """Whether `server` is in the pool and nobody is using it (so it may be stopped to make room)."""

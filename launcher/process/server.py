@@ -441,8 +441,9 @@ class ModelServer:
         return cmd
 
     # -- lifecycle
-    def start(self) -> ModelServer:
-        """Spawn and wait until /health says ready; raise a typed ServerStartError otherwise.
+    def start(self, *, on_spawn: Callable[[], None] | None = None) -> ModelServer:
+        """Spawn and wait until /health says ready; raise a typed ServerStartError otherwise. `on_spawn` is
+        called once the process runs (the model loading), before the wait.
 
         Whatever goes wrong (a failed start, a timeout, Ctrl-C while loading), nothing is left behind:
         the process group is stopped and the key file removed.
@@ -453,16 +454,19 @@ class ModelServer:
                                    hint="Is the models directory there (a removable disk unplugged?) and the file "
                                         "still in it? Servers already running keep serving.")
         try:
-            return self._start_on_a_free_port()
+            return self._start_on_a_free_port(on_spawn)
         except BaseException:
             self.stop(grace_s=min(self.options.stop_grace_s, 2.0))
             raise
 
-    def _start_on_a_free_port(self) -> ModelServer:
+    def _start_on_a_free_port(self, on_spawn: Callable[[], None] | None = None) -> ModelServer:
         last: ServerError | None = None
         for _ in range(max(1, self.options.port_retries)):
             try:
                 self._spawn(free_port(self.options.host))
+                if on_spawn is not None:
+                    on_spawn()
+                    on_spawn = None
                 self._wait_ready()
                 return self
             except PortInUse as exc:  # someone took the port between our probe and the bind

@@ -62,6 +62,11 @@ class Backend(Protocol):
         """The replica behind `endpoint` failed at the connection level: choose others until it is probed again."""
         ...
 
+    async def prepare(self, stages: Sequence[StagePlan]) -> None:
+        """Called once before the run is recorded, with the stages it will run: a backend may take the
+        preflight's forecast now and give the first stage's servers a head start."""
+        ...
+
     async def forecast(self, stages: Sequence[StagePlan]) -> list[WavePlan]:
         """The what-if of these stages, one after the other from the state now (earlier stages' servers
         left warm): per stage, whether it runs in one wave, else in which, and what does not fit at all."""

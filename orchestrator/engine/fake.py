@@ -40,6 +40,7 @@ class FakeBackend:
     endpoints_opened: list[Target] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)
     waves_started: list[list[str]] = field(default_factory=list)
+    prepared: list[list[str]] = field(default_factory=list)  # the stages each run announced before it started
     active: int = 0
     peak_active: int = 0
     # replicas (targets with several urls): a URL here fails at the connection level, as a dead server does
@@ -100,6 +101,9 @@ class FakeBackend:
 
     def _plan(self, calls: Sequence[CallPlan]) -> WavePlan:
         return self.waves(list(calls)) if self.waves is not None else WavePlan(True, [[c.label for c in calls]])
+
+    async def prepare(self, stages: Sequence[StagePlan]) -> None:
+        self.prepared.append([stage.name for stage in stages])
 
     async def forecast(self, stages: Sequence[StagePlan]) -> list[WavePlan]:
         return [self._plan(list(stage.all_calls())) for stage in stages]

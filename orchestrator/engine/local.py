@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
-from launcher.errors import InsufficientMemory, RequestTimeout, ServerError
+from launcher.errors import ChorusError, InsufficientMemory, RequestTimeout, ServerError, ServerStartError
 from launcher.memory.admission import Demand
 from launcher.memory.schedule import Wave, with_slots
 from launcher.process.client import Endpoint, GenerationClient, GenerationRequest, GenerationResult
 from launcher.process.rpc import RpcLoadFailed, RpcWorkerLost, probe
-from launcher.process.server import ServerSpec
+from launcher.process.server import ModelServer, ServerSpec
 from orchestrator.engine.backend import TokenCallback, WavePlan, WaveStep
 from orchestrator.engine.replicas import ReplicaSet, shared
 from orchestrator.plan.memory import (
@@ -41,6 +41,7 @@ from orchestrator.records import ErrorInfo
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger("chorus.replicas")
+start_log = logging.getLogger("chorus.engine")
 
 
 class LocalBackend:
@@ -50,6 +51,10 @@ class LocalBackend:
         self.replicas: dict[tuple[str, ...], ReplicaSet] = {}
         self._rpc_specs: dict[str, ServerSpec] = {}  # base URL of a running server -> its spec (with workers)
         self._began: dict[int, float] = {}  # id of a replica call's endpoint -> when it was chosen
+        self._forecast: tuple[list[int], list[WavePlan]] | None = None  # prepare's, for the engine's preflight
+        self._head_start: asyncio.Future[None] | None = None  # the first stage's server, starting
+        # spec key -> the head start's failure, and for how many of the first wave's calls it still stands
+        self._failed_starts: dict[tuple[object, ...], tuple[ServerStartError, int]] = {}
 
         self._going = contextlib.ExitStack()
 
@@ -58,6 +63,7 @@ class LocalBackend:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self._settled()  # a head start left in flight (a run refused before stage 1): its server stays warm
         self._going.close()
         await self.client.aclose()
 
@@ -80,8 +86,14 @@ class LocalBackend:
             return
         if target.server is None:
             raise ValueError(f"{target.model}: no server to run it on ({target.reason})")
+        await self._settled()
         pool = self.runtime.pool
         spec = target.server
+        if (failed := self._failed_starts.pop(spec.key, None)) is not None:
+            error, calls = failed
+            if calls > 1:
+                self._failed_starts[spec.key] = (error, calls - 1)
+            raise error  # the head start's failure, for the calls it was for: not a start per call
         if spec.rpc and not any(s.spec.serves(spec) and s.is_alive() for s in self.runtime.running_servers()):
             await asyncio.to_thread(check_rpc_workers, spec)  # before a start: workers up, each with room
         try:
@@ -168,12 +180,91 @@ class LocalBackend:
         # stopping a hung server may take stop_grace_s: off the event loop
         await asyncio.to_thread(self.runtime.discard_server, endpoint)
 
+    # ---------------------------------------------------------------- a head start
+
+    async def prepare(self, stages: Sequence[StagePlan]) -> None:
+        """Before the run is recorded: the preflight's forecast, from the state before anything starts (kept
+        for the engine's `forecast`), then, when the first stage runs in one wave on one local server, that
+        server's start in a worker thread, decided as the engine's own first wave would be. The model loads
+        (one core busy) while the session is written and the first prompt rendered; the engine's first
+        wave waits for the start and finds the server warm. A start that fails is the error of the calls it
+        was for (a later stage tries again), not one more start per call."""
+        local = [s for s in stages if any(c.target.kind == "local" for c in s.all_calls())]
+        if not local:
+            return
+        try:
+            forecasts = await asyncio.to_thread(forecast, self.runtime, local)
+        except ChorusError:  # no estimate: the engine's preflight says why
+            return
+        self._forecast = ([id(s) for s in local], forecasts)
+        first = stages[0]
+        if first is not local[0] or first.retrieval is not None or forecasts[0].unfit \
+                or not forecasts[0].fits_together:
+            return  # waves are announced (and in manual mode asked about) before anything starts
+        calls = list(first.calls)
+        if first.spec.execution == "sequential":  # one model at a time: the first model's calls
+            calls = [c for c in calls if c.model == calls[0].model]
+        specs = {c.target.server.key: c.target.server for c in calls if c.target.server is not None}
+        if len(specs) != 1 or any(c.target.kind != "local" for c in calls):
+            return
+        [spec] = specs.values()
+        if spec.rpc or any(s.spec.serves(spec) and s.is_alive() for s in self.runtime.running_servers()):
+            return  # workers are checked on the event loop's path; a warm server needs no head start
+        loop = asyncio.get_running_loop()
+        spawned = loop.create_future()
+
+        def spawn_seen() -> None:
+            if not spawned.done():
+                spawned.set_result(None)
+
+        def on_spawn() -> None:
+            loop.call_soon_threadsafe(spawn_seen)
+
+        self._head_start = asyncio.ensure_future(
+            asyncio.to_thread(self._start_early, spec, calls, first.spec.execution == "parallel", on_spawn))
+        # until the process runs, the thread's admission would share the interpreter with the session's writing
+        await asyncio.wait({self._head_start, spawned}, return_when=asyncio.FIRST_COMPLETED)
+        self.client.preload()  # while the model loads (one core busy), not on the first request
+
+    def _start_early(self, spec: ServerSpec, calls: list[CallPlan], together: bool,
+                     on_spawn: Callable[[], None]) -> None:
+        """In a worker thread: the first wave as `next_wave` decides it, executed as `running` does, and
+        its one server started (then left warm in the pool)."""
+        wave: Wave | None = None
+        pinned: list[ModelServer] = []
+        try:
+            if not together:  # the wave's own server: its slots sized for the runs going at once
+                step = next_wave(self.runtime, calls)
+                placed = {c.target.server for c in step.calls if c.target.server is not None}
+                if len(placed) != 1:
+                    return
+                [spec] = placed
+                if isinstance(step.handle, Wave):
+                    wave, pinned = step.handle, self.runtime.begin_wave(step.handle)
+            self.runtime.pool.release(self.runtime.pool.acquire(spec, on_spawn=on_spawn))
+        except ServerStartError as exc:
+            self._failed_starts[spec.key] = (exc, len(calls))
+        except Exception as exc:  # memory changed since the forecast, say: the engine decides again, and reports
+            start_log.debug("no head start for '%s': %s", spec.model, exc)
+        finally:
+            if wave is not None:
+                self.runtime.end_wave(wave, pinned)
+
+    async def _settled(self) -> None:
+        """Wait for the head start, if one is in flight: the scheduler then sees its server."""
+        if self._head_start is not None and not self._head_start.done():
+            await asyncio.wait({self._head_start})
+
     # ---------------------------------------------------------------- the scheduler's decisions
 
     async def forecast(self, stages: Sequence[StagePlan]) -> list[WavePlan]:
+        kept, self._forecast = self._forecast, None
+        if kept is not None and kept[0] == [id(s) for s in stages]:
+            return kept[1]
         return await asyncio.to_thread(forecast, self.runtime, stages)
 
     async def next_wave(self, calls: Sequence[CallPlan], *, together: bool = False) -> WaveStep:
+        await self._settled()
         if together:
             return WaveStep(list(calls), waves=[[c.label for c in calls]])
         return await asyncio.to_thread(next_wave, self.runtime, calls)

@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,9 +28,9 @@ def test_eight_concurrent_runs_complete_every_session_and_share_one_server_per_k
     started: list[tuple] = []
     real_start = ModelServer.start
 
-    def counting_start(self: ModelServer) -> ModelServer:
+    def counting_start(self: ModelServer, **kwargs: Any) -> ModelServer:
         started.append(self.spec.key)
-        return real_start(self)
+        return real_start(self, **kwargs)
 
     monkeypatch.setattr(ModelServer, "start", counting_start)
     runtime = make_runtime(config_dir)  # cold: the eight runs race for the first start
