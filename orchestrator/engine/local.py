@@ -20,7 +20,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from launcher.errors import ChorusError, InsufficientMemory, RequestTimeout, ServerError, ServerStartError
+from launcher.errors import ChorusError, InsufficientMemory, RequestTimeout, ServerError
 from launcher.memory.admission import Demand
 from launcher.memory.schedule import Wave, with_slots
 from launcher.process.client import Endpoint, GenerationClient, GenerationRequest, GenerationResult
@@ -54,7 +54,7 @@ class LocalBackend:
         self._forecast: tuple[list[int], list[WavePlan]] | None = None  # prepare's, for the engine's preflight
         self._head_start: asyncio.Future[None] | None = None  # the first stage's server, starting
         # spec key -> the head start's failure, and for how many of the first wave's calls it still stands
-        self._failed_starts: dict[tuple[object, ...], tuple[ServerStartError, int]] = {}
+        self._failed_starts: dict[tuple[object, ...], tuple[ServerError, int]] = {}
 
         self._going = contextlib.ExitStack()
 
@@ -242,7 +242,7 @@ class LocalBackend:
                 if isinstance(step.handle, Wave):
                     wave, pinned = step.handle, self.runtime.begin_wave(step.handle)
             self.runtime.pool.release(self.runtime.pool.acquire(spec, on_spawn=on_spawn))
-        except ServerStartError as exc:
+        except ServerError as exc:  # it did not start (a bad file, killed while loading): what its calls get
             self._failed_starts[spec.key] = (exc, len(calls))
         except Exception as exc:  # memory changed since the forecast, say: the engine decides again, and reports
             start_log.debug("no head start for '%s': %s", spec.model, exc)
