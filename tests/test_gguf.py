@@ -6,6 +6,7 @@ import json
 import os
 import random
 import struct
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -253,6 +254,18 @@ def test_a_damaged_disk_entry_is_parsed_again_and_rewritten(tmp_path: Path,
     clear_cache(disk=False)
     _no_parse(monkeypatch)
     assert read_gguf(path) == parsed
+
+
+def test_the_disk_cache_keeps_the_most_recently_read_headers_only(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gguf_module, "DISK_MAX_ENTRIES", 3)
+    paths = [_write(tmp_path, _gguf([*_model_kvs("llama"), _text("general.name", f"m{i}")]), f"m{i}.gguf")
+             for i in range(5)]
+    for path in paths:
+        read_gguf(path)
+        time.sleep(0.02)  # distinct mtimes on a filesystem with a coarse clock
+    kept = {json.loads(e.read_text())["path"] for e in (tmp_path / "cache" / "gguf").glob("*.json")}
+    assert kept == {str(p.resolve()) for p in paths[2:]}
 
 
 # -------------------------------------------------------------------------------- hand-built files

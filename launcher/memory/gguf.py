@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import struct
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from launcher.errors import GGUFError
-from launcher.fileio import atomic_writer
 from launcher.paths import cache_dir
 
 GGUF_MAGIC = b"GGUF"
@@ -826,6 +826,7 @@ def _read_file(path: str, abs_path: str) -> tuple[int, int, GGUFMetadata]:
 # again (`validate_header`) when it is read back. Anything unreadable there is parsed again and rewritten.
 
 _DISK_FORMAT = 1
+DISK_MAX_ENTRIES = 128
 
 
 def _disk_path(abs_path: str) -> Path:
@@ -856,9 +857,37 @@ def _disk_store(abs_path: str, size: int, mtime_ns: int, meta: GGUFMetadata) -> 
     target = _disk_path(abs_path)
     with contextlib.suppress(OSError, ValueError, TypeError):  # not written: the next start parses it again
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_writer(target) as f:
-            f.write(json.dumps({"format": _DISK_FORMAT, "path": abs_path, "size": size, "mtime_ns": mtime_ns,
-                                "meta": data}, separators=(",", ":")))
+        text = json.dumps({"format": _DISK_FORMAT, "path": abs_path, "size": size, "mtime_ns": mtime_ns,
+                           "meta": data}, separators=(",", ":"))
+        # renamed into place whole, without an fsync: a cache lost in a power cut is parsed again
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _prune(target.parent)
+
+
+def _prune(folder: Path) -> None:
+    """At most DISK_MAX_ENTRIES headers kept: the least recently written go first (files moved or renamed
+    leave entries nobody reads)."""
+    entries = list(folder.glob("*.json"))
+    if len(entries) <= DISK_MAX_ENTRIES:
+        return
+    def written(entry: Path) -> int:
+        try:
+            return entry.stat().st_mtime_ns
+        except OSError:  # another process pruned it
+            return 0
+
+    by_age = sorted(entries, key=written)
+    for entry in by_age[:len(entries) - DISK_MAX_ENTRIES]:
+        with contextlib.suppress(OSError):
+            entry.unlink()
 
 
 def _disk_load(abs_path: str, size: int, mtime_ns: int, shown: str) -> GGUFMetadata | None:
