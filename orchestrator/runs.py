@@ -100,7 +100,10 @@ class Runner:
                 if backend is None:
                     backend = await stack.enter_async_context(LocalBackend(self.runtime))
                 if plan.blocked is None:  # the first servers load while the session is written
-                    await backend.prepare(plan.stages[len(prior_stages or []):])
+                    try:
+                        await backend.prepare(plan.stages[len(prior_stages or []):])
+                    except Exception:  # only a head start: the engine starts what it needs, and says why not
+                        log.exception("no head start for this run")
                 try:
                     recorder = self.store.create(config_snapshot(self.runtime, plan, question))
                 except SessionError as exc:

@@ -126,3 +126,14 @@ def test_a_head_start_that_fails_is_the_error_of_its_calls_without_a_start_per_c
     errors = {r.error.type for r in outcome.run.stages[0].responses if r.error is not None}
     assert errors and all("Start" in e or "Server" in e for e in errors), errors
     assert runtime.pool.starts == 1  # before: one start per call (3)
+
+
+class BrokenHeadStart(FakeBackend):
+    async def prepare(self, stages: Any) -> None:
+        raise RuntimeError("a bug in the head start")
+
+
+def test_a_head_start_that_raises_costs_the_run_nothing(config_dir: ConfigDir) -> None:
+    runtime = Runtime(load_config(config_dir.path))
+    outcome = asyncio.run(Runner(runtime).arun(pipeline([three_of(SMOL)]), "q", backend=BrokenHeadStart()))
+    assert outcome.run.status == "completed" and outcome.session_id is not None
