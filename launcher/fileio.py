@@ -11,8 +11,9 @@ from typing import TextIO
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[TextIO]:
-    """Write to a temp file in the same folder, fsync, then rename over `path`.
+def atomic_writer(path: Path, *, durable: bool = True) -> Iterator[TextIO]:
+    """Write to a temp file in the same folder, fsync, then rename over `path`. `durable=False` skips the
+    fsync: for a cache, which a power cut may lose (readers then rebuild it), never for a record.
 
     The result is owner-only (0600, as mkstemp creates it), whatever the umask: records and sessions
     written through here are private to the user.
@@ -21,8 +22,9 @@ def atomic_writer(path: Path) -> Iterator[TextIO]:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -21,7 +21,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from launcher.errors import GGUFError
+from launcher.fileio import atomic_writer
 from launcher.paths import cache_dir
 
 GGUF_MAGIC = b"GGUF"
@@ -857,18 +857,9 @@ def _disk_store(abs_path: str, size: int, mtime_ns: int, meta: GGUFMetadata) -> 
     target = _disk_path(abs_path)
     with contextlib.suppress(OSError, ValueError, TypeError):  # not written: the next start parses it again
         target.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"format": _DISK_FORMAT, "path": abs_path, "size": size, "mtime_ns": mtime_ns,
-                           "meta": data}, separators=(",", ":"))
-        # renamed into place whole, without an fsync: a cache lost in a power cut is parsed again
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_writer(target, durable=False) as f:  # a cache lost in a power cut is parsed again
+            f.write(json.dumps({"format": _DISK_FORMAT, "path": abs_path, "size": size, "mtime_ns": mtime_ns,
+                                "meta": data}, separators=(",", ":")))
         _prune(target.parent)
 
 
@@ -878,6 +869,7 @@ def _prune(folder: Path) -> None:
     entries = list(folder.glob("*.json"))
     if len(entries) <= DISK_MAX_ENTRIES:
         return
+
     def written(entry: Path) -> int:
         try:
             return entry.stat().st_mtime_ns
