@@ -90,15 +90,28 @@ class UpstreamResponse:
 
 
 class ModelProxy:
-    """Forwards OpenAI requests to registered models; one shared httpx client (connection reuse)."""
+    """Forwards OpenAI requests to registered models; shared httpx clients (connection reuse)."""
 
     def __init__(self, chorus: Chorus, *, client: httpx.AsyncClient | None = None) -> None:
         self.chorus = chorus
-        timeout = httpx.Timeout(chorus.config.app.server.request_timeout_s, connect=10.0)
-        self._client = client or httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=64))
+        self._timeout = httpx.Timeout(chorus.config.app.server.request_timeout_s, connect=10.0)
+        self._limits = httpx.Limits(max_connections=64)
+        # Plain http (every local llama-server) needs no TLS context: loading the CA store costs 20-90 ms of
+        # CPU per client, paid by every `create_app`. An https upstream gets its own verifying client.
+        self._plain = client or httpx.AsyncClient(timeout=self._timeout, limits=self._limits, verify=False)
+        self._tls = client
+
+    def _client(self, url: str) -> httpx.AsyncClient:
+        if not url.startswith("https:"):
+            return self._plain
+        if self._tls is None:
+            self._tls = httpx.AsyncClient(timeout=self._timeout, limits=self._limits)
+        return self._tls
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._plain.aclose()
+        if self._tls is not None and self._tls is not self._plain:
+            await self._tls.aclose()
 
     @contextlib.asynccontextmanager
     async def open(self, model: str, route: Route, body: dict[str, Any]) -> AsyncIterator[UpstreamResponse]:
@@ -141,9 +154,10 @@ class ModelProxy:
                     replicas: ReplicaSet | None) -> AsyncIterator[UpstreamResponse]:
         """One request to one upstream; a replica that is not reached raises _NotReached (marked down)."""
         started = time.monotonic()
-        request = self._client.build_request("POST", upstream.url(route), json=payload, headers=upstream.headers)
+        client = self._client(upstream.url(route))
+        request = client.build_request("POST", upstream.url(route), json=payload, headers=upstream.headers)
         try:
-            response = await self._client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
             error: ServerError = (RequestTimeout(upstream.model, f"no answer from {upstream.url(route)} in time "
                                                                  f"({type(exc).__name__})")

@@ -159,6 +159,11 @@ def _take_this_workers_cores(workers: int, index: int) -> None:
 # not last with nothing left to run beside them (scripts/test.sh --rest keeps this order).
 LONG_FIRST = ("tests/test_netns_worker_lost.py", "tests/test_netns_failover.py", "tests/test_browser.py",
               "tests/test_gguf.py", "tests/test_eval_resume_after_stop.py", "tests/test_eval.py")
+# The same for the fast tier (scripts/test.sh --fast), its files of 4-11 s: alphabetical order put
+# test_ui.py last, alone on one worker while the other had finished.
+FAST_LONG_FIRST = ("tests/test_ui.py", "tests/test_api_reasoning.py", "tests/faults/test_history_damage.py",
+                   "tests/faults/test_api_key_argv.py", "tests/faults/test_bad_configs.py", "tests/test_install.py",
+                   "tests/faults/test_api_stop_with_open_stream.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -167,9 +172,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.get_closest_marker("browser") is not None
                 or REAL_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.integration)
-    rank = {path: i for i, path in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank))
-               if item.get_closest_marker("integration") is not None else len(rank))
+    slow = {path: i for i, path in enumerate(LONG_FIRST)}
+    fast = {path: i for i, path in enumerate(FAST_LONG_FIRST)}
+
+    def rank(item: pytest.Item) -> int:
+        ranks = slow if item.get_closest_marker("integration") is not None else fast
+        return ranks.get(item.nodeid.split("::")[0], len(ranks))
+
+    items.sort(key=rank)
 
 
 @pytest.hookimpl(hookwrapper=True)

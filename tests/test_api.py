@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -392,6 +393,26 @@ def proxied_client(config: Path, handler: Any, settings: ApiSettings | None = No
     chorus = Chorus.from_dir(config)
     proxy = ModelProxy(chorus, client=httpx.AsyncClient(transport=httpx.MockTransport(record)))
     return TestClient(create_app(chorus, settings or ApiSettings(), proxy=proxy), base_url=LOCAL), sent
+
+
+def _ssl_context(client: httpx.AsyncClient) -> ssl.SSLContext:
+    return client._transport._pool._ssl_context  # type: ignore[attr-defined]  # httpx keeps it on the pool
+
+
+def test_plain_http_upstreams_load_no_ca_store_and_https_ones_verify_certificates(config: Path) -> None:
+    """Loading the CA store cost 20-90 ms of CPU in every `create_app` (and every launcher client)."""
+    from launcher.process.client import GenerationClient
+
+    proxy = ModelProxy(Chorus.from_dir(config))
+    launcher = GenerationClient()
+    for client_for in (proxy._client, launcher.http):
+        plain = _ssl_context(client_for("http://127.0.0.1:8080/v1/chat/completions"))
+        assert plain.cert_store_stats()["x509_ca"] == 0
+        tls = _ssl_context(client_for("https://models.example/v1/chat/completions"))
+        assert tls.verify_mode == ssl.CERT_REQUIRED and tls.check_hostname
+        assert tls.cert_store_stats()["x509_ca"] > 0
+    asyncio.run(proxy.aclose())
+    asyncio.run(launcher.aclose())
 
 
 def test_model_requests_beyond_the_limit_wait_in_the_servers_queue_and_one_more_than_the_queue_is_429(

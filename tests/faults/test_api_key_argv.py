@@ -23,6 +23,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.apiwait import wait_healthy as answers_health
 from tests.clirun import run_main
 from tests.conftest import REPO
 
@@ -56,14 +57,8 @@ def free_port() -> int:
 
 
 def wait_healthy(proc: subprocess.Popen[bytes], url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    pytest.fail(f"chorus api did not start (exit {proc.poll()})")
+    if not answers_health(proc, url):
+        pytest.fail(f"chorus api did not start (exit {proc.poll()})")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from orchestrator.history.store import SessionStore
+from tests.apiwait import wait_healthy
 from tests.conftest import REPO
 
 
@@ -83,13 +84,7 @@ def api(tmp_path: Path, endless_model: str) -> Iterator[tuple[subprocess.Popen[b
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(proc, url)
         yield proc, url, tmp_path / "sessions"
     finally:
         if proc.poll() is None:

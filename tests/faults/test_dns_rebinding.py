@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from orchestrator.app import Chorus
 from orchestrator.config.schema import load_config
 from orchestrator.engine.fake import FakeBackend
 from orchestrator.errors import ConfigError
+from tests.apiwait import wait_healthy
 from tests.clirun import run_main
 from tests.conftest import REPO
 
@@ -150,13 +150,8 @@ def start_api(config: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
                              str(port), *extra], cwd=REPO, env=env, start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    if wait_healthy(proc, url):
+        return proc, url
     stop(proc)
     pytest.fail(f"chorus api did not start (exit {proc.poll()})")
 
