@@ -2,8 +2,8 @@
 
 Workload W: draft → refine → 3 experts in parallel → synthesis: 6 completions of 64 tokens, greedy, a fixed
 seed, on the demo model (Gemma 3 270M, completion mode). The baseline is a short script (below, run as its
-own process) that starts the same llama-server binary with the same flags (3 slots, and the threads and
-context checkpoints chorus passes: checked against the argv of chorus's server) and sends the same 6
+own process) that starts the same llama-server binary with the same flags (3 slots, and the threads, context
+checkpoints and HTTP threads chorus passes: checked against the argv of chorus's server) and sends the same 6
 requests with httpx, the 3 experts concurrently. Chorus runs W as `chorus run --manual W.yaml`.
 
 Measured, baseline and chorus interleaved (>= 3 each), each after the CPU has gone idle:
@@ -252,10 +252,11 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from launcher.cpus import usable_cores
     from launcher.process.binary import find_llama_server
-    from launcher.process.server import CTX_CHECKPOINTS
+    from launcher.process.server import CTX_CHECKPOINTS, HTTP_THREADS
 
     binary = find_llama_server()
-    server_flags = json.dumps(["-t", str(usable_cores()), "--ctx-checkpoints", str(CTX_CHECKPOINTS)])
+    server_flags = json.dumps(["-t", str(usable_cores()), "--ctx-checkpoints", str(CTX_CHECKPOINTS),
+                               "--threads-http", str(HTTP_THREADS)])
     children: list[subprocess.Popen] = []
 
     def stop_children(*_: object) -> None:

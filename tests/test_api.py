@@ -415,6 +415,29 @@ def test_plain_http_upstreams_load_no_ca_store_and_https_ones_verify_certificate
     asyncio.run(launcher.aclose())
 
 
+def test_a_server_has_a_fixed_http_thread_for_every_connection_chorus_may_hold_to_it(
+        config: Path, tmp_path: Path) -> None:
+    """cpp-httplib serves a kept-alive connection on one thread; a new connection that found none idle waited
+    until another closed: 7-10 s through the proxy's pooled connections (bench/api_load.py, K=16)."""
+    from launcher.process.client import GenerationClient
+    from launcher.process.server import HTTP_THREADS, ModelServer, ServerOptions, ServerSpec
+
+    argv = ModelServer(ServerSpec("m", tmp_path / "m.gguf"), Path("llama-server"), tmp_path).command(8080)
+    assert argv[argv.index("--threads-http") + 1] == str(HTTP_THREADS)
+    proxy, engine = ModelProxy(Chorus.from_dir(config)), GenerationClient()
+    pools = [client._transport._pool for client in (proxy._client("http://127.0.0.1:1/v1"),  # type: ignore[attr-defined]
+                                                    engine.http("http://127.0.0.1:1/v1"))]
+    assert sum(pool._max_connections for pool in pools) <= HTTP_THREADS
+    asyncio.run(proxy.aclose())
+    asyncio.run(engine.aclose())
+    own = ServerSpec("m", tmp_path / "m.gguf", extra_args=("--threads-http", "8"))
+    argv = ModelServer(own, Path("llama-server"), tmp_path).command(8080)
+    assert argv.count("--threads-http") == 1 and argv[-2:] == ["--threads-http", "8"]  # models.yaml's own wins
+    capped = ServerOptions(rlimit_as_bytes=2**30)  # 128 stacks would reserve all of it: the server's default
+    assert "--threads-http" not in ModelServer(ServerSpec("m", tmp_path / "m.gguf"), Path("llama-server"),
+                                               tmp_path, capped).command(8080)
+
+
 def test_model_requests_beyond_the_limit_wait_in_the_servers_queue_and_one_more_than_the_queue_is_429(
         config: Path) -> None:
     """The server's own queue hands a freed slot over at once; chorus keeps the bound (limit + queue)."""

@@ -62,6 +62,14 @@ from launcher.process.state import group_members
 # outside what the fit check admitted; chorus keeps a few and the memory estimate counts them.
 CTX_CHECKPOINTS = 2
 CHECKPOINT_FLAGS = frozenset({"-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"})
+# llama-server's HTTP layer (cpp-httplib) gives each connection a thread for as long as it is kept alive, from
+# slots + 4 fixed threads plus dynamic ones; a new connection that finds none idle can wait in its job queue
+# until another connection closes. Through chorus's pooled keep-alive connections (16 clients on 4 slots)
+# that held a request 7-10 s in 6 of 10 phases. With a fixed thread for every connection chorus's two clients
+# may hold to one server (the engine's and the API proxy's, 64 each), none waits; each thread adds about
+# 25 KiB of RSS, but reserves a stack of address space (8 MiB): under an address-space limit the server keeps
+# its default count (`http_threads_args`).
+HTTP_THREADS = 128
 
 log = logging.getLogger("chorus.server")
 
@@ -272,6 +280,18 @@ def own_group_dying_with_parent(sig: int = signal.SIGKILL, parent: int | None = 
     os.setpgid(0, 0)
 
 
+def http_threads_args(extra_args: tuple[str, ...] | list[str], rlimit_as: int | None) -> list[str]:
+    """`--threads-http HTTP_THREADS` unless models.yaml sets it or an address-space limit is in force (ours
+    for the child, or one this process inherited): 128 stacks reserve 1 GiB of it, and a server that cannot
+    make its threads aborts before it could say it is out of memory."""
+    import resource
+
+    inherited = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if "--threads-http" in extra_args or rlimit_as is not None or inherited != resource.RLIM_INFINITY:
+        return []
+    return ["--threads-http", str(HTTP_THREADS)]
+
+
 def _child_setup(rlimit_as: int | None, parent: int) -> None:  # runs in the child between fork and exec
     die_with_parent(signal.SIGKILL, parent)
     os.setpgid(0, 0)  # its own group: a Ctrl-C in the terminal reaches chorus, and stop() signals the group
@@ -432,7 +452,7 @@ class ModelServer:
             cmd += ["--rpc", ",".join(s.rpc)]
         if not CHECKPOINT_FLAGS & set(s.extra_args):  # bounded, counted by launcher/memory/estimate.py
             cmd += ["--ctx-checkpoints", str(CTX_CHECKPOINTS)]
-        return cmd + list(s.extra_args)
+        return cmd + http_threads_args(s.extra_args, self.options.rlimit_as_bytes) + list(s.extra_args)
 
     def redacted_command(self) -> list[str]:
         cmd = self.command(self.port or 0)
