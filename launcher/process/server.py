@@ -70,6 +70,8 @@ CHECKPOINT_FLAGS = frozenset({"-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"
 # 25 KiB of RSS, but reserves a stack of address space (8 MiB): under an address-space limit the server keeps
 # its default count (`http_threads_args`).
 HTTP_THREADS = 128
+# What a llama-server that could not create a thread dies with (pthread_create's EAGAIN, uncaught).
+THREADS_REFUSED = re.compile(r"std::system_error.*\n?.*Resource temporarily unavailable")
 
 log = logging.getLogger("chorus.server")
 
@@ -420,6 +422,7 @@ class ModelServer:
         self.ready_s: float | None = None
         self._stopping = False
         self._oom_kills_at_start: int | None = None
+        self._default_http_threads = False  # set when a limit refused HTTP_THREADS (see _start_on_a_free_port)
         self._lock = threading.Lock()
 
     # -- identity
@@ -452,7 +455,8 @@ class ModelServer:
             cmd += ["--rpc", ",".join(s.rpc)]
         if not CHECKPOINT_FLAGS & set(s.extra_args):  # bounded, counted by launcher/memory/estimate.py
             cmd += ["--ctx-checkpoints", str(CTX_CHECKPOINTS)]
-        return cmd + http_threads_args(s.extra_args, self.options.rlimit_as_bytes) + list(s.extra_args)
+        threads = [] if self._default_http_threads else http_threads_args(s.extra_args, self.options.rlimit_as_bytes)
+        return cmd + threads + list(s.extra_args)
 
     def redacted_command(self) -> list[str]:
         cmd = self.command(self.port or 0)
@@ -481,7 +485,7 @@ class ModelServer:
 
     def _start_on_a_free_port(self, on_spawn: Callable[[], None] | None = None) -> ModelServer:
         last: ServerError | None = None
-        for _ in range(max(1, self.options.port_retries)):
+        for _ in range(max(1, self.options.port_retries) + 1):  # + 1: the HTTP threads fallback
             try:
                 self._spawn(free_port(self.options.host))
                 if on_spawn is not None:
@@ -490,6 +494,16 @@ class ModelServer:
                 self._wait_ready()
                 return self
             except PortInUse as exc:  # someone took the port between our probe and the bind
+                last = exc
+                self._reap()
+            except ServerCrashed as exc:
+                if self._default_http_threads or not THREADS_REFUSED.search(exc.log_tail or ""):
+                    raise
+                # a limit we could not see (`ulimit -v` or a pids cap in a wrapper script or a container)
+                # refused our HTTP threads: llama-server's own count, as before HTTP_THREADS
+                log.warning("llama-server for '%s' could not create %d HTTP threads (%s); starting it with its "
+                            "default count", self.model, HTTP_THREADS, _last_error_line(exc.log_tail) or exc.detail)
+                self._default_http_threads = True
                 last = exc
                 self._reap()
         assert last is not None

@@ -15,6 +15,7 @@ import pytest
 
 from launcher.memory.calibration import CalibrationCache
 from launcher.memory.probes import FixedProbe
+from launcher.process.server import HTTP_THREADS, ModelServer, ServerOptions, ServerSpec
 from tests.conftest import ConfigDir
 from tests.faults.conftest import (
     DEMO,
@@ -95,3 +96,23 @@ def test_server_dying_of_oom_at_load_is_a_typed_error_for_the_run_and_the_user(
     out = chorus(config_dir, "run", "hello", *SMALL)
     assert_clean_failure(out)
     assert out.returncode == 1 and "out of memory" in out.stderr and "status: failed" in out.stderr
+
+
+def test_a_limit_that_refuses_the_http_threads_gets_a_server_with_llama_servers_own_count(
+        llama_server_bin: Path, demo_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """900 MiB of address space: enough for the model and llama-server's default threads, not for the 128
+    HTTP threads' stacks (1 GiB), whose start aborts ("Resource temporarily unavailable"). A limit chorus
+    cannot see (set in a wrapper); the server is started again with the default count and serves."""
+    wrapper = tmp_path / "llama-server-900m"
+    wrapper.write_text(f"#!/bin/sh\nulimit -v {900 * 1024}\nexec {llama_server_bin} \"$@\"\n")
+    wrapper.chmod(0o755)
+    server = ModelServer(ServerSpec(DEMO, demo_model, n_ctx=512), wrapper, tmp_path / "logs",
+                         ServerOptions(startup_timeout_s=60))
+    with caplog.at_level("WARNING", logger="chorus.server"):
+        server.start()
+    try:
+        assert server.is_alive() and "--threads-http" not in server.command(server.port or 0)
+        assert f"could not create {HTTP_THREADS} HTTP threads" in caplog.text
+        assert "Resource temporarily unavailable" in caplog.text
+    finally:
+        server.stop()
