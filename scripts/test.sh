@@ -58,9 +58,10 @@ case $tier in
   # The fast tier spreads over the cores (pytest-xdist): its tests hold no shared port, folder or server.
   # A test file stays on one worker, so an expensive module fixture (the installed wheel, the parsed
   # sources) is built once: --dist loadfile, as loadgroup's xdist_group marks are ignored with pytest 9.2
-  # (pytest-xdist #1386) and the wheel was built on both workers. `-n 0` among the extra arguments runs it
-  # in one process.
-  fast) markers=(-m "not integration and not browser" -n auto --dist loadfile) ;;
+  # (pytest-xdist #1386) and the wheel was built on both workers. One worker more than the cores: its tests
+  # also wait (for a `chorus api` subprocess to answer, a paced fake), and on 2 cores a third worker took
+  # 40-45 s where two took 46-48. `-n 0` among the extra arguments runs it in one process.
+  fast) markers=(-m "not integration and not browser" -n "$(( $(nproc) + 1 ))" --dist loadfile) ;;
   # The rest tier: first the tests marked serial (they measure real memory) in a pass of their own, then the
   # others on two workers, each on its half of the cores with its llama-servers (the servers of two workers
   # on the same cores slow each other down more than the second worker gains). A test file stays on one
