@@ -418,7 +418,7 @@ def test_plain_http_upstreams_load_no_ca_store_and_https_ones_verify_certificate
 def test_a_server_has_a_fixed_http_thread_for_every_connection_chorus_may_hold_to_it(
         config: Path, tmp_path: Path) -> None:
     """cpp-httplib serves a kept-alive connection on one thread; a new connection that found none idle waited
-    until another closed: 7-10 s through the proxy's pooled connections (bench/api_load.py, K=16)."""
+    until another closed: 10-13 s through the proxy's pooled connections (bench/api_load.py, K=16)."""
     from launcher.process.client import GenerationClient
     from launcher.process.server import HTTP_THREADS, ModelServer, ServerOptions, ServerSpec
 

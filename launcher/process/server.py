@@ -65,10 +65,11 @@ CHECKPOINT_FLAGS = frozenset({"-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"
 # llama-server's HTTP layer (cpp-httplib) gives each connection a thread for as long as it is kept alive, from
 # slots + 4 fixed threads plus dynamic ones; a new connection that finds none idle can wait in its job queue
 # until another connection closes. Through chorus's pooled keep-alive connections (16 clients on 4 slots)
-# that held a request 7-10 s in 6 of 10 phases. With a fixed thread for every connection chorus's two clients
-# may hold to one server (the engine's and the API proxy's, 64 each), none waits; each thread adds about
-# 25 KiB of RSS, but reserves a stack of address space (8 MiB): under an address-space limit the server keeps
-# its default count (`http_threads_args`).
+# that held a request 10-13 s (the others: 3-4.5 s) in 6 of 10 phases. With a fixed thread for every
+# connection chorus's two clients may hold to one server (the engine's and the API proxy's, 64 each), none
+# waits; each thread adds about 25 KiB of RSS, but reserves a stack of address space (8 MiB): under an
+# address-space limit the server keeps its default count (`http_threads_args`), and a start that a hidden
+# limit kills for want of threads is retried with it (`_start_on_a_free_port`).
 HTTP_THREADS = 128
 # What a llama-server that could not create a thread dies with (pthread_create's EAGAIN, uncaught).
 THREADS_REFUSED = re.compile(r"std::system_error.*\n?.*Resource temporarily unavailable")
