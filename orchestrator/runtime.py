@@ -23,6 +23,7 @@ from launcher.memory.probes import MemoryProbe, SystemProbe
 from launcher.memory.schedule import Wave, with_slots
 from launcher.process.binary import find_llama_server
 from launcher.process.client import Endpoint
+from launcher.process.gate import CpuGate
 from launcher.process.pool import ServerPool
 from launcher.process.server import ModelServer, ServerOptions, ServerSpec
 from orchestrator.config.registry import ModelRecord, PipelineStatus, Registry
@@ -78,6 +79,7 @@ class Runtime:
         self._binary: Path | None = None
         self._guard: MemoryGuard | None = None
         self._pool: ServerPool | None = None
+        self._cpu_gate: CpuGate | None = None
         self._warned_no_gpu = False
         self._expected_runs = 1  # runs a front end expects at once: the API's max_runs, an eval's concurrency
         self._active_runs = 0    # runs going now on this runtime's servers
@@ -133,6 +135,14 @@ class Runtime:
                                              idle_timeout_s=s.idle_timeout_s, idle_timeout_for=self._keep_alive,
                                              fit_check=self._admit, guard=self.memory_guard)
             return self._pool
+
+    @property
+    def cpu_gate(self) -> CpuGate:
+        """Turns at the cores for the calls of servers that compute on the CPU, shared by every run here."""
+        with self._lock:
+            if self._cpu_gate is None:
+                self._cpu_gate = CpuGate(usable_cores())
+            return self._cpu_gate
 
     def _keep_alive(self, spec: ServerSpec) -> float | None:
         """A model's own idle_timeout_s from models.yaml (None: app.yaml's server.idle_timeout_s)."""

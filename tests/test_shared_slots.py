@@ -197,3 +197,46 @@ def test_an_eval_goes_as_many_items_at_once_as_fit(config_dir: ConfigDir, llama_
         assert tight.eval_spec(pipeline).concurrency == 1
     finally:
         tight.close()
+
+
+def compute_intervals(door: Chorus) -> list[tuple[str, str, float, float]]:
+    """(session, server, start, end) of every model call saved: from the client's own clock of the call
+    (total_s, request sent to last token) back from when the engine saw it end."""
+    store = SessionStore(door.config.sessions_dir)
+    out = []
+    for row in store.list():
+        for stage in store.load(row["id"]).stages:
+            for r in stage.responses:
+                if r.status == "ok" and r.finished_at and r.total_s and r.server:
+                    out.append((row["id"], r.server, r.finished_at - r.total_s, r.finished_at))
+    return out
+
+
+def test_concurrent_runs_of_a_two_model_pipeline_take_turns_at_the_cores(config_dir: ConfigDir,
+                                                                          llama_server_bin: Path) -> None:
+    """On the CPU, three runs of gemma -> smollm2 at once (warm servers, as an eval or the API meets them):
+    a model's calls of different runs compute together on its slots, and the two servers never compute at
+    the same time (side by side they slice 2 cores: 60-70 tok/s together against 75 and 120 alone)."""
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        spec = {"defaults": {"max_tokens": 24, "temperature": 0, "n_ctx": 1024},
+                "stages": [{"name": "draft", "models": ["gemma3-270m"], "prompt": "Q: {{ question }}\nA:"},
+                           {"name": "refine", "models": [MODEL]}]}
+        pipelines = config_dir.path / "pipelines"
+        pipelines.mkdir(exist_ok=True)
+        (pipelines / "pair.yaml").write_text(yaml.safe_dump(spec))
+        with TestClient(create_app(door, ApiSettings(max_runs=3)), base_url=LOCAL) as client:
+            assert at_once(client, "chorus/pair", 1) == [200]  # both servers warm
+            assert at_once(client, "chorus/pair", 3) == [200] * 3
+            assert at_once(client, "chorus/pair", 3) == [200] * 3
+        assert door.runtime.pool.starts == 2 and door.runtime.cpu_gate.busy() == {}
+        calls = compute_intervals(door)
+        assert len(calls) == 14
+        crossed = [(a, b) for a in calls for b in calls
+                   if a[1] < b[1] and a[2] < b[3] - 0.05 and b[2] < a[3] - 0.05]
+        assert not crossed, crossed
+        batched = [(a, b) for a in calls for b in calls
+                   if a[0] < b[0] and a[1] == b[1] and a[2] < b[3] and b[2] < a[3]]
+        assert batched  # runs' calls of one model overlapped: they shared its slots
+    finally:
+        door.close()

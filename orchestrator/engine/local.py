@@ -51,6 +51,7 @@ class LocalBackend:
         self.replicas: dict[tuple[str, ...], ReplicaSet] = {}
         self._rpc_specs: dict[str, ServerSpec] = {}  # base URL of a running server -> its spec (with workers)
         self._began: dict[int, float] = {}  # id of a replica call's endpoint -> when it was chosen
+        self._on_cpu: dict[int, int] = {}  # id of an endpoint on a server computing on the CPU -> its threads
         self._forecast: tuple[list[int], list[WavePlan]] | None = None  # prepare's, for the engine's preflight
         self._head_start: asyncio.Future[None] | None = None  # the first stage's server, starting
         # spec key -> the head start's failure, and for how many of the first wave's calls it still stands
@@ -104,9 +105,13 @@ class LocalBackend:
             raise await self._rpc_failure(spec, exc, RpcLoadFailed) or exc from exc
         if spec.rpc:
             self._rpc_specs[server.base_url] = spec
+        endpoint = Endpoint(target.model, server.base_url, target.mode, server.api_key)
+        if server.spec.n_gpu_layers == 0:  # computes on the CPU: its calls take turns at the cores
+            self._on_cpu[id(endpoint)] = server.spec.threads or self.runtime.cpu_gate.cores
         try:
-            yield Endpoint(target.model, server.base_url, target.mode, server.api_key)
+            yield endpoint
         finally:
+            self._on_cpu.pop(id(endpoint), None)
             pool.release(server)
 
     async def _rpc_failure(self, spec: ServerSpec, exc: ServerError,
@@ -158,8 +163,13 @@ class LocalBackend:
 
     async def generate(self, endpoint: Endpoint, request: GenerationRequest,
                        on_token: TokenCallback | None = None) -> GenerationResult:
+        threads = self._on_cpu.get(id(endpoint))
         try:
-            result = await self.client.generate(endpoint, request, on_token)
+            if threads is None:
+                result = await self.client.generate(endpoint, request, on_token)
+            else:  # one run is one owner: a parallel stage's servers share the cores as the plan split them
+                async with self.runtime.cpu_gate.turn(self, endpoint.base_url, threads):
+                    result = await self.client.generate(endpoint, request, on_token)
         except ServerError as exc:
             if isinstance(exc, RequestTimeout) and endpoint.remote:  # a replica gone quiet: others first
                 await self.mark_down(endpoint, "did not answer in time")

@@ -8,6 +8,7 @@ limit (RLIMIT_FSIZE) set after the server is up, so only chorus's own writes fai
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -76,6 +78,35 @@ def fill(folder: Path) -> Path:
     return filler
 
 
+@contextlib.contextmanager
+def filling(folder: Path) -> Iterator[Callable[[], None]]:
+    """start() -> the disk fills now and stays full until the block ends, as when another process keeps
+    writing: one fill is not enough, as the recorder's writer thread may be mid-write when the disk fills and
+    then free pages of its own (a replaced file, the index's WAL), which its next writes would take."""
+    stop = threading.Event()
+    started = threading.Event()
+
+    def keep_full() -> None:
+        started.wait()
+        while not stop.is_set():
+            fill(folder)
+            stop.wait(0.005)
+
+    thread = threading.Thread(target=keep_full, daemon=True)
+    thread.start()
+
+    def start() -> None:
+        fill(folder)  # full before the event's handler returns, so stage two's writes meet a full disk
+        started.set()
+
+    try:
+        yield start
+    finally:
+        stop.set()
+        started.set()
+        thread.join()
+
+
 def test_sessions_dir_that_cannot_be_created_or_written_still_gives_the_answer(
         config_dir: ConfigDir, llama_server_bin, tmp_path: Path, small: list[str]) -> None:
     blocker = tmp_path / "a-file"
@@ -129,11 +160,12 @@ def test_full_disk_loses_the_history_not_the_answer_and_recovers(
         assert full.history_error.count("No space left") == 1  # said once, not once per failed write
 
         filler.unlink()  # room at the start, then the disk fills up during the run
-        def fill_at_stage_two(event: Event) -> None:
-            if isinstance(event, StageStarted) and event.stage == "two":
-                fill(disk)
+        with filling(disk) as start_filling:
+            def fill_at_stage_two(event: Event) -> None:
+                if isinstance(event, StageStarted) and event.stage == "two":
+                    start_filling()
 
-        midway, _ = run(runtime, two_stages, QUESTION, on_event=fill_at_stage_two)
+            midway, _ = run(runtime, two_stages, QUESTION, on_event=fill_at_stage_two)
         assert midway.run.status == "completed" and midway.run.final.strip()
         assert midway.history_error and "No space left on device" in midway.history_error
 
