@@ -6,11 +6,15 @@ own process) that starts the same llama-server binary with the same flags (3 slo
 checkpoints and HTTP threads chorus passes: checked against the argv of chorus's server) and sends the same 6
 requests with httpx, the 3 experts concurrently. Chorus runs W as `chorus run --manual W.yaml`.
 
-Measured, baseline and chorus interleaved (>= 3 each), each after the CPU has gone idle:
-  - cold: wall time from process start to final answer, the server's start included;
-  - warm: wall time of W with the server already up (chorus: later runs in the same process), the fastest
-    of WARM_RUNS in a row: on a shared host a neighbour's burst only ever adds time, and one warm run moved
-    by up to 30% that way while the same process's others did not.
+Measured in RUNS rounds, each after the CPU has gone idle:
+  - cold: wall time from process start to final answer, the server's start included (the baseline's
+    process, then chorus's);
+  - warm: wall time of W with the server already up (chorus: later runs in the same process). Both
+    processes of a round stay up, their servers warm, and W runs on one side then the other, WARM_RUNS
+    pairs in ABBA order (the other side's server idle meanwhile). The figure is the median over every pair
+    of chorus's time over the baseline's: W on this shared host drifted by 10-25% between rounds minutes
+    apart, while the two runs of a pair are seconds apart and meet the same host. The fastest warm run of
+    each process (the earlier figure) is reported beside it.
 Targets: warm ratio <= 1.03, cold ratio <= 1.05, a second identical run starts 0 servers, and both produce
 the same final text. The last line is one JSON object with the figures, targets and pass/fail.
 
@@ -46,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[0] = str(REPO)  # not bench/: bench/launcher.py would shadow the launcher package
 MODEL = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
 RUNS = int(os.environ.get("CHORUS_BENCH_RUNS", "5"))  # medians of 3 moved by 5% between idle runs
-WARM_RUNS = 3  # per process; one warm run moved by up to 30% when a neighbour on the host was busy
+WARM_RUNS = 4  # back-to-back pairs per round, in ABBA order; one warm run moved by up to 30% when a neighbour was busy
 QUESTION = "Why do leaves change colour in autumn?"
 N_CTX, SLOTS, TOKENS, SEED = 1024, 3, 64, 42
 
@@ -142,8 +146,8 @@ def baseline_child(binary: str, question: str, server_flags: str, mode: str = "t
             return {"final": asyncio.run(workload(parallel=False))}
         final = asyncio.run(workload())
         cold = since_process_start()
-        return {"cold_s": cold, **warm_runs(lambda: asyncio.run(workload())), "final": final, **rss_mib([proc.pid]),
-                "server_argv": cmd}
+        serve_warm_runs({"cold_s": cold, "final": final}, lambda: asyncio.run(workload()))
+        return {**rss_mib([proc.pid]), "server_argv": cmd}
     finally:
         proc.terminate()
         try:
@@ -163,16 +167,16 @@ def rss_mib(server_pids: list[int]) -> dict[str, float]:
             "server_rss_mib": round(servers / 2**20, 1)}
 
 
-def warm_runs(workload: Callable[[], object]) -> dict[str, float | list[float]]:
-    """W run WARM_RUNS times on the warm server: the fastest is the figure (another tenant's burst only ever
-    adds time), with every time and this process's CPU seconds per run beside it."""
-    times, cpu = [], []
-    for _ in range(WARM_RUNS):
+def serve_warm_runs(cold: dict, workload: Callable[[], object]) -> None:
+    """After the cold run: say so (one JSON line), then run W each time the parent writes `run` (one JSON line
+    back: its wall and this process's CPU seconds), until it writes `end`."""
+    print(json.dumps(cold), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            return
         t1, cpu1 = time.perf_counter(), cpu_s()
         workload()
-        times.append(time.perf_counter() - t1)
-        cpu.append(cpu_s() - cpu1)
-    return {"warm_s": min(times), "warm_all_s": times, "warm_cpu_s": statistics.median(cpu)}
+        print(json.dumps({"s": time.perf_counter() - t1, "cpu_s": cpu_s() - cpu1}), flush=True)
 
 
 def cpu_s() -> float:
@@ -204,9 +208,9 @@ def chorus_child(config_dir: str, spec_path: str, question: str, mode: str = "ti
             return {"final": outcome.run.final.strip()}
         cold = since_process_start()
         starts = runtime.pool.starts
-        warm = warm_runs(lambda: Runner(runtime).run(pipeline, question, mode="manual"))
-        return {"cold_s": cold, **warm, "final": outcome.run.final.strip(),
-                "status": outcome.run.status, "starts_second": runtime.pool.starts - starts,
+        serve_warm_runs({"cold_s": cold, "final": outcome.run.final.strip(), "status": outcome.run.status},
+                        lambda: Runner(runtime).run(pipeline, question, mode="manual"))
+        return {"starts_second": runtime.pool.starts - starts,
                 **rss_mib([s.pid for s in runtime.running_servers() if s.pid is not None]),
                 "server_argv": [a for s in runtime.running_servers() for a in psutil.Process(s.pid).cmdline()]}
     finally:
@@ -235,6 +239,44 @@ def wait_idle(threshold: float = 15.0, timeout_s: float = 60.0) -> float:
     while load > threshold and time.monotonic() < deadline:
         load = psutil.cpu_percent(interval=1.0)
     return load
+
+
+class Side:
+    """One side's process of a round: started (its cold run timed), then W on demand, then its figures."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], children: list[subprocess.Popen], log: Path) -> None:
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env, start_new_session=True)
+        children.append(self.proc)
+        self.children = children
+        self.info = self._line()
+        self.warm: list[dict] = []
+
+    def _line(self) -> dict:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            self.proc.wait(30)
+            raise RuntimeError(f"a bench child failed ({self.proc.returncode}): "
+                               f"{Path(self.log.name).read_text()[-2000:]}")
+        return json.loads(line)
+
+    def run_warm(self) -> float:
+        self.proc.stdin.write("run\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        self.warm.append(self._line())
+        return self.warm[-1]["s"]
+
+    def end(self) -> dict:
+        self.proc.stdin.write("end\n")  # type: ignore[union-attr]
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.info.update(self._line())
+        self.proc.wait(60)
+        self.children.remove(self.proc)
+        self.log.close()
+        times = [w["s"] for w in self.warm]
+        return {**self.info, "warm_s": min(times), "warm_all_s": times,
+                "warm_cpu_s": statistics.median(w["cpu_s"] for w in self.warm)}
 
 
 def run_child(cmd: list[str], env: dict[str, str], children: list[subprocess.Popen]) -> dict:
@@ -286,14 +328,25 @@ def main() -> int:
     base_cmd = [sys.executable, __file__, "--child", "baseline", str(binary), QUESTION, server_flags]
     chorus_cmd = [sys.executable, __file__, "--child", "chorus", str(config), str(spec_path), QUESTION]
     base, ours = [], []
+    pairs: list[float] = []  # chorus's warm W over the baseline's, the two run back to back
     try:
         for i in range(RUNS):
             wait_idle()
-            base.append(run_child(base_cmd, env, children))
+            hand = Side(base_cmd, env, children, work / f"baseline-{i}.log")
             wait_idle()
-            ours.append(run_child(chorus_cmd, env, children))
-            print(f"run {i + 1}: baseline cold {base[-1]['cold_s']:.2f}s warm {base[-1]['warm_s']:.2f}s | "
-                  f"chorus cold {ours[-1]['cold_s']:.2f}s warm {ours[-1]['warm_s']:.2f}s", flush=True)
+            mine = Side(chorus_cmd, env, children, work / f"chorus-{i}.log")
+            for j in range(WARM_RUNS):
+                wait_idle()
+                if j % 2 == 0:
+                    theirs_s, ours_s = hand.run_warm(), mine.run_warm()
+                else:
+                    ours_s, theirs_s = mine.run_warm(), hand.run_warm()
+                pairs.append(ours_s / theirs_s)
+            base.append(hand.end())
+            ours.append(mine.end())
+            print(f"run {i + 1}: baseline cold {base[-1]['cold_s']:.2f}s warm {base[-1]['warm_all_s']} | "
+                  f"chorus cold {ours[-1]['cold_s']:.2f}s warm {ours[-1]['warm_all_s']} | pairs "
+                  f"{[round(r, 3) for r in pairs[-WARM_RUNS:]]}", flush=True)
         wait_idle()
         base_check = run_child([*base_cmd, "check"], env, children)["final"]
         ours_check = run_child([sys.executable, __file__, "--child", "chorus", str(check_config), str(check_path),
@@ -304,7 +357,8 @@ def main() -> int:
                 os.killpg(proc.pid, signal.SIGTERM)
     med = statistics.median
     cold_ratio = med(o["cold_s"] for o in ours) / med(b["cold_s"] for b in base)
-    warm_ratio = med(o["warm_s"] for o in ours) / med(b["warm_s"] for b in base)
+    warm_ratio = med(pairs)
+    warm_min_ratio = med(o["warm_s"] for o in ours) / med(b["warm_s"] for b in base)
     # The text check: the experts one at a time, each side on a fresh server (see the docstring for why not
     # the timed runs'). Whether each side's timed runs agree is reported beside it.
     same_text = ours_check == base_check
@@ -316,8 +370,9 @@ def main() -> int:
                      for o, b in zip(ours, base, strict=True))
     print(f"median cold: baseline {med(b['cold_s'] for b in base):.2f}s, chorus {med(o['cold_s'] for o in ours):.2f}s"
           f" → ratio {cold_ratio:.3f} (target ≤ 1.05)")
-    print(f"median warm: baseline {med(b['warm_s'] for b in base):.2f}s, chorus "
-          f"{med(o['warm_s'] for o in ours):.2f}s → ratio {warm_ratio:.3f} (target ≤ 1.03)")
+    print(f"warm, median of {len(pairs)} back-to-back pairs (chorus / baseline): ratio {warm_ratio:.3f} "
+          f"(target ≤ 1.03); fastest per process, median: baseline {med(b['warm_s'] for b in base):.2f}s, chorus "
+          f"{med(o['warm_s'] for o in ours):.2f}s → {warm_min_ratio:.3f}")
     print(f"RSS: chorus process {med(o['own_rss_mib'] for o in ours):.0f} MiB beside its server's "
           f"{med(o['server_rss_mib'] for o in ours):.0f} MiB; the hand script "
           f"{med(b['own_rss_mib'] for b in base):.0f} "
@@ -339,7 +394,9 @@ def main() -> int:
               "chorus_warm_all_s": [[round(t, 3) for t in o["warm_all_s"]] for o in ours],
               "baseline_warm_cpu_s": [round(b["warm_cpu_s"], 3) for b in base],
               "chorus_warm_cpu_s": [round(o["warm_cpu_s"], 3) for o in ours],
+              "warm_pair_ratios": [round(r, 4) for r in pairs],
               "cold_ratio": round(cold_ratio, 4), "warm_ratio": round(warm_ratio, 4),
+              "warm_fastest_per_process_ratio": round(warm_min_ratio, 4),
               "target_cold_ratio_max": 1.05, "target_warm_ratio_max": 1.03,
               "same_final_text": same_text, "final_text": ours_check,
               "timed_same_final_text_per_run": timed_matches,
