@@ -71,18 +71,23 @@ def test_concurrent_requests_for_a_model_share_one_server_sized_for_them(config_
         door.close()
 
 
+def write_pair_pipeline(config_dir: ConfigDir, *, max_tokens: int) -> None:
+    """`chorus/pair`: gemma drafts, smollm2 refines (two servers, one after the other in each run)."""
+    spec = {"defaults": {"max_tokens": max_tokens, "temperature": 0, "n_ctx": 1024},
+            "stages": [{"name": "draft", "models": ["gemma3-270m"], "prompt": "Q: {{ question }}\nA:"},
+                       {"name": "refine", "models": [MODEL]}]}
+    pipelines = config_dir.path / "pipelines"
+    pipelines.mkdir(exist_ok=True)
+    (pipelines / "pair.yaml").write_text(yaml.safe_dump(spec))
+
+
 def test_servers_of_a_pipeline_with_two_models_spin_short_when_runs_share_them(config_dir: ConfigDir,
                                                                               llama_server_bin: Path) -> None:
     """Concurrent runs of a two-model pipeline keep two servers busy at once: each starts with short
     OpenMP spinning, the first one too (the plan names both before either starts)."""
     door = Chorus.from_dir(config_dir.path)
     try:
-        spec = {"defaults": {"max_tokens": 4, "temperature": 0, "n_ctx": 1024},
-                "stages": [{"name": "draft", "models": ["gemma3-270m"], "prompt": "Q: {{ question }}\nA:"},
-                           {"name": "refine", "models": [MODEL]}]}
-        pipelines = config_dir.path / "pipelines"
-        pipelines.mkdir(exist_ok=True)
-        (pipelines / "pair.yaml").write_text(yaml.safe_dump(spec))
+        write_pair_pipeline(config_dir, max_tokens=4)
         with TestClient(create_app(door, ApiSettings(max_runs=2)), base_url=LOCAL) as client:
             assert at_once(client, "chorus/pair", 1) == [200]
         servers = door.running_servers()
@@ -219,12 +224,7 @@ def test_concurrent_runs_of_a_two_model_pipeline_take_turns_at_the_cores(config_
     the same time (side by side they slice 2 cores: 60-70 tok/s together against 75 and 120 alone)."""
     door = Chorus.from_dir(config_dir.path)
     try:
-        spec = {"defaults": {"max_tokens": 24, "temperature": 0, "n_ctx": 1024},
-                "stages": [{"name": "draft", "models": ["gemma3-270m"], "prompt": "Q: {{ question }}\nA:"},
-                           {"name": "refine", "models": [MODEL]}]}
-        pipelines = config_dir.path / "pipelines"
-        pipelines.mkdir(exist_ok=True)
-        (pipelines / "pair.yaml").write_text(yaml.safe_dump(spec))
+        write_pair_pipeline(config_dir, max_tokens=24)
         with TestClient(create_app(door, ApiSettings(max_runs=3)), base_url=LOCAL) as client:
             assert at_once(client, "chorus/pair", 1) == [200]  # both servers warm
             assert at_once(client, "chorus/pair", 3) == [200] * 3
