@@ -4,7 +4,7 @@ Workload W: draft → refine → 3 experts in parallel → synthesis: 6 completi
 seed, on the demo model (Gemma 3 270M, completion mode). The baseline is a short script (below, run as its
 own process) that starts the same llama-server binary with the same flags (3 slots, and the threads, context
 checkpoints and HTTP threads chorus passes: checked against the argv of chorus's server) and sends the same 6
-requests with httpx, the 3 experts concurrently. Chorus runs W as `chorus run --manual W.yaml`.
+requests with httpx, the 3 experts concurrently. Chorus runs W with its Runner, as `chorus run --manual W.yaml` does.
 
 Measured in RUNS rounds, each after the CPU has gone idle:
   - cold: wall time from process start to final answer, the server's start included. The two processes of

@@ -5,7 +5,7 @@ gets every core), and its threads meet at a barrier after every op. Two such ser
 models of concurrent runs: eval items, API requests) take more threads than cores and wait for each other's
 time slices: on 2 cores a gemma and a smollm2 server generating together made 60-70 tok/s in all (with
 short OpenMP spinning, 8-33 without), against 75 and 120 each alone. One server with several streams
-batches them (1.36-1.45x on 3 slots).
+batches them (on those 2 cores 1.14-1.65x the tokens/s of one stream with 4, about 1.1x with 3).
 
 So a call takes a turn before it computes: it goes at once when its server is computing already (its
 stream joins the batch), when its own run is (a parallel stage's servers were given their share of the
