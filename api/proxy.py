@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import httpx
 
-from orchestrator.app import Chorus, ModelServer
+from orchestrator.app import Chorus, GenerationClient, ModelServer
 from orchestrator.engine.replicas import ReplicaSet, shared
 from orchestrator.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
 
@@ -94,31 +94,25 @@ class ModelProxy:
 
     def __init__(self, chorus: Chorus, *, client: httpx.AsyncClient | None = None) -> None:
         self.chorus = chorus
-        self._timeout = httpx.Timeout(chorus.config.app.server.request_timeout_s, connect=10.0)
-        self._limits = httpx.Limits(max_connections=64)
-        # Plain http (every local llama-server) needs no TLS context: loading the CA store costs 20-90 ms of
-        # CPU per client, paid by every `create_app`. An https upstream gets its own verifying client.
-        self._plain = client or httpx.AsyncClient(timeout=self._timeout, limits=self._limits, verify=False)
-        self._tls = client
+        self._given = client  # every request goes through it (tests)
+        # the pipelines' clients: none with a TLS context for plain http (every local llama-server)
+        self._clients = GenerationClient(timeout_s=chorus.config.app.server.request_timeout_s)
 
     def _client(self, url: str) -> httpx.AsyncClient:
-        if not url.startswith("https:"):
-            return self._plain
-        if self._tls is None:
-            self._tls = httpx.AsyncClient(timeout=self._timeout, limits=self._limits)
-        return self._tls
+        return self._given or self._clients.http(url)
 
     async def aclose(self) -> None:
-        await self._plain.aclose()
-        if self._tls is not None and self._tls is not self._plain:
-            await self._tls.aclose()
+        if self._given is not None:
+            await self._given.aclose()
+        await self._clients.aclose()
 
     @contextlib.asynccontextmanager
     async def open(self, model: str, route: Route, body: dict[str, Any]) -> AsyncIterator[UpstreamResponse]:
         """Lease `model`'s server (after the memory admission) and send `body` to its `route`; the response
         streams inside the block. A remote model with `replicas:` goes to the least busy healthy replica;
         one that cannot be reached is marked down and the request goes to the next (the same replica state
-        as pipeline calls).
+        as pipeline calls). A local server that computes on the CPU is sent the request in its turn at the
+        cores, taken by pipeline calls too: the turn is held until the answer is read.
 
         The body goes as the client sent it (llama-server understands sampling fields chorus does not
         model: top_k, min_p, penalties...), with `model` set to what the upstream expects. Raises
@@ -130,7 +124,7 @@ class ModelProxy:
         async with self.chorus.lease_model(model) as (record, server):
             if server is not None:
                 upstream = Upstream(record.name, server.base_url, server.api_key, remote=False, server=server)
-                async with self._send(upstream, route, payload, None) as response:
+                async with self.chorus.compute_turn(server), self._send(upstream, route, payload, None) as response:
                     yield response
                 return
             urls = [u for u in dict.fromkeys([record.entry.url, *record.entry.replicas]) if u]

@@ -25,6 +25,7 @@ from launcher.memory.estimate import MemoryEstimate
 from launcher.memory.gguf import GGUFMetadata, read_gguf
 from launcher.memory.probes import SystemMemory
 from launcher.process.binary import binary_version, find_llama_server, find_rpc_server
+from launcher.process.client import GenerationClient
 from launcher.process.rpc import DEFAULT_PORT as RPC_DEFAULT_PORT
 from launcher.process.rpc import WorkerProcess, is_loopback, query_memory, start_worker
 from launcher.process.server import (
@@ -62,7 +63,8 @@ BASE = "base"
 PIPELINES_DIR = "pipelines"
 
 # What a front-end process needs from this machine besides a Chorus (its own signals, its children, a worker,
-# a model file's header): re-exported so that front ends import `orchestrator` only, never `launcher`.
+# a model file's header, the API proxy's HTTP clients): re-exported so that front ends import `orchestrator`
+# only, never `launcher`.
 __all__ = [
     "BASE",
     "MAX_N_CTX",
@@ -71,6 +73,7 @@ __all__ = [
     "RPC_DEFAULT_PORT",
     "Chorus",
     "GGUFMetadata",
+    "GenerationClient",
     "ModelServer",
     "Pipeline",
     "PipelineRef",
@@ -461,6 +464,12 @@ class Chorus:
             yield record, server
         finally:
             pool.release(server)
+
+    def compute_turn(self, server: ModelServer) -> contextlib.AbstractAsyncContextManager[None]:
+        """One proxied request's turn at the cores, when `server` computes on the CPU: it joins the calls
+        computing on that server, or waits while another server's calls hold the cores (pipeline runs take
+        the same turns). Each request is a run of its own."""
+        return self.runtime.compute_turn(object(), server)
 
     def running_servers(self) -> list[ModelServer]:
         """This process's warm servers (the UI's Models page); none before the first run."""

@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,22 @@ class Runtime:
             if self._cpu_gate is None:
                 self._cpu_gate = CpuGate(usable_cores())
             return self._cpu_gate
+
+    def cpu_threads(self, spec: ServerSpec) -> int | None:
+        """The threads a server computes with when it computes on the CPU (its calls take turns at the
+        cores); None when its layers are on a GPU."""
+        return (spec.threads or self.cpu_gate.cores) if spec.n_gpu_layers == 0 else None
+
+    @contextlib.asynccontextmanager
+    async def compute_turn(self, owner: Hashable, server: ModelServer) -> AsyncIterator[None]:
+        """A turn at the cores for one request to `server` (at once on a GPU). `owner`: one run, whose calls
+        to its servers go together (a parallel stage's servers share the cores as its plan split them)."""
+        threads = self.cpu_threads(server.spec)
+        if threads is None:
+            yield
+            return
+        async with self.cpu_gate.turn(owner, server.base_url, threads):
+            yield
 
     def _keep_alive(self, spec: ServerSpec) -> float | None:
         """A model's own idle_timeout_s from models.yaml (None: app.yaml's server.idle_timeout_s)."""

@@ -8,6 +8,7 @@ busy or not, and restarted bigger only while idle and when the bigger one fits.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -238,5 +239,50 @@ def test_concurrent_runs_of_a_two_model_pipeline_take_turns_at_the_cores(config_
         batched = [(a, b) for a in calls for b in calls
                    if a[0] < b[0] and a[1] == b[1] and a[2] < b[3] and b[2] < a[3]]
         assert batched  # runs' calls of one model overlapped: they shared its slots
+    finally:
+        door.close()
+
+
+def stream_interval(client: TestClient, i: int, out: list[tuple[float, float]]) -> None:
+    """One proxied chat answer, streamed: (first token, last token) on the wall clock."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": f"Count from {i} to {i + 20}."}],
+            "max_tokens": 24, "temperature": 0, "stream": True}
+    seen: list[float] = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                seen.append(time.time())
+    assert seen
+    out.append((seen[0], seen[-1]))
+
+
+def test_proxied_requests_take_turns_at_the_cores_with_pipeline_runs(config_dir: ConfigDir,
+                                                                     llama_server_bin: Path) -> None:
+    """Proxied requests for smollm2 and two runs of a gemma pipeline, at once (warm servers): the two servers
+    never compute at the same time, and the proxied requests batch on their server's slots."""
+    door = Chorus.from_dir(config_dir.path)
+    try:
+        (config_dir.path / "pipelines").mkdir(exist_ok=True)
+        (config_dir.path / "pipelines" / "solo.yaml").write_text(yaml.safe_dump({
+            "defaults": {"max_tokens": 24, "temperature": 0, "n_ctx": 1024},
+            "stages": [{"name": "draft", "models": ["gemma3-270m"], "prompt": "Q: {{ question }}\nA:"}]}))
+        proxied: list[tuple[float, float]] = []
+        with TestClient(create_app(door, ApiSettings(max_runs=3)), base_url=LOCAL) as client:
+            assert at_once(client, "chorus/solo", 1) == [200] and at_once(client, MODEL, 1) == [200]  # warm
+            statuses: list[int] = []
+            threads = [threading.Thread(target=ask, args=(client, "chorus/solo", i, statuses)) for i in range(2)]
+            threads += [threading.Thread(target=stream_interval, args=(client, i, proxied)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert statuses == [200, 200] and len(proxied) == 3
+        assert door.runtime.pool.starts == 2 and door.runtime.cpu_gate.busy() == {}
+        drafts = [(start, end) for _, _, start, end in compute_intervals(door)]
+        assert len(drafts) == 3
+        crossed = [(d, p) for d in drafts for p in proxied if d[0] < p[1] - 0.05 and p[0] < d[1] - 0.05]
+        assert not crossed, crossed
+        assert any(a[0] < b[1] and b[0] < a[1] for a in proxied for b in proxied if a < b)  # they batched
     finally:
         door.close()

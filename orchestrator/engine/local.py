@@ -106,8 +106,9 @@ class LocalBackend:
         if spec.rpc:
             self._rpc_specs[server.base_url] = spec
         endpoint = Endpoint(target.model, server.base_url, target.mode, server.api_key)
-        if server.spec.n_gpu_layers == 0:  # computes on the CPU: its calls take turns at the cores
-            self._on_cpu[id(endpoint)] = server.spec.threads or self.runtime.cpu_gate.cores
+        threads = self.runtime.cpu_threads(server.spec)
+        if threads is not None:  # computes on the CPU: its calls take turns at the cores
+            self._on_cpu[id(endpoint)] = threads
         try:
             yield endpoint
         finally:
