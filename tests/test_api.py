@@ -519,8 +519,6 @@ def test_an_upstream_error_status_is_passed_on(config: Path) -> None:
 
 # ---------------------------------------------------------------- integration: a real `chorus api` process
 
-openai = pytest.importorskip("openai")
-
 TINY = """\
 name: tiny
 description: "a draft, then a synthesis: 8 tokens a call"
@@ -586,6 +584,8 @@ class ApiProcess:
 
     def client(self) -> Any:
         # generous timeout: on a shared 2-core machine a 3-call pipeline has taken 45 s
+        import openai  # here, not at the top: 0.8 s that every xdist worker of the fast tier paid to collect
+
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300)
 
     def stop(self) -> int | None:
@@ -681,6 +681,8 @@ def test_real_model_is_proxied_to_its_warm_llama_server(api: ApiProcess) -> None
 
 @pytest.mark.integration
 def test_real_error_cases_in_openai_shape(api: ApiProcess) -> None:
+    import openai
+
     client = api.client()
     ask = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.NotFoundError) as not_found:
@@ -747,6 +749,8 @@ def test_real_model_server_that_will_not_start_is_502_naming_the_model(config_di
     broken.chmod(0o755)
     config_dir.write_app(llama_server=str(broken))
     process = ApiProcess(config_dir)
+    import openai
+
     try:
         with pytest.raises(openai.APIStatusError) as failed:
             process.client().chat.completions.create(model="gemma3-270m", max_tokens=4,

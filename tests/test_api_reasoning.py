@@ -15,10 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import openai
 import pytest
 import uvicorn
 import yaml
@@ -35,6 +34,9 @@ from orchestrator.errors import ConfigError
 from orchestrator.history.store import SessionStore
 from orchestrator.rag.store import DocStore
 from tests.conftest import ConfigDir
+
+if TYPE_CHECKING:  # imported where a client is made: 0.8 s that every xdist worker paid to collect
+    import openai
 
 PIPELINE = {
     "name": "base", "description": "draft, then two reviews merged by synthesis",
@@ -118,6 +120,8 @@ class Served:
             time.sleep(0.01)
 
     def client(self) -> openai.OpenAI:
+        import openai
+
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def stop(self) -> None:
