@@ -70,6 +70,16 @@ def test_malformed_models_yaml_names_the_file_and_line(tmp_path: Path) -> None:
     assert "line 4" in str(err.value)
 
 
+def test_a_tab_indented_line_is_named_with_a_hint_about_tabs(tmp_path: Path) -> None:
+    cdir = tmp_path / "cfg"
+    cdir.mkdir()
+    (cdir / "models.yaml").write_text("models:\n  a:\n\tfile: a.gguf\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cdir)
+    assert err.value.file.endswith("models.yaml") and err.value.line == 3
+    assert err.value.hint is not None and "tab" in err.value.hint
+
+
 def test_unknown_key_is_rejected_with_its_field_and_line(tmp_path: Path) -> None:
     cdir = tmp_path / "cfg"
     cdir.mkdir()
