@@ -69,7 +69,10 @@ def parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
     or `=` keys: constructing those rewrites the nodes it is given, and the tree must stay as written for
     duplicate-key checks and line lookups, so the data then comes from a second parse of its own.
     """
-    node = yaml.compose(text, Loader=BoundedLoader)  # libyaml's parser where PyYAML has it
+    try:
+        node = yaml.compose(text, Loader=_FastComposer)
+    except yaml.YAMLError:  # libyaml is stricter in places: PyYAML's own parser decides, and words the error
+        node = yaml.compose(text, Loader=BoundedLoader)
     if node is None:
         return None, None
     _check_expansion(node, MAX_YAML_NODES)  # before constructing, so the error has the tree's line
@@ -122,11 +125,13 @@ class ExpansionTooLarge(yaml.YAMLError):
 
 
 # libyaml (C) scans and parses 5-10x faster than PyYAML's Python parser, with the same nodes and marks: a UI
-# render read its pipeline files in 20 ms, and the cold path reads every config file before the first start
-_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# render read its pipeline files in 20 ms, and the cold path reads every config file before the first start.
+# Only the node tree comes from it; what is accepted and how an error reads stay PyYAML's (a text libyaml
+# refuses is parsed again by PyYAML: fuzzing found texts that PyYAML reads as a mapping and libyaml refuses).
+_FastComposer: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class BoundedLoader(_SafeLoader):  # type: ignore[valid-type,misc]
+class BoundedLoader(yaml.SafeLoader):
     """PyYAML's safe loader that counts a document's nodes, each alias expanded, before constructing it.
 
     A 567-byte file with 9 levels of 9 aliases is 387 M nodes once expanded: PyYAML shares them cheaply,

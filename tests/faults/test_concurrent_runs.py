@@ -104,6 +104,10 @@ def test_concurrent_index_updates_lose_nothing_and_never_rebuild(tmp_path: Path,
         else:
             with multiprocessing.get_context("fork").Pool(RUNS) as pool:
                 pool.map(_index_one, jobs)
+                # the workers exit by themselves: once, the block's terminate() left a worker waiting on the
+                # task queue's lock (gdb: sem_wait in the worker loop) and the test joined it forever
+                pool.close()
+                pool.join()
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not list(tmp_path.glob("index.db*.corrupt-*"))
     index = SessionStore(tmp_path).index
