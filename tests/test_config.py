@@ -61,7 +61,7 @@ def test_models_dir_accepts_home_relative_paths(tmp_path: Path, monkeypatch: pyt
 
 @pytest.mark.parametrize(("text", "line", "hint"), [
     ("models:\n  a:\n    file: a.gguf\n   bad: [\n", 4, "indentation"),
-    ("models:\n  a:\n\tfile: a.gguf\n", 3, "not tabs"),  # libyaml's message does not name the tab: the hint does
+    ("models:\n  a:\n\tfile: a.gguf\n", 3, "not tabs"),
 ])
 def test_malformed_models_yaml_names_the_file_and_line(tmp_path: Path, text: str, line: int, hint: str) -> None:
     cdir = tmp_path / "cfg"

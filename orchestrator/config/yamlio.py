@@ -44,7 +44,8 @@ def load_yaml_text(text: str, source: str) -> tuple[Any, yaml.Node | None]:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
         lines = text.splitlines()
-        tab = mark is not None and mark.line < len(lines) and "\t" in lines[mark.line]
+        line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+        tab = "\t" in line[: len(line) - len(line.lstrip())]  # indented with a tab
         raise ConfigError(source, f"invalid YAML: {problem}",
                           line=mark.line + 1 if mark else None,
                           hint="YAML indents with spaces, not tabs: replace the tab on that line." if tab
