@@ -75,6 +75,13 @@ def test_malformed_models_yaml_names_the_file_and_line(tmp_path: Path, text: str
     assert err.value.hint is not None and hint in err.value.hint
 
 
+def test_a_tab_between_key_and_value_is_read_as_the_yaml_spec_says(tmp_path: Path) -> None:
+    cdir = tmp_path / "cfg"
+    cdir.mkdir()
+    (cdir / "models.yaml").write_text("models:\n  a:\n    file:\ta.gguf\n")
+    assert load_config(cdir).models["a"].file == "a.gguf"
+
+
 def test_unknown_key_is_rejected_with_its_field_and_line(tmp_path: Path) -> None:
     cdir = tmp_path / "cfg"
     cdir.mkdir()

@@ -127,8 +127,10 @@ class ExpansionTooLarge(yaml.YAMLError):
 
 # libyaml (C) scans and parses 5-10x faster than PyYAML's Python parser, with the same nodes and marks: a UI
 # render read its pipeline files in 20 ms, and the cold path reads every config file before the first start.
-# Only the node tree comes from it; what is accepted and how an error reads stay PyYAML's (a text libyaml
-# refuses is parsed again by PyYAML: fuzzing found texts that PyYAML reads as a mapping and libyaml refuses).
+# A text libyaml refuses is parsed again by PyYAML, which words the error (and reads what it can: fuzzing
+# found a text PyYAML reads as a mapping and libyaml refuses). libyaml in turn reads a tab inside a line as
+# the YAML spec does (`key:<tab>value`, `a<tab>b`), where PyYAML refused it; a tab that indents is refused by
+# both. Where both read a text, the data is the same (20,000 mutated config files compared).
 _FastComposer: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
