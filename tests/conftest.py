@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import yaml
+
+from tests import yamlfile
 
 if TYPE_CHECKING:
     from launcher.process.server import ModelServer
@@ -106,22 +107,22 @@ class ConfigDir:
                        logs_dir=str(root / "logs"))
 
     def write_app(self, **values: object) -> None:
-        app = yaml.safe_load((self.path / "app.yaml").read_text()) or {}
+        app = yamlfile.load((self.path / "app.yaml").read_text()) or {}
         app.update(values)
-        (self.path / "app.yaml").write_text(yaml.safe_dump(app))
+        (self.path / "app.yaml").write_text(yamlfile.dump(app))
 
     def models(self) -> dict:
-        return yaml.safe_load((self.path / "models.yaml").read_text())
+        return yamlfile.load((self.path / "models.yaml").read_text())
 
     def write_models(self, data: dict | str) -> None:
-        text = data if isinstance(data, str) else yaml.safe_dump(data)
+        text = data if isinstance(data, str) else yamlfile.dump(data)
         (self.path / "models.yaml").write_text(text)
 
     def pipeline(self) -> dict:
-        return yaml.safe_load((self.path / "pipeline.yaml").read_text())
+        return yamlfile.load((self.path / "pipeline.yaml").read_text())
 
     def write_pipeline(self, data: dict | str) -> None:
-        text = data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False)
+        text = data if isinstance(data, str) else yamlfile.dump(data, sort_keys=False)
         (self.path / "pipeline.yaml").write_text(text)
 
 

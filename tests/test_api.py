@@ -24,7 +24,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -44,6 +43,7 @@ from orchestrator.engine import run as engine_run
 from orchestrator.engine.fake import FakeBackend, Script, crash
 from orchestrator.history.store import SessionStore
 from orchestrator.records import ErrorInfo
+from tests import yamlfile
 from tests.conftest import REPO, ConfigDir
 
 # ---------------------------------------------------------------- unit: the app on the fake backend
@@ -67,17 +67,17 @@ def config(tmp_path: Path) -> Path:
     root = tmp_path / "config"
     (root / "pipelines").mkdir(parents=True)
     (tmp_path / "models").mkdir()
-    (root / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"),
+    (root / "app.yaml").write_text(yamlfile.dump({"models_dir": str(tmp_path / "models"),
                                                    "sessions_dir": str(tmp_path / "sessions"),
                                                    "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {
+    (root / "models.yaml").write_text(yamlfile.dump({"models": {
         "alpha": {"url": "http://upstream.test/v1", "description": "the first"},
         "beta": {"url": "http://upstream.test/v1"},
         "gone": {"file": "missing.gguf"},
     }}))
-    (root / "pipeline.yaml").write_text(yaml.safe_dump(BASE_PIPELINE, sort_keys=False))
-    (root / "pipelines" / "solo.yaml").write_text(yaml.safe_dump({"stages": [{"name": "only", "models": ["alpha"]}]}))
-    (root / "pipelines" / "blocked.yaml").write_text(yaml.safe_dump({"stages": [{"name": "x", "models": ["gone"]}]}))
+    (root / "pipeline.yaml").write_text(yamlfile.dump(BASE_PIPELINE, sort_keys=False))
+    (root / "pipelines" / "solo.yaml").write_text(yamlfile.dump({"stages": [{"name": "only", "models": ["alpha"]}]}))
+    (root / "pipelines" / "blocked.yaml").write_text(yamlfile.dump({"stages": [{"name": "x", "models": ["gone"]}]}))
     (root / "pipelines" / "broken.yaml").write_text("stages: [ {name: x, models: [alpha], nonsense: 1} ]\n")
     return root
 
@@ -120,7 +120,7 @@ def test_models_lists_runnable_pipelines_and_registered_models_only(config: Path
 
 def test_a_blocked_base_pipeline_is_absent_and_answers_404(config: Path) -> None:
     pipeline = {**BASE_PIPELINE, "stages": [{"name": "x", "models": ["gone"]}]}
-    (config / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    (config / "pipeline.yaml").write_text(yamlfile.dump(pipeline))
     with make_client(config) as client:
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
         r = client.post("/v1/chat/completions", json=chat("chorus/base"))
@@ -155,7 +155,7 @@ def test_request_sampling_fields_apply_to_every_call_of_the_run(config: Path) ->
     assert r.status_code == 200, r.text
     seen = {(q.temperature, q.top_p, q.max_tokens, q.seed, tuple(q.stop or ())) for _, q in backend.requests}
     assert seen == {(0.2, 0.5, 5, 3, ("END",))}  # stage (0.9), slot (seed 11, max_tokens 99) values replaced
-    pipeline_file = yaml.safe_load((config / "pipeline.yaml").read_text())
+    pipeline_file = yamlfile.load((config / "pipeline.yaml").read_text())
     assert pipeline_file == BASE_PIPELINE  # the file is not changed
 
 
@@ -240,7 +240,7 @@ def test_the_last_user_message_is_the_question_and_earlier_turns_the_history() -
 
 
 def test_earlier_turns_reach_the_prompt_templates_as_history(config: Path) -> None:
-    (config / "pipelines" / "chat.yaml").write_text(yaml.safe_dump({"stages": [{
+    (config / "pipelines" / "chat.yaml").write_text(yamlfile.dump({"stages": [{
         "name": "only", "models": ["alpha"],
         "prompt": "{% for t in history %}{{ t.role }}: {{ t.content }}\n{% endfor %}user: {{ question }}"}]}))
     messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},

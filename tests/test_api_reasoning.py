@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 import uvicorn
-import yaml
 from fastapi import FastAPI
 
 from api.app import create_app
@@ -33,6 +32,7 @@ from orchestrator.engine.fake import FakeBackend, Script, crash
 from orchestrator.errors import ConfigError
 from orchestrator.history.store import SessionStore
 from orchestrator.rag.store import DocStore
+from tests import yamlfile
 from tests.conftest import ConfigDir
 
 if TYPE_CHECKING:  # imported where a client is made: 0.8 s that every xdist worker paid to collect
@@ -86,15 +86,15 @@ def config(tmp_path: Path) -> Path:
     root = tmp_path / "config"
     (root / "pipelines").mkdir(parents=True)
     (tmp_path / "models").mkdir()
-    (root / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"),
+    (root / "app.yaml").write_text(yamlfile.dump({"models_dir": str(tmp_path / "models"),
                                                    "sessions_dir": str(tmp_path / "sessions"),
                                                    "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {"alpha": {"url": "http://upstream.test/v1"},
+    (root / "models.yaml").write_text(yamlfile.dump({"models": {"alpha": {"url": "http://upstream.test/v1"},
                                                                  "beta": {"url": "http://upstream.test/v1"}}}))
-    (root / "pipeline.yaml").write_text(yaml.safe_dump(PIPELINE, sort_keys=False))
-    (root / "pipelines" / "solo.yaml").write_text(yaml.safe_dump(SOLO))
+    (root / "pipeline.yaml").write_text(yamlfile.dump(PIPELINE, sort_keys=False))
+    (root / "pipelines" / "solo.yaml").write_text(yamlfile.dump(SOLO))
     quiet = {**PIPELINE, "name": "quiet", "defaults": {**PIPELINE["defaults"], "stream_reasoning": False}}
-    (root / "pipelines" / "quiet.yaml").write_text(yaml.safe_dump(quiet, sort_keys=False))
+    (root / "pipelines" / "quiet.yaml").write_text(yamlfile.dump(quiet, sort_keys=False))
     return root
 
 
@@ -324,7 +324,7 @@ def test_a_retrieve_stage_says_in_the_reasoning_how_many_passages_it_found(
     docs.mkdir()
     (docs / "sky.md").write_text("# Sky\n\nThe sky is blue because air scatters blue light the most.\n")
     DocStore.beside(load_config(config).sessions_dir).add("kb", [docs])
-    (config / "pipelines" / "rag.yaml").write_text(yaml.safe_dump({"stages": [
+    (config / "pipelines" / "rag.yaml").write_text(yamlfile.dump({"stages": [
         {"name": "find", "kind": "retrieve", "collection": "kb", "top_k": 2},
         {"name": "answer", "models": ["alpha"], "prompt": "{{ context }}"}]}))
     read = read_chat(serve(FakeBackend(default=Script(reply))).client(), "chorus/rag")
@@ -378,7 +378,7 @@ REAL = {
 def test_real_reasoning_arrives_before_the_answer_and_before_the_final_stage(
         config_dir: ConfigDir, llama_server_bin: Path) -> None:
     (config_dir.path / "pipelines").mkdir(exist_ok=True)
-    (config_dir.path / "pipelines" / "think.yaml").write_text(yaml.safe_dump(REAL, sort_keys=False))
+    (config_dir.path / "pipelines" / "think.yaml").write_text(yamlfile.dump(REAL, sort_keys=False))
     served = Served(create_app(Chorus.from_dir(config_dir.path), ApiSettings()))
     try:
         read = read_chat(served.client(), "chorus/think")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 import orchestrator.app as app_module
 from orchestrator.app import Chorus, Pipeline
@@ -21,6 +20,7 @@ from orchestrator.config.schema import PipelineSpec
 from orchestrator.engine.fake import FakeBackend
 from orchestrator.errors import ConfigError, ModelUnavailable, PipelineBlocked
 from orchestrator.runtime import Runtime
+from tests import yamlfile
 from tests.conftest import ConfigDir
 
 ONE_STAGE = {"name": "one", "stages": [{"name": "answer", "models": ["gemma3-270m"], "max_tokens": 8,
@@ -107,7 +107,7 @@ def test_a_manual_pipeline_with_a_missing_model_loads_but_the_catalogue_leaves_i
         config_dir: ConfigDir) -> None:
     (config_dir.path / "pipelines").mkdir()
     (config_dir.path / "pipelines" / "ghost.yaml").write_text(
-        yaml.safe_dump({"stages": [{"name": "x", "models": ["gone"]}]}))
+        yamlfile.dump({"stages": [{"name": "x", "models": ["gone"]}]}))
     door = Chorus.from_dir(config_dir.path)
     spec = PipelineSpec.model_validate({"stages": [{"name": "x", "models": ["gone"]}]})
     assert door.pipeline(spec, mode="manual").mode == "manual"  # runs, and says per call what is missing
@@ -143,8 +143,8 @@ def test_plan_resolves_the_run_plan_once_and_the_memory_plan_from_it(chorus: Cho
 def test_the_catalogue_offers_the_base_pipeline_and_each_pipeline_file(config_dir: ConfigDir) -> None:
     folder = config_dir.path / "pipelines"
     folder.mkdir()
-    (folder / "solo.yaml").write_text(yaml.safe_dump(ONE_STAGE))
-    (folder / "bad name.yaml").write_text(yaml.safe_dump(ONE_STAGE))
+    (folder / "solo.yaml").write_text(yamlfile.dump(ONE_STAGE))
+    (folder / "bad name.yaml").write_text(yamlfile.dump(ONE_STAGE))
     door = Chorus.from_dir(config_dir.path)
     by_id = {p.id: p for p in door.pipelines()}
     assert sorted(by_id) == ["chorus/base", "chorus/solo"]

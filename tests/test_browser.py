@@ -134,8 +134,9 @@ def test_base_pipeline_runs_in_a_real_browser_to_its_final_answer(ui_server: str
 
 def test_a_built_two_stage_pipeline_with_one_model_twice_runs_in_a_real_browser(ui_server: str,
                                                                                  browser: Any) -> None:
-    """Manual mode in Chromium: two calls of the same model in stage 1, a second stage, short answers; the
-    Run button is clicked straight from the question box (no Tab first) and there is no Deploy button."""
+    """Manual mode in Chromium: two calls of the same model in stage 1 (one with a parameter set in its folded
+    box, which keeps it when folded), a second stage, short answers; the Run button is clicked straight from
+    the question box (no Tab first) and there is no Deploy button."""
     from playwright.sync_api import expect
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -145,6 +146,18 @@ def test_a_built_two_stage_pipeline_with_one_model_twice_runs_in_a_real_browser(
         page.get_by_text("Manual", exact=True).click(timeout=60_000)
         page.get_by_role("button", name="➕ Add model call").click(timeout=30_000)
         page.get_by_text("Model call 2").wait_for(timeout=30_000)
+        more = page.get_by_text("Other parameters of this call").first  # a folded box, built when opened
+        top_k = page.locator('[class*="st-key-c"][class*="-top_k"] input')
+        expect(top_k).to_have_count(0)
+        more.click()
+        expect(top_k).to_have_count(1, timeout=30_000)  # that call's controls only
+        top_k.fill("1")
+        top_k.press("Enter")
+        expect(top_k).to_have_value("1", timeout=30_000)
+        more.click()  # folded again: its controls leave the page, the value stays with the call
+        expect(top_k).to_have_count(0, timeout=30_000)
+        more.click()
+        expect(top_k).to_have_value("1", timeout=30_000)
         page.get_by_role("button", name="➕ Add stage").click()
         stage_max_tokens = page.locator('[class*="st-key-s"][class*="-max_tokens"] input')
         expect(stage_max_tokens).to_have_count(2, timeout=30_000)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from launcher.memory.fit import Availability
-from orchestrator.charts import ChartError, describe, memory_chart, save_png, timeline_chart
 from orchestrator.config.schema import load_config
 from orchestrator.history.store import SessionStore
 from orchestrator.plan.memory import PARTS, MemoryPlan, ServerNeed, StageMemory, need_parts, plan_memory
@@ -23,11 +23,22 @@ from tests.clirun import run_main
 from tests.conftest import ConfigDir
 from tests.test_history_manage import fake_run, said
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def charts() -> ModuleType:
+    """orchestrator.charts, imported by the test that uses it: matplotlib (half a second) is then loaded by
+    the one xdist worker that runs this file, not by every worker that collects it."""
+    from orchestrator import charts as module
+
+    return module
+
+
 def bars(fig) -> dict[str, dict]:
-    return {b["gid"]: b for b in describe(fig)}
+    return {b["gid"]: b for b in charts().describe(fig)}
 
 
 def texts(fig) -> list[str]:
@@ -57,7 +68,7 @@ def test_memory_chart_stacks_each_waves_weights_kv_and_compute_per_device_agains
     b = server("small", ["b"], {"ram": {"weights": 100 * MiB, "kv": 10 * MiB}})
     syn = server("small", ["merge"], {"ram": {"weights": 100 * MiB, "kv": 10 * MiB}})
     stage = StageMemory("review", [a, b], False, [["a"], ["b"]], avail, synthesis=syn)
-    fig = memory_chart(MemoryPlan("p", [stage], avail))
+    fig = charts().memory_chart(MemoryPlan("p", [stage], avail))
 
     axes = {ax.get_title(loc="left").split(" ")[0]: ax for ax in fig.axes}
     assert set(axes) == {"RAM", "GPU0"}
@@ -86,19 +97,19 @@ def test_a_wave_over_usable_memory_is_marked_and_one_files_weights_count_once() 
     one, two = server("m", ["one"], parts, mapped=200 * MiB), server("m", ["two"], parts, mapped=200 * MiB)
     other = server("n", ["three"], {"ram": {"weights": 150 * MiB}}, mapped=150 * MiB)
     stage = StageMemory("s", [one, two, other], False, [["one", "two"], ["three"]], avail)
-    fig = memory_chart(MemoryPlan("p", [stage], avail))
+    fig = charts().memory_chart(MemoryPlan("p", [stage], avail))
     mib = {gid: round(b["height"]) for gid, b in bars(fig).items()}
     assert mib["mem:ram:s:1:weights"] == 200  # the same file is mapped once by both servers
     assert mib["mem:ram:s:1:kv"] == 40
     assert "240 MiB" in texts(fig)
     big = StageMemory("s", [server("huge", ["x"], {"ram": {"weights": 400 * MiB}})], True, [["x"]], avail)
-    assert "400 MiB (over)" in texts(memory_chart(MemoryPlan("p", [big], avail)))
+    assert "400 MiB (over)" in texts(charts().memory_chart(MemoryPlan("p", [big], avail)))
 
 
 def test_memory_far_above_the_bars_is_written_instead_of_flattening_them() -> None:
     avail = small_machine(64 * 1024)
     stage = StageMemory("s", [server("m", ["a"], {"ram": {"weights": 200 * MiB}})], True, [["a"]], avail)
-    fig = memory_chart(MemoryPlan("p", [stage], avail))
+    fig = charts().memory_chart(MemoryPlan("p", [stage], avail))
     ax = fig.axes[0]
     assert ax.get_ylabel() == "MiB" and ax.get_ylim()[1] < 400
     assert any(t.startswith("off the scale: usable now 64.00 GiB") for t in texts(fig))
@@ -109,7 +120,7 @@ def test_a_budget_is_drawn_with_each_servers_whole_footprint() -> None:
                          total={"ram": 1800 * MiB, "gpu0": 1800 * MiB, "budget": 500 * MiB},
                          margin={}, notes={"budget": "memory_budget_mib"})
     s = server("m", ["a"], {"ram": {"weights": 100 * MiB}, "gpu0": {"weights": 150 * MiB, "kv": 50 * MiB}})
-    fig = memory_chart(MemoryPlan("p", [StageMemory("s", [s], True, [["a"]], avail)], avail))
+    fig = charts().memory_chart(MemoryPlan("p", [StageMemory("s", [s], True, [["a"]], avail)], avail))
     titles = [ax.get_title(loc="left") for ax in fig.axes]
     assert titles[0] == "RAM" and titles[1] == "GPU0" and titles[2].startswith("memory budget")
     mib = {gid: round(b["height"]) for gid, b in bars(fig).items()}
@@ -121,8 +132,8 @@ def test_running_and_remote_servers_need_nothing_new_in_the_chart() -> None:
     warm = server("m", ["a"], {"ram": {"weights": 100 * MiB}}, reused=True)
     far = ServerNeed("far", ["b"], remote=True, source="remote")
     stage = StageMemory("s", [warm, far], True, [["a", "b"]], avail)
-    fig = memory_chart(MemoryPlan("p", [stage], avail))
-    assert all(b["height"] == 0 for b in describe(fig))
+    fig = charts().memory_chart(MemoryPlan("p", [stage], avail))
+    assert all(b["height"] == 0 for b in charts().describe(fig))
     assert "(+1 running)" in fig.axes[0].get_xticklabels()[0].get_text()
 
 
@@ -183,7 +194,7 @@ def timed_run() -> RunRecord:
 
 
 def test_the_timeline_has_one_bar_per_call_from_its_start_to_its_end_with_its_speed() -> None:
-    fig = timeline_chart(timed_run())
+    fig = charts().timeline_chart(timed_run())
     got = bars(fig)
     assert list(got) == ["call:1:m", "call:2:facts", "call:2:skeptic", "call:2:m-synthesis:synthesis"]
     assert got["call:1:m"]["x"] == pytest.approx(0.5) and got["call:1:m"]["width"] == pytest.approx(1.5)
@@ -207,15 +218,16 @@ def test_stages_copied_from_a_parent_session_are_not_drawn_as_calls_of_this_run(
     run = timed_run()
     run.stages[0].status = "copied"
     run.parent_session = "session_004"
-    fig = timeline_chart(run)
-    assert [b["gid"] for b in describe(fig)] == ["call:2:facts", "call:2:skeptic", "call:2:m-synthesis:synthesis"]
+    fig = charts().timeline_chart(run)
+    assert [b["gid"] for b in charts().describe(fig)] == ["call:2:facts", "call:2:skeptic",
+                                                        "call:2:m-synthesis:synthesis"]
     assert "(step 1 copied from session_004)" in fig.axes[0].get_title(loc="left")
 
 
 def test_a_saved_session_gives_the_same_timeline_as_its_run(config_dir: ConfigDir) -> None:
     outcome = fake_run(config_dir)
     session = SessionStore(config_dir.sessions_dir).load(outcome.session_id)
-    from_session, from_run = bars(timeline_chart(session)), bars(timeline_chart(outcome.run))
+    from_session, from_run = bars(charts().timeline_chart(session)), bars(charts().timeline_chart(outcome.run))
     assert list(from_session) == ["call:1:gemma3-270m", "call:2:facts", "call:2:skeptic",
                                   "call:2:gemma3-270m-synthesis:synthesis"]
     assert from_session.keys() == from_run.keys()
@@ -224,10 +236,10 @@ def test_a_saved_session_gives_the_same_timeline_as_its_run(config_dir: ConfigDi
 
 
 def test_charts_are_written_as_png_files(tmp_path: Path) -> None:
-    path = save_png(timeline_chart(timed_run()), tmp_path / "t.png")
+    path = charts().save_png(charts().timeline_chart(timed_run()), tmp_path / "t.png")
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
-    with pytest.raises(ChartError, match="cannot write the PNG"):
-        save_png(timeline_chart(timed_run()), tmp_path / "no-such-folder" / "t.png")
+    with pytest.raises(charts().ChartError, match="cannot write the PNG"):
+        charts().save_png(charts().timeline_chart(timed_run()), tmp_path / "no-such-folder" / "t.png")
 
 
 # ---------------------------------------------------------------- the CLI

@@ -32,12 +32,12 @@ def test_shipped_pipeline_has_the_seed_shape_with_six_distinct_system_prompts() 
 def test_stage_order_follows_the_file(tmp_path: Path) -> None:
     data = (REPO / "config" / "pipeline.yaml").read_text()
     spec = load_pipeline(REPO / "config" / "pipeline.yaml")
-    import yaml
+    from tests import yamlfile
 
-    raw = yaml.safe_load(data)
+    raw = yamlfile.load(data)
     raw["stages"].reverse()
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yamlfile.dump(raw))
     assert [s.name for s in load_pipeline(path).stages] == [s.name for s in reversed(spec.stages)]
 
 
@@ -125,11 +125,11 @@ def test_model_needs_a_file_or_a_url(tmp_path: Path) -> None:
 )
 def test_pipeline_schema_errors_name_the_field(tmp_path: Path, stage_patch: dict, field: str,
                                                 message: str) -> None:
-    import yaml
+    from tests import yamlfile
 
     stage = {"name": "s", "models": ["m"], **stage_patch}
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({"stages": [stage]}, sort_keys=False))
+    path.write_text(yamlfile.dump({"stages": [stage]}, sort_keys=False))
     with pytest.raises(ConfigError) as err:
         load_pipeline(path)
     assert err.value.field == field

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from cli.models import append_entry_text
 from launcher.process.pool import ServerPool
@@ -21,6 +20,7 @@ from launcher.process.state import ServerRecord, list_running, stop_recorded, wr
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import ModelEntry, load_config
 from orchestrator.errors import ConfigError
+from tests import yamlfile
 from tests.clirun import run_main
 from tests.conftest import REPO, SECOND_MODEL_NAME, ConfigDir
 
@@ -76,7 +76,7 @@ def test_models_lists_an_unregistered_file_with_its_metadata_and_a_ready_entry(c
     table = chorus(config_dir, "models").stdout
     assert "Not registered" in table and SMOL in table and f"chorus models add {SMOL}" in table
     block = table.split(f"writes to {config_dir.path / 'models.yaml'}:", 1)[1]
-    assert yaml.safe_load(block) == {loose["suggested_name"]: loose["entry"]}  # copy-paste ready
+    assert yamlfile.load(block) == {loose["suggested_name"]: loose["entry"]}  # copy-paste ready
 
 
 def test_later_parts_of_a_split_model_and_registered_files_are_not_listed(config_dir: ConfigDir) -> None:
@@ -136,7 +136,7 @@ def test_appending_lands_at_the_models_indentation() -> None:
     text = "models:\n    a:\n        file: a.gguf\n# trailing note\n"
     out = append_entry_text(text, "b", {"file": "b.gguf"})
     assert out is not None and out.startswith(text)
-    assert yaml.safe_load(out) == {"models": {"a": {"file": "a.gguf"}, "b": {"file": "b.gguf"}}}
+    assert yamlfile.load(out) == {"models": {"a": {"file": "a.gguf"}, "b": {"file": "b.gguf"}}}
 
 
 # ---------------------------------------------------------------- chorus stop

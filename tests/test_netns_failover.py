@@ -17,9 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from tests import netns
+from tests import netns, yamlfile
 from tests.netns import NetLab
 
 pytestmark = pytest.mark.integration
@@ -130,10 +129,10 @@ def test_eight_clients_lose_no_request_when_a_replica_link_is_cut_and_restored(
         models = config_dir.models()
         models["models"]["gemma-rep"] = {"replicas": urls, "mode": "completion"}
         config_dir.write_models(models)
-        app = yaml.safe_load((config_dir.path / "app.yaml").read_text())
+        app = yamlfile.load((config_dir.path / "app.yaml").read_text())
         config_dir.write_app(server={**app.get("server", {}), "request_timeout_s": REQUEST_TIMEOUT_S})
         (config_dir.path / "pipelines").mkdir(exist_ok=True)
-        (config_dir.path / "pipelines" / "rep.yaml").write_text(yaml.safe_dump({
+        (config_dir.path / "pipelines" / "rep.yaml").write_text(yamlfile.dump({
             "name": "rep", "defaults": {"max_tokens": 6, "n_ctx": 512, "temperature": 0},
             "stages": [{"name": "answer", "models": ["gemma-rep"], "prompt": "{{ question }}"}]}))
         key_file = tmp_path / "api-key"

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from launcher.process.rpc import probe
 from orchestrator.config.schema import PipelineSpec
-from tests import netns
+from tests import netns, yamlfile
 from tests.conftest import engine_run
 from tests.netns import NetLab
 
@@ -63,7 +62,7 @@ def test_a_worker_cut_off_mid_generation_fails_in_time_named_and_the_run_is_part
         models = config_dir.models()
         models["models"]["gemma-split"] = {"file": demo_model.name, "default_gpu_layers": 99, "rpc": [worker]}
         config_dir.write_models(models)
-        app = yaml.safe_load((config_dir.path / "app.yaml").read_text())
+        app = yamlfile.load((config_dir.path / "app.yaml").read_text())
         config_dir.write_app(server={**app.get("server", {}), "request_timeout_s": REQUEST_TIMEOUT_S,
                                      "stop_grace_s": STOP_GRACE_S})
         cut_at: list[float] = []

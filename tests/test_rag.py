@@ -12,7 +12,6 @@ import stat
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.config.registry import Registry
 from orchestrator.config.schema import PipelineSpec, load_config
@@ -23,6 +22,7 @@ from orchestrator.plan.resolve import Machine, build_plan
 from orchestrator.rag.chunking import Document, Section, chunk_document, read_document
 from orchestrator.rag.retrieval import cited, format_context, rrf, search
 from orchestrator.rag.store import CollectionNotFound, DocStore, EmbeddingMismatch, fts_query
+from tests import yamlfile
 from tests.conftest import ConfigDir
 
 # ---------------------------------------------------------------- fixtures: documents the tests write
@@ -412,11 +412,11 @@ def test_the_api_serves_a_pipeline_with_a_retrieve_stage(tmp_path: Path) -> None
 
     root = tmp_path / "config"
     (root / "pipelines").mkdir(parents=True)
-    (root / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path), "sessions_dir":
+    (root / "app.yaml").write_text(yamlfile.dump({"models_dir": str(tmp_path), "sessions_dir":
                                                    str(tmp_path / "sessions"), "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {"alpha": {"url": "http://upstream.test/v1"}}}))
-    (root / "pipeline.yaml").write_text(yaml.safe_dump({"stages": [{"name": "a", "models": ["alpha"]}]}))
-    (root / "pipelines" / "rag.yaml").write_text(yaml.safe_dump({"stages": [
+    (root / "models.yaml").write_text(yamlfile.dump({"models": {"alpha": {"url": "http://upstream.test/v1"}}}))
+    (root / "pipeline.yaml").write_text(yamlfile.dump({"stages": [{"name": "a", "models": ["alpha"]}]}))
+    (root / "pipelines" / "rag.yaml").write_text(yamlfile.dump({"stages": [
         {"name": "retrieve", "kind": "retrieve", "collection": "kb", "top_k": 1},
         {"name": "answer", "models": ["alpha"]}]}))
     DocStore.beside(tmp_path / "sessions").add("kb", [write_docs(tmp_path / "docs")])

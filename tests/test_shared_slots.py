@@ -14,13 +14,13 @@ from typing import Any
 
 import psutil
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import ApiSettings
 from orchestrator.app import Chorus
 from orchestrator.history.store import SessionStore
+from tests import yamlfile
 from tests.conftest import ConfigDir
 from tests.test_memory_waves import need_mib, set_budget
 
@@ -79,7 +79,7 @@ def write_pair_pipeline(config_dir: ConfigDir, *, max_tokens: int) -> None:
                        {"name": "refine", "models": [MODEL]}]}
     pipelines = config_dir.path / "pipelines"
     pipelines.mkdir(exist_ok=True)
-    (pipelines / "pair.yaml").write_text(yaml.safe_dump(spec))
+    (pipelines / "pair.yaml").write_text(yamlfile.dump(spec))
 
 
 def test_servers_of_a_pipeline_with_two_models_spin_short_when_runs_share_them(config_dir: ConfigDir,
@@ -103,7 +103,7 @@ def test_concurrent_pipeline_runs_reuse_one_warm_server_per_model(config_dir: Co
                                                                  llama_server_bin: Path) -> None:
     pipelines = config_dir.path / "pipelines"
     pipelines.mkdir(exist_ok=True)
-    (pipelines / "two.yaml").write_text(yaml.safe_dump({
+    (pipelines / "two.yaml").write_text(yamlfile.dump({
         "defaults": {"max_tokens": 8, "temperature": 0, "n_ctx": 1024},
         "stages": [{"name": "draft", "models": [MODEL]},
                    {"name": "refine", "models": [MODEL], "prompt": "Improve: {previous}"}]}))
@@ -126,7 +126,7 @@ def test_a_models_requests_and_pipeline_runs_of_it_share_one_server(config_dir: 
     alone), so requests and runs batch on one server's slots rather than loading the model twice."""
     pipelines = config_dir.path / "pipelines"
     pipelines.mkdir(exist_ok=True)
-    (pipelines / "one.yaml").write_text(yaml.safe_dump({
+    (pipelines / "one.yaml").write_text(yamlfile.dump({
         "defaults": {"max_tokens": 4, "temperature": 0}, "stages": [{"name": "answer", "models": [MODEL]}]}))
     door = Chorus.from_dir(config_dir.path)
     try:
@@ -264,7 +264,7 @@ def test_proxied_requests_take_turns_at_the_cores_with_pipeline_runs(config_dir:
     door = Chorus.from_dir(config_dir.path)
     try:
         (config_dir.path / "pipelines").mkdir(exist_ok=True)
-        (config_dir.path / "pipelines" / "solo.yaml").write_text(yaml.safe_dump({
+        (config_dir.path / "pipelines" / "solo.yaml").write_text(yamlfile.dump({
             "defaults": {"max_tokens": 24, "temperature": 0, "n_ctx": 1024},
             "stages": [{"name": "draft", "models": ["gemma3-270m"], "prompt": "Q: {{ question }}\nA:"}]}))
         proxied: list[tuple[float, float]] = []

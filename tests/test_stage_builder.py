@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 from pydantic import Field
 
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import GenerationParams, PipelineSpec, load_pipeline
 from orchestrator.errors import ConfigError
+from tests import yamlfile
 from tests.conftest import REPO
 from ui import params_form, pipeline_files, stage_builder
 
@@ -207,4 +207,4 @@ def test_bad_json_in_a_text_box_is_a_config_error_naming_the_field() -> None:
     assert err.value.field == "logit_bias"
     assert params_form.text_to_value(field, ' {"15043": -100} ') == {"15043": -100}
     assert params_form.text_to_value(field, "  ") is None
-    assert yaml.safe_load(params_form.value_to_text(field, {"1": 2.0})) == {"1": 2.0}
+    assert yamlfile.load(params_form.value_to_text(field, {"1": 2.0})) == {"1": 2.0}

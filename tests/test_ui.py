@@ -266,6 +266,8 @@ def test_the_same_model_twice_in_one_stage_each_with_its_label_system_prompt_and
         at.text_input(key=f"c{call}-label").set_value(label).run()
         at.text_input(key=f"c{call}-system").set_value(system).run()
         at.number_input(key=f"c{call}-seed").set_value(seed).run()
+    at.session_state[f"c{second}-more"] = True  # the user opens "Other parameters of this call"
+    at.run()
     at.number_input(key=f"c{second}-top_k").set_value(40).run()  # a generated control of one call
     assert not at.exception and not at.error
     slots = stage_builder.build_spec(at.session_state["builder_stages"]).stages[0].models
@@ -280,6 +282,8 @@ def test_the_same_model_twice_in_one_stage_each_with_its_label_system_prompt_and
 def test_stop_strings_execution_and_vote_options_reach_the_spec(ui_env: ConfigDir) -> None:
     at = manual(app("run"))
     sid = at.session_state["builder_stages"][0]["id"]
+    at.session_state[f"s{sid}-more"] = True  # the user opens "More sampling parameters"
+    at.run()
     at.text_area(key=f"s{sid}-stop").set_value("\\nQuestion:\nEND").run()
     at.selectbox(key=f"s{sid}-execution").set_value("sequential").run()
     at.selectbox(key=f"s{sid}-on_error").set_value("stop").run()
@@ -298,6 +302,16 @@ def test_stop_strings_execution_and_vote_options_reach_the_spec(ui_env: ConfigDi
         ("majority_vote", "regex", r"answer: (\w+)", 0.6, "synthesis")
     at.text_area(key=f"s{sid}-logit_bias").set_value("{15043: -100}").run()  # not JSON: refused, not dropped
     assert any("not valid JSON" in plain(e.value) for e in at.error) and at.button(key="run").disabled
+    at.session_state[f"s{sid}-more"] = False  # folded, the text that does not parse still refuses the run
+    at.run()
+    assert not any(w.key == f"s{sid}-logit_bias" for w in at.text_area)
+    assert any("not valid JSON" in plain(e.value) for e in at.error) and at.button(key="run").disabled
+    at.session_state[f"s{sid}-more"] = True  # and is there again to fix
+    at.run()
+    assert at.text_area(key=f"s{sid}-logit_bias").value == "{15043: -100}"
+    at.text_area(key=f"s{sid}-logit_bias").set_value('{"15043": -100}').run()
+    assert not at.error and not at.button(key="run").disabled
+    assert stage_builder.build_spec(at.session_state["builder_stages"]).stages[0].logit_bias == {"15043": -100}
 
 
 def test_a_built_pipeline_is_saved_asked_before_replacing_and_loaded_back(ui_env: ConfigDir) -> None:
@@ -305,6 +319,8 @@ def test_a_built_pipeline_is_saved_asked_before_replacing_and_loaded_back(ui_env
     sid = at.session_state["builder_stages"][0]["id"]
     at.text_input(key=f"s{sid}-name").set_value("answer").run()
     at.number_input(key=f"s{sid}-max_tokens").set_value(24).run()
+    at.session_state["defaults-open"] = True  # the user opens "Pipeline defaults"
+    at.run()
     at.checkbox(key="pd-stream_reasoning").uncheck().run()  # the API's reasoning stream, off for this one
     at.text_input(key="pipeline-name").set_value("mine").run()
     at.button(key="save").click().run()
@@ -326,6 +342,8 @@ def test_a_built_pipeline_is_saved_asked_before_replacing_and_loaded_back(ui_env
                                     defaults=fresh.session_state["builder_defaults"])
     assert spec.model_dump() == load_pipeline_file(path).model_dump()
     assert fresh.text_input(key="pipeline-name").value == "mine"
+    fresh.session_state["defaults-open"] = True
+    fresh.run()
     assert fresh.checkbox(key="pd-stream_reasoning").value is False
 
 
@@ -352,16 +370,62 @@ def test_a_bad_pipeline_name_is_refused_and_nothing_is_written(ui_env: ConfigDir
     assert not (ui_env.path / "pipelines").exists() and not (ui_env.path.parent / "escape.yaml").exists()
 
 
+def widget_keys(at: AppTest) -> set[str]:
+    return {w.key for w in (*at.number_input, *at.selectbox, *at.text_area)}
+
+
+def open_settings_tab(at: AppTest, tab: str) -> None:
+    """Open "Generation settings for this run" on `tab` ("All stages" or a stage's name), as a user clicks."""
+    at.session_state["gen-open"] = True
+    at.session_state["gen-tab"] = tab
+    at.run()
+
+
 def test_base_mode_offers_every_generation_parameter_for_the_run_and_each_stage(ui_env: ConfigDir) -> None:
     at = app("run")
     names = GenerationParams.keys()
     stages = [s["name"] for s in ui_env.pipeline()["stages"]]
-    keys = {w.key for w in (*at.number_input, *at.selectbox, *at.text_area)}
-    for scope in ["defaults", *stages]:
-        assert {f"gen-{scope}-{n}" for n in names} <= keys, scope
+    assert not any(k.startswith("gen-") for k in widget_keys(at))  # folded: built only when opened
+    for tab, scope in [("All stages", "defaults"), *((s, s) for s in stages)]:
+        open_settings_tab(at, tab)
+        assert {f"gen-{scope}-{n}" for n in names} <= widget_keys(at), scope
+        assert not any(k.startswith("gen-") and not k.startswith(f"gen-{scope}-") for k in widget_keys(at))
+    open_settings_tab(at, "All stages")
     assert at.number_input(key="gen-defaults-max_tokens").value is None  # blank: the pipeline's own value
     shipped = ui_env.pipeline()["defaults"]["max_tokens"]
     assert at.number_input(key="gen-defaults-max_tokens").placeholder == f"keep: {shipped}"
+
+
+def test_base_mode_settings_hold_on_other_tabs_and_with_the_box_folded(ui_env: ConfigDir,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.app import Chorus
+
+    given: list[list[str]] = []
+    original = Chorus.pipeline
+
+    def recorded(self: Chorus, *args: Any, **kwargs: Any) -> Any:
+        given.append(list(kwargs.get("overrides") or []))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Chorus, "pipeline", recorded)
+    first = ui_env.pipeline()["stages"][0]["name"]
+    at = app("run")
+    open_settings_tab(at, "All stages")
+    at.number_input(key="gen-defaults-max_tokens").set_value(4).run()
+    open_settings_tab(at, first)
+    at.number_input(key=f"gen-{first}-seed").set_value(99).run()
+    at.text_area(key=f"gen-{first}-logit_bias").set_value("{1: 2}").run()  # not JSON
+    assert any("not valid JSON" in plain(e.value) for e in at.error)
+    open_settings_tab(at, "All stages")  # the stage's values are kept on the other tab
+    assert at.number_input(key="gen-defaults-max_tokens").value == 4
+    assert any("not valid JSON" in plain(e.value) for e in at.error) and at.button(key="run").disabled
+    open_settings_tab(at, first)
+    at.text_area(key=f"gen-{first}-logit_bias").set_value("").run()
+    at.session_state["gen-open"] = False  # folded: the run still gets every value filled in
+    given.clear()
+    at.run()
+    assert not at.exception and not at.error and not at.button(key="run").disabled
+    assert given[-1] == ["defaults.max_tokens=4", f"{first}.seed=99"]
 
 
 @pytest.mark.integration  # a real run: the demo models, not the fast tier's synthetic files
@@ -369,9 +433,11 @@ def test_base_mode_settings_apply_to_that_run_only(ui_env: ConfigDir) -> None:
     pipeline_text = (ui_env.path / "pipeline.yaml").read_text()
     at = app("run")
     first = ui_env.pipeline()["stages"][0]["name"]
+    open_settings_tab(at, first)
+    at.number_input(key=f"gen-{first}-seed").set_value(99).run()
+    open_settings_tab(at, "All stages")
     at.number_input(key="gen-defaults-max_tokens").set_value(4).run()
     at.number_input(key="gen-defaults-repeat_penalty").set_value(1.3).run()
-    at.number_input(key=f"gen-{first}-seed").set_value(99).run()
     at.number_input(key="gen-defaults-top_p").set_value(0.0).run()  # out of the schema's range: refused
     assert any("top_p" in plain(e.value) for e in at.error) and at.button(key="run").disabled
     at.number_input(key="gen-defaults-top_p").set_value(None).run()

@@ -14,6 +14,10 @@ from orchestrator.errors import ChorusError
 from ui import params_form
 from ui.params_form import ParamField
 
+# Text a user typed that does not parse (JSON), by widget key, with its error: kept while its box is folded,
+# so the run stays refused and the text is there again when the box opens.
+UNPARSED_KEY = "unparsed-text"
+
 
 def _shown(value: Any) -> str:
     if isinstance(value, list):
@@ -62,18 +66,51 @@ def param_inputs(fields: list[ParamField], *, key: str, values: dict[str, Any],
     for i, f in enumerate(grid):
         out[f.name] = param_input(f, key=key, value=values.get(f.name), container=cols[i % columns],
                                   hint=_placeholder(f, placeholders, blank))
+    unparsed: dict[str, tuple[str, str]] = st.session_state.setdefault(UNPARSED_KEY, {})
     for f in fields:
         if f.kind in ("int", "float", "choice"):
             continue
-        text = st.text_area(f.name, params_form.value_to_text(f, values.get(f.name)), key=f"{key}-{f.name}",
-                            height=68 if f.kind == "lines" else 100, help=f.help,
+        wkey = f"{key}-{f.name}"
+        shown = unparsed[wkey][0] if wkey in unparsed else params_form.value_to_text(f, values.get(f.name))
+        text = st.text_area(f.name, shown, key=wkey, height=68 if f.kind == "lines" else 100, help=f.help,
                             placeholder=_placeholder(f, placeholders, blank))
         try:
             out[f.name] = params_form.text_to_value(f, text, source=f.name)
+            unparsed.pop(wkey, None)
         except ChorusError as exc:
             errors.append(str(exc))
+            unparsed[wkey] = (text, str(exc))
             out[f.name] = None
     return out
+
+
+def folded_errors(fields: list[ParamField], *, key: str, errors: list[str]) -> None:
+    """`param_inputs`' errors while its box is folded: text that did not parse still refuses the run."""
+    unparsed: dict[str, tuple[str, str]] = st.session_state.get(UNPARSED_KEY, {})
+    errors.extend(unparsed[f"{key}-{f.name}"][1] for f in fields if f"{key}-{f.name}" in unparsed)
+
+
+def fold(label: str, *, key: str) -> tuple[Any, bool]:
+    """(an expander, whether it is open): its content is built only while it is open.
+
+    Streamlit runs a closed expander's content on every rerun, and each widget costs time in proportion to
+    the widgets already on the page (its session-state scan): the folded parameter grids of a builder with
+    two stages of two calls made two thirds of each rerun.
+    """
+    box = st.expander(label, key=key, on_change="rerun")
+    return box, bool(box.open)
+
+
+def folded_inputs(label: str, fields: list[ParamField], *, box: str, key: str, values: dict[str, Any],
+                  blank: str, errors: list[str]) -> dict[str, Any]:
+    """`param_inputs` in a box of their own (`fold`): the values while it is open; folded, nothing (the
+    values stay where they are kept) but the errors of text that did not parse."""
+    container, is_open = fold(label, key=box)
+    if not is_open:
+        folded_errors(fields, key=key, errors=errors)
+        return {}
+    with container:
+        return param_inputs(fields, key=key, values=values, blank=blank, errors=errors)
 
 
 def split_common(fields: list[ParamField]) -> tuple[list[ParamField], list[ParamField]]:
@@ -82,6 +119,10 @@ def split_common(fields: list[ParamField]) -> tuple[list[ParamField], list[Param
     return [f for f in fields if f.name in common], [f for f in fields if f.name not in common]
 
 
-def overrides_form(fields: list[ParamField], *, key: str, current: dict[str, Any], errors: list[str]) -> dict[str, Any]:
-    """Blank controls whose placeholders show the current values; only what is filled in is returned set."""
-    return param_inputs(fields, key=key, values={}, placeholders=current, blank="keep", errors=errors)
+def overrides_form(fields: list[ParamField], *, key: str, current: dict[str, Any], errors: list[str],
+                   filled: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Blank controls whose placeholders show the current values; only what is filled in is returned set.
+
+    `filled`: what the user filled in before (a folded box or another tab), shown again.
+    """
+    return param_inputs(fields, key=key, values=filled or {}, placeholders=current, blank="keep", errors=errors)

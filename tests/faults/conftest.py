@@ -16,13 +16,13 @@ from typing import Any
 
 import psutil
 import pytest
-import yaml
 
 from orchestrator.config.schema import PipelineSpec, load_config
 from orchestrator.engine.events import Event
 from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner, RunOutcome
 from orchestrator.runtime import Runtime
+from tests import yamlfile
 from tests.clirun import run_main
 from tests.conftest import REPO, ConfigDir
 
@@ -123,11 +123,11 @@ def remote_config(tmp_path: Path) -> Path:
     """A config with one remote model (no GGUF, no llama-server) and a one-stage pipeline on it."""
     root = tmp_path / "config"
     root.mkdir()
-    (root / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"),
+    (root / "app.yaml").write_text(yamlfile.dump({"models_dir": str(tmp_path / "models"),
                                                    "sessions_dir": str(tmp_path / "sessions"),
                                                    "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {"alpha": {"url": "http://upstream.test/v1"}}}))
-    (root / "pipeline.yaml").write_text(yaml.safe_dump({"name": "base", "stages": [
+    (root / "models.yaml").write_text(yamlfile.dump({"models": {"alpha": {"url": "http://upstream.test/v1"}}}))
+    (root / "pipeline.yaml").write_text(yamlfile.dump({"name": "base", "stages": [
         {"name": "answer", "models": ["alpha"]}]}))
     return root
 

@@ -9,26 +9,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import ApiSettings
 from orchestrator.app import Chorus
 from orchestrator.config.schema import load_config
+from tests import yamlfile
 
 
 def _client(tmp_path: Path) -> TestClient:
     root = tmp_path / "deep" / "private" / "config"
     (root / "pipelines").mkdir(parents=True)
     (tmp_path / "models").mkdir()
-    (root / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"),
+    (root / "app.yaml").write_text(yamlfile.dump({"models_dir": str(tmp_path / "models"),
                                                    "sessions_dir": str(tmp_path / "sessions"),
                                                    "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {"far": {"url": "http://upstream.test/v1"}}}))
-    (root / "pipeline.yaml").write_text(yaml.safe_dump({"name": "base", "stages": [{"name": "s",
+    (root / "models.yaml").write_text(yamlfile.dump({"models": {"far": {"url": "http://upstream.test/v1"}}}))
+    (root / "pipeline.yaml").write_text(yamlfile.dump({"name": "base", "stages": [{"name": "s",
                                                                                      "models": ["far"]}]}))
-    (root / "pipelines" / "solo.yaml").write_text(yaml.safe_dump({"stages": [{"name": "x", "models": ["far"]}]}))
+    (root / "pipelines" / "solo.yaml").write_text(yamlfile.dump({"stages": [{"name": "x", "models": ["far"]}]}))
     (root / "pipelines" / "broken.yaml").write_text("stages: [ {name: x, models: [far], nonsense: 1} ]\n")
     return TestClient(create_app(Chorus(load_config(root)), ApiSettings()), base_url="http://127.0.0.1")
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from orchestrator.history.store import SessionStore
+from tests import yamlfile
 from tests.apiwait import wait_healthy
 from tests.conftest import REPO
 
@@ -71,11 +71,11 @@ def api(tmp_path: Path, endless_model: str) -> Iterator[tuple[subprocess.Popen[b
     config = tmp_path / "config"
     config.mkdir()
     (tmp_path / "models").mkdir()
-    (config / "app.yaml").write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"),
+    (config / "app.yaml").write_text(yamlfile.dump({"models_dir": str(tmp_path / "models"),
                                                      "sessions_dir": str(tmp_path / "sessions"),
                                                      "logs_dir": str(tmp_path / "logs")}))
-    (config / "models.yaml").write_text(yaml.safe_dump({"models": {"far": {"url": endless_model}}}))
-    (config / "pipeline.yaml").write_text(yaml.safe_dump({"name": "base", "stages": [{"name": "s",
+    (config / "models.yaml").write_text(yamlfile.dump({"models": {"far": {"url": endless_model}}}))
+    (config / "pipeline.yaml").write_text(yamlfile.dump({"name": "base", "stages": [{"name": "s",
                                                                                        "models": ["far"]}]}))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}

@@ -32,11 +32,12 @@ from orchestrator.config.schema import (
     load_config,
 )
 from orchestrator.errors import ConfigError
+from tests import yamlfile
 from tests.conftest import REPO
 
 FILES = ("app.yaml", "models.yaml", "pipeline.yaml")
 SHIPPED = {name: (REPO / "config" / name).read_text(encoding="utf-8") for name in FILES}
-SHIPPED_DATA = {name: yaml.safe_load(text) for name, text in SHIPPED.items()}
+SHIPPED_DATA = {name: yamlfile.load(text) for name, text in SHIPPED.items()}
 SCHEMA_KEYS = sorted({key for model in (AppConfig, ResourceMargins, ServerSettings, ModelEntry, StageSpec,
                                         AggregationSpec, VoteOptions) for key in model.model_fields})
 FUZZ = settings(max_examples=int(os.environ.get("CHORUS_FUZZ_EXAMPLES", "200")), deadline=None,  # env: fuzz longer
@@ -134,7 +135,7 @@ def data_mutation(draw: st.DrawFn, name: str) -> str:
                 target[draw(st.sampled_from(SCHEMA_KEYS))] = draw(values)
         if not isinstance(data, dict | list):
             break
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return yamlfile.dump(data, sort_keys=False, allow_unicode=True)
 
 
 # ---------------------------------------------------------------- the property
@@ -168,7 +169,7 @@ def config_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _mapping(text: str) -> bool:
     try:
-        return isinstance(yaml.safe_load(text), dict)
+        return isinstance(yamlfile.load(text), dict)
     except (yaml.YAMLError, RecursionError):
         return False
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -27,6 +26,7 @@ from orchestrator.app import Chorus
 from orchestrator.config.schema import load_config
 from orchestrator.engine.fake import FakeBackend
 from orchestrator.errors import ConfigError
+from tests import yamlfile
 from tests.apiwait import wait_healthy
 from tests.clirun import run_main
 from tests.conftest import REPO
@@ -41,9 +41,9 @@ def config(remote_config: Path) -> Path:
 
 
 def set_allowed_hosts(config: Path, hosts: Any) -> None:
-    app = yaml.safe_load((config / "app.yaml").read_text())
+    app = yamlfile.load((config / "app.yaml").read_text())
     app["api"] = {"allowed_hosts": hosts}
-    (config / "app.yaml").write_text(yaml.safe_dump(app))
+    (config / "app.yaml").write_text(yamlfile.dump(app))
 
 
 @pytest.fixture

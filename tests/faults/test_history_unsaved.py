@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.engine.events import Event, StageStarted
 from orchestrator.history.store import SessionStore
 from orchestrator.runs import Runner
+from tests import yamlfile
 from tests.conftest import REPO, ConfigDir
 from tests.faults.conftest import answered, assert_session_valid, chorus, chorus_main, make_runtime, manual, run
 
@@ -38,7 +38,7 @@ QUESTION = "The capital of France is"
 def small(tmp_path: Path) -> list[str]:
     """`chorus run` arguments for a one-stage manual pipeline on the demo model (one server to start)."""
     spec = tmp_path / "small.yaml"
-    spec.write_text(yaml.safe_dump({"stages": [answered("s", max_tokens=4, n_ctx=512)]}))
+    spec.write_text(yamlfile.dump({"stages": [answered("s", max_tokens=4, n_ctx=512)]}))
     return ["--manual", str(spec)]
 
 

@@ -17,7 +17,6 @@ import socket
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cli.main import main
 from cli.progress import ProgressPrinter
@@ -35,6 +34,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.plan.memory import check_rpc_workers
 from orchestrator.records import ResponseRecord, RunRecord
 from orchestrator.runs import RunOutcome
+from tests import yamlfile
 from tests.conftest import DEMO_MODEL_NAME, REPO, ConfigDir
 
 
@@ -91,7 +91,7 @@ def test_chorus_run_on_a_refused_remote_model_shows_one_no_answer_per_line(
     url = f"http://127.0.0.1:{closed_port()}/v1"
     bare_config.write_models({"models": {"far": {"url": url}}})
     spec = tmp_path / "far.yaml"
-    spec.write_text(yaml.safe_dump({"stages": [{"name": "ask", "models": ["far"]}]}))
+    spec.write_text(yamlfile.dump({"stages": [{"name": "ask", "models": ["far"]}]}))
     code = main(["run", "Why?", "--manual", str(spec), "--config-dir", str(bare_config.path)])
     err = capsys.readouterr().err
     assert code == 1
@@ -114,7 +114,7 @@ def test_a_missing_model_shows_the_mode_its_config_says_or_none(bare_config: Con
     assert {n: (r.status, r.known_mode) for n, r in records.items()} == {
         "plain": ("missing", None), "base": ("missing", "completion"), "templated": ("missing", "chat")}
     assert main(["models", "--json", "--config-dir", str(bare_config.path)]) == 0
-    listed = {m["name"]: m["mode"] for m in yaml.safe_load(capsys.readouterr().out) if m["name"]}
+    listed = {m["name"]: m["mode"] for m in yamlfile.load(capsys.readouterr().out) if m["name"]}
     assert listed == {"plain": None, "base": "completion", "templated": "chat"}
     assert main(["models", "--config-dir", str(bare_config.path)]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:] if line.strip()}

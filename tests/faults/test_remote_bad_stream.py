@@ -15,11 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cli.main import main
 from launcher.errors import RequestFailed
 from launcher.process.client import Endpoint, GenerationClient, GenerationRequest
+from tests import yamlfile
 from tests.conftest import ConfigDir
 
 
@@ -90,7 +90,7 @@ def test_chorus_run_records_the_call_failed_and_the_run_failed(broken_stream: st
     config = ConfigDir(tmp_path, models)
     config.write_models({"models": {"far": {"url": broken_stream}}})
     spec = tmp_path / "far.yaml"
-    spec.write_text(yaml.safe_dump({"stages": [{"name": "ask", "models": ["far"]}]}))
+    spec.write_text(yamlfile.dump({"stages": [{"name": "ask", "models": ["far"]}]}))
     code = main(["run", "Why?", "--manual", str(spec), "--json", "--config-dir", str(config.path)])
     outcome = json.loads(capsys.readouterr().out)
     assert code == 1 and outcome["status"] == "failed"

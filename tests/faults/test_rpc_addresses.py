@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from launcher.process.rpc import parse_endpoint
 from orchestrator.config.schema import load_models_file
 from orchestrator.errors import ConfigError
+from tests import yamlfile
 
 BAD = {
     "999.1.1.1:50052": "999.1.1.1 is not an IPv4 address",
@@ -31,7 +31,7 @@ GOOD = {"192.168.1.20:50052": ("192.168.1.20", 50052), "[::1]:50052": ("::1", 50
 
 def _models_yaml(tmp_path: Path, worker: str) -> Path:
     path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump({"models": {"split": {"file": "big.gguf", "rpc": ["127.0.0.1:50052", worker]}}},
+    path.write_text(yamlfile.dump({"models": {"split": {"file": "big.gguf", "rpc": ["127.0.0.1:50052", worker]}}},
                                    sort_keys=False))
     return path
 

@@ -23,11 +23,21 @@ from orchestrator.units import fmt_bytes
 from ui import params_form, pipeline_files, stage_builder
 from ui.common import LIVE_KEY, chorus, live_run, md_escape, render_live
 from ui.live import LiveRun
-from ui.params import overrides_form, param_input, param_inputs, split_common
+from ui.params import (
+    UNPARSED_KEY,
+    fold,
+    folded_errors,
+    folded_inputs,
+    overrides_form,
+    param_input,
+    param_inputs,
+    split_common,
+)
 
 BUILDER_KEY = "builder_stages"
 DEFAULTS_KEY = "builder_defaults"
 NAME_KEY = "pipeline-name"
+RUN_SETTINGS_KEY = "run-settings"  # base mode: what the user filled in for this run, by widget key
 
 st.title("chorus")
 door = chorus()
@@ -91,9 +101,8 @@ def slot_editor(stage: dict[str, Any], j: int, slot: dict[str, Any]) -> None:
             st.rerun()
         slot["system_prompt"] = st.text_input("System prompt of this call", slot["system_prompt"],
                                               key=f"c{c}-system", placeholder="blank: the stage's system prompt")
-        with st.expander("Other parameters of this call"):
-            slot.update(param_inputs([f for f in FIELDS if f.name != "seed"], key=f"c{c}", values=slot,
-                                     blank="stage's", errors=form_errors))
+        slot.update(folded_inputs("Other parameters of this call", [f for f in FIELDS if f.name != "seed"],
+                                  box=f"c{c}-more", key=f"c{c}", values=slot, blank="stage's", errors=form_errors))
 
 
 def aggregation_editor(stage: dict[str, Any], k: str) -> None:
@@ -228,8 +237,8 @@ def stage_editor(i: int, stage: dict[str, Any]) -> None:
         ngl = c[1].number_input("n_gpu_layers", -1, 1000, value=stage["n_gpu_layers"], step=1,
                                 key=f"s{k}-ngl", placeholder="the model's default")
         stage["n_gpu_layers"] = None if ngl is None else int(ngl)
-        with st.expander("More sampling parameters (stop strings, penalties, mirostat, grammar…)"):
-            stage.update(param_inputs(more, key=f"s{k}", values=stage, blank="default", errors=form_errors))
+        stage.update(folded_inputs("More sampling parameters (stop strings, penalties, mirostat, grammar…)", more,
+                                   box=f"s{k}-more", key=f"s{k}", values=stage, blank="default", errors=form_errors))
         aggregation_editor(stage, k)
 
 
@@ -250,6 +259,9 @@ def load_saved() -> None:
     st.session_state[BUILDER_KEY], st.session_state[DEFAULTS_KEY] = stages, defaults
     for key in [k for k in st.session_state if isinstance(k, str) and k.startswith("pd-")]:
         del st.session_state[key]  # the defaults' widgets show the loaded values
+    unparsed = st.session_state.get(UNPARSED_KEY, {})
+    for key in [k for k in unparsed if k.startswith("pd-")]:
+        del unparsed[key]  # nor text typed before
     st.session_state[NAME_KEY] = pipeline_files.check_name(name or "")  # saving again replaces this file
     st.session_state["pipeline-desc"] = spec.description
     st.session_state["pipeline-message"] = ("success", f"Loaded {pipeline_files.path_for(config_dir, name or '')}")
@@ -287,25 +299,35 @@ if mode == "Base":
         st.error(md_escape(exc))
     if spec is not None:
         st.caption(md_escape(" → ".join(f"{s.name} ({stage_summary(s)})" for s in spec.stages)))
-        with st.expander("Generation settings for this run"):
-            st.caption("Blank keeps the pipeline's value (shown greyed). 'All stages' sets the pipeline's "
-                       "defaults: a stage or model call with its own value keeps it; set it on that stage's tab.")
-            tabs = st.tabs(["All stages", *(s.name for s in spec.stages)])
-            with tabs[0]:
-                values = overrides_form(FIELDS, key="gen-defaults",
-                                        current=params_form.current_values(spec.defaults, FIELDS), errors=form_errors)
-                assignments += params_form.overrides(values, "defaults")
-            for tab, stage in zip(tabs[1:], spec.stages, strict=True):
-                with tab:
-                    values = overrides_form(FIELDS, key=f"gen-{stage.name}",
-                                            current=params_form.current_values(stage, FIELDS), errors=form_errors)
-                    assignments += params_form.overrides(values, stage.name)
+        # (scope, its current values): the pipeline's defaults, then each stage. What the user fills in is
+        # kept by widget key, so a folded box or another tab still applies to the run.
+        scopes = [("defaults", params_form.current_values(spec.defaults, FIELDS)),
+                  *((s.name, params_form.current_values(s, FIELDS)) for s in spec.stages)]
+        filled: dict[str, dict[str, Any]] = st.session_state.setdefault(RUN_SETTINGS_KEY, {})
+        shown: set[str] = set()
+        box, is_open = fold("Generation settings for this run", key="gen-open")
+        if is_open:
+            with box:
+                st.caption("Blank keeps the pipeline's value (shown greyed). 'All stages' sets the pipeline's "
+                           "defaults: a stage or model call with its own value keeps it; set it on that stage's tab.")
+                tabs = st.tabs(["All stages", *(s.name for s in spec.stages)], key="gen-tab", on_change="rerun")
+                for tab, (scope, current) in zip(tabs, scopes, strict=True):
+                    if tab.open:
+                        with tab:
+                            filled[f"gen-{scope}"] = overrides_form(FIELDS, key=f"gen-{scope}", current=current,
+                                                                    filled=filled.get(f"gen-{scope}"),
+                                                                    errors=form_errors)
+                        shown.add(scope)
+        for scope, _ in scopes:
+            if scope not in shown:
+                folded_errors(FIELDS, key=f"gen-{scope}", errors=form_errors)
+            assignments += params_form.overrides(filled.get(f"gen-{scope}", {}), scope)
 else:
     if not available:
         st.error("No model is available. Check `chorus models` for the reasons.")
     stages = st.session_state.setdefault(BUILDER_KEY, [stage_builder.new_stage(1, available)])
     defaults = st.session_state.setdefault(DEFAULTS_KEY, {})
-    with st.expander("Pipeline: save, load, defaults"):
+    with st.expander("Pipeline: save, load"):
         saved = pipeline_files.list_saved(config_dir)
         row = st.columns([3, 1], vertical_alignment="bottom")
         row[0].selectbox(f"Saved pipelines (in {md_escape(pipeline_files.pipelines_dir(config_dir))})", saved,
@@ -328,17 +350,23 @@ else:
         message = st.session_state.get("pipeline-message")
         if message:
             (st.success if message[0] == "success" else st.error)(md_escape(message[1]))
-        st.markdown("**Pipeline defaults** (every stage inherits these; blank: the model's or server's default)")
-        defaults.update(param_inputs(FIELDS, key="pd", values=defaults, blank="not set", errors=form_errors))
-        c = st.columns(4)
-        load = ((c[0], "n_ctx", MIN_N_CTX, MAX_N_CTX, 256), (c[1], "n_gpu_layers", -1, 1000, 1))
-        for col, key, low, high, step in load:
-            value = col.number_input(key, low, high, defaults.get(key), step, key=f"pd-{key}", placeholder="not set")
-            defaults[key] = None if value is None else int(value)
-        defaults["stream_reasoning"] = c[2].checkbox(
-            "Stream stages as reasoning", value=defaults.get("stream_reasoning", True), key="pd-stream_reasoning",
-            help="chorus api: a streamed answer shows every earlier stage as `reasoning_content` (a thinking "
-                 "block in Open WebUI); off: only chorus-aware clients see them")
+    box, is_open = fold("Pipeline defaults", key="defaults-open")  # not "pd-": loading resets those keys
+    if is_open:
+        with box:
+            st.caption("Every stage inherits these; blank: the model's or server's default.")
+            defaults.update(param_inputs(FIELDS, key="pd", values=defaults, blank="not set", errors=form_errors))
+            c = st.columns(4)
+            load = ((c[0], "n_ctx", MIN_N_CTX, MAX_N_CTX, 256), (c[1], "n_gpu_layers", -1, 1000, 1))
+            for col, key, low, high, step in load:
+                value = col.number_input(key, low, high, defaults.get(key), step, key=f"pd-{key}",
+                                         placeholder="not set")
+                defaults[key] = None if value is None else int(value)
+            defaults["stream_reasoning"] = c[2].checkbox(
+                "Stream stages as reasoning", value=defaults.get("stream_reasoning", True), key="pd-stream_reasoning",
+                help="chorus api: a streamed answer shows every earlier stage as `reasoning_content` (a thinking "
+                     "block in Open WebUI); off: only chorus-aware clients see them")
+    else:
+        folded_errors(FIELDS, key="pd", errors=form_errors)
     st.subheader("Stages")
     for i, stage in enumerate(stages):
         stage_editor(i, stage)
