@@ -18,12 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli.output import positive_int
 from cli.secret_input import SecretOnCommandLine, read_secret
 from cli.ui import supervise
-from orchestrator.app import own_group_dying_with_parent
 from orchestrator.config.hosts import allowed_host_entry, is_loopback
-from orchestrator.config.schema import default_config_dir, load_config
 from orchestrator.errors import ChorusError, ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -101,6 +98,11 @@ def api_key_for(args: argparse.Namespace) -> str | None:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    # here, not at the top: `chorus --help` reads this module's defaults (cli/commands.py) and loads no pydantic.
+    # No orchestrator.app either: uvicorn's child imports the engine itself
+    from orchestrator.children import own_group_dying_with_parent
+    from orchestrator.config.schema import default_config_dir, load_config
+
     api_key = api_key_for(args)
     check_bind(args.host, api_key)
     allowed_hosts = allowed_hosts_arg(args.allowed_host)
@@ -121,32 +123,3 @@ def cmd_api(args: argparse.Namespace) -> int:
     child = subprocess.Popen(uvicorn_command(args.host, args.port, verbose=args.verbose), env=env,
                              preexec_fn=lambda: own_group_dying_with_parent(signal.SIGTERM))
     return supervise(child, grace_s=GRACEFUL_SHUTDOWN_S + 10.0)
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("api", parents=[common],
-                       help="serve every pipeline and model through an OpenAI-compatible HTTP API",
-                       description="Serve the OpenAI-compatible API: GET /v1/models, POST /v1/chat/completions "
-                                   "and /v1/completions. Pipelines are the models chorus/base and "
-                                   "chorus/<name> (config dir's pipelines/<name>.yaml); registered models are "
-                                   "proxied to their llama-server.")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help="address to listen on (default: 127.0.0.1, this machine only; any other needs a key)")
-    p.add_argument("--port", type=positive_int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
-    p.add_argument("--api-key-file", default=None, metavar="FILE",
-                   help=f"file holding the key clients must send as 'Authorization: Bearer KEY' (default: "
-                        f"${ENV_KEY}, else asked for on a terminal); required when --host is not a loopback "
-                        "address")
-    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)  # refused with a hint: `ps` shows argv
-    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
-                   help="a Host: name to answer besides localhost, 127.0.0.1 and [::1] (repeatable; '*' = any); "
-                        "default: app.yaml's api.allowed_hosts. Other names get 403 (DNS rebinding)")
-    p.add_argument("--max-runs", type=positive_int, default=DEFAULT_MAX_RUNS,
-                   help="pipeline runs and model requests going at once, sharing the servers' slots; more wait "
-                        f"in the queue (a model request in its server's own) (default: {DEFAULT_MAX_RUNS})")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help="requests waiting for a place; more answer 429 with Retry-After (0: no queue; "
-                        f"default: {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--max-body-kib", type=positive_int, default=DEFAULT_MAX_BODY_KIB,
-                   help=f"largest request body in KiB; larger answer 413 (default: {DEFAULT_MAX_BODY_KIB})")
-    p.set_defaults(func=cmd_api)

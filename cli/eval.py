@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from cli.output import positive_int, print_table
+from cli.output import print_table
 from cli.run import ctrl_c_cancels
 from orchestrator.app import Chorus, install_signal_cleanup
 from orchestrator.config.schema import load_config
 from orchestrator.engine.run import CancelToken
 from orchestrator.eval.items import BUNDLED, load_questions
 from orchestrator.eval.report import EvalReport, build_report
-from orchestrator.eval.run import JUDGE_MAX_TOKENS, EvalError, EvalRunner, EvalSpec, Progress
+from orchestrator.eval.run import EvalError, EvalRunner, EvalSpec, Progress
 from orchestrator.eval.scoring import Interval
 from orchestrator.eval.store import EvalStore
 
@@ -184,31 +184,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
           + f", {spec.concurrency} at once" + ("" if args.concurrency else " (what fits)"),
           file=sys.stderr)
     return _emit(_run(runner, eval_id, chorus), args)
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("eval", parents=[common],
-                       help="evaluate the pipeline against its member models on a question set (list, show, resume)",
-                       description="chorus eval [QUESTIONS.jsonl] runs every question through the pipeline and each "
-                                   "of its models alone, scores the answers and stores the eval in "
-                                   "<sessions_dir>/eval.db. Without a file the bundled basic set is used. "
-                                   "`chorus eval list`, `chorus eval show ID`, `chorus eval resume ID` (a file "
-                                   "named like an action: write ./list).")
-    p.add_argument("target", nargs="?", default=None, metavar="QUESTIONS.jsonl | list | show | resume",
-                   help="a JSONL question file (default: the bundled basic set), or an action")
-    p.add_argument("id", nargs="?", default=None, help="the eval id for show and resume (e.g. 3 or eval_003)")
-    p.add_argument("--pipeline", default="base", help="'base' (config/pipeline.yaml) or a pipeline file")
-    p.add_argument("--baselines", choices=["members", "none"], default="members",
-                   help="members: each model of the pipeline alone, same generation parameters (default)")
-    p.add_argument("--judge", default=None, metavar="MODEL",
-                   help="a judge model: rubric score of every answer, and pipeline vs each baseline in both orders")
-    p.add_argument("--judge-max-tokens", type=positive_int, default=JUDGE_MAX_TOKENS, help="the judge's max_tokens")
-    p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions (list: N evals)")
-    p.add_argument("--concurrency", type=positive_int, default=None,
-                   help="runs and judge calls at once; they share each server's slots (default: as many as fit "
-                        "in memory, at most app.yaml's server.max_slots; each start still passes the memory check)")
-    p.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE",
-                   help="override a pipeline parameter, e.g. defaults.max_tokens=64 (repeatable)")
-    p.add_argument("--items", action="store_true", help="show: every item with its answers and sessions")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_eval)

@@ -67,12 +67,3 @@ def cmd_init(args: argparse.Namespace) -> int:
     for i, step in enumerate(next_steps(target), 1):
         print(f"  {i}. {step}")
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("init", parents=[common],
-                       help="write the default config (app.yaml, models.yaml, pipeline.yaml) into a folder")
-    p.add_argument("dir", nargs="?", type=Path, default=None,
-                   help="the folder (default: $CHORUS_HOME/config, else ~/.config/chorus)")
-    p.add_argument("--force", action="store_true", help="overwrite config files that are already there")
-    p.set_defaults(func=cmd_init)

@@ -221,20 +221,3 @@ def _replace_validated(target: Path, text: str, mode: int, name: str, before: di
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-# ---------------------------------------------------------------- wiring
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("models", parents=[common],
-                       help="list configured models and whether they are usable, and .gguf files not yet added")
-    p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.set_defaults(func=cmd_models)
-    actions = p.add_subparsers(dest="models_command", metavar="[list | add FILE]")
-    a = actions.add_parser("list", parents=[common], help="the same as `chorus models`")
-    a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print a JSON list")
-    a.set_defaults(func=cmd_models)
-    a = actions.add_parser("add", parents=[common], help="add a .gguf file to models.yaml (comments kept)")
-    a.add_argument("file", help="a .gguf file: a name in models_dir or a path")
-    a.add_argument("--name", default=None, help="the model's name in models.yaml (default: from the file name)")
-    a.set_defaults(func=cmd_models_add)

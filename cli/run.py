@@ -288,15 +288,6 @@ def cmd_history_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _duration(text: str) -> float:
-    from orchestrator.history.export import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def cmd_history_reindex(args: argparse.Namespace) -> int:
     store = _store(args)
     report = store.reindex()
@@ -307,75 +298,3 @@ def cmd_history_reindex(args: argparse.Namespace) -> int:
     for sid, why in report.skipped.items():
         print(f"  {sid}: skipped: {why}")
     return 0
-
-
-# ---------------------------------------------------------------- wiring
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("run", parents=[common], help="run the base pipeline (or a manual one) for a question")
-    p.add_argument("question", help="the question; - reads it from stdin")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--pipeline", type=Path, help="a base-mode pipeline file instead of config/pipeline.yaml")
-    src.add_argument("--manual", type=Path, help="a manual pipeline file (runs with whatever models are available)")
-    _run_options(p)
-    p.set_defaults(func=cmd_run)
-
-    h = sub.add_parser("history", parents=[common],
-                       help="list, show, search, rerun, export and remove saved sessions")
-    hs = h.add_subparsers(dest="history_command", metavar="ACTION")
-    hs.required = True
-    p = hs.add_parser("list", parents=[common], help="saved sessions, newest first")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_history_list)
-    p = hs.add_parser("show", parents=[common], help="every step of one session")
-    p.add_argument("id", help="e.g. 7 or session_007")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--png", type=Path, metavar="FILE",
-                   help="also write the run's timeline (one bar per model call, with tokens/s) as a PNG image")
-    p.set_defaults(func=cmd_history_show)
-    p = hs.add_parser("search", parents=[common], help="full-text search in questions, answers and steps")
-    p.add_argument("text")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_history_search)
-    p = hs.add_parser("rerun", parents=[common], help="run a session again from stage N (a new linked session)")
-    p.add_argument("id")
-    p.add_argument("--stage", type=int, required=True, help="first stage to run again (1-based)")
-    _run_options(p)
-    p.set_defaults(func=cmd_history_rerun)
-    p = hs.add_parser("reindex", parents=[common], help="rebuild the SQLite index from the session files")
-    p.set_defaults(func=cmd_history_reindex)
-    p = hs.add_parser("export", parents=[common], help="one session as a Markdown report or as JSON",
-                      description="Write one session as a readable Markdown report (question, each step and each "
-                                  "model's answer, the aggregation, the final answer) or as JSON (what "
-                                  "`history show --json` prints).")
-    p.add_argument("id", help="e.g. 7 or session_007")
-    p.add_argument("--format", choices=["md", "json"], default="md", help="md (default) or json")
-    p.add_argument("-o", "--output", type=Path, metavar="FILE",
-                   help="write to FILE (a folder: chorus-session_NNN.md in it); default: stdout")
-    p.set_defaults(func=cmd_history_export)
-    p = hs.add_parser("rm", parents=[common], help="remove sessions (their folders and index rows)",
-                      description="Remove sessions: their folders and their rows in the index. A session that a "
-                                  "running chorus still writes is refused. Session ids are never reused.")
-    p.add_argument("ids", nargs="+", metavar="ID", help="e.g. 7 or session_007 (several allowed)")
-    p.add_argument("--force", action="store_true",
-                   help="remove a session marked running whose writer cannot be checked (another host)")
-    p.set_defaults(func=cmd_history_rm)
-    p = hs.add_parser("prune", parents=[common], help="remove sessions older than a duration",
-                      description="Remove every session created more than --older-than ago (sessions still "
-                                  "running are kept), and drop index rows of sessions whose files are gone.")
-    p.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
-                   help="e.g. 30d, 12h, 90m, 2w, 1d12h")
-    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
-    p.add_argument("--json", action="store_true", help="print what was removed as JSON")
-    p.set_defaults(func=cmd_history_prune)
-
-
-def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE",
-                   help="override a stage parameter, e.g. review.temperature=0.2 (repeatable; 'defaults.' for all)")
-    p.add_argument("--json", action="store_true", help="print the run as JSON")
-    p.add_argument("--allow-sequential", action="store_true",
-                   help="in manual mode, run a stage's models one after another when they do not fit together")

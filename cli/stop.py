@@ -41,10 +41,3 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def _what(r: ServerRecord) -> str:
     return f"{r.model} (pid {r.pid}, port {r.port}, started by pid {r.owner_pid})"
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("stop", parents=[common], help="stop the llama-servers of a model (or all) that chorus started")
-    p.add_argument("model", nargs="?", help="a model name, as `chorus ps` lists it")
-    p.add_argument("--all", action="store_true", help="stop every llama-server chorus started (this user's)")
-    p.set_defaults(func=cmd_stop, parser=p)

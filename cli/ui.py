@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 from cli.secret_input import SecretOnCommandLine, read_secret
-from orchestrator.app import own_group_dying_with_parent
 from orchestrator.config.hosts import is_loopback
-from orchestrator.config.schema import default_config_dir
 from orchestrator.errors import ChorusError
 
 TOKEN_ENV = "CHORUS_UI_TOKEN"  # what ui/auth.py reads
@@ -94,6 +92,11 @@ def ui_token(args: argparse.Namespace) -> str | None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    # here, not at the top: `chorus --help` reads TOKEN_ENV (cli/commands.py) and loads no pydantic. No
+    # orchestrator.app either: Streamlit's child imports the engine itself
+    from orchestrator.children import own_group_dying_with_parent
+    from orchestrator.config.schema import default_config_dir
+
     token = ui_token(args)
     config_dir = Path(args.config_dir or default_config_dir()).expanduser().resolve()
     env = {**os.environ, "CHORUS_CONFIG_DIR": str(config_dir)}
@@ -152,18 +155,3 @@ def supervise(child: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> 
     if not received:
         return code
     return 0 if received[0] == signal.SIGINT else 128 + received[0]
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("ui", parents=[common], help="start the Streamlit UI")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: 127.0.0.1, this machine only; any other needs "
-                        "--allow-remote and a token)")
-    p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--allow-remote", action="store_true",
-                   help="allow a --host beyond loopback (other machines can then reach the UI; a token is required)")
-    p.add_argument("--token-file", default=None, metavar="FILE",
-                   help=f"file holding the token each browser session must give (default: ${TOKEN_ENV}, else asked "
-                        "for on a terminal when needed); optional on loopback")
-    p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused with a hint: `ps` shows argv
-    p.set_defaults(func=cmd_ui)

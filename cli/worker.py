@@ -13,7 +13,6 @@ import signal
 import sys
 from pathlib import Path
 
-from orchestrator.app import RPC_DEFAULT_PORT as DEFAULT_PORT
 from orchestrator.app import find_rpc_server, is_loopback, query_memory, start_worker
 from orchestrator.units import fmt_bytes
 
@@ -54,17 +53,3 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 0 if worker.process.returncode in (None, 0, -signal.SIGTERM) else 1
     finally:
         worker.stop()
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("worker", parents=[common],
-                       help="run a llama.cpp RPC worker here: other machines' models put layers on it "
-                            "(trusted networks only: the protocol has no authentication)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; anything else must be a trusted network)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--mem", type=int, metavar="MB", default=None,
-                   help="cap the worker's memory at MB MiB (its address space; rpc-server itself has no limit)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the worker's computations")
-    p.add_argument("--log", default=None, metavar="FILE", help="append rpc-server's output to FILE")
-    p.set_defaults(func=cmd_worker)

@@ -139,7 +139,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("launcher.errors",),
     ("launcher.process",),                        # servers, pool, client, binary, rpc, state
     ("launcher.memory",),                         # gguf, estimate, probes, schedule, admission: uses process
-    ("orchestrator", "orchestrator.units", "orchestrator.errors", "orchestrator.spelling", "orchestrator.records"),
+    ("orchestrator", "orchestrator.units", "orchestrator.errors", "orchestrator.spelling", "orchestrator.records",
+     "orchestrator.limits", "orchestrator.children"),  # light re-exports: the CLI parser, the ui/api supervisors
     ("orchestrator.config",),                     # schema, yaml, overrides, registry, aggregator allow-list
     ("orchestrator.rag", "orchestrator.logs"),    # document store and retrieval (the plan and engine read it)
     ("orchestrator.plan",),                       # resolve once; the memory what-if (no Runtime import)

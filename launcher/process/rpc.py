@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import ChorusError, ServerError, ServerStartError, connection_reason
+from launcher.process.limits import RPC_DEFAULT_PORT
 from launcher.units import MiB, fmt_bytes
 
 PROTO_MAJOR = 7
@@ -35,7 +36,7 @@ CMD_GET_DEVICE_MEMORY = 11
 CMD_HELLO = 14
 CMD_DEVICE_COUNT = 15
 CONN_CAPS_SIZE = 24
-DEFAULT_PORT = 50052
+DEFAULT_PORT = RPC_DEFAULT_PORT  # defined in limits.py, which argument parsers import without this module
 AS_BASELINE_BYTES = 256 * MiB  # the worker's own mappings (binary, libraries, stacks) above its --mem
 _ENDPOINT = re.compile(r"^(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
 

@@ -56,6 +56,8 @@ from launcher.errors import (
     ServerStartTimeout,
 )
 from launcher.process import state
+from launcher.process.limits import MAX_N_CTX as MAX_N_CTX  # the n_ctx bounds, re-exported from their light home
+from launcher.process.limits import MIN_N_CTX as MIN_N_CTX
 from launcher.process.state import group_members
 
 # llama-server keeps up to 32 copies of a slot's SWA cache by default (1.4 GiB for the demo at 32k x 3 slots),
@@ -78,8 +80,6 @@ log = logging.getLogger("chorus.server")
 
 LOG_TAIL_LINES = 25
 PR_SET_PDEATHSIG = 1
-MIN_N_CTX = 64          # per slot: the smallest context anything may ask for (models.yaml, --set, --n-ctx, the UI)
-MAX_N_CTX = 4_194_304   # the largest (config/schema.py's bounds are these two)
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 LOG_KEEP = 5                    # llama-server logs kept per model, the new one included

@@ -25,6 +25,7 @@ from orchestrator.eval.items import EvalItem
 from orchestrator.eval.report import EvalReport, build_report
 from orchestrator.eval.scoring import score_reference
 from orchestrator.eval.store import EvalStore
+from orchestrator.limits import JUDGE_MAX_TOKENS as JUDGE_MAX_TOKENS  # defined there, light for the CLI's parser
 from orchestrator.plan.resolve import RunMode, RunPlan
 from orchestrator.records import ErrorInfo, RunRecord
 from orchestrator.runs import Runner
@@ -33,7 +34,6 @@ from orchestrator.runtime import Runtime
 PIPELINE = "pipeline"
 BASELINE_PROMPT = "Question: {{ question }}\nAnswer:"
 """A member's prompt when it runs alone: plain enough for chat models, and a base model answers it."""
-JUDGE_MAX_TOKENS = 256
 
 
 class EvalError(ChorusError):
