@@ -25,7 +25,7 @@ from orchestrator.config.locations import CONFIG_FILES
 from tests.clirun import run_main
 from tests.conftest import REPO
 
-SOURCES = ("api", "launcher", "orchestrator", "ui", "config", "pyproject.toml", "README.md")
+SOURCES = ("api", "cli", "launcher", "orchestrator", "ui", "config", "pyproject.toml", "README.md")
 pytestmark = pytest.mark.xdist_group("installed-wheel")  # one worker builds the wheel (`site`), not each
 
 
@@ -81,9 +81,9 @@ def outside(tmp_path: Path, site: Path) -> Outside:
 
 def test_installed_package_is_imported_from_the_install_not_the_checkout(
         site: Path, outside: Outside) -> None:
-    code = ("import json, launcher, orchestrator, ui; from launcher.process.binary import checkout_bin; "
+    code = ("import json, api, cli, launcher, orchestrator, ui; from launcher.process.binary import checkout_bin; "
             "from orchestrator.config.locations import find_config_dir; "
-            "print(json.dumps([launcher.__file__, orchestrator.__file__, ui.__file__, str(checkout_bin()), "
+            "print(json.dumps([m.__file__ for m in (api, cli, launcher, orchestrator, ui)] + [str(checkout_bin()), "
             "str(find_config_dir().path)]))")
     done = outside.run(sys.executable, "-c", code)
     assert done.returncode == 0, done.stderr
@@ -92,7 +92,7 @@ def test_installed_package_is_imported_from_the_install_not_the_checkout(
     assert checkout == "None"  # an installed copy never looks for a checkout's bin/
     assert Path(config) == site / "orchestrator" / "config" / "defaults"
     top = sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info"))
-    assert top == ["api", "bin", "launcher", "orchestrator", "ui"]  # the user's top level, no tests/ or bench/
+    assert top == ["api", "bin", "cli", "launcher", "orchestrator", "ui"]  # the user's top level, no tests/ or bench/
     assert (site / "ui" / "app.py").is_file() and (site / "ui" / "pages" / "run.py").is_file()
 
     helped = outside.chorus("--help")

@@ -78,17 +78,18 @@ def test_the_run_page_resolves_the_plan_once_per_render(ui_env: ConfigDir, monke
     assert calls == ["base"]  # one resolution feeds the memory plan and the machine view, in the run's mode
 
 
-def test_the_memory_chart_is_drawn_only_while_the_memory_plan_is_open(ui_env: ConfigDir) -> None:
+def test_the_memory_plan_is_drawn_only_while_its_box_is_open(ui_env: ConfigDir) -> None:
     def memory_box(at: AppTest):
         return next(e for e in at.expander if e.label == "Memory plan")
 
     at = app("run")
     closed = memory_box(at)
-    assert not closed.get("image") and closed.get("dataframe")  # the tables are there, the chart is not drawn
+    assert not closed.get("image") and not closed.get("dataframe")  # nothing drawn, nothing converted
     at.session_state["memory-plan"] = True  # the user opens the box
     at.run()
     assert not at.exception
-    assert len(memory_box(at).get("image")) == 1
+    opened = memory_box(at)
+    assert len(opened.get("image")) == 1 and opened.get("dataframe")  # the chart and a table per stage
 
 
 def test_base_mode_is_disabled_with_the_reason_when_a_model_is_missing(ui_env: ConfigDir) -> None:

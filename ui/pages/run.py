@@ -399,22 +399,22 @@ if mode == "Manual":
 allow_sequential = True
 if pipeline is not None:
     planned: Planned | None = None
-    # The chart (a matplotlib PNG, most of a rerun's time) is drawn only while the box is open: the page
-    # reruns on every widget change, and a closed box's content would be drawn and thrown away each time.
+    try:
+        planned = rt.plan(pipeline)  # resolved once: the memory plan, its warning and the machine view read it
+    except ChorusError as exc:
+        st.error(md_escape(exc))
+    # The box's content (the chart, a matplotlib PNG, most of a rerun's time, and a table per stage) is built
+    # only while it is open: the page reruns on every widget change, and a closed box's content would be
+    # drawn and thrown away each time. What the user must see (does not fit) is said outside it.
     memory_box = st.expander("Memory plan", expanded=False, key="memory-plan", on_change="rerun")
-    with memory_box:
-        try:
-            planned = rt.plan(pipeline)  # resolved once: the memory plan and the machine view read the same
-        except ChorusError as exc:
-            st.error(md_escape(exc))
-        if planned is not None:
+    if planned is not None and memory_box.open:
+        with memory_box:
             run_plan, plan = planned.run, planned.memory
             res = rt.config.app.resources
             st.caption(md_escape(plan_header(plan, res.fraction, res.fixed_mib)))
-            if memory_box.open:
-                from orchestrator.charts import memory_chart  # matplotlib: imported when first drawn
+            from orchestrator.charts import memory_chart  # matplotlib: imported when first drawn
 
-                st.pyplot(memory_chart(plan), clear_figure=False)  # per device, per wave: weights, KV, compute
+            st.pyplot(memory_chart(plan), clear_figure=False)  # per device, per wave: weights, KV, compute
             for sp in plan.stages:
                 st.markdown(f"**{md_escape(sp.stage)}** — {md_escape(stage_headline(sp))}")
                 st.dataframe([{"wave": r["wave"], "model": r["model"], "calls": r["labels"], "slots": r["slots"],
