@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.errors import ChorusError
 from launcher.fileio import write_text_atomic
@@ -46,15 +46,18 @@ from orchestrator.engine.backend import Backend
 from orchestrator.engine.events import Observer
 from orchestrator.engine.run import AllowSequential, CancelToken
 from orchestrator.errors import ModelUnavailable
-from orchestrator.eval.items import EvalItem
-from orchestrator.eval.run import JUDGE_MAX_TOKENS, EvalRunner, EvalSpec, ProgressFn, build_spec
-from orchestrator.eval.store import EvalStore
 from orchestrator.history.store import SessionStore
+from orchestrator.limits import JUDGE_MAX_TOKENS
 from orchestrator.plan.memory import MemoryPlan, plan_memory, runs_that_fit
 from orchestrator.plan.resolve import RunMode, RunPlan
 from orchestrator.rag.embed import HttpEmbedder
 from orchestrator.runs import Rerun, Runner, RunOutcome
 from orchestrator.runtime import Runtime, runtime_embedder
+
+if TYPE_CHECKING:  # evals are imported when one is made: a run, the API and the UI's other pages never load them
+    from orchestrator.eval.items import EvalItem
+    from orchestrator.eval.run import EvalRunner, EvalSpec, ProgressFn
+    from orchestrator.eval.store import EvalStore
 
 log = logging.getLogger("chorus.app")
 
@@ -378,6 +381,8 @@ class Chorus:
                   judge_max_tokens: int = JUDGE_MAX_TOKENS, concurrency: int | None = None) -> EvalSpec:
         """The systems of an eval of a checked pipeline: it, then each member model alone. Without a
         `concurrency`, as many items go at once as fit (`runs_that_fit`, at most server.max_slots)."""
+        from orchestrator.eval.run import build_spec
+
         spec = build_spec(self.runtime, pipeline.spec, mode=pipeline.mode, baselines=baselines, judge=judge,
                           judge_max_tokens=judge_max_tokens, concurrency=concurrency or 1)
         if concurrency is None:
@@ -402,9 +407,13 @@ class Chorus:
         self.runtime.expect_runs(runs)
 
     def eval_runner(self, *, backend: Backend | None = None, on_progress: ProgressFn | None = None) -> EvalRunner:
+        from orchestrator.eval.run import EvalRunner
+
         return EvalRunner(self.runtime, store=self.eval_store(), backend=backend, on_progress=on_progress)
 
     def eval_store(self) -> EvalStore:
+        from orchestrator.eval.store import EvalStore
+
         return EvalStore(self.config.sessions_dir)
 
     def start_eval(self, spec: EvalSpec, items: Iterable[EvalItem], *, source: str,
