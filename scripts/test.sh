@@ -87,6 +87,9 @@ if [[ $tier == rest ]]; then
   serial_rc=$?
   set -e
 fi
+if [[ $tier == fast ]]; then
+  .venv/bin/python scripts/warm_test_caches.py  # a fresh clone: its caches filled once, not once per worker
+fi
 echo "== pytest ($tier)"
 set +e
 .venv/bin/python -m pytest "${markers[@]}" "$@"
