@@ -8,6 +8,8 @@
 # machine reuses it; a fresh machine builds it (about 9 minutes on 2 cores).
 #
 # Env: CHORUS_CUDA=1 forces a CUDA build (auto when nvcc is on PATH);
+#      CHORUS_CUDA_ARCHITECTURES=90 (or native, or "80;90") builds the CUDA kernels for those GPUs only:
+#        llama.cpp's default list compiles every kernel for every architecture, the slow part of a CUDA build;
 #      CHORUS_BUILD_JOBS=N parallel jobs (default: nproc).
 set -euo pipefail
 
@@ -25,6 +27,9 @@ PYTHON="${PYTHON:-python3}"
 variant=cpu
 if [[ "${CHORUS_CUDA:-}" == "1" ]] || { [[ "${CHORUS_CUDA:-}" != "0" ]] && command -v nvcc >/dev/null 2>&1 && command -v nvidia-smi >/dev/null 2>&1; }; then
   variant=cuda
+  if [[ -n "${CHORUS_CUDA_ARCHITECTURES:-}" ]]; then
+    variant="cuda-$(printf '%s' "$CHORUS_CUDA_ARCHITECTURES" | tr -c 'A-Za-z0-9' '_')"  # its own cache entry
+  fi
 fi
 
 if [[ -n "${LLAMA_CPP_SRC:-}" ]]; then
@@ -105,8 +110,11 @@ if [[ "$(uname -m)" == x86_64 ]]; then
   cmake_args+=("-DCMAKE_C_FLAGS=$no_amx" "-DCMAKE_CXX_FLAGS=$no_amx" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
                -DGGML_AMX_BF16=OFF)
 fi
-if [[ "$variant" == cuda ]]; then
+if [[ "$variant" == cuda* ]]; then
   cmake_args+=(-DGGML_CUDA=ON)
+  if [[ -n "${CHORUS_CUDA_ARCHITECTURES:-}" ]]; then
+    cmake_args+=("-DCMAKE_CUDA_ARCHITECTURES=$CHORUS_CUDA_ARCHITECTURES")
+  fi
 fi
 
 echo "Building llama-server ($version_tag) from $src with $JOBS jobs; about 9 minutes on 2 cores..."
