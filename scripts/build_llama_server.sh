@@ -9,7 +9,7 @@
 #
 # Env: CHORUS_CUDA=1 forces a CUDA build (auto when nvcc is on PATH);
 #      CHORUS_CUDA_ARCHITECTURES=90 (or native, or "80;90") builds the CUDA kernels for those GPUs only:
-#        llama.cpp's default list compiles every kernel for every architecture, the slow part of a CUDA build;
+#        llama.cpp's default list compiles every kernel for each architecture on it;
 #      CHORUS_BUILD_JOBS=N parallel jobs (default: nproc).
 set -euo pipefail
 
@@ -119,6 +119,7 @@ fi
 
 echo "Building llama-server ($version_tag) from $src with $JOBS jobs; about 9 minutes on 2 cores..."
 start=$(date +%s)
+mkdir -p "$CACHE"  # LLAMA_CPP_SRC skips the download, which made it
 cmake "${cmake_args[@]}" >"$CACHE/build-$version_tag.log" 2>&1 || { tail -n 30 "$CACHE/build-$version_tag.log" >&2; exit 1; }
 cmake --build "$build" --target llama-server ggml-rpc-server -j "$JOBS" >>"$CACHE/build-$version_tag.log" 2>&1 \
   || { tail -n 30 "$CACHE/build-$version_tag.log" >&2; exit 1; }
