@@ -7,12 +7,13 @@ Per K in 1, 4, 8, 16 (a bounded number of requests and a time limit per phase):
 - **proxied model** (smollm2-135m, chat, `max_tokens` fixed and `ignore_eos`, so every answer is the same
   length): requests/s, aggregate completion tokens/s, p50/p95 latency, 429s. The **baseline** in the same
   run: the very argv of the llama-server chorus started for it (same slots, threads, n_ctx, flags) started
-  by hand on another port, given the same load straight. Phases alternate chorus, baseline, chorus,
-  baseline (4 rounds); each side's figure is over all of its phases. With more requests than slots,
-  llama-server now and then holds one queued request for most of a phase (seen on the hand-started server as
-  on chorus's: one request of 9.7 s in a 10 s phase whose p50 was 4.3 s), so one phase can move a side's
-  figure by a quarter: four rounds make that luck count less. Target: chorus's tokens/s ≥ 0.95× the
-  baseline's at every K.
+  by hand on another port, given the same load straight. The two sides take turns in short phases (8
+  requests, 2K from K=8) in ABBA order for `--seconds-per-k` (160 s); each side's figure is over all of its
+  phases. This host's speed jumps by up to 1.8x from one second to the next (a fixed CPU loop took
+  0.13-0.24 s), so one phase can stray ±25% (`by_round`): four long rounds (the earlier design) put the
+  same server against itself at 1.058, the turns of 2 s brought that to 0.98-1.00. `measurement_check`
+  runs the same method with the hand server on both sides: how far noise alone moves the ratio.
+  Target: chorus's tokens/s ≥ 0.95× the baseline's at every K.
 - **pipeline** (`chorus/load`: two stages of smollm2): the same figures, and sessions recorded vs requests
   accepted (must be equal: nothing lost).
 
@@ -248,6 +249,39 @@ def load(send: Send, k: int, requests: int, time_limit_s: float) -> Phase:
     return phase
 
 
+def paired(first: Send, second: Send, k: int, n: int, budget_s: float, time_limit_s: float
+           ) -> tuple[Phase, Phase, list[float]]:
+    """Short phases of `n` requests from `k` clients, the two sides in ABBA order, until `budget_s` is spent
+    (whole ABBA quads, at least one): each side's figure is over all of its phases, so both meet the same
+    moments of this host, whose speed jumps by up to 1.8x from one second to the next (a fixed CPU loop
+    took 0.13-0.24 s); the paired ratios of each round say how far one phase can stray."""
+    mine, theirs, ratios = Phase(), Phase(), []
+    started, r = time.monotonic(), 0
+    while r < 2 or r % 2 or time.monotonic() - started < budget_s:
+        if r % 2 == 0:
+            a = load(first, k, n, time_limit_s)
+            b = load(second, k, n, time_limit_s)
+        else:
+            b = load(second, k, n, time_limit_s)
+            a = load(first, k, n, time_limit_s)
+        mine.add(a)
+        theirs.add(b)
+        a_tps, b_tps = a.figures()["tokens_per_s"], b.figures()["tokens_per_s"]
+        ratios.append(a_tps / b_tps if b_tps else 0.0)
+        r += 1
+    return mine, theirs, ratios
+
+
+def ratio_of(mine: Phase, theirs: Phase) -> float:
+    m, t = mine.figures()["tokens_per_s"], theirs.figures()["tokens_per_s"]
+    return round(m / t, 3) if t else 0.0
+
+
+def spread(ratios: list[float]) -> dict[str, Any]:
+    return {"rounds": len(ratios), "min": round(min(ratios), 3), "median": round(statistics.median(ratios), 3),
+            "max": round(max(ratios), 3)}
+
+
 def chat_body(model: str, i: int, stream: bool = False) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": f"Write a short note number {i} about rivers."}],
             "max_tokens": TOKENS, "temperature": 0.7, "seed": i, "ignore_eos": True, "stream": stream}
@@ -342,12 +376,13 @@ def stopping(stoppers: list[Callable[[], None]]) -> Iterator[None]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ks", default="1,4,8,16", help="concurrent clients, comma-separated")
-    ap.add_argument("--requests", type=int, default=24, help="proxied-model requests per phase (at least 2K)")
+    ap.add_argument("--requests", type=int, default=8, help="proxied-model requests per phase (at least 2K)")
     ap.add_argument("--pipeline-requests", type=int, default=12, help="pipeline requests per K (at least K)")
     ap.add_argument("--time-limit-s", type=float, default=120.0, help="per phase")
-    ap.add_argument("--rounds", type=int, default=4,
-                    help="phases per side and K, alternating (llama-server now and then holds one queued request "
-                         "for most of a phase, on the hand-started server as on chorus's: more phases, less luck)")
+    ap.add_argument("--seconds-per-k", type=float, default=160.0,
+                    help="time for each K's proxied-model phases, both sides (ABBA rounds of short phases)")
+    ap.add_argument("--check-k", type=int, default=4,
+                    help="K of the method's own check, the hand server on both sides (0: none)")
     ap.add_argument("--max-runs", type=int, default=4)
     ap.add_argument("--eval-questions", type=int, default=6)
     ap.add_argument("--skip-eval", action="store_true")
@@ -356,7 +391,8 @@ def main() -> int:
 
     stoppers: list[Callable[[], None]] = []
     result: dict[str, Any] = {"bench": "api_load", "model": MODEL, "pipeline": PIPELINE, "max_tokens": TOKENS,
-                              "max_runs": args.max_runs, "max_queue": QUEUE, "rounds": args.rounds,
+                              "max_runs": args.max_runs, "max_queue": QUEUE, "seconds_per_k": args.seconds_per_k,
+                              "phase_requests": args.requests,
                               "targets": {"tokens_per_s_vs_baseline": TARGET_TOKENS_RATIO,
                                           "rss_growth_30_to_300": TARGET_RSS_GROWTH,
                                           "eval_c3_vs_c1": TARGET_EVAL_RATIO, "sessions_equal_accepted": True}}
@@ -384,23 +420,30 @@ def main() -> int:
         per_k: list[dict[str, Any]] = []
         for k in ks:
             n = max(args.requests, 2 * k)
-            mine, theirs = Phase(), Phase()
-            for _ in range(args.rounds):  # alternate, so drift in the machine's load hits both sides alike
-                mine.add(load(via_chorus, k, n, args.time_limit_s))
-                theirs.add(load(to_hand, k, n, args.time_limit_s))
+            mine, theirs, round_ratios = paired(via_chorus, to_hand, k, n, args.seconds_per_k, args.time_limit_s)
             pipe = load(to_pipeline(api.url), k, max(args.pipeline_requests, k), args.time_limit_s)
             saved = recorded(sessions_dir, pipe.sessions)
             m, t = mine.figures(), theirs.figures()
-            ratio = round(m["tokens_per_s"] / t["tokens_per_s"], 3) if t["tokens_per_s"] else 0.0
-            row = {"k": k, "model": m, "baseline": t, "tokens_per_s_ratio": ratio, "pipeline": pipe.figures(),
+            ratio = ratio_of(mine, theirs)
+            row = {"k": k, "model": m, "baseline": t, "tokens_per_s_ratio": ratio, "by_round": spread(round_ratios),
+                   "pipeline": pipe.figures(),
                    "pipeline_accepted": pipe.ok, "pipeline_sessions_recorded": saved,
                    "pass": ratio >= TARGET_TOKENS_RATIO and saved == pipe.ok and pipe.failed == 0
                    and m["failed"] == 0}
             per_k.append(row)
             print(f"K={k:2d}  model {m['tokens_per_s']:7.1f} tok/s vs hand {t['tokens_per_s']:7.1f} "
-                  f"(x{ratio:.3f})  p50 {m['p50_s']}s p95 {m['p95_s']}s  429s {m['refused_429']}  |  pipeline "
+                  f"(x{ratio:.3f}; {len(round_ratios)} rounds {min(round_ratios):.2f}-{max(round_ratios):.2f})  "
+                  f"p50 {m['p50_s']}s p95 {m['p95_s']}s  429s {m['refused_429']}  |  pipeline "
                   f"{pipe.figures()['requests_per_s']:.2f} req/s p50 {pipe.figures()['p50_s']}s, "
                   f"sessions {saved}/{pipe.ok} accepted", file=sys.stderr)
+        if args.check_k:
+            # the method against itself: the hand server on both sides; how far from 1.0 noise alone moves it
+            same_a, same_b, same_rounds = paired(to_hand, to_hand, args.check_k, max(args.requests, 2 * args.check_k),
+                                                 args.seconds_per_k, args.time_limit_s)
+            result["measurement_check"] = {"k": args.check_k, "tokens_per_s_ratio": ratio_of(same_a, same_b),
+                                           "by_round": spread(same_rounds)}
+            print(f"the method against itself (hand vs hand, K={args.check_k}): "
+                  f"x{result['measurement_check']['tokens_per_s_ratio']:.3f}", file=sys.stderr)
         batching = stream_gain(to_hand, 3, 4)
         result["server_batching"] = {"model": MODEL, "slots": slots, **batching}
         print(f"the hand-started server: 3 requests at once {batching['together_s']:.2f} s, in a row "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from launcher.cpus import cgroup_cpu_limit, usable_cores
 
@@ -34,3 +37,15 @@ def test_cgroup_v1_quota_is_read_in_cores(tmp_path: Path) -> None:
 
 def test_this_process_has_at_least_one_usable_core() -> None:
     assert usable_cores() >= 1
+
+
+def test_usable_cores_follow_a_change_of_affinity_at_once() -> None:
+    everything = os.sched_getaffinity(0)
+    if len(everything) < 2:
+        pytest.skip("one core: no smaller affinity to move to")
+    assert usable_cores() >= 1
+    try:
+        os.sched_setaffinity(0, {min(everything)})
+        assert usable_cores() == 1  # not the remembered count of the wider affinity
+    finally:
+        os.sched_setaffinity(0, everything)
