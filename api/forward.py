@@ -91,19 +91,19 @@ class _Held:
 async def forward(request: Request, proxy: ModelProxy, limiter: Admission, model: str, route: Route,
                   body: CompletionFields) -> Response:
     await limiter.acquire(ahead=True)  # a place (in the server's queue when need be), a wait, or 429
+    if not body.stream:
+        return await _whole(request, proxy, limiter, model, route, body)
     held = _Held(limiter)
     try:
         upstream = await held.stack.enter_async_context(proxy.open(model, route, body.wire()))
     except BaseException:
         await held.close()
         raise
-    if upstream.status_code != 200 or not body.stream:
+    if upstream.status_code != 200:
         try:
-            finished, data = await until_done_or_gone(request, upstream.json(), lambda: None)
+            data = await upstream.json()
         finally:
             await held.close()
-        if not finished:
-            return Response(status_code=GONE)
         return JSONResponse(renamed(data, model), status_code=upstream.status_code)
 
     async def lines() -> AsyncIterator[str]:
@@ -117,6 +117,31 @@ async def forward(request: Request, proxy: ModelProxy, limiter: Admission, model
             await held.close()
 
     return EventStream(lines())
+
+
+async def _whole(request: Request, proxy: ModelProxy, limiter: Admission, model: str, route: Route,
+                 body: CompletionFields) -> Response:
+    """A non-streamed answer, read in one task that is cancelled when the client leaves: the connection to
+    llama-server closes and it stops generating, and the place is given back (waiting for the headers of a
+    non-streamed answer is waiting for the whole generation, max_tokens for nobody)."""
+
+    held = _Held(limiter)
+
+    async def fetch() -> tuple[int, Any]:
+        try:
+            async with proxy.open(model, route, body.wire()) as upstream:
+                return upstream.status_code, await upstream.json()
+        finally:
+            await held.close()
+
+    try:
+        finished, result = await until_done_or_gone(request, fetch(), lambda: None)
+    finally:
+        await held.close()  # also when the task was cancelled before it began (its `finally` never ran)
+    if not finished or result is None:
+        return Response(status_code=GONE)
+    status, data = result
+    return JSONResponse(renamed(data, model), status_code=status)
 
 
 def _rename_line(line: str, model: str) -> str:

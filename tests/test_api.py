@@ -722,6 +722,28 @@ def test_real_client_that_disconnects_cancels_its_run(api: ApiProcess) -> None:
 
 
 @pytest.mark.integration
+def test_real_client_that_leaves_a_non_streamed_model_request_stops_its_generation(api: ApiProcess) -> None:
+    """The connection to llama-server is closed when the client leaves, so the server stops generating
+    (it cancels a request whose connection closed) instead of running on to max_tokens for nobody."""
+    import psutil
+
+    body = {"model": "gemma3-270m", "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True,
+            "temperature": 0.8}
+    httpx.post(f"{api.url}/v1/completions", json={**body, "max_tokens": 2}, timeout=120).raise_for_status()
+    server = psutil.Process(next(s.pid for s in api.running_servers() if s.model == "gemma3-270m"))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{api.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=2.0))
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{api.url}/health").json()["runs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{api.url}/health").json()["runs"] == 0  # its place is given back
+    time.sleep(1.5)  # llama-server looks at the connection of a non-streamed request once a second
+    server.cpu_percent()
+    time.sleep(2.0)
+    assert server.cpu_percent() < 25, "the model server is still generating for a client that left"
+
+
+@pytest.mark.integration
 def test_real_two_clients_at_once(api: ApiProcess) -> None:
     answers: dict[str, Any] = {}
 
