@@ -722,17 +722,25 @@ def test_real_client_that_disconnects_cancels_its_run(api: ApiProcess) -> None:
 
 
 @pytest.mark.integration
-def test_real_client_that_leaves_a_non_streamed_model_request_stops_its_generation(api: ApiProcess) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_real_client_that_leaves_a_model_request_stops_its_generation(api: ApiProcess, stream: bool) -> None:
     """The connection to llama-server is closed when the client leaves, so the server stops generating
-    (it cancels a request whose connection closed) instead of running on to max_tokens for nobody."""
+    (it cancels a request whose connection closed) instead of running on to max_tokens for nobody, and the
+    place is given back at once."""
     import psutil
 
     body = {"model": "gemma3-270m", "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True,
-            "temperature": 0.8}
-    httpx.post(f"{api.url}/v1/completions", json={**body, "max_tokens": 2}, timeout=120).raise_for_status()
+            "temperature": 0.8, "stream": stream}
+    httpx.post(f"{api.url}/v1/completions", json={**body, "max_tokens": 2, "stream": False},
+               timeout=120).raise_for_status()
     server = psutil.Process(next(s.pid for s in api.running_servers() if s.model == "gemma3-270m"))
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{api.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=2.0))
+    if stream:
+        with httpx.stream("POST", f"{api.url}/v1/completions", json=body, timeout=60) as response:
+            first = next(line for line in response.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"]  # it was generating when the client left
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{api.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=2.0))
     deadline = time.monotonic() + 15
     while httpx.get(f"{api.url}/health").json()["runs"] and time.monotonic() < deadline:
         time.sleep(0.1)
