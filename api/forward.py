@@ -124,20 +124,16 @@ async def _whole(request: Request, proxy: ModelProxy, limiter: Admission, model:
     """A non-streamed answer, read in one task that is cancelled when the client leaves: the connection to
     llama-server closes and it stops generating, and the place is given back (waiting for the headers of a
     non-streamed answer is waiting for the whole generation, max_tokens for nobody)."""
-
     held = _Held(limiter)
 
     async def fetch() -> tuple[int, Any]:
-        try:
-            async with proxy.open(model, route, body.wire()) as upstream:
-                return upstream.status_code, await upstream.json()
-        finally:
-            await held.close()
+        async with proxy.open(model, route, body.wire()) as upstream:
+            return upstream.status_code, await upstream.json()
 
     try:
         finished, result = await until_done_or_gone(request, fetch(), lambda: None)
     finally:
-        await held.close()  # also when the task was cancelled before it began (its `finally` never ran)
+        await held.close()  # here, not in the task: one cancelled before it began never runs its `finally`
     if not finished or result is None:
         return Response(status_code=GONE)
     status, data = result
