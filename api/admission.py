@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import math
+import time
 
 from api.errors import TooManyRuns
 
@@ -32,6 +33,7 @@ class Admission:
         self._waiters: collections.deque[tuple[asyncio.Future[None], bool]] = collections.deque()
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT)
         self.refused = 0
+        self._busy_since: float | None = None  # since when a place has been taken without a break
 
     @property
     def going(self) -> int:
@@ -44,21 +46,37 @@ class Admission:
 
     def retry_after_s(self) -> int:
         """About when a place frees up for one more: the queue ahead of it, `limit` at a time, at the recent
-        median duration (1 s before anything finished)."""
-        if not self._recent:
-            return 1
-        typical = sorted(self._recent)[len(self._recent) // 2]
+        median duration. Before anything finished (cold servers: a start is in every first run), at least
+        as long as the requests going have been going so far: a client asking again is told to wait longer
+        each time, instead of 1 s five times over while the first runs take 20."""
+        if self._recent:
+            typical = sorted(self._recent)[len(self._recent) // 2]
+        elif self._busy_since is not None:
+            typical = time.monotonic() - self._busy_since
+        else:
+            typical = 1.0
         rounds = (self.waiting + 1) / self.limit
         return max(1, math.ceil(typical * rounds))
 
     def _may_go(self, ahead: bool) -> bool:
         return self.active < self.limit + (self.queue if ahead else 0)
 
+    def acquire_now(self, *, ahead: bool = False) -> bool:
+        """A place at once if one is free and nobody waits for it: no wait, no task."""
+        if not self._waiters and self._may_go(ahead):
+            self._take()
+            return True
+        return False
+
+    def _take(self) -> None:
+        if self.active == 0:
+            self._busy_since = time.monotonic()
+        self.active += 1
+
     async def acquire(self, *, ahead: bool = False) -> None:
         """Go now, or wait in the queue; TooManyRuns (429) when the queue is full. `ahead`: a model request,
         which may go on to wait in its server's own queue (see the module's docstring)."""
-        if not self._waiters and self._may_go(ahead):
-            self.active += 1
+        if self.acquire_now(ahead=ahead):
             return
         if self.waiting >= self.queue:
             self.refused += 1
@@ -80,6 +98,8 @@ class Admission:
         if took_s is not None:
             self._recent.append(took_s)
         self.active = max(0, self.active - 1)
+        if self.active == 0:
+            self._busy_since = None
         while self._waiters:  # in order: the first in line goes when its kind may, no one overtakes it
             waiter, ahead = self._waiters[0]
             if waiter.done():  # left meanwhile
@@ -88,5 +108,5 @@ class Admission:
             if not self._may_go(ahead):
                 return
             self._waiters.popleft()
-            self.active += 1
+            self._take()
             waiter.set_result(None)

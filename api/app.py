@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
+import re
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,12 +25,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import catalog
 from api.admission import Admission
-from api.errors import BodyTooLarge, TooManyRuns, Unauthorized, error_body, status_of
+from api.errors import BodyTooLarge, TooManyRuns, Unauthorized, error_body, status_of, upstream_error
 from api.forward import EventStream, forward
 from api.hosts import HostCheck
-from api.mapping import conversation
+from api.mapping import conversation, prompt_question
 from api.proxy import ModelProxy, Route
-from api.runs import PipelineRuns, answer, stream
+from api.runs import GONE, PipelineRuns, answer, stream
 from api.schemas import ChatRequest, CompletionFields, CompletionRequest
 from api.settings import ApiSettings
 from api.shutdown import watching_stop_signals
@@ -80,6 +83,53 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         exc = BodyTooLarge(self.max_bytes)
         await JSONResponse(error_body(exc), status_code=status_of(exc).http)(scope, receive, send)
+
+
+# pydantic's tag for a branch of a union in an error's `loc` ("str", "list[str]", "function-after[...]",
+# "StreamOptions"...): not a field the client sent, so never part of `param`
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "bytes", "list", "dict", "any", "tuple", "set"})
+_TAG_SHAPE = re.compile(r"[\[(]|^[A-Z]|^(constrained|lax|json|function|tagged|literal|nullable|is)-")
+
+
+def clean_loc(loc: tuple[Any, ...] | list[Any]) -> list[str]:
+    """An error's `loc` as the fields the client sent: without FastAPI's "body" and pydantic's union-branch tags."""
+    parts = list(loc)
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return [str(p) for p in parts if isinstance(p, int) or not (p in _UNION_TAGS or _TAG_SHAPE.search(str(p)))]
+
+
+def invalid_body(errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """FastAPI's validation errors as one OpenAI error: 400 invalid_json for a body that is not JSON, else 422
+    naming the field. Of a union's errors (one per branch), the one deepest into what was sent is shown."""
+    if not errors:
+        return 422, {"error": {"message": "invalid request body", "type": "invalid_request_error", "param": None,
+                               "code": "invalid_value"}}
+    if errors[0].get("type") == "json_invalid":
+        why = (errors[0].get("ctx") or {}).get("error")
+        message = f"the request body is not valid JSON: {why}" if why else "the request body is not valid JSON"
+        return 400, {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                               "code": "invalid_json"}}
+    locs = [clean_loc(e.get("loc", ())) for e in errors]
+    first = max(range(len(errors)), key=lambda i: (len(locs[i]) if locs[i][:len(locs[0])] == locs[0] else -1, -i))
+    param = ".".join(locs[first]) or None
+    message = f"{param or 'body'}: {errors[first].get('msg', 'invalid value')}"
+    return 422, {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                           "code": "invalid_value"}}
+
+
+def normalised(response: Response, request: CompletionFields, *, model: str, route: Route) -> Response:
+    """A proxied model's error answer (llama-server's own shape) in OpenAI's, with the status an OpenAI client
+    acts on (api.errors.upstream_error); any other response as it is."""
+    if not isinstance(response, JSONResponse) or response.status_code < 400:
+        return response
+    try:
+        data = json.loads(bytes(response.body))
+    except ValueError:
+        data = bytes(response.body).decode("utf-8", errors="replace")
+    sent = request.model_fields_set | set(request.model_extra or {})
+    status, body = upstream_error(response.status_code, data, model=model, route=route, sent=sent)
+    return JSONResponse(body, status_code=status)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -142,19 +192,18 @@ def create_app(chorus: Chorus | None = None, settings: ApiSettings | None = None
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        bad_json = first.get("type") == "json_invalid"
-        message = ("the request body is not valid JSON" if bad_json
-                   else f"{param or 'body'}: {first.get('msg', 'invalid value')}")
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": param,
-                          "code": "invalid_json" if bad_json else "invalid_value"}}
-        return JSONResponse(body, status_code=400 if bad_json else 422)
+        status, body = invalid_body(list(exc.errors()))
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(HTTPException)
     async def on_http(_request: Request, exc: HTTPException) -> JSONResponse:
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, ValueError):  # FastAPI: a body it could not decode
+            why = (f"it is not UTF-8 (byte {cause.object[cause.start]:#04x} at offset {cause.start})"
+                   if isinstance(cause, UnicodeDecodeError) else str(cause)[:200])
+            body = {"error": {"message": f"the request body is not valid JSON: {why}", "type": "invalid_request_error",
+                              "param": None, "code": "invalid_json"}}
+            return JSONResponse(body, status_code=400)
         body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
                           "code": f"http_{exc.status_code}"}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
@@ -171,22 +220,28 @@ def create_app(chorus: Chorus | None = None, settings: ApiSettings | None = None
         return {"status": "ok", "runs": limiter.going, "max_runs": limiter.limit, "queued": limiter.waiting,
                 "max_queue": limiter.queue, "refused": limiter.refused}
 
+    started_at = int(time.time())  # `created` of an entry whose file cannot be read: stable while the API runs
+
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models() -> dict[str, Any]:
-        created = int(config.paths.models.stat().st_mtime) if config.paths.models.exists() else 0
-        return {"object": "list", "data": [m.to_dict(created) for m in catalog.list_models(door)]}
+        return {"object": "list", "data": [m.to_dict(catalog.created(m, config, started_at))
+                                           for m in catalog.list_models(door)]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
     async def model(model_id: str) -> dict[str, Any]:
-        return catalog.resolve(door, model_id).to_dict(0)
+        entry = catalog.resolve(door, model_id)
+        return entry.to_dict(catalog.created(entry, config, started_at))
 
     async def complete(request: Request, body: CompletionFields, kind: Kind, route: Route,
                        question: Callable[[], tuple[str, list[dict[str, str]]]]) -> Response:
         entry = catalog.resolve(door, body.model)
         if isinstance(entry, catalog.RegisteredModel):
-            return await forward(request, model_proxy, limiter, entry.id, route, body)
+            response = await forward(request, model_proxy, limiter, entry.id, route, body)
+            return normalised(response, body, model=entry.id, route=route)
         text, history = question()
-        started = await runs.start(entry, body, text, history)
+        started = await runs.start(entry, body, text, history, request)
+        if started is None:  # the client left while it waited for a place
+            return Response(status_code=GONE)
         chunks = Chunks(kind, body.model)
         if not body.stream:
             return await answer(request, started, chunks)
@@ -201,6 +256,6 @@ def create_app(chorus: Chorus | None = None, settings: ApiSettings | None = None
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await complete(request, body, "text", "completions", lambda: (body.text(), []))
+        return await complete(request, body, "text", "completions", lambda: (prompt_question(body), []))
 
     return app

@@ -10,10 +10,12 @@ up; the registry (models) is read at start. This module only renders them as Ope
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator.app import PREFIX, Chorus, Pipeline
 from orchestrator.config.registry import ModelRecord
+from orchestrator.config.schema import ChorusConfig
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,13 @@ def resolve(chorus: Chorus, model: str) -> Entry:
     if model.startswith(PREFIX):
         return PipelineModel(model, chorus.pipeline_by_id(model))
     return RegisteredModel(model, chorus.model(model))
+
+
+def created(entry: Entry, config: ChorusConfig, fallback: int) -> int:
+    """The entry's `created`, the same in the list and for one model and stable from call to call: a pipeline's
+    file's modification time, a model's models.yaml's; `fallback` (the API's start) when it cannot be read."""
+    path: Path | None = entry.pipeline.path if isinstance(entry, PipelineModel) else config.paths.models
+    try:
+        return int(path.stat().st_mtime) if path is not None else fallback
+    except OSError:
+        return fallback

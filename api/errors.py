@@ -8,6 +8,9 @@ code}}`, plus what chorus knows (the model, need vs have, the hint) for clients 
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,10 @@ NO_MEMORY = Status(503, "server_error", "insufficient_memory")
 UPSTREAM = Status(502, "server_error", "model_server_error")
 PIPELINE = Status(500, "server_error", "pipeline_error")  # the pipeline's own templates or merge failed
 INTERNAL = Status(500, "server_error", "internal_error")
+# a prompt longer than the model's context: the request's fault, as OpenAI says it (not a 502 to retry)
+CONTEXT = Status(400, "invalid_request_error", "context_length_exceeded")
+CONTEXT_HINT = ("The prompt is longer than the model's context (n_ctx): send a shorter question or conversation, "
+                "or raise n_ctx (a pipeline's defaults.n_ctx, a model's default_n_ctx in models.yaml).")
 
 # chorus error type name -> status. Keys are class names so recorded errors (ErrorInfo) map the same way.
 STATUS_BY_TYPE: dict[str, Status] = {
@@ -113,9 +120,34 @@ class BodyTooLarge(ApiError):
         self.limit = limit
 
 
+# how llama-server (exceed_context_size_error, "exceeds the available context size") and OpenAI-compatible
+# servers (context_length_exceeded, "maximum context length") say that a prompt does not fit
+_CONTEXT_TEXT = re.compile(r"exceed_context_size_error|exceeds the available context size|context_length_exceeded"
+                           r"|maximum context length", re.IGNORECASE)
+# a request failure that carries the upstream's answer: "HTTP 400 from URL: {body}" (launcher/process/client.py)
+_REQUEST_ERRORS = ("RequestFailed", "SynthesisFailed")
+_HTTP_400 = re.compile(r"\bHTTP 400 from ")
+
+
+def context_overflow(error: BaseException | ErrorInfo) -> bool:
+    """Whether `error` is a model server's HTTP 400 for a prompt over its context (a request failure, live or
+    recorded, or a synthesis that failed for that reason): the request's fault, not the server's."""
+    if isinstance(error, BaseException):
+        names = {cls.__name__ for cls in type(error).__mro__}
+        text = str(error)
+    else:
+        known = _error_types().get(error.type)
+        names = {cls.__name__ for cls in known.__mro__} if known else {error.type}
+        text = f"{error.message} {error.detail or ''}"
+    return (any(name in names for name in _REQUEST_ERRORS) and _HTTP_400.search(text) is not None
+            and _CONTEXT_TEXT.search(text) is not None)
+
+
 def status_of(error: BaseException | ErrorInfo) -> Status:
     """The status of a live error (by its class and its parents) or of a recorded one (by its type name;
     a type this process does not know by the data it carries)."""
+    if context_overflow(error):
+        return CONTEXT
     if isinstance(error, BaseException):
         names = [cls.__name__ for cls in type(error).__mro__]
     else:
@@ -156,9 +188,87 @@ def error_body(error: BaseException | ErrorInfo, *, session_id: str | None = Non
     body: dict[str, Any] = {"message": message, "type": status.type, "param": data.get("param"),
                             "code": status.code, "chorus_type": data.get("type")}
     body.update({k: data[k] for k in PUBLIC_FIELDS if data.get(k) is not None})
+    if status is CONTEXT and not body.get("hint"):
+        body["hint"] = CONTEXT_HINT
     if session_id:
         body["session_id"] = session_id
     return {"error": body}
+
+
+# llama-server answers 500 for a request it could not parse (tools, messages, an image to a text model): the
+# request's fault, so 400 (the openai package retries a 5xx three times)
+_PARSE_FAILURE = re.compile(r"^Failed to parse|Missing tool|\bExpected\b|Unsupported|is not supported"
+                            r"|\[json\.exception\.", re.IGNORECASE)
+# the request field a llama-server message is about: the first pattern that matches, then the first of its
+# fields the request sent (a JSON schema may come as `json_schema` or in `response_format`), else its first
+_PARAM_IN_MESSAGE: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
+    (re.compile(r"Field '([A-Za-z_][\w.]*)'"), ()),  # (): the field the message names
+    (re.compile(r"Failed to parse messages|image input|audio input", re.I), ("messages",)),
+    (re.compile(r"Failed to parse tools|Missing tool function|Unsupported tool type|\btools\b", re.I), ("tools",)),
+    (re.compile(r"\btool_choice\b", re.I), ("tool_choice",)),
+    (re.compile(r"\bresponse_format\b", re.I), ("response_format",)),
+    (re.compile(r"\bjson_schema\b|JSON schema", re.I), ("json_schema", "response_format")),
+    (re.compile(r"\bgrammar\b", re.I), ("grammar", "json_schema", "response_format", "tools")),
+    (re.compile(r"\bmessages?\b|\bcontent\b", re.I), ("messages",)),
+    (re.compile(r"\bprompt\b", re.I), ("prompt",)),
+)
+# llama-server's error types (server-common: error_type) as string codes; others by status
+_CODE_BY_TYPE = {"exceed_context_size_error": "context_length_exceeded", "authentication_error": "invalid_api_key",
+                 "not_found_error": "not_found", "permission_error": "permission_denied",
+                 "unavailable_error": "model_server_unavailable", "not_supported_error": "not_supported"}
+_KEPT_FIELDS = ("n_prompt_tokens", "n_ctx")  # llama-server's numbers for a context overflow
+
+
+def upstream_error(status: int, data: Any, *, model: str, route: str,
+                   sent: Collection[str] | None = None) -> tuple[int, dict[str, Any]]:
+    """A model server's error answer (llama-server's `{"error": {code: 500, message, type}}`, an OpenAI-compatible
+    server's, or anything else) as (status, OpenAI's error body): `type` invalid_request_error for 4xx, a string
+    `code` (context_length_exceeded for a prompt over the context, as OpenAI says it), `param` when the message
+    names the field (one of `sent`, the request's fields, when given), the message kept, the model named. A
+    request llama-server could not parse is 400, not its 500. `route` ("chat/completions" or "completions") says
+    which field a context overflow is about."""
+    raw = data.get("error") if isinstance(data, dict) else None
+    error: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    message = error.get("message") if isinstance(error.get("message"), str) else None
+    if not message:
+        message = raw if isinstance(raw, str) and raw else _text(data)
+    upstream_type = error.get("type") if isinstance(error.get("type"), str) else None
+    upstream_code = error.get("code") if isinstance(error.get("code"), str) and error.get("code") else None
+    overflow = upstream_type == "exceed_context_size_error" or upstream_code == "context_length_exceeded" or (
+        400 <= status < 500 and _CONTEXT_TEXT.search(message) is not None)
+    if status >= 500 and not overflow and _PARSE_FAILURE.search(message):
+        status = 400
+    if overflow and status >= 500:
+        status = 400
+    code = ("context_length_exceeded" if overflow else upstream_code or _CODE_BY_TYPE.get(upstream_type or "")
+            or ("invalid_request" if status == 400 else "not_found" if status == 404
+                else "model_server_error" if status >= 500 else f"http_{status}"))
+    param = error.get("param") if isinstance(error.get("param"), str) else None
+    if param is None and overflow:
+        param = "messages" if route == "chat/completions" else "prompt"
+    if param is None and 400 <= status < 500:
+        param = _param_in(message, sent)
+    kind = ("rate_limit_error" if status == 429 else "invalid_request_error" if 400 <= status < 500
+            else "server_error")
+    body: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": code, "model": model}
+    body.update({k: error[k] for k in _KEPT_FIELDS if isinstance(error.get(k), int)})
+    return status, {"error": body}
+
+
+def _param_in(message: str, sent: Collection[str] | None) -> str | None:
+    for pattern, params in _PARAM_IN_MESSAGE:
+        found = pattern.search(message)
+        if found is None:
+            continue
+        if not params:
+            return found.group(1)
+        return next((p for p in params if sent is None or p in sent), params[0])
+    return None
+
+
+def _text(data: Any) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return (text or "the model server answered an error without a message")[:500]
 
 
 __all__ = [
@@ -170,6 +280,8 @@ __all__ = [
     "Status",
     "TooManyRuns",
     "Unauthorized",
+    "context_overflow",
     "error_body",
     "status_of",
+    "upstream_error",
 ]

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from api.admission import Admission
 from api.errors import error_body
 from api.proxy import ModelProxy, Route
-from api.runs import GONE, until_done_or_gone
+from api.runs import GONE, admitted, until_done_or_gone
 from api.schemas import CompletionFields
 from api.shutdown import stream_until_stopped
 from api.stream import sse
@@ -90,7 +90,8 @@ class _Held:
 
 async def forward(request: Request, proxy: ModelProxy, limiter: Admission, model: str, route: Route,
                   body: CompletionFields) -> Response:
-    await limiter.acquire(ahead=True)  # a place (in the server's queue when need be), a wait, or 429
+    if not await admitted(request, limiter, ahead=True):  # a place (in the server's queue when need be),
+        return Response(status_code=GONE)  # a wait, or 429; the client left while it waited
     if not body.stream:
         return await _whole(request, proxy, limiter, model, route, body)
     held = _Held(limiter)

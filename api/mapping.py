@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from api.errors import BadRequest
-from api.schemas import SAMPLING_KEYS, ChatRequest, CompletionFields
+from api.schemas import SAMPLING_KEYS, ChatRequest, CompletionFields, CompletionRequest
 from orchestrator.config.schema import PipelineSpec
 
 Turn = dict[str, str]
@@ -37,6 +37,14 @@ def conversation(request: ChatRequest) -> tuple[str, list[Turn]]:
     return question, history
 
 
+def prompt_question(request: CompletionRequest) -> str:
+    """The question of a /v1/completions request: its prompt, refused when empty (naming `prompt`)."""
+    question = request.text()
+    if not question.strip():
+        raise BadRequest("the prompt is empty", param="prompt")
+    return question
+
+
 def check_pipeline_request(request: CompletionFields) -> None:
     """What a pipeline cannot honour is refused rather than silently answered otherwise.
 
@@ -46,7 +54,7 @@ def check_pipeline_request(request: CompletionFields) -> None:
     """
     if request.n != 1:
         raise BadRequest("a pipeline gives one answer: n must be 1", param="n")
-    extra = request.model_extra or {}
+    extra = {**(request.model_extra or {}), "tools": request.tools}
     for offered, choice in (("tools", "tool_choice"), ("functions", "function_call")):
         if extra.get(offered) and extra.get(choice) not in (None, "auto", "none"):
             raise BadRequest(f"a pipeline cannot call tools: {choice} {json.dumps(extra[choice])} asks for a call",

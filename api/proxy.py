@@ -23,7 +23,14 @@ import httpx
 
 from orchestrator.app import Chorus, GenerationClient, ModelServer
 from orchestrator.engine.replicas import ReplicaSet, shared
-from orchestrator.errors import RequestFailed, RequestTimeout, ServerCrashed, ServerError
+from orchestrator.errors import (
+    RequestFailed,
+    RequestTimeout,
+    ServerCrashed,
+    ServerError,
+    ServerUnreachable,
+    connection_reason,
+)
 
 log = logging.getLogger("chorus.proxy")
 
@@ -153,8 +160,9 @@ class ModelProxy:
         try:
             response = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            error: ServerError = (RequestTimeout(upstream.model, f"no answer from {upstream.url(route)} in time "
-                                                                 f"({type(exc).__name__})")
+            error: ServerError = (_unreached(upstream, exc) if upstream.remote and isinstance(exc, httpx.ConnectError)
+                                  else RequestTimeout(upstream.model, f"no answer from {upstream.url(route)} in time "
+                                                                      f"({type(exc).__name__})")
                                   if isinstance(exc, httpx.TimeoutException) else await _lost(upstream, exc))
             if replicas is None:
                 raise error from None
@@ -183,6 +191,14 @@ class _NotReached(Exception):
 
 def _remote_key(env_name: str | None) -> str | None:
     return os.environ.get(env_name) if env_name else None
+
+
+def _unreached(upstream: Upstream, exc: BaseException) -> ServerError:
+    """A remote endpoint chorus could not connect to: nothing was sent, and chorus cannot restart it."""
+    return ServerUnreachable(upstream.model, f"could not connect to the remote endpoint {upstream.base_url}: "
+                                             f"{connection_reason(exc)}",
+                             hint=f"Check that the server at {upstream.base_url} is running and reachable from "
+                                  "here, and that the model's `url:` in models.yaml is right.")
 
 
 async def _lost(upstream: Upstream, exc: BaseException) -> ServerError:

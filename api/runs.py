@@ -100,8 +100,9 @@ class PipelineRuns:
         self.tokens: set[CancelToken] = set()
 
     async def start(self, entry: PipelineModel, request: CompletionFields, question: str,
-                    history: list[dict[str, str]]) -> StartedRun:
-        """Start the run; returns once it has begun (its session created, its RunStarted seen) or ended.
+                    history: list[dict[str, str]], client: Request) -> StartedRun | None:
+        """Start the run; returns once it has begun (its session created, its RunStarted seen) or ended;
+        None if the client left while the request waited for its place (no run, no session).
 
         Errors raised before anything runs (a bad question, an aggregator not allowed) are raised here,
         so they answer with their status code rather than inside a stream.
@@ -115,7 +116,8 @@ class PipelineRuns:
         extra = history_kwargs(history)
         store = NotifyingStore(self.chorus.config.sessions_dir, created)
         backend = self.backend_factory() if self.backend_factory else None
-        await self.limiter.acquire()  # a place, or a wait in the queue (429 when it is full)
+        if not await admitted(client, self.limiter):  # a place, or a wait in the queue (429 when it is full)
+            return None
         admitted_at = time.monotonic()
         task = asyncio.ensure_future(self.chorus.arun(pipeline, question, observers=[feed], cancel=cancel,
                                                       allow_sequential=True, backend=backend, store=store, **extra))
@@ -184,6 +186,19 @@ async def until_done_or_gone(request: Request, coro: Coroutine[Any, Any, T] | as
     finally:
         if not task.done():
             task.cancel()
+
+
+async def admitted(request: Request, limiter: Admission, *, ahead: bool = False) -> bool:
+    """A place from `limiter` (TooManyRuns when its queue is full), or False if the client left while it
+    waited in the queue: nobody listens for a disconnect while a handler awaits, so the wait watches the
+    connection itself, and the place is given up (or passed on, had it come just then)."""
+    if limiter.acquire_now(ahead=ahead):
+        return True
+    waiting = asyncio.ensure_future(limiter.acquire(ahead=ahead))
+    finished, _ = await until_done_or_gone(request, waiting, lambda: None)
+    if not finished and waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+        limiter.release()  # the place came as the client was found gone
+    return finished
 
 
 async def answer(request: Request, run: StartedRun, chunks: Chunks) -> Response:

@@ -51,6 +51,20 @@ class Message(Open):
         return "".join(pieces)
 
 
+class FunctionDef(Open):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(Open):
+    """One tool a request offers. Checked here, so a malformed one is refused naming the field (422) before a
+    model server sees it: llama-server answers it 500, which the openai package retries."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class CompletionFields(Open):
     """What both endpoints share."""
 
@@ -67,6 +81,8 @@ class CompletionFields(Open):
     # llama-server's request field: "none" turns a pipeline's reasoning stream off, "deepseek" (or
     # "deepseek-legacy") on, "auto" or unset leaves it to the pipeline's `defaults.stream_reasoning`
     reasoning_format: ReasoningFormat | None = None
+    # offered tools: forwarded to a model as sent; a pipeline answers without a call (api/mapping.py)
+    tools: list[Tool] | None = Field(None, max_length=1024)
     chorus: ChorusOptions = ChorusOptions()
 
     @field_validator("stop")
@@ -94,7 +110,8 @@ class CompletionFields(Open):
 
     def ignored(self) -> list[str]:
         """Fields sent that a pipeline run does not use (reported back, not silently dropped)."""
-        return sorted(k for k, v in (self.model_extra or {}).items() if v is not None)
+        unused = {k for k, v in (self.model_extra or {}).items() if v is not None}
+        return sorted(unused | ({"tools"} if self.tools is not None else set()))
 
     def wire(self) -> dict[str, Any]:
         """The body to forward to a model server: as sent, less chorus's own field."""

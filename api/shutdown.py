@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
 
+import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
@@ -92,11 +93,14 @@ async def stream_until_stopped(response: StreamingResponse, send: Send, stopping
     """`StreamingResponse.stream_response`, ended early with an error chunk and `[DONE]` once `stopping` is set.
 
     The pending read of the body is cancelled, so the body's generator runs its `finally` (a pipeline
-    stream cancels its run there, a forwarded one lets go of its llama-server).
+    stream cancels its run there, a forwarded one lets go of its llama-server). So it is when this is
+    cancelled itself (the client left): a read left running would keep the generator running, closing it
+    would fail, and its `finally` would wait for the garbage collector, the run's place held until then.
     """
     await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
     chunks = aiter(response.body_iterator)
     stop = asyncio.ensure_future(stopping.wait())
+    following: asyncio.Future[Any] | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(chunks))
@@ -115,4 +119,8 @@ async def stream_until_stopped(response: StreamingResponse, send: Send, stopping
             await send({"type": "http.response.body", "body": body, "more_body": True})
     finally:
         stop.cancel()
+        if following is not None and not following.done():
+            following.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({following})
     await send({"type": "http.response.body", "body": b"", "more_body": False})

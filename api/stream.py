@@ -248,7 +248,8 @@ class RunFeed:
             piece = self.text.feed(event.text)
             if piece:
                 self.queue.put_nowait(Content(piece))
-            return
+            if self.level != "tokens":  # "tokens": every stage's, the answer's too
+                return
         if self.level == "none" or (isinstance(event, Token) and self.level != "tokens"):
             return
         data = progress(event)

@@ -150,7 +150,7 @@ def add_run(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     hs = h.add_subparsers(dest="history_command", metavar="ACTION")
     hs.required = True
     p = hs.add_parser("list", parents=[common], help="saved sessions, newest first")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_int_at_least(1), default=50, help="the newest N sessions (default 50)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=Lazy("cli.run", "cmd_history_list"))
     p = hs.add_parser("show", parents=[common], help="every step of one session")
@@ -161,7 +161,7 @@ def add_run(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=Lazy("cli.run", "cmd_history_show"))
     p = hs.add_parser("search", parents=[common], help="full-text search in questions, answers and steps")
     p.add_argument("text")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_int_at_least(1), default=20, help="the best N matches (default 20)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=Lazy("cli.run", "cmd_history_search"))
     p = hs.add_parser("rerun", parents=[common], help="run a session again from stage N (a new linked session)")

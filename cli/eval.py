@@ -83,7 +83,8 @@ def print_report(report: EvalReport, out: TextIO | None = None) -> None:
         print(f"error: {e['error']}", file=out)
     print(file=out)
     print_table([(s.system, s.kind, s.answered, s.failed, fmt_interval(s.accuracy, percent=True),
-                  fmt_interval(s.judge_score, percent=False),
+                  fmt_interval(s.judge_score, percent=False) + (f" ({s.judge_errors} failed)" if s.judge_errors
+                                                                else ""),
                   None if s.completion_tokens is None else f"{s.completion_tokens:.0f}",
                   None if s.seconds is None else f"{s.seconds:.2f}") for s in report.systems],
                 ["SYSTEM", "KIND", "ANSWERS", "FAILED", "ACCURACY [95% CI]", "JUDGE 0-10 [95% CI]", "TOKENS/ANS",
@@ -94,6 +95,10 @@ def print_report(report: EvalReport, out: TextIO | None = None) -> None:
                       f"{v.judge_consistent}/{sum(v.by_judge.values())}" if v.by_judge else "-")
                      for v in report.versus], ["", "WIN/TIE/LOSS (REFERENCE)", "WIN/TIE/LOSS (JUDGE)",
                                               "SAME IN BOTH ORDERS"], out=out)
+    if report.judge.failed:  # a judge that fails shows as '-' above: say so, and why
+        print(file=out)
+        print(f"judge: {report.judge.failed} of {report.judge.asked} verdict(s) failed: {report.judge.first_error}",
+              file=out)
     print(file=out)
     print(f"items and their sessions: chorus eval show {report.id} --items", file=out)
 
@@ -108,7 +113,8 @@ def print_items(report: EvalReport, out: TextIO | None = None) -> None:
     for item in report.items:
         for name, s in item["systems"].items():
             mark = "-" if s["correct"] is None else "ok" if s["correct"] else "wrong"
-            rows.append((item["id"], name, s["status"], mark, s["judge_score"], s["session_id"],
+            judged = s["judge_score"] if s["judge_score"] is not None else "failed" if s.get("judge_error") else None
+            rows.append((item["id"], name, s["status"], mark, judged, s["session_id"],
                          " ".join((s["answer"] or "").split())[:50]))
     print_table(rows, ["ITEM", "SYSTEM", "RUN", "REFERENCE", "JUDGE", "SESSION", "ANSWER"], out=out)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from orchestrator.app import find_llama_server, write_text_atomic
 from orchestrator.config.locations import CONFIG_FILES, default_init_dir, find_config_dir, packaged_config_dir
-from orchestrator.config.schema import load_app_config
+from orchestrator.config.schema import load_app_config, load_models_file
 from orchestrator.errors import ChorusError, ConfigError
 
 
@@ -47,7 +47,7 @@ def next_steps(target: Path) -> list[str]:
     flag = "" if found else f" --config-dir {target}"
     steps = [f"put your .gguf files into {app.models_dir} (models_dir in app.yaml; runs are saved under "
              f"{app.sessions_dir})",
-             f"list them in {target / 'models.yaml'} (its one entry is the demo model, gemma3-270m)"]
+             f"list them in {target / 'models.yaml'} ({_entries_note(target / 'models.yaml')})"]
     try:
         find_llama_server(app.llama_server)
     except ChorusError as exc:
@@ -57,6 +57,19 @@ def next_steps(target: Path) -> list[str]:
         steps.append("to drop --config-dir, set $CHORUS_CONFIG_DIR to this folder"
                      + (f", or $CHORUS_HOME to {target.parent}" if target.name == "config" else ""))
     return steps
+
+
+def _entries_note(models_yaml: Path) -> str:
+    """What the written models.yaml holds, read from it: 'its entries are the demo models, a and b'."""
+    try:
+        names = list(load_models_file(models_yaml))
+    except ChorusError:
+        names = []
+    if not names:
+        return "it has no entry yet"
+    if len(names) == 1:
+        return f"its one entry is the demo model, {names[0]}"
+    return f"its {len(names)} entries are the demo models, {', '.join(names[:-1])} and {names[-1]}"
 
 
 def cmd_init(args: argparse.Namespace) -> int:

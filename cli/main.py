@@ -5,17 +5,49 @@ an argument error answer at once, and a command imports its own module when it r
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
+import signal
 import sys
-import textwrap
-from collections.abc import Sequence
-from pathlib import Path
 
-from cli.commands import add_commands
-from cli.parser import SuggestingParser
-from orchestrator.errors import ChorusError
+
+def _interrupted_while_importing(_signum: int, _frame: object) -> None:
+    """Ctrl-C before main() runs (the imports below take a while on a busy machine): exit 130, no traceback."""
+    print("chorus: interrupted", file=sys.stderr)
+    raise SystemExit(130)
+
+
+def _quiet_ctrl_c_during_imports() -> None:
+    """Install that handler before anything heavy is imported (put back by `_restore_ctrl_c` below)."""
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is handled already
+            signal.signal(signal.SIGINT, _interrupted_while_importing)
+    except ValueError:  # not the main thread (imported by a server's worker): nothing to do
+        pass
+
+
+_quiet_ctrl_c_during_imports()
+
+import argparse  # noqa: E402  # (every import below comes after the Ctrl-C handler above)
+import logging  # noqa: E402
+import os  # noqa: E402
+import textwrap  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from cli.commands import add_commands  # noqa: E402
+from cli.parser import SuggestingParser  # noqa: E402
+from orchestrator.errors import ChorusError  # noqa: E402
+
+
+def _restore_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt again, which main() turns into exit 130 (and `chorus run` into a cancel)."""
+    try:
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:
+        pass
+
+
+_restore_ctrl_c()
 
 log = logging.getLogger("chorus")
 
@@ -49,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_error(exc: ChorusError) -> str:
+    """`chorus: error: MESSAGE Hint: HINT`, wrapped at 100 columns, as README and `chorus check` show it."""
     text = f"chorus: error: {exc.message}"
     if exc.hint:
-        text += f" {exc.hint}"
+        text += f" {exc.hint}" if exc.hint.startswith("Hint:") else f" Hint: {exc.hint}"
     return textwrap.fill(text, width=100, break_on_hyphens=False, break_long_words=False)
 
 
@@ -82,6 +115,16 @@ def setup_stderr_logging(verbose: bool) -> None:
         logging.getLogger("chorus").setLevel(logging.DEBUG)
 
 
+def check_config_dir(path: Path | None) -> None:
+    """`--config-dir FILE` (app.yaml itself, say) is said to be a file, not reported as a folder not found."""
+    if path is not None and path.expanduser().exists() and not path.expanduser().is_dir():
+        from orchestrator.errors import ConfigError
+
+        raise ConfigError(str(path), "is a file, not a folder",
+                          hint=f"--config-dir takes the folder that holds app.yaml, models.yaml and pipeline.yaml "
+                               f"(perhaps {path.expanduser().absolute().parent}).")
+
+
 def quiet_broken_pipe() -> int:
     """stdout's reader went away (`chorus ... | head`): no traceback, and no second error when Python flushes
     stdout at exit (the Python docs' recipe). 141 = 128 + SIGPIPE, what a shell reports for such a pipe."""
@@ -94,13 +137,18 @@ def quiet_broken_pipe() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from orchestrator.logs import setup_app_log_for  # after parsing: it reads app.yaml (pydantic)
-
-    setup_stderr_logging(args.verbose)
-    setup_app_log_for(getattr(args, "config_dir", None), getattr(args, "command", None))  # <logs_dir>/chorus.log
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        from orchestrator.logs import setup_app_log_for  # after parsing: it reads app.yaml (pydantic)
+
+        setup_stderr_logging(args.verbose)
+        setup_app_log_for(getattr(args, "config_dir", None), getattr(args, "command", None))  # <logs_dir>/chorus.log
+    except KeyboardInterrupt:  # Ctrl-C while the parser or the log's imports load: no traceback
+        print("chorus: interrupted", file=sys.stderr)
+        return 130
+    try:
+        check_config_dir(getattr(args, "config_dir", None))
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a pipe's reader that left shows here, not at exit
         return code

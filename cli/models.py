@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any, cast
@@ -57,8 +58,14 @@ def print_unregistered(config: ChorusConfig, files: list[UnregisteredFile]) -> N
         entry = f.entry()
         if entry is None:
             continue
-        print(f"\n{f.file}: `chorus models add {f.file}` writes to {config.paths.models}:\n")
+        print(f"\n{f.file}: `{add_command(f.file)}` writes to {config.paths.models}:\n")
         print(entry_block(f.suggested_name, entry, 2).rstrip("\n"))
+
+
+def add_command(file: str) -> str:
+    """`chorus models add FILE` as a shell takes it: quoted, and as ./FILE when the name starts with '-' (not
+    an option; options may still follow it, as they could not after `--`). FILE is looked for in models_dir."""
+    return f"chorus models add {shlex.quote('./' + file if file.startswith('-') else file)}"
 
 
 # ---------------------------------------------------------------- add
@@ -76,7 +83,7 @@ def cmd_models_add(args: argparse.Namespace) -> int:
     print(entry_block(name, entry, 2).rstrip("\n"))
     if known:
         print(f"\n(the same file is also registered as {', '.join(repr(k) for k in known)})")
-    print(f"\nuse it in a pipeline stage (models: [{name}]), or try it with `chorus serve {name}`")
+    print(f"\nuse it in a pipeline stage (models: [{name}]), or try it with `chorus serve {shlex.quote(name)}`")
     return 0
 
 

@@ -144,7 +144,12 @@ def _store(args: argparse.Namespace) -> SessionStore:
 
 
 def _when(ts: object) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if isinstance(ts, int | float) and ts else "-"
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or not ts:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):  # a time no calendar date can show (a damaged file)
+        return "-"
 
 
 def _short(text: str | None, n: int = 60) -> str:
@@ -155,7 +160,7 @@ def _short(text: str | None, n: int = 60) -> str:
 def cmd_history_list(args: argparse.Namespace) -> int:
     from cli.output import print_table
 
-    rows = _store(args).list(limit=args.limit)
+    rows, total = _store(args).list_page(limit=args.limit)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
@@ -169,6 +174,8 @@ def cmd_history_list(args: argparse.Namespace) -> int:
         if r["problems"]:
             status = f" ({r['status']})" if r["status"] else ""
             print(f"{r['id']} is damaged{status}: {'; '.join(r['problems'])}", file=sys.stderr)
+    if total > len(rows):
+        print(f"({total - len(rows)} older session(s) not shown: --limit {total} shows all)", file=sys.stderr)
     return 0
 
 
@@ -186,10 +193,14 @@ def cmd_history_show(args: argparse.Namespace) -> int:
         print(f"warning: {session.id} is damaged, showing what could be read: {'; '.join(session.problems)}",
               file=sys.stderr)
     m = session.meta
-    print(f"{session.id}  {m.get('mode')}  {m.get('status')}  {_when(m.get('created_at'))}")
+    status = m.get("status") or ("damaged" if session.problems else "unknown")
+    print(f"{session.id}  {m.get('mode') or '-'}  {status}  {_when(m.get('created_at'))}")
     if m.get("parent_session"):
         print(f"rerun of {m['parent_session']} from stage {m.get('rerun_from_stage')}")
-    print(f"question: {m.get('question')}\n")
+    if session.recovered:
+        print(f"({' and '.join(session.recovered)} recovered from config_snapshot.json)")
+    question = m.get("question")
+    print(f"question: {question if question is not None else '(unknown: not readable)'}\n")
     if session.error:  # why the run was refused, failed or cancelled (need vs have for a refused one)
         print(f"why: {session.error.text()}\n")
     for stage in session.stages:
@@ -229,7 +240,12 @@ def cmd_history_search(args: argparse.Namespace) -> int:
 
 def cmd_history_rerun(args: argparse.Namespace) -> int:
     config = load_config(args.config_dir)
-    SessionStore(config.sessions_dir).path(args.id)  # a bad or unknown id is one short error, before anything loads
+    parent = SessionStore(config.sessions_dir).load(args.id)  # a bad or unknown id: one short error, before the engine
+    unknown = [k for k in ("question", "mode") if not (parent.meta.get(k) or "").strip()]
+    if unknown:  # session.json and the snapshot both damaged: never run an empty question, or in a guessed mode
+        raise SessionError(parent.dir, f"cannot be rerun: its {' and '.join(unknown)} could not be read "
+                           f"({'; '.join(parent.problems) or 'not recorded'})",
+                           hint="Run the question again with `chorus run`.")
     install_signal_cleanup()
     cancel = CancelToken()
     with Chorus(config) as chorus, ctrl_c_cancels(cancel):

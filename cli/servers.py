@@ -16,6 +16,7 @@ from cli.output import gib as _gib
 from cli.output import mib as _mib
 from cli.output import print_table
 from orchestrator.app import Chorus, install_signal_cleanup
+from orchestrator.errors import InsufficientMemory
 from orchestrator.plan.memory import (
     MemoryPlan,
     ServerNeed,
@@ -38,6 +39,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     check = chorus.status()
     status, mem = check.base, check.memory
     report = check.to_dict()
+    report.setdefault("sessions_dir", str(config.sessions_dir))  # every folder in use, as README says
+    report.setdefault("logs_dir", str(config.app.logs_dir))
     server = report["llama_server"]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -48,6 +51,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"server:     NOT FOUND. {server['error']}")
     print(f"models dir: {config.models_dir}" + ("" if report["models_dir_exists"] else "  (NOT FOUND)"))
+    print(f"sessions:   {config.sessions_dir}" + ("" if config.sessions_dir.is_dir() else "  (made at the first run)"))
+    print(f"logs:       {config.app.logs_dir}" + ("" if config.app.logs_dir.is_dir() else "  (created when needed)"))
     print()
     print_table([(r.name, r.status, r.known_mode, r.reason or r.entry.description) for r in registry.records.values()],
                 ["MODEL", "STATUS", "MODE", "NOTE"])
@@ -81,10 +86,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # "Ctrl-C stops it" must hold also when we were started with SIGINT ignored (`chorus serve … &` in a
     # script, a test runner's worker): Python then installs no KeyboardInterrupt handler of its own
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    server = _chorus(args).serve(
-        args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, slots=args.slots,
-        announce=lambda spec: print(f"starting llama-server for '{spec.model}' (n_ctx={spec.n_ctx}, "
-                                    f"n_gpu_layers={spec.n_gpu_layers}, slots={spec.slots})...", file=sys.stderr))
+    try:
+        server = _chorus(args).serve(
+            args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, slots=args.slots,
+            announce=lambda spec: print(f"starting llama-server for '{spec.model}' (n_ctx={spec.n_ctx}, "
+                                        f"n_gpu_layers={spec.n_gpu_layers}, slots={spec.slots})...", file=sys.stderr))
+    except InsufficientMemory as exc:
+        if args.slots > 1:  # each slot holds a context of its own: the first thing to cut
+            fewer = (f"use fewer --slots: each of the {args.slots} slots gets its own context of n_ctx tokens "
+                     "(and --n-ctx sets a smaller one)")
+            exc.hint = f"{fewer}; {exc.hint}" if exc.hint else fewer
+        raise
     spec = server.spec
     print(f"ready in {server.ready_s:.1f}s: {server.base_url}  (OpenAI base: {server.base_url}/v1)")
     print(f"pid {server.pid}, api key {server.api_key}, log {server.log_path}")

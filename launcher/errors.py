@@ -103,6 +103,14 @@ class ServerCrashed(ServerError):
     hint = "The server is restarted on the next request; its log may say why it died."
 
 
+class ServerStopped(ServerCrashed):
+    """Stopped on purpose (`chorus stop`, the UI's Models page) while a request used it: not a crash, and
+    no signal or out-of-memory story to tell."""
+
+    kind = "server stopped"
+    hint = "It was stopped while this request used it; the next request starts it again."
+
+
 class ServerUnreachable(ServerCrashed):
     """Nothing answered at the server's address (refused, unknown host). A ServerCrashed, so a local server
     is restarted and a replica marked down; its own kind so the message says "no answer" once."""

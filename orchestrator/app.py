@@ -306,9 +306,13 @@ class Chorus:
         if overrides:  # no config_dir: the allow-list is checked below, once, overrides applied
             spec = apply_overrides(spec, overrides, source=override_source)
         status = None
-        if require_models if require_models is not None else mode == "base":
-            status = self.registry.pipeline_status(spec)
-            status.raise_if_blocked()
+        required = require_models if require_models is not None else mode == "base"
+        if required or mode == "base":  # base: the plan records a blocked pipeline from this one check
+            base_file = path is None or path == self.config.paths.pipeline  # pipeline.yaml, or a base session's
+            named = None if mode == "base" and base_file else (id.removeprefix(PREFIX) if id else spec.name)
+            status = replace(self.registry.pipeline_status(spec), pipeline=named)
+            if required:
+                status.raise_if_blocked()
         check_pipeline(spec, config_dir, self.config.app.aggregators.allowed,
                        source=check_source or ("pipeline" if mode == "base" else "manual pipeline"))
         return Pipeline(spec, mode, id, path, status)
@@ -356,10 +360,11 @@ class Chorus:
     def prepare_rerun(self, session_id: str, stage: int, *, overrides: Sequence[str] = (),
                       override_source: str = "--set") -> PreparedRerun:
         """What a rerun of `session_id` from `stage` runs, checked now (a bad stage, a damaged session, an
-        override that does not fit: SessionError or ConfigError before anything runs)."""
+        override that does not fit: SessionError or ConfigError; a base session whose models are no longer
+        all registered: PipelineBlocked) before anything runs or is saved."""
         again = self.runner().prepare_rerun(session_id, stage)
         pipeline = self.pipeline(again.pipeline, mode=again.mode, overrides=overrides,
-                                 override_source=override_source, require_models=False)
+                                 override_source=override_source)  # base: every model registered, as a run
         return PreparedRerun(pipeline, again)
 
     def rerun(self, prepared: PreparedRerun, *, observers: Sequence[Observer] = (),

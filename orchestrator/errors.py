@@ -11,6 +11,8 @@ from launcher.errors import (  # re-exported: front ends catch the one family fr
     RequestTimeout,
     ServerCrashed,
     ServerError,
+    ServerUnreachable,
+    connection_reason,
 )
 
 
@@ -48,14 +50,21 @@ class ModelUnavailable(ChorusError):
 
 
 class PipelineBlocked(ChorusError):
-    """Base mode cannot run because models of the base pipeline are unavailable."""
+    """A pipeline cannot run because models it names are unavailable: the base pipeline (base mode), or the
+    catalogued `pipeline` (`chorus/<name>` of the API)."""
 
-    def __init__(self, missing: dict[str, str]) -> None:
+    pipeline: str | None = None  # on the class: a record of the base pipeline's stays as it was
+
+    def __init__(self, missing: dict[str, str], *, pipeline: str | None = None) -> None:
         names = ", ".join(f"{m} ({r})" for m, r in missing.items())
-        super().__init__(f"the base pipeline is blocked: {names}",
+        which = "the base pipeline" if pipeline is None else f"the pipeline '{pipeline}'"
+        super().__init__(f"{which} is blocked: {names}",
                          hint="Fix or add those models, or use manual mode with the models that are available.")
         self.missing = dict(missing)
+        if pipeline is not None:
+            self.pipeline = pipeline
 
 
 __all__ = ["BinaryNotFound", "ChorusError", "ConfigError", "GGUFError", "InsufficientMemory", "ModelUnavailable",
-           "PipelineBlocked", "RequestFailed", "RequestTimeout", "ServerCrashed", "ServerError"]
+           "PipelineBlocked", "RequestFailed", "RequestTimeout", "ServerCrashed", "ServerError", "ServerUnreachable",
+           "connection_reason"]

@@ -139,8 +139,11 @@ class Runner:
         if damaged:
             raise SessionError(parent.dir, f"cannot rerun from stage {stage}: the steps before it are damaged "
                                f"({'; '.join(damaged)})", hint="Rerun from stage 1, or from an earlier stage.")
-        return Rerun(pipeline, parent.meta.get("question") or "", parent.meta.get("mode") or "manual",
-                     parent.stages[: stage - 1], parent.id)
+        question, mode = parent.meta.get("question"), parent.meta.get("mode")
+        if not isinstance(question, str) or not question.strip() or mode not in ("base", "manual"):
+            raise SessionError(parent.dir, "cannot be rerun: its question or mode could not be read",
+                               hint="Run the question again with `chorus run`.")
+        return Rerun(pipeline, question, mode, parent.stages[: stage - 1], parent.id)
 
     def rerun(self, session_id: str, stage: int, *, overrides: list[str] | None = None,
               observers: Sequence[Observer] = (), cancel: CancelToken | None = None,

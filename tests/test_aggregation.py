@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from launcher.errors import ChorusError, RequestFailed
 from orchestrator.config.schema import AggregationSpec
@@ -99,8 +100,31 @@ def test_concat_label_format_keeps_escaped_braces() -> None:
 @pytest.mark.parametrize("fmt", ["{label.__class__}", "{label[0]}", "{text}", "{label!r}", "{label:>99999}", "{0}",
                                  "{label"])
 def test_concat_label_format_refuses_anything_but_plain_label_and_model(fmt: str) -> None:
-    with pytest.raises(AggregationError, match="label_format"):
-        run({"label_format": fmt}, cands("a", "b"))
+    with pytest.raises(ValidationError, match="label_format"):  # when the pipeline is loaded, not after the models
+        AggregationSpec(label_format=fmt)
+    with pytest.raises(AggregationError, match="label_format"):  # a spec built without validation: still refused
+        run(AggregationSpec.model_construct(label_format=fmt), cands("a", "b"))
+
+
+def test_a_malformed_label_format_is_refused_when_the_pipeline_is_built_naming_the_field() -> None:
+    from orchestrator.config.schema import PipelineSpec
+
+    with pytest.raises(ValidationError) as err:
+        PipelineSpec.model_validate({"stages": [{"name": "a", "models": ["m1", "m2"],
+                                                 "aggregation": {"label_format": "{nolabel} {"}}]})
+    (error,) = err.value.errors()
+    assert error["loc"] == ("stages", 0, "aggregation", "label_format") and "malformed" in error["msg"]
+
+
+def test_a_pipeline_file_with_a_malformed_label_format_is_refused_with_its_line_and_field(tmp_path: Path) -> None:
+    from orchestrator.config.schema import load_pipeline
+    from orchestrator.errors import ConfigError
+
+    path = tmp_path / "p.yaml"  # what `chorus run --manual FILE`, the API and the UI's Load read
+    path.write_text('stages:\n  - name: a\n    models: [m1, m2]\n    aggregation:\n      label_format: "{nolabel} {"\n')
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    assert err.value.line == 5 and err.value.field == "stages[0].aggregation.label_format"
 
 
 # ---------------------------------------------------------------- majority vote

@@ -162,6 +162,34 @@ def test_concurrent_pipeline_requests_beyond_the_limit_queue_and_all_get_answers
     assert len(sessions) == 6  # one session per accepted request: nothing lost
 
 
+def test_before_anything_finished_retry_after_grows_with_how_long_the_first_ones_have_gone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cold servers: the first runs take a server start each. A constant 1 s had 15 of 20 `openai` clients
+    (5 retries each) give up after 5 s while the first runs took 7-20 s."""
+    import api.admission as admission
+
+    now = [100.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
+
+    async def scenario() -> list[int]:
+        gate = Admission(limit=2, queue=2)
+        for _ in range(2):
+            await gate.acquire()  # both going, nothing finished yet
+        waiting = [asyncio.ensure_future(gate.acquire()) for _ in range(2)]
+        await asyncio.sleep(0)
+        told = []
+        for age in (0.0, 3.0, 12.0):
+            now[0] = 100.0 + age
+            with pytest.raises(TooManyRuns) as refused:
+                await gate.acquire()
+            told.append(refused.value.retry_after_s)
+        for w in waiting:
+            w.cancel()
+        return told
+
+    assert asyncio.run(scenario()) == [1, 5, 18]  # (2 waiting + 1) / 2 places = 1.5 rounds of the age so far
+
+
 def test_a_full_queue_answers_429_with_retry_after_and_the_queued_still_answer(config: Path) -> None:
     backend = FakeBackend(default=Script("slow answer", delay_s=0.8))
     statuses: list[int] = []

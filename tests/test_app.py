@@ -83,6 +83,19 @@ def test_a_blocked_base_pipeline_is_refused_with_the_missing_model_and_why(choru
     assert err.value.missing["gemma3-270m"]  # the reason, not just the name
 
 
+def test_a_blocked_pipeline_file_is_named_not_called_the_base_pipeline(chorus: Chorus, tmp_path: Path) -> None:
+    """`chorus run/plan --pipeline other.yaml` said "the base pipeline is blocked" of a file that is not it."""
+    other = tmp_path / "other.yaml"
+    other.write_text("name: m2\nstages:\n  - name: a\n    models: [trunc]\n")
+    with pytest.raises(PipelineBlocked) as err:
+        chorus.pipeline(other)
+    assert err.value.message.startswith("the pipeline 'm2' is blocked: trunc")
+    planned = chorus.plan(chorus.pipeline(other, require_models=False))
+    assert planned.run.blocked is not None and "the pipeline 'm2' is blocked" in planned.run.blocked.message
+    base = chorus.plan(chorus.pipeline(require_models=False))  # pipeline.yaml itself: still "the base pipeline"
+    assert base.run.blocked is None
+
+
 def test_a_base_pipelines_models_are_checked_once_from_load_to_plan_and_run(chorus: Chorus,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     checked = counting(monkeypatch, chorus.registry, "pipeline_status")
@@ -95,7 +108,7 @@ def test_a_base_pipelines_models_are_checked_once_from_load_to_plan_and_run(chor
 def test_a_base_pipeline_let_through_unchecked_is_blocked_on_its_plan_and_its_run(config_dir: ConfigDir) -> None:
     (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").unlink()
     door = Chorus.from_dir(config_dir.path)
-    pipeline = door.pipeline(require_models=False)  # `chorus plan` shows it blocked; a rerun records why
+    pipeline = door.pipeline(require_models=False)  # `chorus plan` shows it blocked; a run records why
     blocked = door.plan(pipeline).run.blocked
     assert blocked is not None and blocked.type == "PipelineBlocked" and "gemma3-270m" in blocked.extra["missing"]
     outcome = fake_run(door, pipeline)
@@ -159,6 +172,45 @@ def test_a_rerun_refuses_a_bad_override_before_anything_runs(chorus: Chorus) -> 
     prepared = chorus.prepare_rerun(parent.session_id, 2, overrides=["draft.seed=5"])
     assert prepared.start.parent == parent.session_id and len(prepared.start.prior) == 1
     assert next(s for s in prepared.pipeline.spec.stages if s.name == "draft").seed == 5
+
+
+def test_a_rerun_of_a_base_session_whose_pipeline_is_now_blocked_is_refused_before_anything_is_saved(
+        config_dir: ConfigDir) -> None:
+    door = Chorus.from_dir(config_dir.path)
+    parent = fake_run(door, door.pipeline())
+    door.close()
+    (config_dir.models_dir / "gemma-3-270m-q4_k_m.gguf").unlink()  # a model of the base pipeline is gone
+    door = Chorus.from_dir(config_dir.path)
+    sessions = sorted(p.name for p in config_dir.sessions_dir.iterdir())
+    with pytest.raises(PipelineBlocked, match="gemma3-270m"):
+        door.prepare_rerun(parent.session_id, 2)
+    assert sorted(p.name for p in config_dir.sessions_dir.iterdir()) == sessions  # no new (failed) session
+    door.close()
+    from tests.clirun import run_main
+
+    out = run_main("history", "rerun", parent.session_id, "--stage", "2", "--config-dir", str(config_dir.path))
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert "the base pipeline is blocked" in out.stderr and "gemma3-270m" in out.stderr
+    assert sorted(p.name for p in config_dir.sessions_dir.iterdir()) == sessions  # `chorus history rerun`: none
+
+
+def test_the_memory_plan_names_a_stage_whose_model_fits_nowhere_not_even_alone(config_dir: ConfigDir) -> None:
+    from launcher.process.server import MAX_N_CTX
+
+    server = yamlfile.load((config_dir.path / "app.yaml").read_text())["server"]
+    config_dir.write_app(server={**server, "memory_budget_mib": 4096})  # whatever this machine has
+    chorus = Chorus.from_dir(config_dir.path)
+    huge = PipelineSpec.model_validate({"stages": [
+        {"name": "small", "models": ["gemma3-270m"], "n_ctx": 512},
+        {"name": "huge", "models": ["gemma3-270m"], "n_ctx": MAX_N_CTX}]})
+    memory = chorus.plan(chorus.pipeline(huge, mode="manual")).memory
+    assert [s.stage for s in memory.fits_nowhere] == ["huge"] and not memory.fits  # waves cannot help
+    assert [s.fits_alone for s in memory.stages] == [True, False]
+    assert chorus.plan(chorus.pipeline(ONE_STAGE_SPEC, mode="manual")).memory.fits_nowhere == []
+    chorus.close()
+
+
+ONE_STAGE_SPEC = PipelineSpec.model_validate(ONE_STAGE)
 
 
 def test_ps_and_stop_read_no_model_file(config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -177,3 +177,31 @@ def test_a_built_two_stage_pipeline_with_one_model_twice_runs_in_a_real_browser(
         page.screenshot(path=str(ARTIFACTS / "ui-builder-run.png"), full_page=True)
     finally:
         page.close()
+
+
+def test_a_fresh_ui_opened_on_a_page_url_shows_its_own_navigation(tmp_path: Path, demo_model: Path,
+                                                                  second_model: Path, browser: Any) -> None:
+    """A tab left on /history across a restart: with the pages in ui/pages/, Streamlit ran that file as a v1
+    multipage app, with file names for navigation ("app, documents, eval…"), until someone opened /."""
+    config_dir = real_config_dir(tmp_path, demo_model, second_model)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "ui", "--port", str(port),
+                             "--config-dir", str(config_dir.path)], cwd=REPO, env=subprocess_env(config_dir),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            time.sleep(0.3)
+        page.goto(f"http://127.0.0.1:{port}/history", timeout=60_000)
+        nav = page.locator('[data-testid="stSidebarNav"]')
+        nav.get_by_text("Documents", exact=True).wait_for(timeout=60_000)  # the titles app.py gives
+        assert nav.get_by_text("app", exact=True).count() == 0  # no file names
+        page.get_by_role("heading", name="History").wait_for(timeout=30_000)
+    finally:
+        page.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -207,6 +207,20 @@ def test_a_bad_question_line_is_an_error_with_file_line_and_field(tmp_path: Path
     assert err.file == str(path) and err.line == 3 and err.field == field and message in str(err)
 
 
+@pytest.mark.parametrize("given", ["", "  ", Path(""), "."])
+def test_an_empty_question_path_asks_for_a_jsonl_file(given: str | Path) -> None:
+    with pytest.raises(QuestionsError) as info:  # the Eval page's "A JSONL file" with its box left empty
+        load_questions(given)
+    assert "give the path of a .jsonl question file" in str(info.value) and "Is a directory" not in str(info.value)
+
+
+def test_a_folder_as_question_file_asks_for_a_jsonl_file(tmp_path: Path) -> None:
+    with pytest.raises(QuestionsError) as info:
+        load_questions(tmp_path)
+    assert info.value.file == str(tmp_path)
+    assert "is a folder: give the path of a .jsonl question file" in str(info.value)
+
+
 def test_duplicate_ids_are_refused_and_limit_keeps_the_first_items(tmp_path: Path) -> None:
     with pytest.raises(QuestionsError, match="used twice"):
         load_questions(write(tmp_path, '{"id": 1, "question": "a"}', '{"id": "1", "question": "b"}'))
@@ -488,7 +502,7 @@ def test_eval_page_shows_a_past_eval_with_table_charts_and_session_links(
     try:
         at = AppTest.from_file(str(REPO / "ui" / "app.py"), default_timeout=60)
         at.run()
-        at.switch_page("pages/eval.py")
+        at.switch_page("views/eval.py")
         at.run()
         assert not at.exception, [e.value for e in at.exception]
         assert at.selectbox(key="eval-open").value == eval_id

@@ -286,7 +286,7 @@ def ui_env(config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch):
 def _page(page: str) -> AppTest:
     at = AppTest.from_file(str(REPO / "ui" / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page(f"pages/{page}.py")
+    at.switch_page(f"views/{page}.py")
     at.run()
     return at
 

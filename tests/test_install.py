@@ -93,7 +93,7 @@ def test_installed_package_is_imported_from_the_install_not_the_checkout(
     assert Path(config) == site / "orchestrator" / "config" / "defaults"
     top = sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info"))
     assert top == ["api", "bin", "cli", "launcher", "orchestrator", "ui"]  # the user's top level, no tests/ or bench/
-    assert (site / "ui" / "app.py").is_file() and (site / "ui" / "pages" / "run.py").is_file()
+    assert (site / "ui" / "app.py").is_file() and (site / "ui" / "views" / "run.py").is_file()
 
     helped = outside.chorus("--help")
     assert helped.returncode == 0, helped.stderr

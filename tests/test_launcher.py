@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from launcher.errors import (
     ServerCrashed,
     ServerOutOfMemory,
     ServerStartError,
+    ServerStopped,
 )
 from launcher.process import server as server_mod
 from launcher.process.binary import find_llama_server
@@ -173,6 +175,31 @@ def test_kill_9_mid_generation_is_a_typed_error_and_next_use_restarts(pool: Serv
     fresh = pool.acquire(spec_for(demo_model))
     assert fresh is not server and fresh.is_alive() and pool.starts == 2
     assert generate(fresh).text
+
+
+def test_a_server_stopped_by_chorus_mid_generation_says_so_not_crash_or_oom(pool: ServerPool,
+                                                                            demo_model: Path) -> None:
+    """`chorus stop` or the UI's Models page during a run: it read "stopped by chorus (killed by SIGKILL
+    (kill -9, or the kernel's OOM killer))" with the crash hint."""
+    server = pool.acquire(spec_for(demo_model))
+    ep = Endpoint(server.model, server.base_url, "completion", server.api_key)
+    stopper: list[threading.Thread] = []
+
+    def on_token(_piece: str) -> None:
+        if not stopper:
+            stopper.append(threading.Thread(target=pool.stop, args=(server,)))
+            stopper[0].start()
+
+    async def go():
+        async with GenerationClient() as client:
+            return await client.generate(ep, GenerationRequest("Count: 1, 2, 3,", max_tokens=400), on_token)
+
+    with pytest.raises(ServerStopped) as stopped:
+        asyncio.run(go())
+    stopper[0].join(30)
+    assert "chorus stopped the server" in str(stopped.value)
+    assert "OOM" not in str(stopped.value) and "SIGKILL" not in str(stopped.value)
+    assert "next request starts it again" in (stopped.value.hint or "")
 
 
 def test_a_file_that_is_not_gguf_is_an_invalid_model_error(llama_server_bin: Path, tmp_path: Path) -> None:

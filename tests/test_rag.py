@@ -489,7 +489,7 @@ def _page(name: str):
 
     at = AppTest.from_file(str(REPO / "ui" / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page(f"pages/{name}.py")
+    at.switch_page(f"views/{name}.py")
     at.run()
     return at
 

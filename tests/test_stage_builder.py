@@ -208,3 +208,44 @@ def test_bad_json_in_a_text_box_is_a_config_error_naming_the_field() -> None:
     assert params_form.text_to_value(field, ' {"15043": -100} ') == {"15043": -100}
     assert params_form.text_to_value(field, "  ") is None
     assert yamlfile.load(params_form.value_to_text(field, {"1": 2.0})) == {"1": 2.0}
+
+
+def test_grammar_and_json_schema_filled_in_together_are_an_error_naming_both_and_the_scope() -> None:
+    pair = {"grammar": 'root ::= "a"', "json_schema": {"type": "object"}, "seed": 3}
+    assert params_form.together_errors(pair, "defaults") == [
+        "all stages: give 'grammar' or 'json_schema', not both (llama-server refuses the pair)"]
+    assert params_form.together_errors(pair, "answer")[0].startswith("stage 'answer': give 'grammar' or 'json_schema'")
+    assert params_form.together_errors({**pair, "json_schema": None}, "defaults") == []
+    assert params_form.together_errors({"grammar": 'root ::= "a"'}, "answer") == []
+    # what the forms would otherwise send: the later of the pair silently replaces the other
+    out = apply_overrides(load_pipeline(SHIPPED), params_form.overrides(pair, "defaults"))
+    assert out.defaults.grammar is None or out.defaults.json_schema is None
+
+
+def _two_stages(first_prompt: str, second_prompt: str) -> PipelineSpec:
+    return PipelineSpec.model_validate({"stages": [{"name": "a", "models": ["m"], "prompt": first_prompt},
+                                                   {"name": "b", "models": ["m"], "prompt": second_prompt}]})
+
+
+def test_a_first_stage_reading_previous_without_the_question_is_warned() -> None:
+    stages = [stage_builder.new_stage(1, ["m"]), stage_builder.new_stage(2, ["m"])]
+    assert stage_builder.warnings(stage_builder.build_spec(stages)) == []
+    moved = stage_builder.warnings(stage_builder.build_spec(stage_builder.move(stages, 1, -1)))
+    assert len(moved) == 1 and "'stage2' runs first" in moved[0] and "{{ previous }}" in moved[0]
+    assert stage_builder.warnings(_two_stages("{{ previous if previous else question }}", "{{ previous }}")) == []
+    assert stage_builder.warnings(_two_stages("{% if previous %}{{ previous }}{% endif %}", "x")) != []
+    assert stage_builder.warnings(PipelineSpec.model_validate({"stages": [  # after a retrieve stage: its passages
+        {"name": "r", "kind": "retrieve", "collection": "kb"}, {"name": "b", "models": ["m"],
+                                                               "prompt": "{{ previous }}"}]})) == []
+
+
+def test_a_prompt_reading_a_stage_that_does_not_run_before_it_is_warned() -> None:
+    assert stage_builder.warnings(_two_stages("{{ question }}", "{{ stages.a.output }}")) == []
+    (note,) = stage_builder.warnings(_two_stages("{{ question }} {{ stages['b'].output }}", "{{ stages.a.output }}"))
+    assert "stage 'a'" in note and "stages.b" in note and "it runs first" in note
+    merged = PipelineSpec.model_validate({"stages": [
+        {"name": "a", "models": ["m"]},
+        {"name": "b", "models": ["m", "m"], "aggregation": {
+            "type": "custom_template", "template": "{{ stages.a.output }}{{ stages.c.output }}"}}]})
+    (note,) = stage_builder.warnings(merged)
+    assert note.startswith("The aggregation template of stage 'b' uses stages.c") and "stages before it: a" in note

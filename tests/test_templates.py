@@ -75,6 +75,19 @@ def test_attribute_of_unknown_stage_is_an_error_listing_known_stages(context: di
     assert "undefined" in err.message and "review" in (err.hint or "")
 
 
+@pytest.mark.parametrize("text", ["{{ stages.nosuch.output }}", "{{ stages['nosuch'].output }}"])
+def test_an_unknown_stage_is_named_with_the_stages_before_this_one_not_an_internal_class(context: dict,
+                                                                                         text: str) -> None:
+    with pytest.raises(TemplateError) as info:
+        render(text, context, where="stage 'final' prompt")
+    assert "no stage named 'nosuch' before this one (stages: my-draft, review)" in info.value.message
+    assert "Stages object" not in info.value.message and "orchestrator" not in info.value.message
+    first = build_context("q", "", [])
+    with pytest.raises(TemplateError, match="no stage named 'nosuch' before this one"):
+        render(text, first, where="stage 'first' prompt")
+    assert render("[{{ stages.nosuch }}]", context, where="t") == "[]"  # alone it still renders empty
+
+
 def test_syntax_error_names_where_and_line() -> None:
     with pytest.raises(TemplateError) as info:
         render("first\nsecond\n{% if question %}unclosed", {}, where="aggregation template")

@@ -46,7 +46,7 @@ def app(page: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     if page:
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"views/{page}.py")
         at.run()
     return at
 
@@ -617,3 +617,159 @@ def test_manual_mode_builds_a_retrieve_stage_then_a_generate_stage(ui_env: Confi
     assert answer.kind == "generate" and [m.model for m in answer.models] == ["gemma3-270m"]
     again, _ = stage_builder.from_spec(spec)  # loaded back, the builder shows the same retrieve stage
     assert stage_builder.build_spec(again) == spec
+
+
+# ---------------------------------------------------------------- QA: forms match the schema, refusals up front
+
+def test_the_load_controls_take_the_schemas_bounds() -> None:
+    from launcher.process.server import MAX_N_CTX, MIN_N_CTX
+    from ui import params_form
+
+    load = params_form.load_fields()
+    assert params_form.int_bounds(load["n_ctx"]) == (MIN_N_CTX, MAX_N_CTX)
+    assert params_form.int_bounds(load["n_gpu_layers"]) == (-1, None)  # a large number is "every layer"
+
+
+def test_a_saved_pipeline_with_large_schema_valid_values_loads_and_shows_them(ui_env: ConfigDir) -> None:
+    from launcher.process.server import MAX_N_CTX
+    from tests import yamlfile
+
+    big = {"n_gpu_layers": 9999, "top_k": 1_000_000, "seed": 2**32 - 1, "repeat_last_n": -1,
+           "max_tokens": 1_000_000, "temperature": 5.0, "presence_penalty": -2.0}
+    folder = ui_env.path / "pipelines"
+    folder.mkdir()
+    (folder / "big.yaml").write_text(yamlfile.dump({"name": "big", "defaults": {**big, "n_ctx": MAX_N_CTX},
+                                                    "stages": [{"name": "one", "models": ["gemma3-270m"],
+                                                                **big, "n_ctx": 512}]}))
+    at = manual(app("run"))
+    at.selectbox(key="load-choice").set_value("big").run()
+    at.button(key="load").click().run()
+    sid = at.session_state["builder_stages"][0]["id"]
+    at.session_state["defaults-open"] = True  # every box open: each control shows the file's value
+    at.session_state[f"s{sid}-more"] = True
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.number_input(key=f"s{sid}-ngl").value == 9999 and at.number_input(key="pd-n_gpu_layers").value == 9999
+    assert at.number_input(key="pd-n_ctx").value == MAX_N_CTX
+    assert at.number_input(key=f"s{sid}-top_k").value == 1_000_000 and at.number_input(key="pd-seed").value == 2**32 - 1
+    spec = stage_builder.build_spec(at.session_state["builder_stages"], name="big",
+                                    defaults=at.session_state["builder_defaults"])
+    assert spec.model_dump() == load_pipeline_file(folder / "big.yaml").model_dump()
+
+
+def test_a_malformed_label_format_is_refused_in_the_builder_naming_the_field(ui_env: ConfigDir) -> None:
+    at = manual(app("run"))
+    sid = at.session_state["builder_stages"][0]["id"]
+    at.text_input(key=f"s{sid}-label-format").set_value("{nolabel} {").run()
+    assert not at.exception
+    assert any("label_format" in plain(e.value) and "malformed" in plain(e.value) for e in at.error), \
+        [e.value for e in at.error]
+    assert at.button(key="run").disabled  # refused before any model answers
+
+
+def grammar_and_schema_refused(at: AppTest) -> bool:
+    return any("grammar" in plain(e.value) and "json_schema" in plain(e.value) and "not both" in plain(e.value)
+               for e in at.error)
+
+
+def test_grammar_and_json_schema_together_are_refused_in_base_modes_settings(ui_env: ConfigDir) -> None:
+    at = app("run")
+    first = ui_env.pipeline()["stages"][0]["name"]
+    for tab, scope in (("All stages", "defaults"), (first, first)):
+        open_settings_tab(at, tab)
+        at.text_area(key=f"gen-{scope}-grammar").set_value('root ::= "yes" | "no"').run()
+        at.text_area(key=f"gen-{scope}-json_schema").set_value('{"type": "object"}').run()
+        assert not at.exception and grammar_and_schema_refused(at) and at.button(key="run").disabled, scope
+        at.session_state["gen-open"] = False  # folded, still refused
+        at.run()
+        assert grammar_and_schema_refused(at) and at.button(key="run").disabled, scope
+        open_settings_tab(at, tab)
+        at.text_area(key=f"gen-{scope}-json_schema").set_value("").run()
+        assert not grammar_and_schema_refused(at) and not at.button(key="run").disabled, scope
+        at.text_area(key=f"gen-{scope}-grammar").set_value("").run()
+
+
+def _fake_session(config: ConfigDir, spec: PipelineSpec | None = None, *, mode: RunMode = "manual") -> Any:
+    """A saved session made on the scripted backend (no llama-server), before the page opens."""
+    rt = Runtime(load_config(config.path))
+    try:
+        spec = spec or rt.config.load_pipeline()
+        return asyncio.run(Runner(rt).arun(spec, "Name a colour.", mode=mode, backend=FakeBackend()))
+    finally:
+        rt.close()
+
+
+def rerun_button(at: AppTest) -> Any:
+    return next(b for b in at.button if b.label == "Rerun from this stage")
+
+
+def test_grammar_and_json_schema_together_are_refused_in_the_rerun_form(ui_env: ConfigDir) -> None:
+    _fake_session(ui_env, PipelineSpec.model_validate({"stages": [
+        {"name": "one", "models": ["gemma3-270m"]}, {"name": "two", "models": ["gemma3-270m"]}]}))
+    at = app("history")
+    at.text_area(key="rerun-history-s-two-grammar").set_value('root ::= "yes"')
+    at.text_area(key="rerun-history-s-two-json_schema").set_value('{"type": "object"}')
+    rerun_button(at).click().run()
+    assert not at.exception and grammar_and_schema_refused(at) and "live_run" not in at.session_state
+    assert any("stage 'two'" in plain(e.value) for e in at.error)
+
+
+def test_rerunning_a_base_session_whose_pipeline_is_now_blocked_is_refused_in_the_form(ui_env: ConfigDir) -> None:
+    parent = _fake_session(ui_env, mode="base")
+    assert parent.run.status == "completed"
+    (ui_env.models_dir / "gemma-3-270m-q4_k_m.gguf").unlink()
+    sessions = sorted(p.name for p in ui_env.sessions_dir.iterdir())
+    at = app("history")
+    rerun_button(at).click().run()
+    assert not at.exception
+    assert any("the base pipeline is blocked" in plain(e.value) and "gemma3-270m" in plain(e.value)
+               for e in at.error), [e.value for e in at.error]
+    assert "live_run" not in at.session_state  # the page stays, no run starts
+    assert sorted(p.name for p in ui_env.sessions_dir.iterdir()) == sessions  # and no failed session is saved
+
+
+def test_a_failed_sessions_error_is_shown_on_history_and_results(ui_env: ConfigDir) -> None:
+    (ui_env.models_dir / "gemma-3-270m-q4_k_m.gguf").unlink()
+    failed = _fake_session(ui_env, mode="base")  # let through unchecked: the run fails and is saved
+    assert failed.run.status == "failed" and failed.session_id
+    for page in ("history", "results"):
+        at = app(page)
+        assert not at.exception, page
+        assert any("Run failed" in plain(e.value) and "the base pipeline is blocked" in plain(e.value)
+                   for e in at.error), (page, [e.value for e in at.error])
+
+
+def test_moving_a_stage_that_reads_previous_to_the_top_is_warned_not_refused(ui_env: ConfigDir) -> None:
+    at = manual(app("run"))
+    at.button(key="add-stage").click().run()
+    second = at.session_state["builder_stages"][1]
+    assert second["prompt"] == "{{ previous }}"
+    assert not any("runs first" in plain(w.value) for w in at.warning)
+    at.button(key=f"s{second['id']}-up").click().run()
+    assert not at.exception
+    assert any("'stage2' runs first" in plain(w.value) and "previous" in plain(w.value) for w in at.warning), \
+        [w.value for w in at.warning]
+    assert not at.button(key="run").disabled  # a warning: the run is still the user's to start
+
+
+def test_a_model_that_fits_nowhere_disables_run_with_no_sequential_offer(ui_env: ConfigDir) -> None:
+    from launcher.process.server import MAX_N_CTX
+
+    server = yamlfile_load(ui_env.path / "app.yaml")["server"]
+    ui_env.write_app(server={**server, "memory_budget_mib": 4096})  # the same on every machine
+    at = manual(app("run"))
+    sid = at.session_state["builder_stages"][0]["id"]
+    at.number_input(key=f"s{sid}-n_ctx").set_value(512).run()
+    assert not at.button(key="run").disabled
+    at.number_input(key=f"s{sid}-n_ctx").set_value(MAX_N_CTX).run()
+    assert not at.exception
+    assert any("even one model at a time" in plain(e.value) and "does not fit even alone" in plain(e.value)
+               for e in at.error), [e.value for e in at.error]
+    assert at.button(key="run").disabled
+    assert not any(c.key == "allow_sequential" for c in at.checkbox)  # waves cannot help
+
+
+def yamlfile_load(path: Path) -> Any:
+    from tests import yamlfile
+
+    return yamlfile.load(path.read_text())

@@ -8,7 +8,7 @@ import streamlit as st
 
 from ui.auth import gate
 
-PAGES = Path(__file__).parent / "pages"
+PAGES = Path(__file__).parent / "views"  # not "pages/": Streamlit runs that folder as a v1 multipage app
 
 st.set_page_config(page_title="chorus", page_icon=":material/queue_music:", layout="wide")
 gate()  # a UI with a token (`chorus ui` off loopback) runs no page until this session has given it

@@ -7,8 +7,9 @@ a non-loopback `server.address` with no token shows only a refusal. The token is
 a session that gave it stays signed in until the browser tab is closed or reloaded.
 
 `gate()` runs in app.py before st.navigation, and again in `ui.common.chorus()`, which every page calls
-first: Streamlit runs a page of ui/pages/ straight, without app.py, when a browser asks for it (/history)
-before any session has called st.navigation, as none does while no one has signed in.
+first: a page file run without app.py is gated too. (The pages were in ui/pages/, which Streamlit runs
+straight, without app.py, when a browser asks for one (/history) before any st.navigation call; they are in
+ui/views/, so app.py answers every URL, but the second gate stays.)
 """
 
 from __future__ import annotations

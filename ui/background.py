@@ -2,11 +2,16 @@
 
 The work gets a CancelToken that a stop button may trigger from any thread; its result or its error
 (as data) is kept for the next rerun to show. A thread must never die silently.
+
+Every piece of work in progress is also listed in the process-wide `ACTIVE`: a browser session's own
+handle (st.session_state) is gone after a reload, and the work must still be found there to be watched
+and stopped.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -17,7 +22,9 @@ T = TypeVar("T")
 
 
 class Background(Generic[T]):
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, title: str = "") -> None:
+        self.title = title  # what the user started, for a page that finds it in ACTIVE
+        self.started_at = time.time()
         self.cancel_token = CancelToken()
         self.result: T | None = None
         self.error: ErrorInfo | None = None
@@ -29,6 +36,7 @@ class Background(Generic[T]):
         """Start `work` (called last by a subclass's __init__, once its own state exists)."""
         self._work = work
         self._thread.start()
+        ACTIVE.add(self)
 
     def _main(self) -> None:
         assert self._work is not None
@@ -47,3 +55,26 @@ class Background(Generic[T]):
 
     def cancel(self) -> None:
         self.cancel_token.cancel()
+
+
+W = TypeVar("W", bound=Background)  # type: ignore[type-arg]
+
+
+class Active:
+    """The background work of this process still running, oldest first (done work drops out)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._work: list[Background] = []  # type: ignore[type-arg]
+
+    def add(self, work: Background) -> None:  # type: ignore[type-arg]
+        with self._lock:
+            self._work = [w for w in self._work if not w.done] + [work]
+
+    def running(self, kind: type[W]) -> list[W]:
+        with self._lock:
+            self._work = [w for w in self._work if not w.done]
+            return [w for w in self._work if isinstance(w, kind)]
+
+
+ACTIVE = Active()

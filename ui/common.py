@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ from orchestrator.errors import ChorusError
 from orchestrator.history.store import Session
 from orchestrator.rag.retrieval import cited
 from orchestrator.records import StageRecord
+from orchestrator.runs import RunOutcome
 from ui import params_form
 from ui.auth import gate
+from ui.background import ACTIVE
 from ui.live import LiveRun, StageView
 from ui.params import overrides_form
 
@@ -38,8 +41,8 @@ def _chorus(config_dir: str | None) -> Chorus:
 def chorus() -> Chorus | None:
     """The shared front door, or None after showing the config error (the page still renders).
 
-    Every page needs it before it shows or does anything, so the sign-in gate is here too: Streamlit runs a
-    page of ui/pages/ straight, without app.py, when it is asked for before any st.navigation call.
+    Every page needs it before it shows or does anything, so the sign-in gate is here too: a page file run
+    without app.py (a folder named pages/ is run that way by Streamlit; ui/views/ is not) still asks for it.
     """
     gate()
     try:
@@ -81,10 +84,46 @@ def html_text(text: str) -> str:
 # ---------------------------------------------------------------- live runs
 
 LIVE_KEY = "live_run"
+BUSY = "A run is in progress: stop it on the Run page, or wait for it, before starting another here."
 
 
 def live_run() -> LiveRun | None:
     return st.session_state.get(LIVE_KEY)
+
+
+def running_here() -> bool:
+    live = live_run()
+    return live is not None and not live.done
+
+
+def start_live_run(start: Callable[..., RunOutcome], title: str) -> LiveRun | None:
+    """This browser session's run, or None (and a message) while its last one is still going: a second run
+    would take its place on the Run page, and the first could no longer be watched or stopped."""
+    if running_here():
+        st.error(BUSY)
+        return None
+    live = LiveRun(start, title)
+    st.session_state[LIVE_KEY] = live
+    st.session_state["live_rendered_final"] = False
+    return live
+
+
+def runs_elsewhere() -> list[LiveRun]:
+    """Runs of this process that this browser session is not showing: one started before a reload, or in
+    another tab."""
+    mine = live_run()
+    return [r for r in ACTIVE.running(LiveRun) if r is not mine]
+
+
+def render_runs_elsewhere(*, key: str) -> None:
+    """Each run going on that this session does not show, with a button that shows it here (and so its Stop)."""
+    for i, run in enumerate(runs_elsewhere()):
+        row = st.columns([5, 1], vertical_alignment="center")
+        row[0].info(md_escape(f"A run started at {fmt_time(run.started_at)} is in progress: {run.title}"))
+        if row[1].button("Show it", key=f"{key}-attach-{i}", help="Follow it here, with its Stop button"):
+            st.session_state[LIVE_KEY] = run
+            st.session_state["live_rendered_final"] = False
+            st.switch_page(page_path("run"))
 
 
 def render_live_stages(stages: list[StageView]) -> None:
@@ -130,7 +169,9 @@ def render_live(live: LiveRun) -> None:
             st.subheader("Final answer")
             st.markdown(f'<div id="chorus-final-answer">{html_text(run.final)}</div>', unsafe_allow_html=True)
         else:
-            st.error(f"Run {md_escape(run.status)}: {md_escape(run.error.text() if run.error else '')}")
+            reason = run.error.text() if run.error else ""
+            saved = f" — session {outcome.session_id}" if outcome.session_id else " (not saved)"
+            st.error(md_escape(f"Run {run.status}" + (f": {reason}" if reason else "") + saved))
 
 
 # ---------------------------------------------------------------- saved sessions
@@ -140,6 +181,13 @@ def render_session(session: Session, *, key: str) -> None:
     st.markdown(md_escape(f"{session.id} · {m.get('mode')} · {m.get('status')} · {fmt_time(m.get('created_at'))}"))
     if session.problems:
         st.warning(md_escape(f"This session is damaged; showing what could be read: {'; '.join(session.problems)}"))
+    try:
+        error = session.error  # why the run failed or was cancelled (session.json's 'error')
+    except ChorusError as exc:
+        st.warning(md_escape(f"The run's error could not be read: {exc}"))
+    else:
+        if error is not None:
+            st.error(md_escape(f"Run {m.get('status') or 'failed'}: {error.text()}"))
     if m.get("parent_session"):
         st.caption(md_escape(f"Rerun of {m['parent_session']} from stage {m.get('rerun_from_stage')}"))
     render_session_downloads(session, key=key)
@@ -272,13 +320,16 @@ def render_rerun_form(session: Session, *, key: str) -> None:
             with tabs[0]:
                 values = overrides_form(fields, key=f"rerun-{key}-defaults", errors=errors,
                                         current=params_form.current_values(pipeline.defaults, fields))
+                errors += params_form.together_errors(values, "defaults")  # grammar with json_schema: refused
                 assignments += params_form.overrides(values, "defaults")
             for tab, stage in zip(tabs[1:], rerun_stages, strict=True):
                 with tab:
                     values = overrides_form(fields, key=f"rerun-{key}-s-{stage.name}", errors=errors,
                                             current=params_form.current_values(stage, fields))
+                    errors += params_form.together_errors(values, stage.name)
                     assignments += params_form.overrides(values, stage.name)
-        submitted = st.form_submit_button("Rerun from this stage")
+        submitted = st.form_submit_button("Rerun from this stage", disabled=running_here(),
+                                          help=BUSY if running_here() else None)
     if submitted:
         for problem in errors:
             st.error(md_escape(problem))
@@ -292,13 +343,13 @@ def render_rerun_form(session: Session, *, key: str) -> None:
         except ChorusError as exc:
             st.error(md_escape(exc))
             return
-        st.session_state[LIVE_KEY] = LiveRun(
-            lambda observer, cancel: door.rerun(prepared, observers=[observer], cancel=cancel))
-        st.switch_page(page_path("run"))
+        if start_live_run(lambda observer, cancel: door.rerun(prepared, observers=[observer], cancel=cancel),
+                          f"rerun of {session.id} from stage {index}") is not None:
+            st.switch_page(page_path("run"))
 
 
 def page_path(name: str) -> str:
-    return str(Path(__file__).parent / "pages" / f"{name}.py")
+    return str(Path(__file__).parent / "views" / f"{name}.py")
 
 
 def render_sources(stages: list[StageRecord], answer: str) -> None:

@@ -21,7 +21,7 @@ class LiveEval(Background[EvalReport]):
     """Start with a function that runs the eval to the end given (on_progress, cancel)."""
 
     def __init__(self, eval_id: str, start: StartFn) -> None:
-        super().__init__("chorus-live-eval")
+        super().__init__("chorus-live-eval", eval_id)
         self.eval_id = eval_id
         self._progress = Progress()
         self._begin(lambda cancel: start(self.on_progress, cancel))

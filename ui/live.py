@@ -6,7 +6,6 @@ here, collects events, and a stop button calls `cancel()` from whatever thread i
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,11 +50,10 @@ class StageView:
 class LiveRun(Background[RunOutcome]):
     """Start with a function that runs to completion given (on_event, cancel); read `stages` live."""
 
-    def __init__(self, start: Callable[[Callable[[Event], None], CancelToken], RunOutcome]) -> None:
-        super().__init__("chorus-live-run")
+    def __init__(self, start: Callable[[Callable[[Event], None], CancelToken], RunOutcome], title: str = "") -> None:
+        super().__init__("chorus-live-run", title)
         self.stages: list[StageView] = []
         self.notices: list[str] = []
-        self.started_at = time.time()
         self._begin(lambda cancel: start(self.on_event, cancel))
 
     @property

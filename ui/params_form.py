@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union, cast, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from orchestrator.config.schema import GenerationParams
+from orchestrator.config.schema import GenerationParams, LoadParams
 from orchestrator.errors import ConfigError
 
 ParamKind = Literal["int", "float", "choice", "lines", "text", "json"]
@@ -41,6 +41,8 @@ _HELP: dict[str, str] = {
     "grammar": "A GBNF grammar the answer must follow (not together with json_schema).",
     "json_schema": "A JSON schema the answer must follow, as JSON (not together with grammar).",
     "logit_bias": 'Token id to bias, as JSON: {"15043": -100} never emits token 15043.',
+    "n_ctx": "Context size in tokens of each slot of the model's server.",
+    "n_gpu_layers": "Layers on the GPU; 0 none, -1 or a large number all of them.",
 }
 
 # The controls most people touch; the rest are shown under "more".
@@ -117,8 +119,8 @@ def describe(model: type[BaseModel] = GenerationParams, *, exclude: tuple[str, .
             continue
         kind, choices = _kind(info.annotation)
         low, high = _bounds(list(info.metadata), kind) if kind in ("int", "float") else (None, None)
-        bounds = ("" if low is None and high is None else
-                  f" Range {'' if low is None else low}…{'' if high is None else high}.")
+        bounds = ("" if low is None and high is None else f" At least {low}." if high is None else
+                  f" At most {high}." if low is None else f" Range {low}…{high}.")
         out.append(ParamField(name, kind, low, high, choices, _HELP.get(name, "") + (bounds if kind in
                                                                                        ("int", "float") else "")))
     return out
@@ -126,6 +128,18 @@ def describe(model: type[BaseModel] = GenerationParams, *, exclude: tuple[str, .
 
 def generation_fields(*, exclude: tuple[str, ...] = ()) -> list[ParamField]:
     return describe(GenerationParams, exclude=exclude)
+
+
+def load_fields() -> dict[str, ParamField]:
+    """n_ctx and n_gpu_layers (`LoadParams`) by name, with the schema's bounds: a form never refuses, or fails
+    to show, a value a pipeline file may hold (n_gpu_layers: 9999 is "every layer")."""
+    return {f.name: f for f in describe(LoadParams)}
+
+
+def int_bounds(field: ParamField) -> tuple[int | None, int | None]:
+    """(min_value, max_value) of a number input for an int field: the schema's, None where it sets none."""
+    return (None if field.minimum is None else int(field.minimum),
+            None if field.maximum is None else int(field.maximum))
 
 
 # ---------------------------------------------------------------- text ⇄ values
@@ -184,6 +198,26 @@ def overrides(values: dict[str, Any], scope: str) -> list[str]:
             if value is not None]
 
 
+def together_errors(values: dict[str, Any], scope: str) -> list[str]:
+    """What the schema refuses in the values a form filled in at one scope taken together ('grammar' with
+    'json_schema'), said as the schema says it. Their overrides would not be refused: `apply_overrides` lets
+    the later of the pair replace the other (a CLI `--set grammar=...` replaces the file's json_schema), so
+    the form would silently drop one. `scope`: "defaults" or a stage's name, as in `overrides`."""
+    given = {k: v for k, v in values.items() if k in _TOGETHER and v is not None}
+    if len(given) < 2:
+        return []
+    try:
+        GenerationParams.model_validate(given)
+    except ValidationError as exc:
+        where = "all stages" if scope == "defaults" else f"stage '{scope}'"
+        return [f"{where}: " + "".join(f"{part}: " for part in e["loc"][:1]) + e["msg"].removeprefix("Value error, ")
+                for e in exc.errors(include_url=False)]
+    return []
+
+
+_TOGETHER = ("grammar", "json_schema")  # fields the schema checks as a pair (GenerationParams._one_constraint)
+
+
 def current_values(node: BaseModel | dict[str, Any] | None, fields: list[ParamField]) -> dict[str, Any]:
     """The values `fields` have on a defaults, stage or slot (None where it does not set one)."""
     if node is None:
@@ -192,5 +226,5 @@ def current_values(node: BaseModel | dict[str, Any] | None, fields: list[ParamFi
     return {f.name: data.get(f.name) for f in fields}
 
 
-__all__ = ["COMMON", "ParamField", "current_values", "describe", "generation_fields", "lines_to_text",
-           "overrides", "text_to_lines", "text_to_value", "value_to_text"]
+__all__ = ["COMMON", "ParamField", "current_values", "describe", "generation_fields", "int_bounds", "lines_to_text",
+           "load_fields", "overrides", "text_to_lines", "text_to_value", "together_errors", "value_to_text"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import uuid
 from typing import Any, get_args
 
+from jinja2 import Environment, meta, nodes
+from jinja2.exceptions import TemplateSyntaxError
 from pydantic import ValidationError
 
 from orchestrator.config.schema import (
@@ -197,6 +199,54 @@ def build_spec(stages: list[dict[str, Any]], *, name: str = "manual", descriptio
                           hint="Fix the highlighted stage setting.") from None
 
 
+# ---------------------------------------------------------------- warnings (the spec is valid, but)
+
+def _prompt_names(prompt: str) -> tuple[set[str], set[str]]:
+    """(the variables a prompt template reads, the stage names it reads as stages.NAME or stages['NAME'])."""
+    try:
+        tree = _PARSER.parse(prompt)
+    except TemplateSyntaxError:  # the schema refuses it; nothing to add here
+        return set(), set()
+    stages: set[str] = set()
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        if isinstance(node, nodes.Getattr | nodes.Getitem) and isinstance(node.node, nodes.Name) \
+                and node.node.name == "stages":
+            name = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+            if isinstance(name, str):
+                stages.add(name)
+    return meta.find_undeclared_variables(tree), stages
+
+
+_PARSER = Environment()
+
+
+def warnings(spec: PipelineSpec) -> list[str]:
+    """What the builder says about a pipeline it still lets run: a first stage whose prompt reads `previous`
+    (empty there: nothing ran before it) without `question`, as after moving a later stage to the top; a
+    prompt or aggregation template reading `stages.NAME` of a stage that does not run before it (the run would
+    fail there)."""
+    out: list[str] = []
+    for i, stage in enumerate(spec.stages):
+        if stage.kind != "generate":
+            continue
+        variables, named = _prompt_names(stage.prompt)
+        if i == 0 and "previous" in variables and "question" not in variables:
+            out.append(f"Stage '{stage.name}' runs first, but its prompt uses {{{{ previous }}}}, which is empty "
+                       "there (no stage runs before it), so it renders as nothing. Use {{ question }} in the "
+                       "first stage.")
+        earlier = [s.name for s in spec.stages[:i]]
+        agg = stage.aggregation
+        texts = [("prompt", named), *((what, _prompt_names(text)[1]) for what, text in (
+            ("aggregation template", agg.template), ("synthesis prompt", agg.synthesis_prompt),
+            ("judge prompt", agg.judge_prompt)) if text)]
+        before = f"stages before it: {', '.join(earlier)}" if earlier else "it runs first"
+        for what, names in texts:
+            for name in sorted(names - set(earlier)):
+                out.append(f"The {what} of stage '{stage.name}' uses stages.{name}, but no stage named '{name}' "
+                           f"runs before it ({before}).")
+    return out
+
+
 # ---------------------------------------------------------------- spec → dicts (loading a saved pipeline)
 
 def slot_from_spec(slot: Any) -> dict[str, Any]:
@@ -243,4 +293,4 @@ def from_spec(spec: PipelineSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]
 __all__ = ["AGGREGATION_KINDS", "EXECUTION_MODES", "GENERATION_KEYS", "JUDGE_MODES", "LOAD_KEYS", "ON_ERROR",
            "QUERY_FROM", "STAGE_KINDS", "VOTE_EXTRACT", "VOTE_TIE_BREAK", "add_slot", "build_spec", "from_spec",
            "move", "new_slot", "new_stage", "pipeline_to_yaml_dict", "remove", "remove_slot", "stage_from_spec",
-           "stage_to_yaml_dict"]
+           "stage_to_yaml_dict", "warnings"]

@@ -54,6 +54,7 @@ from launcher.errors import (
     ServerOutOfMemory,
     ServerStartError,
     ServerStartTimeout,
+    ServerStopped,
 )
 from launcher.process import state
 from launcher.process.limits import MAX_N_CTX as MAX_N_CTX  # the n_ctx bounds, re-exported from their light home
@@ -633,7 +634,11 @@ class ModelServer:
         except subprocess.TimeoutExpired:
             return lost  # still running: the connection broke for another reason
         died = self.failure(starting=False)
-        cause = f"stopped by chorus ({died.detail})" if self.stopped_by_us else died.detail
+        if self.stopped_by_us:  # `chorus stop`, the Models page: SIGKILL after the grace time is ours, not OOM
+            return ServerStopped(self.model, f"{lost.detail}; chorus stopped the server (chorus stop, or the "
+                                 "UI's Models page)", command=died.command, log_tail=died.log_tail,
+                                 exit_code=died.exit_code, log_path=died.log_path)
+        cause = died.detail
         last = _last_error_line(died.log_tail)
         message = (f"{lost.detail}; the server has exited: {cause} (exit status {died.exit_code})"
                    + (f"; its log ends: {last}" if last else ""))

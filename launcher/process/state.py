@@ -142,11 +142,33 @@ def _is_llama_server(pid: int) -> bool:
         return False
 
 
+SERVER_NAMES = frozenset({"llama-server", "rpc-server"})
+
+
+def _runs_server(proc: psutil.Process, record: ServerRecord) -> bool:
+    """Whether `proc` is a server such as the record names: its executable or argv[0] is llama-server (or
+    rpc-server), or its command line loads the recorded model file (a server behind a wrapper script). A
+    process that is neither is not ours, whatever group or start time it has (a pid and group reused since)."""
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = proc.cmdline()
+        with contextlib.suppress(psutil.Error, OSError):
+            if Path(proc.exe()).name in SERVER_NAMES:
+                return True
+    except psutil.Error:
+        return False
+    if cmdline and Path(cmdline[0]).name in SERVER_NAMES:
+        return True
+    return bool(record.model_path) and record.model_path in cmdline[1:]
+
+
 def process_of(record: ServerRecord) -> psutil.Process | None:
     """The live server `record` names, or None. Its pid counts while it is the recorded process (same start
     time; records of older versions: a llama-server started before the record). Else, when that process is
-    gone (a wrapper killed before its server was ready), a member of the recorded group started since: the one
-    listening on the port, or the oldest."""
+    gone (a wrapper killed before its server was ready), a member of the recorded group started since that is
+    a server (`_runs_server`): the one listening on the port, or the oldest. A group whose members are not
+    servers is another program's on a reused pgid: None, the record is stale."""
     with contextlib.suppress(psutil.Error):
         proc = psutil.Process(record.pid)
         if proc.status() != psutil.STATUS_ZOMBIE:
@@ -161,7 +183,7 @@ def process_of(record: ServerRecord) -> psutil.Process | None:
     for pid in group_members(record.pgid):
         with contextlib.suppress(psutil.Error):
             member = psutil.Process(pid)
-            if member.create_time() >= record.started_at - _START_SLACK_S:
+            if member.create_time() >= record.started_at - _START_SLACK_S and _runs_server(member, record):
                 members.append(member)
     listening = [m for m in members if _listens(m.pid, record.port)]
     if listening:

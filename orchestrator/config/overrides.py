@@ -29,12 +29,18 @@ def apply_overrides(pipeline: PipelineSpec, assignments: Iterable[str], *, sourc
 
     `stage.aggregation.type=concat` reaches nested keys, `stage.LABEL.param=value` one model slot of the
     stage; values are YAML (numbers, lists `[a, b]`, mappings `{"15043": -100}`, strings).
+    Stage names and labels may hold dots: the longest name that the key starts with is the one meant
+    (`a.b.max_tokens` is stage `a.b`'s when there is one). `defaults.` is the pipeline's defaults;
+    `stages.NAME.param` names a stage explicitly, the way to reach a stage that is itself named `defaults`
+    (`defaults.param` is refused as ambiguous while such a stage exists).
+    A value that starts with `[` or `{` must be valid YAML (JSON is YAML), except for a text setting
+    (prompt, system_prompt, grammar), which takes it as the text it is.
     Given the config folder, custom aggregation functions are checked against what it allows.
     """
     data = pipeline.model_dump(mode="python", exclude_unset=False)
     for text in assignments:
-        target, value = _parse(text, source)
-        _assign(data, target, value, text, source)
+        key, raw = _parse(text, source)
+        _assign(data, key, raw, text, source)
     try:
         result = PipelineSpec.model_validate(data)
     except ValidationError as exc:
@@ -47,43 +53,89 @@ def apply_overrides(pipeline: PipelineSpec, assignments: Iterable[str], *, sourc
     return result
 
 
-def _parse(text: str, source: str) -> tuple[list[str], Any]:
+def _parse(text: str, source: str) -> tuple[str, str]:
+    """`KEY=VALUE` as the key (without spaces around it) and the raw value."""
     key, sep, raw = text.partition("=")
-    parts = [p for p in key.strip().split(".") if p]
-    if not sep or len(parts) < 2:
+    key = key.strip()
+    if not sep or "." not in key.strip("."):
         raise ConfigError(source, f"'{text}' is not STAGE.PARAM=VALUE",
                           hint="For example: --set review.temperature=0.2")
+    return key, raw
+
+
+def _value(raw: str, key: str, source: str, *, text_only: bool) -> Any:
+    """The value as YAML; a value that is not YAML is the plain string it is, unless it starts with `[` or
+    `{` (a list or a mapping meant, with a typo) and the setting is not text only: then an error."""
     if not raw.strip():
-        return parts, ""
+        return ""
     try:
         value, _ = parse_yaml(raw)  # bounded: an anchor bomb here is refused as one in a file is
     except ExpansionTooLarge as exc:
-        raise ConfigError(source, f"the value in '{key.strip()}=...': {exc}", field=key.strip(),
-                          hint=EXPANSION_HINT) from None
-    except (yaml.YAMLError, RecursionError):
+        raise ConfigError(source, f"the value in '{key}=...': {exc}", field=key, hint=EXPANSION_HINT) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        if not text_only and raw.lstrip()[:1] in ("[", "{"):
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(source, f"'{raw.strip()}' starts like a list or mapping but is not valid YAML or "
+                                      f"JSON ({problem})", field=key,
+                              hint="Close every bracket and quote, in single quotes for the shell, e.g. "
+                                   "--set 'defaults.stop=[\"\\n\", \"END\"]'.") from None
         value = raw  # not YAML: taken as the plain string it is
-    return parts, value
+    return value
 
 
-def _assign(data: dict[str, Any], parts: list[str], value: Any, text: str, source: str) -> None:
-    head, rest = parts[0], parts[1:]
-    if head == "defaults":
+def _target(data: dict[str, Any], key: str, text: str, source: str) -> tuple[dict[str, Any] | None, str]:
+    """The stage `key` addresses (None: the pipeline's defaults) and the rest of the key after its name."""
+    stages = [s for s in data["stages"] if isinstance(s, dict)]
+
+    def longest(prefix: str) -> dict[str, Any] | None:
+        return max((s for s in stages if prefix.startswith(f"{s['name']}.")), key=lambda s: len(s["name"]),
+                   default=None)
+
+    found: list[tuple[dict[str, Any] | None, str, str]] = []  # (target, rest of the key, how it was read)
+    if key.startswith("defaults."):
+        found.append((None, key.removeprefix("defaults."), "the pipeline's defaults"))
+    if (stage := longest(key)) is not None:
+        found.append((stage, key[len(stage["name"]) + 1:], f"stage '{stage['name']}'"))
+    explicit = longest(key.removeprefix("stages.")) if key.startswith("stages.") else None
+    if explicit is not None and not any(t is explicit for t, _, _ in found):
+        stage = explicit
+        found.append((stage, key[len("stages.") + len(stage["name"]) + 1:], f"stage '{stage['name']}'"))
+    if len(found) > 1:
+        meant = " or ".join(how for _, _, how in found)
+        raise ConfigError(source, f"'{key}' is ambiguous: it can be {meant}", field=key,
+                          hint="Name a stage as stages.NAME.PARAM (a stage named 'defaults': "
+                               "stages.defaults.PARAM); while a stage is named 'defaults', set the pipeline's "
+                               "defaults in the pipeline file.")
+    if not found:
+        head = key.split(".")[0]
+        names = [s["name"] for s in stages]
+        raise ConfigError(source, f"no stage named '{head}' in '{text}'", field=head,
+                          hint=f"{did_you_mean(head, [*names, 'defaults'])}Stages are: {', '.join(names)}, "
+                               "or use 'defaults'.")
+    target, rest, _ = found[0]
+    if not [p for p in rest.split(".") if p]:
+        raise ConfigError(source, f"'{text}' is not STAGE.PARAM=VALUE", field=key,
+                          hint="For example: --set review.temperature=0.2")
+    return target, rest
+
+
+def _assign(data: dict[str, Any], key: str, raw: str, text: str, source: str) -> None:
+    stage, rest_key = _target(data, key, text, source)
+    rest = [p for p in rest_key.split(".") if p]
+    if stage is None:
         node: Any = data.setdefault("defaults", {})
-        _check_keys(PipelineDefaults, rest, text, source, [head])
+        field = _check_keys(PipelineDefaults, rest, text, source, ["defaults"])
     else:
-        node = next((s for s in data["stages"] if s["name"] == head), None)
-        if node is None:
-            names = [s["name"] for s in data["stages"]]
-            raise ConfigError(source, f"no stage named '{head}' in '{text}'", field=head,
-                              hint=f"{did_you_mean(head, [*names, 'defaults'])}Stages are: {', '.join(names)}, "
-                                   "or use 'defaults'.")
-        slot = _slot(node, rest)
+        head = stage["name"]
+        node = stage
+        slot, slot_rest = _slot(node, rest_key)
         if slot is not None:  # review.reviewer-facts.top_k=40: one model call of the stage
-            _check_keys(ModelSlot, rest[1:], text, source, [head, rest[0]])
-            node, rest = slot, rest[1:]
+            field = _check_keys(ModelSlot, slot_rest, text, source, [head, slot["label"]])
+            node, rest = slot, slot_rest
         else:
             labels = [m["label"] for m in node.get("models", []) if isinstance(m, dict) and m.get("label")]
-            _check_keys(StageSpec, rest, text, source, [head], labels if len(rest) > 1 else [])
+            field = _check_keys(StageSpec, rest, text, source, [head], labels if len(rest) > 1 else [])
+    value = _value(raw, key, source, text_only=field is not None and _text_only(field))
     for part in rest[:-1]:
         if not isinstance(node.get(part), dict):
             node[part] = {}
@@ -98,13 +150,15 @@ _CONSTRAINTS = frozenset({"grammar", "json_schema"})
 
 
 def _check_keys(model: type[BaseModel], keys: list[str], text: str, source: str, where: list[str],
-                labels: list[str] | None = None) -> None:
+                labels: list[str] | None = None) -> Any:
     """Each key must be a field of the model it lands in (nested models followed), so a typo such as
-    `max_token` is named with the field it is closest to rather than as pydantic's "Extra inputs"."""
+    `max_token` is named with the field it is closest to rather than as pydantic's "Extra inputs".
+    Returns the type of the field the last key names (None inside a free-form value)."""
     cls: type[BaseModel] | None = model
+    annotation: Any = None
     for i, key in enumerate(keys):
         if cls is None:
-            return  # inside a free-form value (logit_bias, json_schema): any key is the user's own
+            return None  # inside a free-form value (logit_bias, json_schema): any key is the user's own
         fields = cls.model_fields
         if key not in fields:
             calls = labels if i == 0 and labels else []
@@ -114,7 +168,17 @@ def _check_keys(model: type[BaseModel], keys: list[str], text: str, source: str,
                     f" Model calls of this stage, by label: {', '.join(calls)}." if calls else "")
             raise ConfigError(source, f"unknown setting '{key}' in '{text}'", field=".".join([*where, *keys[:i + 1]]),
                               hint=hint)
-        cls = _model_of(fields[key].annotation)
+        annotation = fields[key].annotation
+        cls = _model_of(annotation)
+    return annotation
+
+
+def _text_only(annotation: Any) -> bool:
+    """Whether a field holds text and nothing else (`str`, `str | None`): prompt, system_prompt, grammar."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    args = tuple(typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in args)
+    return str in args and all(a in (str, type(None)) for a in args)
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
@@ -127,8 +191,15 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _slot(stage: dict[str, Any], rest: list[str]) -> dict[str, Any] | None:
-    """The model slot `rest[0]` names by its label, when it is not one of the stage's own keys."""
-    if len(rest) < 2 or rest[0] in StageSpec.model_fields:
-        return None
-    return next((m for m in stage.get("models", []) if isinstance(m, dict) and m.get("label") == rest[0]), None)
+def _slot(stage: dict[str, Any], rest: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The model slot whose label `rest` starts with (the longest such label: labels may hold dots), when
+    the key is not one of the stage's own, and the keys after the label."""
+    first = rest.split(".")[0]
+    if first in StageSpec.model_fields:
+        return None, []
+    slots = [m for m in stage.get("models", []) if isinstance(m, dict) and isinstance(m.get("label"), str)
+             and rest.startswith(f"{m['label']}.") and [p for p in rest[len(m["label"]) + 1:].split(".") if p]]
+    slot = max(slots, key=lambda m: len(m["label"]), default=None)
+    if slot is None:
+        return None, []
+    return slot, [p for p in rest[len(slot["label"]) + 1:].split(".") if p]

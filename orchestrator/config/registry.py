@@ -7,6 +7,7 @@ raise: the model is kept apart as unavailable with its reason and a warning is l
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from launcher.memory.gguf import GGUFMetadata, read_gguf
 from launcher.process.server import MIN_N_CTX
 from orchestrator.config.schema import NAME_PATTERN, ChorusConfig, ModelEntry, PipelineSpec
 from orchestrator.errors import ConfigError, ModelUnavailable, PipelineBlocked
+from orchestrator.spelling import closest
 
 log = logging.getLogger("chorus.registry")
 
@@ -90,6 +92,59 @@ class ModelRecord:
         }
 
 
+# llama.cpp's built-in chat template names (src/llama-chat.cpp LLM_CHAT_TEMPLATES, at the llama.cpp that
+# scripts/build_llama_server.sh pins: llama-cpp-python 0.3.36): what `chat_template: NAME` may be.
+BUILTIN_CHAT_TEMPLATES = frozenset({"chatml", "llama2", "llama2-sys", "llama2-sys-bos", "llama2-sys-strip",
+    "mistral-v1", "mistral-v3", "mistral-v3-tekken", "mistral-v7", "mistral-v7-tekken", "phi3", "phi4", "falcon3",
+    "zephyr", "monarch", "gemma", "orion", "openchat", "vicuna", "vicuna-orca", "deepseek", "deepseek2", "deepseek3",
+    "deepseek-ocr", "command-r", "llama3", "chatglm3", "chatglm4", "glmedge", "minicpm", "exaone3", "exaone4",
+    "exaone-moe", "rwkv-world", "granite", "granite-4.0", "granite-4.1", "gigachat", "megrez", "yandex", "bailing",
+    "bailing-think", "bailing2", "llama4", "smolvlm", "hunyuan-moe", "gpt-oss", "hunyuan-dense", "hunyuan-vl",
+    "kimi-k2", "seed_oss", "grok-2", "pangu-embedded", "solar-open"})
+
+
+def chat_template_kind(template: str) -> Literal["text", "file", "name"]:
+    """How llama-server is given a `chat_template` (launcher.process.server.chat_template_args decides the
+    same way): Jinja text, a template file, or a built-in name."""
+    if "{%" in template or "{{" in template:
+        return "text"
+    if template.endswith((".jinja", ".j2", ".txt")) or os.sep in template:
+        return "file"
+    return "name"
+
+
+def check_chat_template(template: str, config_dir: Path) -> tuple[str, str | None]:
+    """(the template as the server gets it, why it cannot be used or None). A file is resolved against the
+    config folder (not the current directory, which changes with where chorus is started) and must be a
+    readable file; a name must be one of llama.cpp's built-in templates."""
+    kind = chat_template_kind(template)
+    if kind == "text":
+        return template, None
+    if kind == "name":
+        if template in BUILTIN_CHAT_TEMPLATES:
+            return template, None
+        close = closest(template, sorted(BUILTIN_CHAT_TEMPLATES))
+        return template, (f"chat_template: '{template}' is not one of llama.cpp's built-in templates"
+                          + (f" (did you mean '{close}'?)" if close else "")
+                          + "; give a built-in name, Jinja text, or a .jinja file")
+    try:
+        given = Path(os.path.expandvars(template)).expanduser()
+        path = given if given.is_absolute() else (config_dir / given).resolve()
+    except (RuntimeError, ValueError, OSError) as exc:
+        return template, f"chat_template: cannot resolve {template}: {exc}"
+    where = "" if given.is_absolute() else f" (relative to the config folder {config_dir})"
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        return str(path), f"chat_template: file not found: {path}{where}"
+    except IsADirectoryError:
+        return str(path), f"chat_template: {path} is a folder, not a template file"
+    except OSError as exc:
+        return str(path), f"chat_template: cannot read {path}: {exc.strerror or exc}"
+    return str(path), None
+
+
 SUGGESTED_N_CTX = 4096          # a new entry's default_n_ctx, unless the model's own context is smaller
 _LATER_SPLIT_PART = re.compile(r"-(?!0*1-of-)\d+-of-\d+\.gguf$", re.IGNORECASE)  # llama.cpp loads part 1
 
@@ -151,6 +206,7 @@ class PipelineStatus:
 
     available: bool
     missing: dict[str, str] = field(default_factory=dict)
+    pipeline: str | None = None  # the pipeline's name in messages; None: "the base pipeline"
 
     @property
     def reason(self) -> str | None:
@@ -160,7 +216,7 @@ class PipelineStatus:
 
     def raise_if_blocked(self) -> None:
         if not self.available:
-            raise PipelineBlocked(self.missing)
+            raise PipelineBlocked(self.missing, pipeline=self.pipeline)
 
 
 class Registry:
@@ -177,11 +233,24 @@ class Registry:
         if not dir_ok and any(e.file for e in self.config.models.values()):
             log.warning("models directory %s is not there (removable disk unplugged?): "
                         "every file model is unavailable", models_dir)
-        self.records = {name: self._check(name, entry, models_dir, dir_ok)
+        self.records = {name: self._with_template(self._check(name, entry, models_dir, dir_ok))
                         for name, entry in self.config.models.items()}
         for rec in self.records.values():
             if not rec.available and dir_ok:
                 log.warning("model '%s' is not registered: %s", rec.name, rec.reason)
+
+    def _with_template(self, record: ModelRecord) -> ModelRecord:
+        """A local model's `chat_template` checked now, not at its server's start: a file resolved against the
+        config folder (the record's entry then names it by its full path), a name known to llama.cpp."""
+        template = record.entry.chat_template
+        if not template or record.is_remote:
+            return record
+        resolved, problem = check_chat_template(template, self.config.paths.config_dir)
+        if resolved != template:
+            record.entry = record.entry.model_copy(update={"chat_template": resolved})
+        if problem is not None and record.status == "available":
+            record.status, record.reason = "invalid", f"{self.config.paths.models}, model '{record.name}': {problem}"
+        return record
 
     @staticmethod
     def _check(name: str, entry: ModelEntry, models_dir: Path, dir_ok: bool) -> ModelRecord:

@@ -5,12 +5,17 @@ Unknown keys are rejected everywhere so a typo is an error, not a silently ignor
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import string
+import types
+import typing
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -38,6 +43,36 @@ _TEMPLATE_CHECKER = ImmutableSandboxedEnvironment()
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_or_false_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true as 1 and false as 0 for a number: `max_tokens: true` gave one token."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _wants_a_number(cast(Hashable, field.annotation)):
+            raise ValueError("a number is expected here, not true or false")
+        return value
+
+
+@functools.lru_cache(maxsize=512)
+def _wants_a_number(annotation: Any) -> bool:
+    """An int or float field (or an optional one) that takes no bool."""
+    kinds: list[Any] = []
+    todo = [annotation]
+    while todo:
+        current = todo.pop()
+        origin = typing.get_origin(current)
+        if origin is Annotated:
+            todo.append(typing.get_args(current)[0])
+        elif origin in (typing.Union, types.UnionType):
+            todo.extend(typing.get_args(current))
+        elif origin is Literal and all(type(a) is int for a in typing.get_args(current)):
+            kinds.append(int)  # mirostat: 0, 1 or 2 (True == 1 would pass)
+        else:
+            kinds.append(current)
+    if any(k is bool or k is Any or k is StrictBool for k in kinds):
+        return False
+    return any(k in (int, float) for k in kinds)
+
 
 def _check_template(value: str | None) -> str | None:
     if value is not None:
@@ -47,6 +82,36 @@ def _check_template(value: str | None) -> str | None:
             raise ValueError(f"template syntax error on its line {exc.lineno}: {exc.message}") from None
         except RecursionError:
             raise ValueError("template nests too deeply") from None
+    return value
+
+
+def label_format_pieces(fmt: str) -> list[tuple[str, str | None]]:
+    """Split a concat `label_format` into literal text and {label}/{model} fields; anything fancier is refused
+    (ValueError naming label_format), so a malformed one is caught when the pipeline is loaded.
+
+    Only the two plain names are allowed (no attribute access, indexing, conversions or format specs),
+    so a label format cannot reach object internals or build huge padded strings.
+    """
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as exc:
+        raise ValueError(f"label_format {fmt!r} is malformed: {exc} (use {{label}} and {{model}}; write {{{{ and "
+                         "}} for literal braces)") from None
+    pieces: list[tuple[str, str | None]] = []
+    for literal, name, spec, conversion in parsed:
+        if literal:
+            pieces.append((literal, None))
+        if name is None:
+            continue
+        if name not in ("label", "model") or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"label_format field {shown} is not allowed: only {{label}} and {{model}} may appear")
+        pieces.append(("", name))
+    return pieces
+
+
+def _check_label_format(value: str) -> str:
+    label_format_pieces(value)
     return value
 
 
@@ -376,6 +441,7 @@ class AggregationSpec(Strict):
     judge_mode: Literal["score", "pairwise"] = "score"
 
     _check_templates = field_validator("synthesis_prompt", "template", "judge_prompt")(_check_template)
+    _check_label = field_validator("label_format")(_check_label_format)
 
     @model_validator(mode="after")
     def _needs(self) -> AggregationSpec:

@@ -15,7 +15,6 @@ import asyncio
 import inspect
 import json
 import re
-import string
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any
 
 from launcher.errors import ChorusError
 from orchestrator.config import aggregators
-from orchestrator.config.schema import AggregationSpec, VoteOptions
+from orchestrator.config.schema import AggregationSpec, VoteOptions, label_format_pieces
 from orchestrator.engine.judge import JudgeUnparseable, PairVerdict, ScoreVerdict, judge_pair, judge_score
 from orchestrator.engine.templates import TemplateError, render_async
 from orchestrator.records import AggregationRecord, ErrorInfo
@@ -125,28 +124,13 @@ def _concat(spec: AggregationSpec, candidates: Sequence[Candidate]) -> str:
 
 
 def _parse_label_format(fmt: str) -> list[tuple[str, str | None]]:
-    """Split `label_format` into literal text and {label}/{model} fields; anything fancier is refused.
-
-    Only the two plain names are allowed (no attribute access, indexing, conversions or format specs),
-    so a label format cannot reach object internals or build huge padded strings.
-    """
+    """`label_format_pieces` (the schema refuses a bad one when the pipeline is loaded); a spec built without
+    validation still fails here as an AggregationError."""
     try:
-        parsed = list(string.Formatter().parse(fmt))
+        return label_format_pieces(fmt)
     except ValueError as exc:
-        raise AggregationError("concat", f"label_format {fmt!r} is malformed: {exc}",
+        raise AggregationError("concat", str(exc),
                                hint="Use {label} and {model}; write {{ and }} for literal braces.") from None
-    pieces: list[tuple[str, str | None]] = []
-    for literal, name, spec, conversion in parsed:
-        if literal:
-            pieces.append((literal, None))
-        if name is None:
-            continue
-        if name not in ("label", "model") or spec or conversion:
-            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            raise AggregationError("concat", f"label_format field {shown} is not allowed",
-                                   hint="Only {label} and {model} may appear in label_format.")
-        pieces.append(("", name))
-    return pieces
 
 
 # ---------------------------------------------------------------- majority vote

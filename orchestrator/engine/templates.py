@@ -615,6 +615,12 @@ class _GuardedSandbox(ImmutableSandboxedEnvironment):
             loop.iter = nodes.Call(guard, [loop.iter], [], None, None, lineno=loop.iter.lineno)
         return tree
 
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        return _named_stage(self, obj, attribute, super().getattr(obj, attribute))
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        return _named_stage(self, obj, argument, super().getitem(obj, argument))
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         """Refuse at once: the stock sandbox returns an Undefined that renders empty and hides the attempt."""
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
@@ -667,6 +673,16 @@ class _GuardedSandbox(ImmutableSandboxedEnvironment):
         limits = _CURRENT.get()
         if limits is not None:
             limits.charge(size, "template text")
+
+
+def _named_stage(env: jinja2.Environment, obj: Any, name: Any, value: Any) -> Any:
+    """`stages.nosuch` is undefined with a message that names the stages a template can use, not the class
+    behind `stages` ("'...Stages object' has no attribute 'nosuch'"); it still renders empty on its own."""
+    if isinstance(obj, Stages) and isinstance(value, jinja2.Undefined):
+        names = ", ".join(v.name for v in obj)
+        return env.undefined(hint=f"no stage named {str(name)!r} before this one "
+                                  + (f"(stages: {names})" if names else "(it is the first stage)"), obj=obj, name=name)
+    return value
 
 
 def _ticking(iterable: Iterable[Any], limits: _Limits) -> Iterator[Any]:

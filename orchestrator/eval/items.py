@@ -64,16 +64,20 @@ class EvalItem:
 
 def load_questions(path: Path | str, *, limit: int | None = None) -> list[EvalItem]:
     """The items of a JSONL file, in order (the first `limit` when given)."""
+    hint = "Give a .jsonl file of questions, or none for the bundled basic set."
+    if not str(path).strip() or str(path).strip() == ".":  # an empty box: Path("") is the current folder
+        raise QuestionsError("question file", "give the path of a .jsonl question file", hint=hint)
     path = Path(path)
     where = str(path)
     try:
+        if path.is_dir():
+            raise QuestionsError(where, "is a folder: give the path of a .jsonl question file", hint=hint)
         if path.stat().st_size > MAX_FILE_BYTES:
             raise QuestionsError(where, f"is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB",
                                  hint="Split the question set.")
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise QuestionsError(where, "not found", hint="Give a .jsonl file of questions, or none for the "
-                                                      "bundled basic set.") from None
+        raise QuestionsError(where, "not found", hint=hint) from None
     except UnicodeDecodeError as exc:
         raise QuestionsError(where, f"is not UTF-8 (byte {exc.start})", hint="Save the file as UTF-8.") from None
     except OSError as exc:

@@ -36,11 +36,23 @@ class Versus:
 
 
 @dataclass
+class JudgeHealth:
+    """How the judge did: verdicts asked of it (rubric scores and pairs; not those decided without it, for a
+    run that gave no answer), how many failed (an unreadable verdict, a judge that could not run), the first
+    failure's message."""
+
+    asked: int = 0
+    failed: int = 0
+    first_error: str | None = None
+
+
+@dataclass
 class EvalReport:
     eval: dict[str, Any]
     systems: list[SystemSummary]
     versus: list[Versus]
     items: list[dict[str, Any]]
+    judge: JudgeHealth = field(default_factory=JudgeHealth)
 
     @property
     def id(self) -> str:
@@ -52,6 +64,36 @@ class EvalReport:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def judge_health(scores: dict[tuple[int, str, str], dict[str, Any]],
+                 pairs: dict[tuple[int, str], dict[str, Any]]) -> JudgeHealth:
+    """Every verdict the judge was asked for, in item order, and those that failed."""
+    verdicts = [v for k, v in sorted(scores.items()) if k[2] == "judge"] + [v for _, v in sorted(pairs.items())]
+    health = JudgeHealth()
+    for verdict in verdicts:
+        raw = verdict.get("detail")
+        detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        if detail.get("note") and "error" not in detail:
+            continue  # decided without the judge
+        health.asked += 1
+        failed = "error" in detail or verdict.get("outcome") == "error" or (
+            "method" in verdict and verdict.get("value") is None)
+        if failed:
+            health.failed += 1
+            error = detail.get("error")
+            if health.first_error is None:
+                health.first_error = (str(error.get("message")) if isinstance(error, dict) and error.get("message")
+                                      else "no readable verdict")
+    return health
+
+
+def _error_message(judge: dict[str, Any] | None) -> str | None:
+    """Why the judge gave no score for one answer, or None when it gave one (or was not asked)."""
+    if judge is None or judge.get("value") is not None:
+        return None
+    error = (judge.get("detail") or {}).get("error") if isinstance(judge.get("detail"), dict) else None
+    return str(error.get("message")) if isinstance(error, dict) and error.get("message") else "no readable verdict"
 
 
 def build_report(store: EvalStore, eval_id: str) -> EvalReport:
@@ -101,10 +143,11 @@ def build_report(store: EvalStore, eval_id: str) -> EvalReport:
                 "answer": answer["answer"] if answer else None,
                 "correct": None if ref_score is None else bool(ref_score["value"]),
                 "judge_score": judge["value"] if judge else None,
-                "judge_reason": (judge["detail"] or {}).get("reason") if judge else None}
+                "judge_reason": (judge["detail"] or {}).get("reason") if judge else None,
+                "judge_error": _error_message(judge)}
         rows.append({"index": it.index, "id": it.id, "question": it.question,
                      "reference": it.reference_text or it.regex,
                      "systems": per_system,
                      "pairs": {b: {"outcome": p["outcome"], "points": p["points"], "consistent": p["consistent"]}
                                for (idx, b), p in pairs.items() if idx == it.index}})
-    return EvalReport(row, summaries, versus, rows)
+    return EvalReport(row, summaries, versus, rows, judge_health(scores, pairs))

@@ -25,6 +25,7 @@ ExportFormat = Literal["md", "json"]
 FORMATS: tuple[ExportFormat, ...] = ("md", "json")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION_S = 36500 * 86400.0  # 100 years: a date before it has a meaning, and no session is older
 
 
 class SessionBusy(SessionError):
@@ -209,6 +210,9 @@ def parse_duration(text: str) -> float:
     seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
     if seconds <= 0:
         raise ValueError(f"not a duration: {text!r} (it must be more than zero)")
+    if not seconds <= MAX_DURATION_S:  # also inf and nan: digits enough overflow a float
+        raise ValueError(f"too long: {text!r} (at most {MAX_DURATION_S // 86400:.0f}d, 100 years; every session is "
+                         "younger than that)")
     return seconds
 
 

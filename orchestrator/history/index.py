@@ -319,8 +319,14 @@ class HistoryIndex:
             db.conn.close()
 
     def list(self, limit: int = 100) -> Rows:
+        return self.page(limit)[0]
+
+    def page(self, limit: int = 100) -> tuple[Rows, int]:
+        """The newest `limit` rows (a negative limit gives none, not SQLite's "no limit"), and how many there are."""
         with self._reading() as db:
-            return [_row(r) for r in db.query("select * from sessions order by number desc limit ?", [limit])]
+            rows = [_row(r) for r in db.query("select * from sessions order by number desc limit ?",
+                                              [max(0, limit)])]
+            return rows, db["sessions"].count
 
     def count(self) -> int:
         with self._reading() as db:

@@ -224,6 +224,7 @@ class Session:
     final: str | None = None
     aggregations: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)  # meta keys (question, mode) read from the snapshot
 
     @property
     def damaged(self) -> bool:

@@ -74,6 +74,18 @@ def normalise_id(session_id: str | int) -> str:
     return f"session_{int(m.group(1)):03d}"
 
 
+_STEP_RE = re.compile(r"^step([0-9]{1,6})\.json$")
+
+
+def _step_numbers(path: Path) -> set[int]:
+    """N of every stepN.json in a session folder."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return set()
+    return {int(m.group(1)) for m in map(_STEP_RE.match, names) if m and int(m.group(1)) > 0}
+
+
 def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -173,31 +185,39 @@ class SessionStore:
                 return default
 
         raw_meta = read(SESSION_FILE)
+        unreadable = bool(problems)  # said already: not "is null" on top
         meta, meta_problems = check_meta(raw_meta, path.name)
-        problems.extend(meta_problems)
+        problems.extend(meta_problems if not unreadable else [])
         meta = self._recover(path, raw_meta, meta)
         snapshot = check_snapshot(read(SNAPSHOT_FILE, {}), problems)
+        recovered = [k for k in ("question", "mode") if meta.get(k) is None and isinstance(snapshot.get(k), str)]
+        if recovered:  # session.json damaged: what the snapshot, written before the run, says too
+            meta.update({k: snapshot[k] for k in recovered})
+        explained = bool(meta.get("history_error"))  # the recorder said what it could not write
+        on_disk = _step_numbers(path)
         stages = []
-        index = 1
-        while (path / step_file(index)).exists():  # up to the first damaged step: later ones would not line up
+        unread = 0  # every step is read on its own: one missing or damaged step hides none after it
+        for index in range(1, max([len(meta["stages"]), *on_disk], default=0) + 1):
+            if index not in on_disk:
+                if not (explained and index > max(on_disk, default=0)):
+                    problems.append(f"{step_file(index)} is missing")
+                    unread += 1
+                continue
             try:
                 step = read_json(path / step_file(index))
                 stages.append(stage_from_files(index, step, lambda name: read_json(path / name), problems))
             except (RecordError, SessionError, FileNotFoundError) as exc:
                 detail = exc.message if isinstance(exc, RecordError) else getattr(exc, "detail", "missing")
                 problems.append(detail if isinstance(exc, RecordError) else f"{step_file(index)}: {detail}")
-                break
-            index += 1
-        explained = bool(meta.get("history_error"))  # the recorder said what it could not write
-        missing = meta["stages"][len(stages):]
-        if missing and not explained and not any(p.startswith(step_file(len(stages) + 1)) for p in problems):
-            problems.append(f"{step_file(len(stages) + 1)} is missing (session.json lists "
-                            f"{len(meta['stages'])} finished stage(s), {len(stages)} could be read)")
+                unread += 1
+        if unread and meta["stages"] and not explained:
+            problems.append(f"{SESSION_FILE} lists {len(meta['stages'])} finished stage(s), {len(stages)} could "
+                            "be read")
         aggregations = check_aggregations(read(AGGREGATION_FILE, [], required=bool(stages)), problems)
         final = self._final(path, problems)
         if meta.get("status") == "completed" and final is None and not explained:
             problems.append(f"{FINAL_FILE} is missing")
-        return Session(path.name, path, meta, snapshot, stages, final, aggregations, problems)
+        return Session(path.name, path, meta, snapshot, stages, final, aggregations, problems, recovered)
 
     @staticmethod
     def _final(path: Path, problems: list[str]) -> str | None:
@@ -237,11 +257,15 @@ class SessionStore:
 
     def list(self, limit: int = 100) -> Rows:
         """Index rows, newest first; 'running' sessions whose process is gone are marked interrupted first."""
-        rows = self.index.list(limit=limit)
+        return self.list_page(limit)[0]
+
+    def list_page(self, limit: int = 100) -> tuple[Rows, int]:
+        """The newest `limit` index rows (as `list`) and how many sessions there are in all."""
+        rows, total = self.index.page(limit=limit)
         for row in rows:
             if row["status"] == "running":
                 self._refresh(row)
-        return rows
+        return rows, total
 
     def search(self, text: str, limit: int = 20) -> Rows:
         rows = self.index.search(text, limit=limit)

@@ -163,6 +163,12 @@ class StageMemory:
         return out
 
     @property
+    def fits_alone(self) -> bool:
+        """Whether each of its models fits at least on its own; False: no schedule runs this stage, one wave
+        after another or not (a model the registry could not register is missing, not too big)."""
+        return not (self.unfit or self.unfit_servers)
+
+    @property
     def reason(self) -> str:
         if self.unfit_reasons:
             return "; ".join(f"{label} does not fit even alone ({why})" for label, why in self.unfit_reasons.items())
@@ -215,7 +221,12 @@ class MemoryPlan:
     def fits(self) -> bool:
         """Every model fits at least alone (stages may still run in waves). A model the registry could not
         register is missing, not too big: it does not count here (the run plan's `blocked` says so)."""
-        return not any(s.unfit or s.unfit_servers for s in self.stages)
+        return not self.fits_nowhere
+
+    @property
+    def fits_nowhere(self) -> list[StageMemory]:
+        """The stages with a model that does not fit even alone: running them sequentially cannot help."""
+        return [s for s in self.stages if not s.fits_alone]
 
     def to_dict(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "fits": self.fits, "available": self.available.to_dict(),

@@ -56,7 +56,7 @@ def page(cfg: ConfigDir, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     monkeypatch.setenv("CHORUS_CONFIG_DIR", str(cfg.path))
     at = AppTest.from_file(str(REPO / "ui" / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page("pages/documents.py")
+    at.switch_page("views/documents.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at

@@ -163,7 +163,7 @@ def test_the_history_page_lists_every_session_around_a_damaged_one(cfg: ConfigDi
     monkeypatch.setenv("CHORUS_CONFIG_DIR", str(cfg.path))
     at = AppTest.from_file(str(REPO / "ui" / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page("pages/history.py")
+    at.switch_page("views/history.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.selectbox(key="history-open").options == [good2, bad, good1]

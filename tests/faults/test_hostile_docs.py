@@ -146,7 +146,7 @@ def test_the_documents_page_lists_the_skipped_files_with_their_reasons(cfg: Conf
     monkeypatch.setenv("CHORUS_CONFIG_DIR", str(cfg.path))
     at = AppTest.from_file(str(REPO / "ui" / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page("pages/documents.py")
+    at.switch_page("views/documents.py")
     at.run()
     at.text_input(key="docs-add-name").set_value("kb")
     at.selectbox(key="docs-add-root").set_value(str(docs))

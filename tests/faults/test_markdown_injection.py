@@ -83,7 +83,7 @@ def hostile_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def open_page(page: str) -> AppTest:
     at = AppTest.from_file(str(REPO / "ui" / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page(f"pages/{page}.py")
+    at.switch_page(f"views/{page}.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,8 +106,13 @@ def test_behind_a_wrapper_the_record_names_the_listening_server(wrapper: Path, d
 
 def test_a_record_whose_wrapper_died_before_ready_follows_the_group_and_is_swept(tmp_path: Path,
                                                                                 reaper: list[int]) -> None:
-    """chorus killed while the server loads: the record names the wrapper (dead), the server lives in its group."""
-    wrapper = subprocess.Popen(["sh", "-c", "sleep 300 & wait"], start_new_session=True)
+    """chorus killed while the server loads: the record names the wrapper (dead), the server lives in its group.
+    The server stands in as `sleep` run under the name llama-server: a group member that is no server is
+    another program's (tests/test_stale_server_records.py)."""
+    server = tmp_path / "bin" / "llama-server"
+    server.parent.mkdir()
+    server.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    wrapper = subprocess.Popen(["sh", "-c", f"'{server}' 300 & wait"], start_new_session=True)
     reaper.append(wrapper.pid)
     child = wait_for(lambda: psutil.Process(wrapper.pid).children(), 10, "the wrapper's child")[0]
     reaper.append(child.pid)

@@ -149,7 +149,7 @@ def sign_in(at: AppTest, token: str) -> AppTest:
     return at
 
 
-PAGES = sorted(p.name for p in (REPO / "ui" / "pages").glob("*.py") if p.name != "__init__.py")
+PAGES = sorted(p.name for p in (REPO / "ui" / "views").glob("*.py") if p.name != "__init__.py")
 
 
 def test_with_a_token_the_app_shows_only_the_sign_in_form(ui_env: None) -> None:
@@ -160,9 +160,9 @@ def test_with_a_token_the_app_shows_only_the_sign_in_form(ui_env: None) -> None:
 
 @pytest.mark.parametrize("page", PAGES)
 def test_with_a_token_no_page_runs_before_sign_in_even_asked_for_by_name(ui_env: None, page: str) -> None:
-    """Before any st.navigation call, Streamlit runs ui/pages/<page> straight (multipage v1), without app.py."""
+    """A page file run straight, without app.py (Streamlit did so for ui/pages/ before any st.navigation call)."""
     at = AppTest.from_file(APP, default_timeout=60)
-    at.switch_page(f"pages/{page}")
+    at.switch_page(f"views/{page}")
     at.run()
     assert gated(at), f"{page} ran without the token"
 
@@ -186,7 +186,7 @@ def test_the_right_token_opens_every_page_for_that_session(ui_env: None) -> None
     at.run()
     sign_in(at, TOKEN)
     assert not at.exception and at.radio, "the Run page did not render after sign-in"
-    at.switch_page("pages/history.py")
+    at.switch_page("views/history.py")
     at.run()
     assert [t.value for t in at.title] == ["History"]
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import streamlit as st
 
-from orchestrator.app import MAX_N_CTX, MIN_N_CTX, Chorus, Pipeline, Planned
+from orchestrator.app import Chorus, Pipeline, Planned
 from orchestrator.config.aggregators import allowed_functions
 from orchestrator.config.schema import PipelineSpec, StageSpec
 from orchestrator.errors import ChorusError, PipelineBlocked
@@ -21,8 +21,7 @@ from orchestrator.plan.memory import (
 from orchestrator.rag.store import DocStore
 from orchestrator.units import fmt_bytes
 from ui import params_form, pipeline_files, stage_builder
-from ui.common import LIVE_KEY, chorus, live_run, md_escape, render_live
-from ui.live import LiveRun
+from ui.common import chorus, live_run, md_escape, render_live, render_runs_elsewhere, start_live_run
 from ui.params import (
     UNPARSED_KEY,
     fold,
@@ -52,6 +51,7 @@ docs_store = DocStore.beside(rt.config.sessions_dir)  # what retrieve stages rea
 status = rt.base_status()
 FIELDS = params_form.generation_fields()
 SEED = next(f for f in FIELDS if f.name == "seed")
+LOAD = params_form.load_fields()  # n_ctx, n_gpu_layers with the schema's bounds
 
 # ---------------------------------------------------------------- mode and question
 if status.available:
@@ -231,11 +231,12 @@ def stage_editor(i: int, stage: dict[str, Any]) -> None:
         common, more = split_common(FIELDS)
         stage.update(param_inputs(common, key=f"s{k}", values=stage, blank="default", errors=form_errors))
         c = st.columns(4)
-        n_ctx = c[0].number_input("n_ctx", MIN_N_CTX, MAX_N_CTX, stage["n_ctx"], 256, key=f"s{k}-n_ctx",
-                                  placeholder="the model's default")
+        n_ctx = c[0].number_input("n_ctx", *params_form.int_bounds(LOAD["n_ctx"]), stage["n_ctx"], 256,
+                                  key=f"s{k}-n_ctx", placeholder="the model's default", help=LOAD["n_ctx"].help)
         stage["n_ctx"] = None if n_ctx is None else int(n_ctx)
-        ngl = c[1].number_input("n_gpu_layers", -1, 1000, value=stage["n_gpu_layers"], step=1,
-                                key=f"s{k}-ngl", placeholder="the model's default")
+        ngl = c[1].number_input("n_gpu_layers", *params_form.int_bounds(LOAD["n_gpu_layers"]),
+                                value=stage["n_gpu_layers"], step=1, key=f"s{k}-ngl", placeholder="the model's default",
+                                help=LOAD["n_gpu_layers"].help)
         stage["n_gpu_layers"] = None if ngl is None else int(ngl)
         stage.update(folded_inputs("More sampling parameters (stop strings, penalties, mirostat, grammar…)", more,
                                    box=f"s{k}-more", key=f"s{k}", values=stage, blank="default", errors=form_errors))
@@ -321,6 +322,7 @@ if mode == "Base":
         for scope, _ in scopes:
             if scope not in shown:
                 folded_errors(FIELDS, key=f"gen-{scope}", errors=form_errors)
+            form_errors += params_form.together_errors(filled.get(f"gen-{scope}", {}), scope)  # grammar + json_schema
             assignments += params_form.overrides(filled.get(f"gen-{scope}", {}), scope)
 else:
     if not available:
@@ -356,10 +358,9 @@ else:
             st.caption("Every stage inherits these; blank: the model's or server's default.")
             defaults.update(param_inputs(FIELDS, key="pd", values=defaults, blank="not set", errors=form_errors))
             c = st.columns(4)
-            load = ((c[0], "n_ctx", MIN_N_CTX, MAX_N_CTX, 256), (c[1], "n_gpu_layers", -1, 1000, 1))
-            for col, key, low, high, step in load:
-                value = col.number_input(key, low, high, defaults.get(key), step, key=f"pd-{key}",
-                                         placeholder="not set")
+            for col, key, step in ((c[0], "n_ctx", 256), (c[1], "n_gpu_layers", 1)):  # the schema's bounds
+                value = col.number_input(key, *params_form.int_bounds(LOAD[key]), defaults.get(key), step,
+                                         key=f"pd-{key}", placeholder="not set", help=LOAD[key].help)
                 defaults[key] = None if value is None else int(value)
             defaults["stream_reasoning"] = c[2].checkbox(
                 "Stream stages as reasoning", value=defaults.get("stream_reasoning", True), key="pd-stream_reasoning",
@@ -378,6 +379,9 @@ else:
                                         description=description, defaults=defaults)
     except ChorusError as exc:
         st.error(md_escape(exc))
+    else:
+        for note in stage_builder.warnings(spec):  # e.g. {{ previous }} in the first stage: said, not refused
+            st.warning(md_escape(note))
 
 for problem in form_errors:
     st.error(md_escape(problem))
@@ -397,6 +401,7 @@ if mode == "Manual":
 
 # ---------------------------------------------------------------- memory plan
 allow_sequential = True
+fits_somehow = True
 if pipeline is not None:
     planned: Planned | None = None
     try:
@@ -430,7 +435,12 @@ if pipeline is not None:
                                "needs": fmt_bytes(m.need_bytes) if m.need_bytes is not None else "-",
                                "free": fmt_bytes(m.have_bytes) if m.have_bytes is not None else "-",
                                "note": m.note} for m in machines], hide_index=True)
-    if planned is not None and not all(sp.fits_together for sp in planned.memory.stages):
+    if planned is not None and planned.memory.fits_nowhere:  # one after another cannot help: no Run
+        st.error(md_escape("Not enough memory for this pipeline, even one model at a time: "
+                           + "; ".join(f"{sp.stage}: {sp.reason}" for sp in planned.memory.fits_nowhere)
+                           + ". Lower n_ctx, or choose a smaller model."))
+        fits_somehow = False  # the run would fail at once: no Run
+    elif planned is not None and not all(sp.fits_together for sp in planned.memory.stages):
         tight = [sp for sp in planned.memory.stages if not sp.fits_together]
         st.warning(md_escape("Not enough memory to run these models together: "
                              + "; ".join(f"{sp.stage}: {sp.reason}" for sp in tight)))
@@ -444,16 +454,19 @@ running = live is not None and not live.done
 cols = st.columns([1, 1, 4])
 # Enabled whatever the question box shows: a text area sends its text only when it loses focus, so a button
 # that waits for text stays disabled while the user types and swallows the first click.
-if cols[0].button("Run", type="primary", disabled=pipeline is None or running, key="run") and pipeline is not None:
+run_clicked = cols[0].button("Run", type="primary", disabled=pipeline is None or running or not fits_somehow, key="run")
+if run_clicked and pipeline is not None:
     if not question.strip():
         st.warning("Type a question first.")
     else:
         chosen, q, allow = pipeline, question.strip(), allow_sequential
-        st.session_state[LIVE_KEY] = LiveRun(lambda observer, cancel: rt.run(
-            chosen, q, observers=[observer], cancel=cancel, allow_sequential=allow))
-        st.rerun()
+        if start_live_run(lambda observer, cancel: rt.run(
+                chosen, q, observers=[observer], cancel=cancel, allow_sequential=allow), q) is not None:
+            st.rerun()
 if live is not None and running and cols[1].button("Stop", key="stop"):
     live.cancel()
+if not running:
+    render_runs_elsewhere(key="run")  # after a reload, or from another tab: shown again, and so stoppable
 
 
 @st.fragment(run_every=0.5)

@@ -13,6 +13,7 @@ from orchestrator.errors import ChorusError
 from orchestrator.eval.items import BUNDLED, load_questions
 from orchestrator.eval.report import EvalReport, build_report
 from orchestrator.eval.store import EvalStore
+from ui.background import ACTIVE
 from ui.common import chorus, fmt_time, md_escape, page_path
 from ui.eval_live import LiveEval
 
@@ -28,6 +29,14 @@ rt: Chorus = door
 store = EvalStore(rt.config.sessions_dir)
 live: LiveEval | None = st.session_state.get(LIVE_EVAL_KEY)
 running = live is not None and not live.done
+if not running:  # an eval started before a reload, or in another tab: shown again, and so stoppable
+    for i, other in enumerate(e for e in ACTIVE.running(LiveEval) if e is not live):
+        row = st.columns([5, 1], vertical_alignment="center")
+        row[0].info(md_escape(f"{other.eval_id}, started at {fmt_time(other.started_at)}, is in progress."))
+        if row[1].button("Show it", key=f"eval-attach-{i}", help="Follow it here, with its Stop button"):
+            st.session_state[LIVE_EVAL_KEY] = other
+            st.session_state["eval-open"] = other.eval_id
+            st.rerun()
 
 # ---------------------------------------------------------------- start
 with st.expander("Start an eval", expanded=not store.list(limit=1)):

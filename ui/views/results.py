@@ -5,16 +5,16 @@ from __future__ import annotations
 import streamlit as st
 
 from orchestrator.errors import ChorusError
-from ui.common import chorus, live_run, md_escape, render_session
+from ui.common import chorus, md_escape, render_runs_elsewhere, render_session, running_here
 
 st.title("Results")
 rt = chorus()
 if rt is None:
     st.stop()
 
-live = live_run()
-if live is not None and not live.done:
+if running_here():
     st.info("A run is in progress: see the Run page.")
+render_runs_elsewhere(key="results")
 
 store = rt.store
 session_id = st.session_state.get("last_session_id")
