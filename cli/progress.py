@@ -180,8 +180,8 @@ class ProgressPrinter:
                 self._line(f"[{index}/{self.total}] {stage}: {self._stage_work(index, labels)}")
             case Notice(message=message):
                 self._line(f"  note: {message}")
-            case ModelStarted(stage=stage, label=label, model=model):
-                self.running[(stage, label)] = CallProgress(label, model, self.clock())
+            case ModelStarted(stage=stage, label=label, model=model, waited_s=waited_s):
+                self.running[(stage, label)] = CallProgress(label, model, self.clock() - waited_s)
                 self._start_ticker()
                 self._redraw()
             case Token(stage=stage, label=label, text=text):

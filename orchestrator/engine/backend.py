@@ -42,6 +42,7 @@ class WaveStep:
     waves: list[list[str]] = field(default_factory=list)     # labels of this wave and the ones after it
     record: dict[str, Any] = field(default_factory=dict)     # servers, slots, stops, need vs have
     handle: Any = None                                       # the backend's own decision, for `running`
+    since: float | None = None                               # when its server began starting, ahead of it
 
 
 class Backend(Protocol):

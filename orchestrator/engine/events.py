@@ -56,6 +56,7 @@ class ModelStarted(Event):
     stage: str
     label: str
     model: str
+    waited_s: float = 0.0  # already spent on this call before it was sent: its server's start, begun ahead
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from launcher.errors import ChorusError, InsufficientMemory, RequestTimeout, ServerError
@@ -54,6 +56,7 @@ class LocalBackend:
         self._on_cpu: dict[int, int] = {}  # id of an endpoint on a server computing on the CPU -> its threads
         self._forecast: tuple[list[int], list[WavePlan]] | None = None  # prepare's, for the engine's preflight
         self._head_start: asyncio.Future[None] | None = None  # the first stage's server, starting
+        self._head_started: tuple[str, float] | None = None  # (model, when) of a head start that succeeded
         # spec key -> the head start's failure, and for how many of the first wave's calls it still stands
         self._failed_starts: dict[tuple[object, ...], tuple[ServerError, int]] = {}
 
@@ -252,7 +255,9 @@ class LocalBackend:
                 [spec] = placed
                 if isinstance(step.handle, Wave):
                     wave, pinned = step.handle, self.runtime.begin_wave(step.handle)
+            began = time.time()
             self.runtime.pool.release(self.runtime.pool.acquire(spec, on_spawn=on_spawn))
+            self._head_started = (spec.model, began)  # the first wave finds it warm, but this run started it
         except ServerError as exc:  # it did not start (a bad file, killed while loading): what its calls get
             self._failed_starts[spec.key] = (exc, len(calls))
         except Exception as exc:  # memory changed since the forecast, say: the engine decides again, and reports
@@ -277,8 +282,24 @@ class LocalBackend:
     async def next_wave(self, calls: Sequence[CallPlan], *, together: bool = False) -> WaveStep:
         await self._settled()
         if together:
-            return WaveStep(list(calls), waves=[[c.label for c in calls]])
-        return await asyncio.to_thread(next_wave, self.runtime, calls)
+            step = WaveStep(list(calls), waves=[[c.label for c in calls]])
+        else:
+            step = await asyncio.to_thread(next_wave, self.runtime, calls)
+        return self._with_head_start(step)
+
+    def _with_head_start(self, step: WaveStep) -> WaveStep:
+        """The first wave after a head start: its server is warm now, but this run started it (so recorded,
+        as `chorus plan` says), and its calls have waited for it since the start began."""
+        head, self._head_started = self._head_started, None
+        if head is None:
+            return step
+        model, began = head
+        if not any(c.model == model for c in step.calls):
+            return step
+        for server in step.record.get("servers", []):
+            if server.get("model") == model:
+                server["started"] = True
+        return dataclasses.replace(step, since=began)
 
     @contextlib.asynccontextmanager
     async def running(self, step: WaveStep) -> AsyncIterator[None]:

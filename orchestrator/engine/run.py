@@ -284,8 +284,9 @@ class Engine:
                 record.wave_servers.append(step.record)
                 try:
                     async with self.backend.running(step):
-                        await asyncio.gather(*(self._call(run, stage.name, call, responses[call.label], cancel)
-                                               for call in step.calls))
+                        since = max(step.since, record.started_at or 0.0) if step.since is not None else None
+                        await asyncio.gather(*(self._call(run, stage.name, call, responses[call.label], cancel,
+                                                          since=since) for call in step.calls))
                 except InsufficientMemory as exc:  # memory changed since the wave was decided
                     for call in step.calls:
                         if responses[call.label].status == "pending":
@@ -402,9 +403,11 @@ class Engine:
     # ---------------------------------------------------------------- one model call
 
     async def _call(self, run: RunRecord, stage: str, call: CallPlan, rec: ResponseRecord,
-                    cancel: CancelToken) -> None:
-        rec.started_at = time.time()
-        self._emit(run, ModelStarted(stage, call.label, call.model))
+                    cancel: CancelToken, *, since: float | None = None) -> None:
+        """`since`: when the call's wait began, if before now (its server's start, begun ahead of the wave)."""
+        now = time.time()
+        rec.started_at = min(since, now) if since is not None else now
+        self._emit(run, ModelStarted(stage, call.label, call.model, waited_s=now - rec.started_at))
 
         def on_token(piece: str) -> None:
             self._emit(run, Token(stage, call.label, piece))
