@@ -16,7 +16,6 @@ from cli.output import gib as _gib
 from cli.output import mib as _mib
 from cli.output import print_table
 from orchestrator.app import Chorus, install_signal_cleanup
-from orchestrator.errors import InsufficientMemory
 from orchestrator.plan.memory import (
     MemoryPlan,
     ServerNeed,
@@ -86,17 +85,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # "Ctrl-C stops it" must hold also when we were started with SIGINT ignored (`chorus serve … &` in a
     # script, a test runner's worker): Python then installs no KeyboardInterrupt handler of its own
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        server = _chorus(args).serve(
-            args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, slots=args.slots,
-            announce=lambda spec: print(f"starting llama-server for '{spec.model}' (n_ctx={spec.n_ctx}, "
-                                        f"n_gpu_layers={spec.n_gpu_layers}, slots={spec.slots})...", file=sys.stderr))
-    except InsufficientMemory as exc:
-        if args.slots > 1:  # each slot holds a context of its own: the first thing to cut
-            fewer = (f"use fewer --slots: each of the {args.slots} slots gets its own context of n_ctx tokens "
-                     "(and --n-ctx sets a smaller one)")
-            exc.hint = f"{fewer}; {exc.hint}" if exc.hint else fewer
-        raise
+    server = _chorus(args).serve(  # too many --slots: the refusal says how many fit (launcher/memory/suggest.py)
+        args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, slots=args.slots,
+        announce=lambda spec: print(f"starting llama-server for '{spec.model}' (n_ctx={spec.n_ctx}, "
+                                    f"n_gpu_layers={spec.n_gpu_layers}, slots={spec.slots})...", file=sys.stderr))
     spec = server.spec
     print(f"ready in {server.ready_s:.1f}s: {server.base_url}  (OpenAI base: {server.base_url}/v1)")
     print(f"pid {server.pid}, api key {server.api_key}, log {server.log_path}")

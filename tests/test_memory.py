@@ -204,6 +204,9 @@ def test_check_fit_refuses_on_a_2_gib_machine_with_need_have_and_suggestions(dem
     saved = exc.need["ram"] - g.need(replace(big, n_ctx=n_ctx)).ram_bytes
     assert abs(float(m.group(2)) * (GiB if m.group(3) == "GiB" else MiB) - saved) < 0.05 * GiB
     g.check_fit(replace(big, n_ctx=n_ctx), [])  # the suggestion works
+    m = next(re.match(r"use (\d+) slots? or fewer", s) for s in exc.suggestions if "slot" in s)
+    assert m, exc.suggestions  # 3 slots hold 3 contexts: fewer is the other way
+    assert g.need(replace(big, slots=int(m.group(1)))).ram_bytes <= have
 
 
 def test_margin_is_ten_percent_plus_512_mib_by_default_and_configurable(demo_model: Path) -> None:

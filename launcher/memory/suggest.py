@@ -47,6 +47,12 @@ def suggestions(spec: ServerSpec, est: MemoryEstimate, need: Devices, have: Devi
         saved = total(need) - total(variant_need(n_ctx=nice) or need)
         out.append(f"use n_ctx {nice} or less (saves {fmt_bytes(saved)})")
 
+    # fewer slots: each holds its own n_ctx of KV cache (`chorus serve --slots`, a stage's parallel calls)
+    if spec.slots > 1:
+        fewer = _largest(lambda k: variant_need(slots=k), 1, spec.slots - 1, have)
+        if fewer is not None:
+            out.append(f"use {fewer} slot{'s' if fewer != 1 else ''} or fewer")
+
     # fewer GPU layers, when a GPU is short
     if any(d.startswith("gpu") for d in short) and est.gpu_layers_used > 0:
         for ngl in range(est.gpu_layers_used - 1, -1, -1):
@@ -73,20 +79,35 @@ def suggestions(spec: ServerSpec, est: MemoryEstimate, need: Devices, have: Devi
             break
 
     if not out:
-        out.extend(_why(need, have, short, capacity, others or {}))
+        out.extend(_why(need, have, short, capacity, others or {}, slots=spec.slots))
     if BUDGET in short:
         out.append("raise server.memory_budget_mib in app.yaml")
     return out
 
 
-def _why(need: Devices, have: Devices, short: list[str], capacity: Devices, others: Devices) -> list[str]:
+def _largest(need_of: Callable[[int], Devices | None], lo: int, hi: int, have: Devices) -> int | None:
+    """The largest k in lo..hi whose need fits (needs grow with k)."""
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        n = need_of(mid)
+        if n is not None and fits(n, have):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _why(need: Devices, have: Devices, short: list[str], capacity: Devices, others: Devices, *,
+         slots: int = 1) -> list[str]:
     """The true reason per short device: too large for it at all, or held by other servers for now."""
     too_big = [d for d in short if need[d] > capacity.get(d, 0)]
     held = [d for d in short if d not in too_big]
     out = []
     if too_big:
         parts = ", ".join(f"{d} {fmt_bytes(need[d])} of {fmt_bytes(capacity.get(d, 0))} usable" for d in too_big)
-        remedy = ("use a smaller quantization of the model" if too_big == [BUDGET]
+        remedy = ("fewer slots or a smaller n_ctx (each slot holds its own KV cache)" if slots > 1
+                  else "use a smaller quantization of the model" if too_big == [BUDGET]
                   else "free memory on this machine or use a smaller quantization of the model")
         out.append(f"it needs {parts} even with nothing else running: {remedy}")
     for d in held:
