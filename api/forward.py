@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.admission import Admission
-from api.errors import error_body
+from api.errors import error_body, upstream_error
 from api.proxy import ModelProxy, Route
 from api.runs import GONE, admitted, until_done_or_gone
 from api.schemas import CompletionFields
@@ -110,7 +110,7 @@ async def forward(request: Request, proxy: ModelProxy, limiter: Admission, model
     async def lines() -> AsyncIterator[str]:
         try:
             async for line in upstream.lines():
-                yield _rename_line(line, model) + "\n"
+                yield _rename_line(line, model, route) + "\n"
         except ChorusError as exc:
             log.warning("%s", exc)
             yield sse(error_body(exc))
@@ -141,7 +141,9 @@ async def _whole(request: Request, proxy: ModelProxy, limiter: Admission, model:
     return JSONResponse(renamed(data, model), status_code=status)
 
 
-def _rename_line(line: str, model: str) -> str:
+def _rename_line(line: str, model: str, route: Route) -> str:
+    """An upstream SSE line with `model` renamed; an error event (llama-server's own shape, sent mid-stream
+    once its 200 went out) in OpenAI's, as its error answers are (api.errors.upstream_error)."""
     if not line.startswith("data:"):
         return line
     payload = line[5:].strip()
@@ -151,4 +153,9 @@ def _rename_line(line: str, model: str) -> str:
         data = json.loads(payload)
     except ValueError:
         return line
+    if isinstance(data, dict) and "error" in data and "choices" not in data:
+        error = data["error"]
+        status = error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), int) else 500
+        _, data = upstream_error(status if 400 <= status < 600 else 500, data, model=model, route=route)
+        return "data: " + json.dumps(data, ensure_ascii=False)
     return "data: " + json.dumps(renamed(data, model), ensure_ascii=False)

@@ -420,3 +420,25 @@ def test_the_param_is_the_field_the_request_sent() -> None:
                                                                                "json_schema"), (None, "json_schema")):
         _, body = upstream_error(400, schema, model="m", route="chat/completions", sent=sent)
         assert body["error"]["param"] == param
+
+
+def test_an_error_event_in_a_proxied_stream_comes_in_openais_shape(config: Path) -> None:
+    """llama-server sends an error met after its 200 (a context filled while generating, say) as an SSE event of
+    its own shape: it is passed on as OpenAI's, like its error answers."""
+    events = ('data: {"choices":[{"index":0,"delta":{"content":"Hi"}}],"model":"x","object":"chat.completion.chunk"}'
+              '\n\ndata: {"error":{"code":400,"message":"the request exceeds the available context size, try '
+              'increasing it","type":"exceed_context_size_error","n_prompt_tokens":90,"n_ctx":64}}\n\n')
+
+    async def upstream(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=events.encode(), headers={"content-type": "text/event-stream"})
+
+    client, _ = proxied_client(config, upstream)
+    with client:
+        r = client.post("/v1/chat/completions", json=chat("alpha", stream=True))
+    assert r.status_code == 200
+    items = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert items[0]["model"] == "alpha" and items[0]["choices"][0]["delta"]["content"] == "Hi"
+    error = items[1]["error"]
+    assert_openai_shape(error)
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "context_length_exceeded",
+                                                              "messages")
