@@ -331,6 +331,7 @@ def test_a_built_pipeline_is_saved_asked_before_replacing_and_loaded_back(ui_env
     at.number_input(key=f"s{sid}-max_tokens").set_value(48).run()
     at.button(key="save").click().run()  # the same name again: asked first, nothing written
     assert any("exists. Replace it?" in plain(w.value) for w in at.warning) and path.read_text() == saved
+    assert not any("Saved" in s.value for s in at.success)  # the first save's message is gone: not done yet
     at.button(key="save-overwrite").click().run()
     assert load_pipeline_file(path).stages[0].max_tokens == 48
     assert load_pipeline_file(path).defaults.stream_reasoning is False

@@ -99,15 +99,16 @@ def interval_rows(report: EvalReport) -> list[dict[str, Any]]:
     for s in report.systems:
         if s.accuracy is not None:
             rows.append({"system": s.system, "metric": "accuracy (%)", "mean": 100 * s.accuracy.mean,
-                         "low": 100 * s.accuracy.low, "high": 100 * s.accuracy.high})
+                         "low": 100 * s.accuracy.low, "high": 100 * s.accuracy.high, "top": 100})
         if s.judge_score is not None:
             rows.append({"system": s.system, "metric": "judge score (0-10)", "mean": s.judge_score.mean,
-                         "low": s.judge_score.low, "high": s.judge_score.high})
+                         "low": s.judge_score.low, "high": s.judge_score.high, "top": 10})
     return rows
 
 
 def score_chart(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean per system with its 95% bootstrap interval as error bars, one panel per metric."""
+    """Mean per system with its 95% bootstrap interval as error bars, one panel per metric, each on its whole
+    scale (0-100 %, 0-10): scores all 0 made a panel of one flat line on a "0.000000" axis."""
     return {"data": {"values": rows}, "facet": {"column": {"field": "metric", "type": "nominal", "title": None}},
             "resolve": {"scale": {"y": "independent"}},
             "spec": {"layer": [
@@ -115,6 +116,9 @@ def score_chart(rows: list[dict[str, Any]]) -> dict[str, Any]:
                  "encoding": {"x": {"field": "system", "type": "nominal"},
                               "y": {"field": "low", "type": "quantitative", "title": "score"},
                               "y2": {"field": "high"}}},
+                {"mark": {"type": "rule", "opacity": 0},  # the metric's whole range: the axis shows it
+                 "encoding": {"x": {"field": "system", "type": "nominal"},
+                              "y": {"datum": 0, "type": "quantitative"}, "y2": {"field": "top"}}},
                 {"mark": {"type": "point", "filled": True, "size": 80},
                  "encoding": {"x": {"field": "system", "type": "nominal"},
                               "y": {"field": "mean", "type": "quantitative"},

@@ -281,6 +281,7 @@ def save_section(spec: PipelineSpec | None, save_clicked: bool, overwrite_clicke
         path = pipeline_files.save(config_dir, name, spec, overwrite=confirmed)
     except pipeline_files.PipelineExists:
         st.session_state["save-confirm"] = name
+        st.session_state.pop("pipeline-message", None)  # an earlier "Saved" beside "Replace it?" read as done
     except ChorusError as exc:
         st.session_state["pipeline-message"] = ("error", str(exc))
     else:
