@@ -61,8 +61,13 @@ class Needs:
 
 
 def calibrated(est: MemoryEstimate, rec: CalibrationRecord) -> MemoryEstimate:
-    """`est` with the measured figures of `rec` (VRAM: measured when NVML gave per-process figures)."""
-    need = {"ram": rec.ram_bytes}
+    """`est` with the measured figures of `rec` (VRAM: measured when NVML gave per-process figures).
+
+    RAM is measured as RSS right after the start, which counts only the pages touched so far: the KV cache
+    and compute buffers fill as prompts come (gemma3-270m, n_ctx 2048: 332 MiB after the start, 382 MiB
+    after a 1000-token prompt, as estimated). So a measurement raises the RAM need, never lowers it below
+    the estimate of the peak; VRAM is allocated whole at the start, and its measurement stands."""
+    need = {"ram": max(rec.ram_bytes, est.ram_bytes)}
     for device, n in est.need().items():
         if device != "ram":
             need[device] = rec.vram_bytes.get(device, n)
