@@ -386,6 +386,24 @@ def test_exit_classification_from_status_and_log(rc: int, log: str, kind: type) 
     assert err.command == ["llama-server"] and err.log_tail == log
 
 
+def test_a_server_stopped_from_another_process_is_said_to_be_stopped_not_crashed(llama_server_bin: Path,
+                                                                                  demo_model: Path,
+                                                                                  tmp_path: Path) -> None:
+    """`chorus stop` in another process sends SIGTERM; llama-server exits 0: "server crashed: exited with
+    status 0 … its log may say why it died" was the API's word for it."""
+    server = ModelServer(spec_for(demo_model), llama_server_bin, tmp_path).start()
+    try:
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.process is not None
+        server.process.wait(timeout=30)
+        failure = server.failure()
+    finally:
+        server.stop()
+    assert isinstance(failure, ServerStopped) and "stopped from outside" in failure.detail, failure
+    assert "crash" not in str(failure).replace("did not crash", "")
+
+
 def test_error_records_carry_the_class_hint() -> None:
     err = classify_exit("m", 1, "cudaMalloc failed: out of memory", command=["x"], log_path=None)
     record = err.to_dict()

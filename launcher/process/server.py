@@ -230,6 +230,9 @@ def classify_exit(model: str, returncode: int | None, log_tail: str, *, command:
         return ServerCrashed(model, "killed by SIGKILL (kill -9, or the kernel's OOM killer)", **common)
     if _INVALID.search(log_tail):
         return InvalidModelFile(model, _line_matching(_INVALID, log_tail), **common)
+    if not starting and returncode in (0, -signal.SIGTERM, -signal.SIGINT):  # llama-server exits 0 on SIGTERM
+        return ServerStopped(model, "stopped from outside (`chorus stop` in another process, or a service "
+                             "manager): it exited as asked, it did not crash", **common)
     if returncode is not None and returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(
             -returncode)
