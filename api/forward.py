@@ -155,7 +155,8 @@ def _rename_line(line: str, model: str, route: Route) -> str:
         return line
     if isinstance(data, dict) and "error" in data and "choices" not in data:
         error = data["error"]
-        status = error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), int) else 500
-        _, data = upstream_error(status if 400 <= status < 600 else 500, data, model=model, route=route)
+        code = error.get("code") if isinstance(error, dict) else None
+        status = code if isinstance(code, int) and 400 <= code < 600 else 500
+        _, data = upstream_error(status, data, model=model, route=route)
         return "data: " + json.dumps(data, ensure_ascii=False)
     return "data: " + json.dumps(renamed(data, model), ensure_ascii=False)

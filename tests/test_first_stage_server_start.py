@@ -30,6 +30,7 @@ def test_the_first_stages_server_start_is_recorded_and_counted_in_its_calls_time
     session = config_dir.sessions_dir / json.loads(out.stdout)["session_id"]
     one, two = (json.loads((session / f"step{i}.json").read_text()) for i in (1, 2))
     assert [s["started"] for s in one["wave_servers"][0]["servers"]] == [True]  # started by this run, ahead
+    assert one["wave_servers"][0]["need"].get("ram", 0) > 100 * 2**20  # what it needed, not 0 once warm
     assert [s["started"] for s in two["wave_servers"][0]["servers"]] == [False]  # warm: reused
     first = one["responses"][0] if "responses" in one else one["response"]
     assert abs(first["started_at"] - one["started_at"]) < 0.05  # its time counts from the stage's start

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from launcher.errors import ChorusError, InsufficientMemory, RequestTimeout, ServerError
 from launcher.memory.admission import Demand
@@ -57,6 +58,7 @@ class LocalBackend:
         self._forecast: tuple[list[int], list[WavePlan]] | None = None  # prepare's, for the engine's preflight
         self._head_start: asyncio.Future[None] | None = None  # the first stage's server, starting
         self._head_started: tuple[str, float] | None = None  # (model, when) of a head start that succeeded
+        self._head_record: dict[str, Any] = {}  # the head start's wave as decided before its start: need vs have
         # spec key -> the head start's failure, and for how many of the first wave's calls it still stands
         self._failed_starts: dict[tuple[object, ...], tuple[ServerError, int]] = {}
 
@@ -255,6 +257,7 @@ class LocalBackend:
                 [spec] = placed
                 if isinstance(step.handle, Wave):
                     wave, pinned = step.handle, self.runtime.begin_wave(step.handle)
+                self._head_record = step.record
             began = time.time()
             self.runtime.pool.release(self.runtime.pool.acquire(spec, on_spawn=on_spawn))
             self._head_started = (spec.model, began)  # the first wave finds it warm, but this run started it
@@ -296,6 +299,9 @@ class LocalBackend:
         model, began = head
         if not any(c.model == model for c in step.calls):
             return step
+        decided, self._head_record = self._head_record, {}
+        if decided.get("need"):  # what the start needed and had when it was decided, not 0 now it is warm
+            step.record.update(need=decided["need"], have=decided.get("have", {}), stops=decided.get("stops", []))
         for server in step.record.get("servers", []):
             if server.get("model") == model:
                 server["started"] = True
