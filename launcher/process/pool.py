@@ -58,6 +58,7 @@ class ServerPool:
         self.idle_timeout_for = idle_timeout_for
         self.fit_check: FitCheck = fit_check or _no_check
         self.starts = 0  # servers started over the pool's life (tests and `chorus ps` read it)
+        self._starting = 0  # starts under way (their memory is admitted, not yet in an entry)
         self._entries: dict[tuple[object, ...], _Entry] = {}
         self._lock = threading.RLock()
         self._key_locks: dict[tuple[object, ...], threading.Lock] = {}
@@ -100,7 +101,13 @@ class ServerPool:
                     entry = None
                 if entry is not None:
                     return self._take(entry, spec)
-            server = self._start(spec, on_spawn=on_spawn)
+            with self._lock:
+                self._starting += 1
+            try:
+                server = self._start(spec, on_spawn=on_spawn)
+            finally:
+                with self._lock:
+                    self._starting -= 1
             with self._lock:
                 self._entries[spec.key] = _Entry(server, in_use=1, idle_timeout_s=self.keep_alive(spec))
             return server
@@ -162,6 +169,11 @@ class ServerPool:
         """Whether `server` is in the pool and nobody is using it (so it may be stopped to make room)."""
         with self._lock:
             return any(e.server is server and e.in_use == 0 for e in self._entries.values())
+
+    def busy(self) -> bool:
+        """Whether some server is in use or starting now (its memory comes free when it is given back)."""
+        with self._lock:
+            return self._starting > 0 or any(e.in_use > 0 for e in self._entries.values())
 
     def last_used(self, server: ModelServer) -> float:
         """When `server` was last handed out or given back (monotonic): the least recently used stops first."""

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from launcher.errors import ChorusError, InsufficientMemory, RequestTimeout, ServerError
 from launcher.memory.admission import Demand
@@ -44,6 +44,8 @@ from orchestrator.records import ErrorInfo
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger("chorus.replicas")
+OTHERS_POLL_S = 0.2  # how often a run that waits for other runs' servers asks the scheduler again
+_D = TypeVar("_D")
 start_log = logging.getLogger("chorus.engine")
 
 
@@ -278,17 +280,31 @@ class LocalBackend:
 
     async def forecast(self, stages: Sequence[StagePlan]) -> list[WavePlan]:
         kept, self._forecast = self._forecast, None
-        if kept is not None and kept[0] == [id(s) for s in stages]:
+        if kept is not None and kept[0] == [id(s) for s in stages] and not any(w.unfit for w in kept[1]):
             return kept[1]
-        return await asyncio.to_thread(forecast, self.runtime, stages)
+        return await self._when_others_allow(lambda: forecast(self.runtime, stages),
+                                             lambda waves: any(w.unfit for w in waves))
 
     async def next_wave(self, calls: Sequence[CallPlan], *, together: bool = False) -> WaveStep:
         await self._settled()
         if together:
             step = WaveStep(list(calls), waves=[[c.label for c in calls]])
         else:
-            step = await asyncio.to_thread(next_wave, self.runtime, calls)
+            step = await self._when_others_allow(lambda: next_wave(self.runtime, calls), lambda s: bool(s.unfit))
         return self._with_head_start(step)
+
+    async def _when_others_allow(self, decide: Callable[[], _D], unfit: Callable[[_D], bool]) -> _D:
+        """`decide()` (in a worker thread), asked again while what it finds too big may only be held by
+        servers other runs are using now (this run holds none between its waves): concurrent runs under a
+        budget take turns instead of the later one failing with "does not fit even alone" — it fits once
+        the other run gives its server back (then idle, stopped to make room). Bounded by the request
+        timeout; a model too big with everything stopped is refused once nothing else is busy."""
+        decided = await asyncio.to_thread(decide)
+        deadline = time.monotonic() + self.runtime.config.app.server.request_timeout_s
+        while unfit(decided) and self.runtime.pool.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(OTHERS_POLL_S)
+            decided = await asyncio.to_thread(decide)
+        return decided
 
     def _with_head_start(self, step: WaveStep) -> WaveStep:
         """The first wave after a head start: its server is warm now, but this run started it (so recorded,
