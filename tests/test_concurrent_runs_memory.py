@@ -5,7 +5,6 @@ with "does not fit even alone" — it fits alone, once the other run is done."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +55,34 @@ def test_a_run_waits_for_another_runs_busy_server_instead_of_failing(config_dir:
         assert "completed" in first.get("done", "")  # the long run was not disturbed
     finally:
         assert api.stop() == 0
+
+
+def test_a_model_refused_while_another_process_holds_the_budget_says_so(config_dir: ConfigDir,
+                                                                       llama_server_bin: Path,
+                                                                       tmp_path: Path) -> None:
+    """"does not fit even alone (… usable with every idle server stopped)" while `chorus serve` in another
+    process held the budget: it fits once that one stops, and the message now says who holds it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.test_memory_waves import chorus
+
+    small = need_mib(config_dir, "smollm2-135m", 1024)
+    set_budget(config_dir, int(small * 1.4))  # one smollm2 server, not two
+    serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "smollm2-135m", "--n-ctx", "1024",
+                              "--config-dir", str(config_dir.path)], cwd=REPO, env=os.environ.copy(),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+    try:
+        assert serve.stdout is not None and "ready" in serve.stdout.readline()
+        pipeline = tmp_path / "p.yaml"
+        pipeline.write_text("name: p\ndefaults: {n_ctx: 1024, max_tokens: 4}\n"
+                            "stages:\n  - name: a\n    models: [smollm2-135m]\n")
+        plan = chorus(config_dir, "plan", "--manual", str(pipeline))
+        text = " ".join((plan.stdout + plan.stderr).split())
+        assert "does not fit even alone" in text and "other chorus processes hold" in text, text
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=30)

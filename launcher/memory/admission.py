@@ -195,6 +195,14 @@ class MemoryGuard:
             out.append(Holding(s, _path(s.spec), anon, mapped, gpu, spent))
         return out
 
+    def others_note(self) -> str:
+        """"; other chorus processes hold N of the budget (`chorus ps`)" when they do, else "": a model that
+        "does not fit even alone" may fit once they stop their servers."""
+        if not (self.budgeted and self.ledger.shared):
+            return ""
+        held = self.ledger.held(BUDGET)
+        return f"; other chorus processes hold {fmt_bytes(held)} of the budget (`chorus ps`)" if held else ""
+
     # ---------------------------------------------------------------- calibration
 
     def calibrate(self, server: ModelServer) -> CalibrationRecord | None:

@@ -363,7 +363,7 @@ def next_wave(runtime: Runtime, calls: Sequence[CallPlan]) -> WaveStep:
         spec = group.demands[u.demand].spec
         exc = InsufficientMemory(spec.model, u.need, u.have,
                                  ["it does not fit even alone, with every idle server stopped: use a smaller "
-                                  "n_ctx or model, or a larger budget"])
+                                  "n_ctx or model, or a larger budget" + runtime.memory_guard.others_note()])
         for call in group.calls[u.demand]:
             unfit[call.label] = ErrorInfo.of(exc)
     # no local memory, or no estimate (the start says why): they ride in the first wave

@@ -406,7 +406,7 @@ def schedule_stage(runtime: MemorySource, calls: Sequence[CallPlan], state: Memo
     for u in sched.unfit:
         labels = [c.label for c in group.calls[u.demand]]
         spec = group.demands[u.demand].spec
-        unfit_reasons[", ".join(labels)] = unfit_text(u)
+        unfit_reasons[", ".join(labels)] = unfit_text(u) + runtime.memory_guard.others_note()
         models.append(_need_from(spec.model, labels, spec, estimate(dataclasses.replace(spec, slots=1)),
                                  reused=False, fits_alone=False))
     for wave in detail:
