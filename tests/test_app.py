@@ -6,6 +6,7 @@ Runs go through the FakeBackend (milliseconds); one test runs the demo model on 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,20 @@ def test_a_real_run_through_the_front_door_is_answered_and_saved(config_dir: Con
         outcome = door.run(pipeline, "The capital of France is")
     assert outcome.run.status == "completed" and outcome.run.final.strip()
     assert outcome.session_dir is not None and (outcome.session_dir / "config_snapshot.json").exists()
+
+
+def test_a_model_that_fits_nowhere_is_refused_with_a_concrete_way_to_fit(config_dir: ConfigDir) -> None:
+    """`chorus run --set defaults.n_ctx=1000000` said only "Use a smaller n_ctx or fewer slots, a smaller
+    model, or free memory"; `chorus serve` said how small."""
+    config_dir.write_app(server={"memory_budget_mib": 1024})  # the same on every machine
+    chorus = Chorus.from_dir(config_dir.path)
+    spec = PipelineSpec.model_validate({"stages": [{"name": "a", "models": ["gemma3-270m"]}],
+                                        "defaults": {"n_ctx": 1_000_000}})
+    stage = chorus.plan(chorus.pipeline(spec, mode="manual")).memory.stages[0]
+    assert not stage.fits_alone
+    m = re.search(r"use n_ctx (\d+) or less", stage.reason)
+    assert m, stage.reason
+    smaller = PipelineSpec.model_validate({"stages": [{"name": "a", "models": ["gemma3-270m"]}],
+                                           "defaults": {"n_ctx": int(m.group(1))}})
+    assert chorus.plan(chorus.pipeline(smaller, mode="manual")).memory.stages[0].fits_alone  # the way works
+    chorus.close()

@@ -406,9 +406,13 @@ def schedule_stage(runtime: MemorySource, calls: Sequence[CallPlan], state: Memo
     for u in sched.unfit:
         labels = [c.label for c in group.calls[u.demand]]
         spec = group.demands[u.demand].spec
-        unfit_reasons[", ".join(labels)] = unfit_text(u) + runtime.memory_guard.others_note()
-        models.append(_need_from(spec.model, labels, spec, estimate(dataclasses.replace(spec, slots=1)),
-                                 reused=False, fits_alone=False))
+        alone = dataclasses.replace(spec, slots=1)
+        est = estimate(alone)
+        ways = runtime.memory_guard.suggestions(alone, est, u.need, u.have) if est is not None else []
+        ways = [w for w in ways if not w.startswith("raise server.memory_budget_mib")][:2]
+        unfit_reasons[", ".join(labels)] = (unfit_text(u) + runtime.memory_guard.others_note()
+                                            + "".join(f"; {w}" for w in ways))  # e.g. "use n_ctx 4096 or less"
+        models.append(_need_from(spec.model, labels, spec, est, reused=False, fits_alone=False))
     for wave in detail:
         models.extend(wave.servers)
     models.extend(ServerNeed(c.model, [c.label], remote=True, source="remote") for c in group.remote)
