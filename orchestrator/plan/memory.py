@@ -412,7 +412,7 @@ def schedule_stage(runtime: MemorySource, calls: Sequence[CallPlan], state: Memo
         ways = [w for w in ways if not w.startswith("raise server.memory_budget_mib")][:2]
         unfit_reasons[", ".join(labels)] = (unfit_text(u) + runtime.memory_guard.others_note()
                                             + "".join(f"; {w}" for w in ways))  # e.g. "use n_ctx 4096 or less"
-        models.append(_need_from(spec.model, labels, spec, est, reused=False, fits_alone=False))
+        models.append(_need_from(spec.model, labels, alone, est, reused=False, fits_alone=False))  # its 1-slot figure
     for wave in detail:
         models.extend(wave.servers)
     models.extend(ServerNeed(c.model, [c.label], remote=True, source="remote") for c in group.remote)
