@@ -231,12 +231,13 @@ def add_eval(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", default=None, metavar="QUESTIONS.jsonl | list | show | resume",
                    help="a JSONL question file (default: the bundled basic set), or an action")
     p.add_argument("id", nargs="?", default=None, help="the eval id for show and resume (e.g. 3 or eval_003)")
-    p.add_argument("--pipeline", default="base", help="'base' (config/pipeline.yaml) or a pipeline file")
-    p.add_argument("--baselines", choices=["members", "none"], default="members",
+    p.add_argument("--pipeline", default=None, help="'base' (config/pipeline.yaml, the default) or a pipeline file")
+    p.add_argument("--baselines", choices=["members", "none"], default=None,
                    help="members: each model of the pipeline alone, same generation parameters (default)")
     p.add_argument("--judge", default=None, metavar="MODEL",
                    help="a judge model: rubric score of every answer, and pipeline vs each baseline in both orders")
-    p.add_argument("--judge-max-tokens", type=positive_int, default=JUDGE_MAX_TOKENS, help="the judge's max_tokens")
+    p.add_argument("--judge-max-tokens", type=positive_int, default=None,
+                   help=f"the judge's max_tokens (default {JUDGE_MAX_TOKENS})")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions (list: N evals)")
     p.add_argument("--concurrency", type=positive_int, default=None,
                    help="runs and judge calls at once; they share each server's slots (default: as many as fit "

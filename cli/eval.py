@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from cli.output import print_table
-from cli.run import ctrl_c_cancels
+from cli.run import ctrl_c_cancels, given_file
 from orchestrator.app import Chorus, install_signal_cleanup
 from orchestrator.config.schema import load_config
 from orchestrator.engine.run import CancelToken
@@ -23,6 +23,7 @@ from orchestrator.eval.report import EvalReport, build_report
 from orchestrator.eval.run import EvalError, EvalRunner, EvalSpec, Progress
 from orchestrator.eval.scoring import Interval
 from orchestrator.eval.store import EvalStore
+from orchestrator.limits import JUDGE_MAX_TOKENS
 
 ACTIONS = ("list", "show", "resume")
 
@@ -114,9 +115,10 @@ def print_items(report: EvalReport, out: TextIO | None = None) -> None:
         for name, s in item["systems"].items():
             mark = "-" if s["correct"] is None else "ok" if s["correct"] else "wrong"
             judged = s["judge_score"] if s["judge_score"] is not None else "failed" if s.get("judge_error") else None
-            rows.append((item["id"], name, s["status"], mark, judged, s["session_id"],
+            found = " ".join(s["found"].split())[:20] if s.get("found") is not None else None
+            rows.append((item["id"], name, s["status"], mark, found, judged, s["session_id"],
                          " ".join((s["answer"] or "").split())[:50]))
-    print_table(rows, ["ITEM", "SYSTEM", "RUN", "REFERENCE", "JUDGE", "SESSION", "ANSWER"], out=out)
+    print_table(rows, ["ITEM", "SYSTEM", "RUN", "REFERENCE", "FOUND", "JUDGE", "SESSION", "ANSWER"], out=out)
 
 
 # ---------------------------------------------------------------- commands
@@ -133,18 +135,30 @@ def _emit(report: EvalReport, args: argparse.Namespace) -> int:
     return 0 if report.eval["status"] == "completed" else 1
 
 
-def _run(runner: EvalRunner, eval_id: str, chorus: Chorus) -> EvalReport:
+def _run(runner: EvalRunner, eval_id: str, chorus: Chorus, *, concurrency: int | None = None) -> EvalReport:
     install_signal_cleanup()
     cancel = CancelToken()
     try:
         with ctrl_c_cancels(cancel):
-            report = runner.run(eval_id, cancel=cancel)
+            report = runner.run(eval_id, cancel=cancel, concurrency=concurrency)
     finally:
         chorus.close()
     if report.eval["status"] != "completed":
         print(f"eval {eval_id} {report.eval['status']}: continue it with `chorus eval resume {eval_id}`",
               file=sys.stderr)
     return report
+
+
+def fixed_at_start(args: argparse.Namespace) -> list[str]:
+    """The options given that only a new eval takes: a resume runs the eval as it was started (its
+    questions, systems and judge are in eval.db); only --concurrency (and how the report prints) applies."""
+    given = {"--judge": args.judge is not None,
+             "--judge-max-tokens": args.judge_max_tokens is not None,
+             "--pipeline": args.pipeline is not None,
+             "--baselines": args.baselines is not None,
+             "--set": bool(args.set),
+             "--limit": args.limit is not None}
+    return [option for option, present in given.items() if present]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -168,19 +182,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise EvalError(f"`chorus eval {args.target}` needs an eval id", hint="`chorus eval list` shows them.")
         if args.target == "show":
             return _emit(build_report(store, store.get(args.id)["id"]), args)
+        eval_id = store.get(args.id)["id"]
+        fixed = fixed_at_start(args)
+        if fixed:
+            raise EvalError(f"resume continues {eval_id} as it was started: {', '.join(fixed)} cannot be changed",
+                            hint=f"Leave {'it' if len(fixed) == 1 else 'them'} out (--concurrency may be given), "
+                                 "or start a new eval with them: `chorus eval [QUESTIONS.jsonl] ...`.")
         chorus = Chorus(config)
         runner = chorus.eval_runner(on_progress=ProgressBar())
-        return _emit(_run(runner, store.get(args.id)["id"], chorus), args)
+        return _emit(_run(runner, eval_id, chorus, concurrency=args.concurrency), args)
     if args.id:
         raise EvalError(f"unexpected argument {args.id!r}", hint="Usage: chorus eval [QUESTIONS.jsonl] [options].")
     path = Path(args.target) if args.target else BUNDLED
     items = load_questions(path, limit=args.limit)
     base = args.pipeline in (None, "base")
+    pipeline_file = None if base else given_file(Path(args.pipeline), "--pipeline")  # missing: where it was looked for
     chorus = Chorus(config)
-    pipeline = chorus.eval_pipeline(None if base else Path(args.pipeline), mode="base" if base else "manual",
-                                    overrides=args.set)
-    spec: EvalSpec = chorus.eval_spec(pipeline, baselines=args.baselines == "members", judge=args.judge,
-                                      judge_max_tokens=args.judge_max_tokens, concurrency=args.concurrency)
+    pipeline = chorus.eval_pipeline(pipeline_file, mode="base" if base else "manual", overrides=args.set)
+    spec: EvalSpec = chorus.eval_spec(pipeline, baselines=args.baselines in (None, "members"), judge=args.judge,
+                                      judge_max_tokens=args.judge_max_tokens or JUDGE_MAX_TOKENS,
+                                      concurrency=args.concurrency)
     chorus.require_binary(pipeline)
     runner = chorus.eval_runner(on_progress=ProgressBar())
     source = "bundled:basic.jsonl" if args.target is None else str(path.resolve())

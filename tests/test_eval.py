@@ -28,7 +28,7 @@ from orchestrator.engine.judge import (
 from orchestrator.engine.run import CancelToken, Engine
 from orchestrator.eval.items import BUNDLED, EvalItem, QuestionsError, load_questions
 from orchestrator.eval.run import PIPELINE, EvalRunner, Progress, build_spec, member_baselines
-from orchestrator.eval.scoring import bootstrap_ci, outcome_by_reference, score_reference, tally
+from orchestrator.eval.scoring import bootstrap_ci, numbers_in, outcome_by_reference, score_reference, tally
 from orchestrator.eval.store import EvalStore
 from orchestrator.plan.resolve import Machine, build_plan
 from orchestrator.runtime import Runtime
@@ -129,8 +129,38 @@ def item(**ref: object) -> EvalItem:
     ("150", True), ("There are 150 minutes in 2.5 hours.", True), ("2.5 hours = 150 minutes", True),
     ("1,50", False), ("about 2.5", False), ("", False),
 ])
-def test_a_number_matches_the_first_number_not_taken_from_the_question(answer: str, correct: bool) -> None:
+def test_a_number_matches_a_number_not_taken_from_the_question(answer: str, correct: bool) -> None:
     assert score_reference(item(number=150.0), answer).correct is correct  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("question", "answer", "number", "found"), [
+    ("How many days are backups kept?", "According to [1], backups are kept for 30 days.", 30.0, "30"),
+    ("How many days are backups kept?", "Backups are kept for 30 days [2, 3].", 30.0, "30"),
+    ("How many days are backups kept?", "[30]", 30.0, "30"),  # only a bracketed number: that is the answer
+    ("What is 144 divided by 12?", "144 divided by 12 is 12.", 12.0, "12"),  # all restated: the result is last
+    ("What is half of 250?", "250 / 2 = 125", 125.0, "125"),  # a new operand, then the result
+    ("What is 6 * 7 - 2?", "6 * 7 = 42, and 42 - 2 = 40.", 40.0, "40"),
+    ("What is 17 + 25?", "42\nQuestion: What is 9 times 8?\nAnswer: 72", 42.0, "42"),  # the next exercise
+    ("What is 2+2?", "2+2 = 4\n\nQ: What is 3+3?\nA: 6", 4.0, "4"),
+    ("What is 7 squared?", "7", 49.0, "7"),
+])
+def test_a_number_is_the_last_one_not_in_the_question_without_citations(question: str, answer: str,
+                                                                        number: float, found: str) -> None:
+    """QA bug 4: `[1]` was read as the answer, and an answer restating every operand scored its first one."""
+    score = score_reference(item(question=question, number=number), answer)
+    assert score is not None and score.found == found and score.correct is (float(found) == number)
+
+
+def test_the_bundled_number_items_score_their_own_answer_restated_as_an_equation() -> None:
+    """A fair rule for the bundled set: `<question's numbers> = <the answer>` scores right on every number
+    item, and the bare answer too."""
+    for it in load_questions(BUNDLED):
+        if it.number is None:
+            continue
+        operands = " ".join(f"{n:g}" for n in numbers_in(it.question)) or "it"
+        for answer in (f"{it.number:g}", f"{operands} = {it.number:g}", f"So, {operands} gives {it.number:g}."):
+            score = score_reference(it, answer)
+            assert score is not None and score.correct, (it.id, answer, score)
 
 
 def test_number_tolerance_is_absolute_and_thousands_separators_are_read() -> None:
@@ -219,6 +249,18 @@ def test_a_folder_as_question_file_asks_for_a_jsonl_file(tmp_path: Path) -> None
         load_questions(tmp_path)
     assert info.value.file == str(tmp_path)
     assert "is a folder: give the path of a .jsonl question file" in str(info.value)
+
+
+def test_a_question_file_saved_with_a_bom_is_read(tmp_path: Path) -> None:
+    """QA bug 10: a UTF-8 BOM (Notepad, Excel's "CSV UTF-8") made line 1 'not valid JSON'."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"question": "Caf\u00e9?", "answer": "oui"}\n{"question": 3}\n'.encode())
+    with pytest.raises(QuestionsError) as err:
+        load_questions(path)
+    assert err.value.line == 2  # line 1 read; the error still names the right line
+    path.write_bytes(b"\xef\xbb\xbf" + '{"question": "Caf\u00e9?", "answer": "oui"}\n'.encode())
+    [first] = load_questions(path)
+    assert (first.id, first.question, first.answer) == ("1", "Caf\u00e9?", ("oui",))
 
 
 def test_duplicate_ids_are_refused_and_limit_keeps_the_first_items(tmp_path: Path) -> None:

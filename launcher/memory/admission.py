@@ -290,6 +290,12 @@ class MemoryGuard:
                          if k not in keys and k != exclude and now - v[1] < self.pending_ttl_s}
         return [v[0] for v in self._pending.values()]
 
+    def starting(self) -> bool:
+        """Whether a start this process admitted is under way (its memory is held, its server not up yet)."""
+        with self._check_lock:
+            now = time.monotonic()
+            return any(now - v[1] < self.pending_ttl_s for v in self._pending.values())
+
     def forget(self, spec: ServerSpec) -> None:
         """An admitted start is over (it runs now, or it failed): stop counting it as pending. Other
         processes keep counting it for a few seconds, until `observe` reports its server (or not)."""

@@ -92,8 +92,10 @@ class LocalBackend:
             yield Endpoint(target.model, target.url or "", target.mode, remote_api_key(target),
                            remote=True)
             return
-        if target.server is None:
-            raise ValueError(f"{target.model}: no server to run it on ({target.reason})")
+        if target.server is None:  # not in models.yaml, its file gone: the caller's stage fails with this
+            from orchestrator.errors import ModelUnavailable
+
+            raise ModelUnavailable(target.model, target.reason or "no server to run it on")
         await self._settled()
         pool = self.runtime.pool
         spec = target.server
@@ -299,12 +301,22 @@ class LocalBackend:
         budget take turns instead of the later one failing with "does not fit even alone" — it fits once
         the other run gives its server back (then idle, stopped to make room). Bounded by the request
         timeout; a model too big with everything stopped is refused once nothing else is busy."""
-        decided = await asyncio.to_thread(decide)
         deadline = time.monotonic() + self.runtime.config.app.server.request_timeout_s
-        while unfit(decided) and self.runtime.pool.busy() and time.monotonic() < deadline:
-            await asyncio.sleep(OTHERS_POLL_S)
+        settled = 0  # decisions in a row made with nothing else holding memory around them
+        while True:
+            held = self._others_hold_memory()
             decided = await asyncio.to_thread(decide)
-        return decided
+            held = held or self._others_hold_memory()
+            settled = 0 if held else settled + 1
+            # a refusal stands once made twice with nothing else busy (a server is idle for a moment between
+            # another run's waves: a single look then may see it busy, and the next not)
+            if not unfit(decided) or settled >= 2 or time.monotonic() >= deadline:
+                return decided
+            await asyncio.sleep(OTHERS_POLL_S)
+
+    def _others_hold_memory(self) -> bool:
+        """Servers in use or starting now (this run holds none between its waves): memory that comes free."""
+        return self.runtime.pool.busy() or self.runtime.memory_guard.starting()
 
     def _with_head_start(self, step: WaveStep) -> WaveStep:
         """The first wave after a head start: its server is warm now, but this run started it (so recorded,

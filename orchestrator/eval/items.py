@@ -75,7 +75,7 @@ def load_questions(path: Path | str, *, limit: int | None = None) -> list[EvalIt
         if path.stat().st_size > MAX_FILE_BYTES:
             raise QuestionsError(where, f"is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB",
                                  hint="Split the question set.")
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a BOM, as some editors save UTF-8
     except FileNotFoundError:
         raise QuestionsError(where, "not found", hint=hint) from None
     except UnicodeDecodeError as exc:

@@ -96,6 +96,14 @@ def _error_message(judge: dict[str, Any] | None) -> str | None:
     return str(error.get("message")) if isinstance(error, dict) and error.get("message") else "no readable verdict"
 
 
+def _found(reference: dict[str, Any] | None) -> str | None:
+    """What reference scoring read in the answer (the number, the matched words or text), for the reader
+    to see why an answer counts as right or wrong."""
+    detail = reference.get("detail") if reference else None
+    found = detail.get("found") if isinstance(detail, dict) else None
+    return None if found is None else str(found)
+
+
 def build_report(store: EvalStore, eval_id: str) -> EvalReport:
     row = store.get(eval_id)
     eval_id = row["id"]
@@ -142,6 +150,7 @@ def build_report(store: EvalStore, eval_id: str) -> EvalReport:
                 "session_id": answer["session_id"] if answer else None, "status": answer["status"] if answer else None,
                 "answer": answer["answer"] if answer else None,
                 "correct": None if ref_score is None else bool(ref_score["value"]),
+                "found": _found(ref_score),
                 "judge_score": judge["value"] if judge else None,
                 "judge_reason": (judge["detail"] or {}).get("reason") if judge else None,
                 "judge_error": _error_message(judge)}

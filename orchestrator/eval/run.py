@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,7 +26,7 @@ from orchestrator.engine.run import CancelToken, Engine
 from orchestrator.eval.items import EvalItem
 from orchestrator.eval.report import EvalReport, build_report
 from orchestrator.eval.scoring import score_reference
-from orchestrator.eval.store import EvalStore
+from orchestrator.eval.store import EvalRunning, EvalStore
 from orchestrator.limits import JUDGE_MAX_TOKENS as JUDGE_MAX_TOKENS  # defined there, light for the CLI's parser
 from orchestrator.plan.resolve import RunMode, RunPlan
 from orchestrator.records import ErrorInfo, RunRecord
@@ -123,6 +125,9 @@ def build_spec(runtime: Runtime, pipeline: PipelineSpec, *, mode: RunMode = "bas
             raise EvalError(f"the judge model '{judge}' is not available"
                             + (f": {record.reason}" if record is not None and record.reason else ""),
                             hint="`chorus models` lists the registered models.")
+        if record.entry.role == "embedding":
+            raise EvalError(f"the judge model '{judge}' cannot judge: an embedding model (role: embedding) "
+                            "answers no prompt", hint="Give a generate model: `chorus models` lists them.")
     return EvalSpec(systems, JudgeSettings(judge, judge_max_tokens) if judge else None, max(1, concurrency))
 
 
@@ -208,6 +213,9 @@ def run_tokens(run: RunRecord) -> tuple[int, int]:
     return prompt, completion
 
 
+_RUNNING_HERE: set[str] = set()  # evals this process runs now (the UI runs them in threads)
+_RUNNING_LOCK = threading.Lock()
+
 ANSWERED = ("completed", "partial", "failed")  # stored; cancelled and interrupted runs are not
 DONE = ("completed", "partial")  # a failed run (a server stopped under it: `chorus stop --all`) runs again on resume
 
@@ -230,18 +238,27 @@ class EvalRunner:
             raise EvalError("the eval has no question")
         return self.store.create(spec.to_dict(), items, source=source, pipeline=spec.systems[0].pipeline.name)
 
-    def run(self, eval_id: str, *, cancel: CancelToken | None = None) -> EvalReport:
-        return asyncio.run(self.arun(eval_id, cancel=cancel))
+    def run(self, eval_id: str, *, cancel: CancelToken | None = None, concurrency: int | None = None) -> EvalReport:
+        return asyncio.run(self.arun(eval_id, cancel=cancel, concurrency=concurrency))
 
-    async def arun(self, eval_id: str, *, cancel: CancelToken | None = None) -> EvalReport:
-        """Do what is missing of the eval, then return its report. Ctrl-C or `cancel` leaves it 'interrupted'."""
+    async def arun(self, eval_id: str, *, cancel: CancelToken | None = None,
+                   concurrency: int | None = None) -> EvalReport:
+        """Do what is missing of the eval, then return its report. Ctrl-C or `cancel` leaves it 'interrupted'.
+        An eval that a live process (this one included) runs already is refused (EvalRunning): both would
+        run its missing answers. `concurrency` replaces the eval's own for this run (a resume's)."""
         row = self.store.get(eval_id)
         eval_id = row["id"]
         spec = EvalSpec.from_dict(row["spec"])
+        if concurrency is not None:
+            spec.concurrency = max(1, concurrency)
         items = self.store.items(eval_id)
         cancel = cancel or CancelToken()
         cancel.bind(asyncio.get_running_loop())
-        self.store.set_status(eval_id, "running")
+        with _RUNNING_LOCK:
+            if eval_id in _RUNNING_HERE:
+                raise EvalRunning(eval_id, os.getpid())
+            self.store.claim(eval_id)
+            _RUNNING_HERE.add(eval_id)
         status, error = "interrupted", None
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -275,7 +292,11 @@ class EvalRunner:
             status, error = "failed", ErrorInfo.of(exc).text()
             raise
         finally:
-            self.store.set_status(eval_id, status, error=error)
+            try:
+                self.store.set_status(eval_id, status, error=error)
+            finally:
+                with _RUNNING_LOCK:
+                    _RUNNING_HERE.discard(eval_id)
         return build_report(self.store, eval_id)
 
     def _steps(self, eval_id: str, spec: EvalSpec, items: list[EvalItem]) -> int:

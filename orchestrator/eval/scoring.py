@@ -3,8 +3,11 @@
 Reference scoring is deliberately simple and documented, so a user can predict it:
 - `answer`: the normalised answer (casefolded, punctuation and extra spaces dropped, as majority_vote
   compares) equals a normalised reference, or contains it as whole words;
-- `number`: the first number in the answer that does not appear in the question (else the first number;
-  "1,000" and "-2.5" read as numbers) is within `tolerance` of the reference;
+- `number`: the last number of the answer that does not appear in the question (else the last number:
+  `144 / 12 = 12` restates the operands and ends with the result; "1,000" and "-2.5" read as numbers) is
+  within `tolerance` of the reference. Citation markers (`[1]`, `[2, 3]`) are not numbers of the answer,
+  and neither is what follows a line that starts a new `Question:` or `Q:` (a base model going on to
+  the next exercise of its prompt);
 - `regex`: the pattern is found in the answer (case-insensitive, with a time limit).
 """
 
@@ -25,6 +28,8 @@ REGEX_TIMEOUT_S = 1.0
 BOOTSTRAP_SEED = 20240917
 BOOTSTRAP_RESAMPLES = 2000
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])")
+_CITATION = re.compile(r"\[\s*\d+(?:\s*[,;\u2013-]\s*\d+)*\s*\]")  # [1], [2, 3], [1-3]: a source, not a value
+_NEXT_QUESTION = re.compile(r"\n\s*(?:Question|Q)\s*:", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -79,12 +84,14 @@ def _match_text(references: Iterable[str], answer: str) -> ReferenceScore:
 
 
 def _pick_number(answer: str, question: str) -> float | None:
-    found = numbers_in(answer)
+    """The number an answer gives (see the module's doc): the last one not in the question, else the last."""
+    answer = _NEXT_QUESTION.split(answer, maxsplit=1)[0]
+    found = numbers_in(_CITATION.sub(" ", answer)) or numbers_in(answer)  # only "[42]": it is the answer
     if not found:
         return None
     given = set(numbers_in(question))
     fresh = [n for n in found if n not in given]
-    return (fresh or found)[0]
+    return (fresh or found)[-1]
 
 
 # ---------------------------------------------------------------- statistics

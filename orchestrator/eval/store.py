@@ -5,12 +5,17 @@ eval started, so a resume does not need the file), answers (per item and system:
 history, text, status, tokens, wall time), scores (per item, system and method: reference or judge) and
 pairs (per item and baseline: the judge's two-order verdict). What is stored is done: a resume computes
 only what is missing. The eval id -> session id mapping is answers.session_id.
+
+An eval that runs names its owner: the process id and that process's start time (evals.pid, pid_started), so
+a second process refuses to run it at the same time (`claim`), and one whose owner is gone (killed, crashed;
+its pid possibly reused by another process) reads as `interrupted`: `chorus eval resume` continues it.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import json
 import os
 import re
@@ -20,7 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from launcher.errors import ChorusError
+from launcher.process.state import start_time
 from orchestrator.eval.items import EvalItem
 
 DB_NAME = "eval.db"
@@ -29,7 +37,7 @@ _ID_RE = re.compile(r"^(?:eval_)?([0-9]{1,9})$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS evals (id TEXT PRIMARY KEY, number INTEGER UNIQUE, created_at REAL, finished_at REAL,
-    status TEXT, source TEXT, pipeline TEXT, spec TEXT, error TEXT, pid INTEGER);
+    status TEXT, source TEXT, pipeline TEXT, spec TEXT, error TEXT, pid INTEGER, pid_started REAL);
 CREATE TABLE IF NOT EXISTS items (eval_id TEXT, idx INTEGER, item_id TEXT, question TEXT, data TEXT,
     PRIMARY KEY (eval_id, idx));
 CREATE TABLE IF NOT EXISTS answers (eval_id TEXT, idx INTEGER, system TEXT, session_id TEXT, status TEXT,
@@ -50,6 +58,19 @@ class EvalStoreError(ChorusError):
         super().__init__(f"{path}: {message}", hint=hint or "Check sessions_dir in app.yaml and its permissions.")
         self.path = str(path)
         self.detail = message
+
+
+class EvalRunning(ChorusError):
+    """The eval is being run by a live process: a second one would run its missing answers twice."""
+
+    def __init__(self, eval_id: str, pid: int) -> None:
+        here = pid == os.getpid()
+        super().__init__(f"{eval_id} is running in {'this process' if here else f'process {pid}'}; "
+                         "stop it first or wait",
+                         hint=f"Ctrl-C (or the UI's Stop) stops it; then `chorus eval resume {eval_id}` continues "
+                              "it. `chorus eval list` shows when it is no longer running.")
+        self.eval_id = eval_id
+        self.pid = pid
 
 
 class EvalNotFound(ChorusError):
@@ -92,6 +113,7 @@ class EvalStore:
         conn.row_factory = sqlite3.Row
         try:
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             with conn:
                 yield conn
         except sqlite3.Error as exc:
@@ -107,18 +129,35 @@ class EvalStore:
             conn.execute("BEGIN IMMEDIATE")
             number = conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM evals").fetchone()[0]
             eval_id = f"eval_{number:03d}"
-            conn.execute("INSERT INTO evals (id, number, created_at, status, source, pipeline, spec, pid) "
-                         "VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
-                         (eval_id, number, time.time(), source, pipeline, _dumps(spec), os.getpid()))
+            conn.execute("INSERT INTO evals (id, number, created_at, status, source, pipeline, spec, pid, "
+                         "pid_started) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                         (eval_id, number, time.time(), source, pipeline, _dumps(spec), os.getpid(),
+                          _own_start()))
             conn.executemany("INSERT INTO items (eval_id, idx, item_id, question, data) VALUES (?, ?, ?, ?, ?)",
                              [(eval_id, it.index, it.id, it.question, _dumps(it.to_dict())) for it in items])
         return eval_id
 
+    def claim(self, eval_id: str) -> None:
+        """Mark the eval running in this process; EvalRunning when a live process (another one, or this
+        one: the same pid and start time) has it running. Checked and written in one transaction, so of two
+        processes that resume it at once one runs it and the other is refused."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute("SELECT status, pid, pid_started FROM evals WHERE id = ?", (eval_id,)).fetchone()
+            if row is None:
+                raise EvalNotFound(eval_id)
+            pid = row["pid"]
+            if row["status"] == "running" and pid and owner_alive(int(pid), row["pid_started"]) and not (
+                    int(pid) == os.getpid() and _same_start(row["pid_started"], _own_start())):
+                raise EvalRunning(eval_id, int(pid))
+            conn.execute("UPDATE evals SET status = 'running', error = NULL, finished_at = NULL, pid = ?, "
+                         "pid_started = ? WHERE id = ?", (os.getpid(), _own_start(), eval_id))
+
     def set_status(self, eval_id: str, status: str, *, error: str | None = None) -> None:
         finished = time.time() if status != "running" else None
         with self._connect() as conn:
-            conn.execute("UPDATE evals SET status = ?, error = ?, finished_at = ?, pid = ? WHERE id = ?",
-                         (status, error, finished, os.getpid(), eval_id))
+            conn.execute("UPDATE evals SET status = ?, error = ?, finished_at = ?, pid = ?, pid_started = ? "
+                         "WHERE id = ?", (status, error, finished, os.getpid(), _own_start(), eval_id))
 
     def put_answer(self, eval_id: str, idx: int, system: str, *, session_id: str | None, status: str, answer: str,
                    error: str | None, prompt_tokens: int | None, completion_tokens: int | None,
@@ -174,7 +213,8 @@ class EvalStore:
     def _eval_row(row: sqlite3.Row) -> dict[str, Any]:
         data = dict(row)
         data["spec"] = _loads(data["spec"]) or {}
-        if data["status"] == "running" and data.get("pid") and not _alive(int(data["pid"])):
+        if data["status"] == "running" and not (data.get("pid") and owner_alive(int(data["pid"]),
+                                                                                 data.get("pid_started"))):
             data["status"] = "interrupted"  # its process is gone: `chorus eval resume` continues it
         return data
 
@@ -205,13 +245,44 @@ class EvalStore:
         return row["eval_id"] if row else None
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Columns added since the first eval.db: an older file gets them (empty) when it is opened."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(evals)")}
+    if "pid_started" not in columns:
+        try:
+            conn.execute("ALTER TABLE evals ADD COLUMN pid_started REAL")
+        except sqlite3.OperationalError as exc:  # another process added it between the two statements
+            if "duplicate column" not in str(exc):
+                raise
+
+
+@functools.cache
+def _start_of(pid: int) -> float | None:
+    return start_time(pid)
+
+
+def _own_start() -> float | None:
+    """This process's start time (looked up by pid: a forked child is another process)."""
+    return _start_of(os.getpid())
+
+
+_SAME_START_S = 1.0  # psutil's start times of one process agree to the clock tick
+
+
+def _same_start(recorded: float | None, actual: float | None) -> bool:
+    """Unknown on either side (an eval.db written before start times were kept) counts as the same."""
+    return recorded is None or actual is None or abs(recorded - actual) < _SAME_START_S
+
+
+def owner_alive(pid: int, started: float | None) -> bool:
+    """Whether the process that runs an eval still runs: `pid` exists, is not a zombie, and started when
+    the record says (else the pid was reused by another process after the owner died)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return _same_start(started, proc.create_time())
+    except psutil.NoSuchProcess:
         return False
-    except OSError:
+    except psutil.Error:  # another user's process, not readable: it exists
         return True
-    return True
