@@ -314,9 +314,9 @@ def add_docs(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     q = docs.add_parser("search", parents=[common], help="the best passages of a collection for a query")
     q.add_argument("name")
     q.add_argument("query")
-    q.add_argument("-k", "--top-k", type=int, default=5, help="passages to show (default 5)")
+    q.add_argument("-k", "--top-k", type=positive_int, default=5, help="passages to show (default 5)")
     q.add_argument("--bm25", action="store_true", help="BM25 only, even if the collection has vectors")
-    q.add_argument("--chars", type=int, default=400, help="characters of each passage to print")
+    q.add_argument("--chars", type=positive_int, default=400, help="characters of each passage to print")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=Lazy("cli.docs", "cmd_search"))
 

@@ -22,12 +22,17 @@ from typing import TextIO
 from cli.output import print_table
 from orchestrator.app import Chorus, install_signal_cleanup
 from orchestrator.config.schema import ChorusConfig, load_config
+from orchestrator.errors import ChorusError
 from orchestrator.rag.embed import HttpEmbedder
 from orchestrator.rag.files import MiB
 from orchestrator.rag.retrieval import search
-from orchestrator.rag.store import AddReport, DocStore, Progress, check_name
+from orchestrator.rag.store import AddReport, DocsPathNotFound, DocStore, Progress, check_name, missing_paths
 
 LARGE = 20  # files: from this many on, `add` shows progress
+
+
+class SearchRefused(ChorusError):
+    """`docs search` with a query or a number it cannot use (exit 2, like any usage error)."""
 
 
 class ProgressLine:
@@ -68,6 +73,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     config = load_config(args.config_dir)
     store = DocStore.beside(config.sessions_dir)
     name = check_name(args.name)
+    missing = missing_paths(args.paths)
+    if missing:  # before anything: a moved folder must not empty the collection, a typo not make a new one
+        raise DocsPathNotFound(missing)
     existing = store.find(name)
     model = None if args.no_embed else (
         args.embed or (existing["embed_model"] if existing else config.app.docs.embedding_model))
@@ -122,7 +130,17 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_search(args: argparse.Namespace) -> None:
+    if not args.query.strip():
+        raise SearchRefused("the query is empty", hint='Give the words to search for: chorus docs search NAME "QUERY".')
+    if args.top_k < 1:
+        raise SearchRefused(f"-k/--top-k must be at least 1, got {args.top_k}")
+    if args.chars < 1:
+        raise SearchRefused(f"--chars must be at least 1, got {args.chars}")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    _check_search(args)
     config = load_config(args.config_dir)
     store = DocStore.beside(config.sessions_dir)
     model = None if args.bm25 else store.collection(args.name)["embed_model"]

@@ -501,6 +501,10 @@ class StageSpec(GenerationParams, LoadParams):
                 raise ValueError("a retrieve stage needs 'collection' (a `chorus docs` collection name)")
             if self.top_k is not None and not 1 <= self.top_k <= 100:
                 raise ValueError("top_k of a retrieve stage is the number of passages: 1 to 100")
+            given = [k for k in (*GENERATION_KEYS, *LoadParams.model_fields)
+                     if k != "top_k" and getattr(self, k) is not None]
+            if given:  # as 'models': refused, not ignored (a --set s.temperature=0.5 changed nothing)
+                raise ValueError(f"a retrieve stage runs no model: leave out {', '.join(map(repr, given))}")
         elif self.collection is not None:
             raise ValueError("'collection' is for stages of kind: retrieve")
         return self

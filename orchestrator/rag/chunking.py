@@ -11,9 +11,12 @@ Byte ranges are offsets into the document's text: for .txt and .md that is the f
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,6 +26,7 @@ from launcher.errors import ChorusError
 KINDS: dict[str, str] = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown",
                          ".html": "html", ".htm": "html", ".pdf": "pdf"}
 _SECTION_SEP = "\n\n"  # between extracted sections (HTML, PDF) in the text byte ranges refer to
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class UnreadableFile(ChorusError):
@@ -45,11 +49,13 @@ class Section:
 
 @dataclass(frozen=True)
 class Document:
-    """A file's text as sections; `encoding` is what byte offsets are counted in."""
+    """A file's text as sections; `encoding` is what byte offsets are counted in, from `byte_base` on (the
+    bytes of the file before its text: a UTF-8 BOM, 3)."""
 
     kind: str
     sections: list[Section]
     encoding: str = "utf-8"
+    byte_base: int = 0
 
     @property
     def text(self) -> str:
@@ -81,7 +87,8 @@ def kind_of(path: Path) -> str | None:
 
 
 def decode(data: bytes) -> tuple[str, str]:
-    """UTF-8, else Latin-1, which decodes any byte: (text, encoding). A BOM stays, so offsets are the file's."""
+    """UTF-8, else Latin-1, which decodes any byte: (text, encoding). read_document strips a UTF-8 BOM first
+    (else it led the text: a Markdown file's first heading was not seen) and counts its bytes in the offsets."""
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -186,8 +193,39 @@ def html_sections(text: str) -> list[Section]:
     return _joined([(_tidy("".join(parts)), heading, None) for heading, parts in parser.parts])
 
 
+_PYPDF_LOG = logging.getLogger("pypdf")
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_quiet_saved = logging.NOTSET
+
+
+@contextlib.contextmanager
+def quiet_pypdf() -> Iterator[None]:
+    """pypdf's warnings about a damaged file ("EOF marker not found", "invalid pdf header") kept off stderr while
+    it reads: a file that cannot be read is reported once, by `add` ("skipped ...: not a readable PDF"). Its
+    errors still show. Threads reading PDFs at once share one quiet period; the level is put back after the last."""
+    global _quiet_users, _quiet_saved
+    with _quiet_lock:
+        if _quiet_users == 0:
+            _quiet_saved = _PYPDF_LOG.level
+            _PYPDF_LOG.setLevel(max(logging.ERROR, _quiet_saved))
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                _PYPDF_LOG.setLevel(_quiet_saved)
+
+
 def pdf_sections(data: bytes, path: Path) -> list[Section]:
     """One section per page (pypdf's text extraction; a scanned page without a text layer is empty)."""
+    with quiet_pypdf():
+        return _pdf_sections(data, path)
+
+
+def _pdf_sections(data: bytes, path: Path) -> list[Section]:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
@@ -215,14 +253,15 @@ def read_document(path: Path, data: bytes | None = None) -> Document:
             raise UnreadableFile(path, exc.strerror or str(exc)) from None
     if kind == "pdf":
         return Document(kind, pdf_sections(data, path))
-    text, encoding = decode(data)
+    bom = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    text, encoding = decode(data[bom:])
     if "\x00" in text:
         raise UnreadableFile(path, "binary content (NUL bytes) in a text file")
     if kind == "markdown":
-        return Document(kind, markdown_sections(text), encoding)
+        return Document(kind, markdown_sections(text), encoding, bom)
     if kind == "html":
         return Document(kind, html_sections(text))
-    return Document(kind, [Section(text, None, None, 0)], encoding)
+    return Document(kind, [Section(text, None, None, 0)], encoding, bom)
 
 
 # ---------------------------------------------------------------- chunking
@@ -231,20 +270,20 @@ def read_document(path: Path, data: bytes | None = None) -> Document:
 class _ByteOffsets:
     """Character offset → byte offset in `text`, moved incrementally (chunks walk the text in order)."""
 
-    def __init__(self, text: str, encoding: str) -> None:
-        self.text, self.encoding = text, encoding
+    def __init__(self, text: str, encoding: str, base: int = 0) -> None:
+        self.text, self.encoding, self.base = text, encoding, base
         self.char, self.byte = 0, 0
         self.single = encoding == "latin-1" or text.isascii()
 
     def at(self, i: int) -> int:
         if self.single:
-            return i
+            return self.base + i
         if i >= self.char:
             self.byte += len(self.text[self.char:i].encode(self.encoding))
         else:
             self.byte -= len(self.text[i:self.char].encode(self.encoding))
         self.char = i
-        return self.byte
+        return self.base + self.byte
 
 
 _BREAKS = ("\n\n", "\n", ". ", "? ", "! ", "; ", ", ", " ")
@@ -273,7 +312,7 @@ def chunk_document(doc: Document, chunk_chars: int = 1000, overlap_chars: int = 
     if overlap_chars >= chunk_chars:
         raise ValueError("overlap_chars must be smaller than chunk_chars")
     full = doc.text
-    offsets = _ByteOffsets(full, doc.encoding)
+    offsets = _ByteOffsets(full, doc.encoding, doc.byte_base)
     chunks: list[Chunk] = []
     for section in doc.sections:
         text, base, n = section.text, section.start, len(section.text)

@@ -66,6 +66,8 @@ def search(store: DocStore, collection: str, query: str, top_k: int = 5,
            query_vector: Sequence[float] | None = None) -> list[Passage]:
     """The best `top_k` passages: BM25 alone, or fused with dense ranking when a query vector is given."""
     store.require(collection)  # CollectionNotFound before an empty result could hide a typo
+    if not query.strip():  # nothing to look for: no passage (a hybrid ranking gave arbitrary ones)
+        return []
     lexical = store.bm25(collection, query, max(CANDIDATES, top_k))
     bm25_rank = {cid: i for i, (cid, _) in enumerate(lexical, start=1)}
     dense_rank: dict[int, int] = {}
