@@ -133,10 +133,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def _check_search(args: argparse.Namespace) -> None:
     if not args.query.strip():
         raise SearchRefused("the query is empty", hint='Give the words to search for: chorus docs search NAME "QUERY".')
-    if args.top_k < 1:
-        raise SearchRefused(f"-k/--top-k must be at least 1, got {args.top_k}")
-    if args.chars < 1:
-        raise SearchRefused(f"--chars must be at least 1, got {args.chars}")
+    # -k and --chars below 1: refused by the parser (positive_int)
 
 
 def cmd_search(args: argparse.Namespace) -> int:

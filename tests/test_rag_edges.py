@@ -217,10 +217,10 @@ def test_a_markdown_file_with_a_bom_has_its_heading_and_no_bom(tmp_path: Path) -
 @pytest.mark.parametrize(("args", "says"), [
     (["kb", ""], "the query is empty"),
     (["kb", "   "], "the query is empty"),
-    (["kb", "backups", "-k", "0"], "-k/--top-k must be at least 1, got 0"),
+    (["kb", "backups", "-k", "0"], "-k/--top-k: must be at least 1, got 0"),
     (["kb", "backups", "-k", "-3"], "must be at least 1, got -3"),
-    (["kb", "backups", "--chars", "-5"], "--chars must be at least 1, got -5"),
-    (["kb", "backups", "--chars", "0"], "--chars must be at least 1, got 0"),
+    (["kb", "backups", "--chars", "-5"], "--chars: must be at least 1, got -5"),
+    (["kb", "backups", "--chars", "0"], "--chars: must be at least 1, got 0"),
 ])
 def test_docs_search_refuses_an_empty_query_and_counts_below_one(config_dir: ConfigDir, tmp_path: Path,
                                                                  args: list[str], says: str) -> None:
