@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import catalog
 from api.admission import Admission
-from api.errors import BodyTooLarge, TooManyRuns, Unauthorized, error_body, status_of, upstream_error
+from api.errors import BodyTooLarge, TooManyRuns, Unauthorized, error_body, invalid_body, status_of
 from api.forward import EventStream, forward
 from api.hosts import HostCheck
 from api.mapping import conversation, prompt_question
@@ -83,53 +81,6 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         exc = BodyTooLarge(self.max_bytes)
         await JSONResponse(error_body(exc), status_code=status_of(exc).http)(scope, receive, send)
-
-
-# pydantic's tag for a branch of a union in an error's `loc` ("str", "list[str]", "function-after[...]",
-# "StreamOptions"...): not a field the client sent, so never part of `param`
-_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "bytes", "list", "dict", "any", "tuple", "set"})
-_TAG_SHAPE = re.compile(r"[\[(]|^[A-Z]|^(constrained|lax|json|function|tagged|literal|nullable|is)-")
-
-
-def clean_loc(loc: tuple[Any, ...] | list[Any]) -> list[str]:
-    """An error's `loc` as the fields the client sent: without FastAPI's "body" and pydantic's union-branch tags."""
-    parts = list(loc)
-    if parts and parts[0] == "body":
-        parts = parts[1:]
-    return [str(p) for p in parts if isinstance(p, int) or not (p in _UNION_TAGS or _TAG_SHAPE.search(str(p)))]
-
-
-def invalid_body(errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
-    """FastAPI's validation errors as one OpenAI error: 400 invalid_json for a body that is not JSON, else 422
-    naming the field. Of a union's errors (one per branch), the one deepest into what was sent is shown."""
-    if not errors:
-        return 422, {"error": {"message": "invalid request body", "type": "invalid_request_error", "param": None,
-                               "code": "invalid_value"}}
-    if errors[0].get("type") == "json_invalid":
-        why = (errors[0].get("ctx") or {}).get("error")
-        message = f"the request body is not valid JSON: {why}" if why else "the request body is not valid JSON"
-        return 400, {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                               "code": "invalid_json"}}
-    locs = [clean_loc(e.get("loc", ())) for e in errors]
-    first = max(range(len(errors)), key=lambda i: (len(locs[i]) if locs[i][:len(locs[0])] == locs[0] else -1, -i))
-    param = ".".join(locs[first]) or None
-    message = f"{param or 'body'}: {errors[first].get('msg', 'invalid value')}"
-    return 422, {"error": {"message": message, "type": "invalid_request_error", "param": param,
-                           "code": "invalid_value"}}
-
-
-def normalised(response: Response, request: CompletionFields, *, model: str, route: Route) -> Response:
-    """A proxied model's error answer (llama-server's own shape) in OpenAI's, with the status an OpenAI client
-    acts on (api.errors.upstream_error); any other response as it is."""
-    if not isinstance(response, JSONResponse) or response.status_code < 400:
-        return response
-    try:
-        data = json.loads(bytes(response.body))
-    except ValueError:
-        data = bytes(response.body).decode("utf-8", errors="replace")
-    sent = request.model_fields_set | set(request.model_extra or {})
-    status, body = upstream_error(response.status_code, data, model=model, route=route, sent=sent)
-    return JSONResponse(body, status_code=status)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -236,8 +187,7 @@ def create_app(chorus: Chorus | None = None, settings: ApiSettings | None = None
                        question: Callable[[], tuple[str, list[dict[str, str]]]]) -> Response:
         entry = catalog.resolve(door, body.model)
         if isinstance(entry, catalog.RegisteredModel):
-            response = await forward(request, model_proxy, limiter, entry.id, route, body)
-            return normalised(response, body, model=entry.id, route=route)
+            return await forward(request, model_proxy, limiter, entry.id, route, body)
         text, history = question()
         started = await runs.start(entry, body, text, history, request)
         if started is None:  # the client left while it waited for a place

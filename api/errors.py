@@ -285,3 +285,36 @@ __all__ = [
     "status_of",
     "upstream_error",
 ]
+
+
+# pydantic's tag for a branch of a union in an error's `loc` ("str", "list[str]", "function-after[...]",
+# "StreamOptions"...): not a field the client sent, so never part of `param`
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "bytes", "list", "dict", "any", "tuple", "set"})
+_TAG_SHAPE = re.compile(r"[\[(]|^[A-Z]|^(constrained|lax|json|function|tagged|literal|nullable|is)-")
+
+
+def clean_loc(loc: tuple[Any, ...] | list[Any]) -> list[str]:
+    """An error's `loc` as the fields the client sent: without FastAPI's "body" and pydantic's union-branch tags."""
+    parts = list(loc)
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return [str(p) for p in parts if isinstance(p, int) or not (p in _UNION_TAGS or _TAG_SHAPE.search(str(p)))]
+
+
+def invalid_body(errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """FastAPI's validation errors as one OpenAI error: 400 invalid_json for a body that is not JSON, else 422
+    naming the field. Of a union's errors (one per branch), the one deepest into what was sent is shown."""
+    if not errors:
+        return 422, {"error": {"message": "invalid request body", "type": "invalid_request_error", "param": None,
+                               "code": "invalid_value"}}
+    if errors[0].get("type") == "json_invalid":
+        why = (errors[0].get("ctx") or {}).get("error")
+        message = f"the request body is not valid JSON: {why}" if why else "the request body is not valid JSON"
+        return 400, {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                               "code": "invalid_json"}}
+    locs = [clean_loc(e.get("loc", ())) for e in errors]
+    first = max(range(len(errors)), key=lambda i: (len(locs[i]) if locs[i][:len(locs[0])] == locs[0] else -1, -i))
+    param = ".".join(locs[first]) or None
+    message = f"{param or 'body'}: {errors[first].get('msg', 'invalid value')}"
+    return 422, {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                           "code": "invalid_value"}}

@@ -105,7 +105,7 @@ async def forward(request: Request, proxy: ModelProxy, limiter: Admission, model
             data = await upstream.json()
         finally:
             await held.close()
-        return JSONResponse(renamed(data, model), status_code=upstream.status_code)
+        return _answer(upstream.status_code, data, model, route, body)
 
     async def lines() -> AsyncIterator[str]:
         try:
@@ -138,7 +138,17 @@ async def _whole(request: Request, proxy: ModelProxy, limiter: Admission, model:
     if not finished or result is None:
         return Response(status_code=GONE)
     status, data = result
-    return JSONResponse(renamed(data, model), status_code=status)
+    return _answer(status, data, model, route, body)
+
+
+def _answer(status: int, data: Any, model: str, route: Route, body: CompletionFields) -> JSONResponse:
+    """The upstream's answer under the model's name; an error (llama-server's own shape) in OpenAI's, with the
+    status an OpenAI client acts on (api.errors.upstream_error)."""
+    if status < 400:
+        return JSONResponse(renamed(data, model), status_code=status)
+    sent = body.model_fields_set | set(body.model_extra or {})
+    status, error = upstream_error(status, data, model=model, route=route, sent=sent)
+    return JSONResponse(error, status_code=status)
 
 
 def _rename_line(line: str, model: str, route: Route) -> str:
