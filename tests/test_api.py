@@ -61,23 +61,31 @@ BASE_PIPELINE = {
 }
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """A config with two remote models (no file, no server), one missing model and four pipeline files."""
+def remote_config(tmp_path: Path, models: dict[str, Any], base: dict[str, Any],
+                  pipelines: dict[str, dict[str, Any]]) -> Path:
+    """A config folder under `tmp_path`: `models` (remote ones need no file nor server), `base` as
+    pipeline.yaml, and `pipelines` as pipelines/NAME.yaml; the API tests' fixtures build theirs with it."""
     root = tmp_path / "config"
     (root / "pipelines").mkdir(parents=True)
     (tmp_path / "models").mkdir()
     (root / "app.yaml").write_text(yamlfile.dump({"models_dir": str(tmp_path / "models"),
                                                    "sessions_dir": str(tmp_path / "sessions"),
                                                    "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yamlfile.dump({"models": {
-        "alpha": {"url": "http://upstream.test/v1", "description": "the first"},
-        "beta": {"url": "http://upstream.test/v1"},
-        "gone": {"file": "missing.gguf"},
-    }}))
-    (root / "pipeline.yaml").write_text(yamlfile.dump(BASE_PIPELINE, sort_keys=False))
-    (root / "pipelines" / "solo.yaml").write_text(yamlfile.dump({"stages": [{"name": "only", "models": ["alpha"]}]}))
-    (root / "pipelines" / "blocked.yaml").write_text(yamlfile.dump({"stages": [{"name": "x", "models": ["gone"]}]}))
+    (root / "models.yaml").write_text(yamlfile.dump({"models": models}))
+    (root / "pipeline.yaml").write_text(yamlfile.dump(base, sort_keys=False))
+    for name, spec in pipelines.items():
+        (root / "pipelines" / f"{name}.yaml").write_text(yamlfile.dump(spec, sort_keys=False))
+    return root
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """A config with two remote models (no file, no server), one missing model and four pipeline files."""
+    root = remote_config(tmp_path, {"alpha": {"url": "http://upstream.test/v1", "description": "the first"},
+                                    "beta": {"url": "http://upstream.test/v1"},
+                                    "gone": {"file": "missing.gguf"}}, BASE_PIPELINE,
+                         {"solo": {"stages": [{"name": "only", "models": ["alpha"]}]},
+                          "blocked": {"stages": [{"name": "x", "models": ["gone"]}]}})
     (root / "pipelines" / "broken.yaml").write_text("stages: [ {name: x, models: [alpha], nonsense: 1} ]\n")
     return root
 

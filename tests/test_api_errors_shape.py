@@ -27,7 +27,16 @@ from orchestrator.engine.fake import FakeBackend, Script
 from orchestrator.records import ErrorInfo
 from tests import yamlfile
 from tests.conftest import ConfigDir
-from tests.test_api import BASE_PIPELINE, LOCAL, ApiProcess, chat, make_client, proxied_client, sse_items
+from tests.test_api import (
+    BASE_PIPELINE,
+    LOCAL,
+    ApiProcess,
+    chat,
+    make_client,
+    proxied_client,
+    remote_config,
+    sse_items,
+)
 
 # llama-server's own error bodies (b0-chorus-lcp0.3.36), as it sends them
 TOOLS_500 = {"error": {"code": 500, "message": "Failed to parse tools: Missing tool function: {\"type\":\"function\"}",
@@ -42,22 +51,11 @@ FORMAT_400 = {"error": {"code": 400, "message": "response_format type must be on
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     """Two remote models (no server), the base pipeline, `two` (one stage) and `broken` (an unknown model)."""
-    root = tmp_path / "config"
-    (root / "pipelines").mkdir(parents=True)
-    (tmp_path / "models").mkdir()
-    (root / "app.yaml").write_text(yamlfile.dump({"models_dir": str(tmp_path / "models"),
-                                                   "sessions_dir": str(tmp_path / "sessions"),
-                                                   "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yamlfile.dump({"models": {
-        "alpha": {"url": "http://upstream.test/v1"},
-        "beta": {"url": "http://upstream.test/v1"},
-        "deadremote": {"url": "http://127.0.0.1:9/v1"},
-    }}))
-    (root / "pipeline.yaml").write_text(yamlfile.dump(BASE_PIPELINE, sort_keys=False))
-    (root / "pipelines" / "two.yaml").write_text(yamlfile.dump({"stages": [{"name": "only", "models": ["alpha"]}]}))
-    (root / "pipelines" / "broken.yaml").write_text(
-        yamlfile.dump({"stages": [{"name": "x", "models": ["nosuchmodel"]}]}))
-    return root
+    return remote_config(tmp_path, {"alpha": {"url": "http://upstream.test/v1"},
+                                    "beta": {"url": "http://upstream.test/v1"},
+                                    "deadremote": {"url": "http://127.0.0.1:9/v1"}}, BASE_PIPELINE,
+                         {"two": {"stages": [{"name": "only", "models": ["alpha"]}]},
+                          "broken": {"stages": [{"name": "x", "models": ["nosuchmodel"]}]}})
 
 
 def assert_openai_shape(error: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from orchestrator.history.store import SessionStore
 from orchestrator.rag.store import DocStore
 from tests import yamlfile
 from tests.conftest import ConfigDir
+from tests.test_api import remote_config
 
 if TYPE_CHECKING:  # imported where a client is made: 0.8 s that every xdist worker paid to collect
     import openai
@@ -83,19 +84,10 @@ class Paced(FakeBackend):
 def config(tmp_path: Path) -> Path:
     """Two remote models (no file, no server) and three pipelines: base (3 stages' worth of calls), solo,
     and quiet (base with the reasoning stream turned off in the file)."""
-    root = tmp_path / "config"
-    (root / "pipelines").mkdir(parents=True)
-    (tmp_path / "models").mkdir()
-    (root / "app.yaml").write_text(yamlfile.dump({"models_dir": str(tmp_path / "models"),
-                                                   "sessions_dir": str(tmp_path / "sessions"),
-                                                   "logs_dir": str(tmp_path / "logs")}))
-    (root / "models.yaml").write_text(yamlfile.dump({"models": {"alpha": {"url": "http://upstream.test/v1"},
-                                                                 "beta": {"url": "http://upstream.test/v1"}}}))
-    (root / "pipeline.yaml").write_text(yamlfile.dump(PIPELINE, sort_keys=False))
-    (root / "pipelines" / "solo.yaml").write_text(yamlfile.dump(SOLO))
     quiet = {**PIPELINE, "name": "quiet", "defaults": {**PIPELINE["defaults"], "stream_reasoning": False}}
-    (root / "pipelines" / "quiet.yaml").write_text(yamlfile.dump(quiet, sort_keys=False))
-    return root
+    return remote_config(tmp_path, {"alpha": {"url": "http://upstream.test/v1"},
+                                    "beta": {"url": "http://upstream.test/v1"}}, PIPELINE,
+                         {"solo": SOLO, "quiet": quiet})
 
 
 def free_port() -> int:

@@ -170,21 +170,29 @@ def test_stage_builder_rejects_a_stage_without_models_naming_it() -> None:
     assert "stage 1 (stage1)" in str(err.value) and "models" in str(err.value)
 
 
-@pytest.mark.integration  # a real run: the demo models, not the fast tier's synthetic files
-def test_stop_button_cancels_the_run_in_flight(ui_env: ConfigDir) -> None:
-    at = app("run")
-    at.radio(key="mode").set_value("Manual").run()
+def start_long_run(at: AppTest, question: str = "count") -> Any:
+    """A manual run of one demo model counting to 3000 tokens (a LiveRun), returned once it is really
+    generating."""
+    import time
+
+    manual(at)
     sid = at.session_state["builder_stages"][0]["id"]
     at.number_input(key=f"s{sid}-max_tokens").set_value(3000).run()
     at.text_input(key=f"s{sid}-prompt").set_value("Count: 1, 2, 3,").run()
-    at.text_area(key="question").set_value("count").run()
+    at.text_area(key="question").set_value(question).run()
     at.button(key="run").click().run()
     live = at.session_state["live_run"]
-    import time
-
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(m.text for s in live.snapshot() for m in s.models.values()):
-        time.sleep(0.05)  # wait until it is really generating
+        time.sleep(0.05)
+    assert not live.done, live.error
+    return live
+
+
+@pytest.mark.integration  # a real run: the demo models, not the fast tier's synthetic files
+def test_stop_button_cancels_the_run_in_flight(ui_env: ConfigDir) -> None:
+    at = app("run")
+    live = start_long_run(at)
     at.button(key="stop").click().run()
     assert live.wait(60) and live.outcome is not None
     assert live.outcome.run.status == "cancelled"

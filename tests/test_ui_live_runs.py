@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from orchestrator.config.schema import PipelineSpec, load_config
 from orchestrator.engine.fake import FakeBackend
@@ -17,7 +15,7 @@ from orchestrator.engine.run import CancelToken
 from orchestrator.runs import Runner
 from orchestrator.runtime import Runtime
 from tests.conftest import ConfigDir
-from tests.test_ui import app, manual, plain, ui_env  # noqa: F401  (the pages' fixture, used by name)
+from tests.test_ui import app, plain, start_long_run, ui_env  # noqa: F401  (the pages' fixture, used by name)
 from ui.background import ACTIVE, Background
 from ui.live import LiveRun
 
@@ -49,27 +47,11 @@ def test_work_in_progress_is_listed_until_it_ends() -> None:
     assert not [w for w in ACTIVE.running(Waiting) if w in (first, second)]
 
 
-def start_long_run(at: AppTest) -> LiveRun:
-    """A manual run of one demo model counting to 3000 tokens, returned once it is really generating."""
-    manual(at)
-    sid = at.session_state["builder_stages"][0]["id"]
-    at.number_input(key=f"s{sid}-max_tokens").set_value(3000).run()
-    at.text_input(key=f"s{sid}-prompt").set_value("Count: 1, 2, 3,").run()
-    at.text_area(key="question").set_value("count for the reload test").run()
-    at.button(key="run").click().run()
-    live = at.session_state["live_run"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(m.text for s in live.snapshot() for m in s.models.values()):
-        time.sleep(0.05)
-    assert not live.done, live.error
-    return live
-
-
 @pytest.mark.integration  # a real run: the demo models
 @pytest.mark.usefixtures("ui_env")
 def test_a_run_survives_a_reload_and_is_stopped_from_the_new_page() -> None:
     first_tab = app("run")
-    live = start_long_run(first_tab)
+    live = start_long_run(first_tab, "count for the reload test")
     try:
         reloaded = app("run")  # a new browser session: its session_state is empty
         assert "live_run" not in reloaded.session_state

@@ -47,8 +47,10 @@ class Strict(BaseModel):
     @classmethod
     def _no_true_or_false_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic reads true as 1 and false as 0 for a number: `max_tokens: true` gave one token."""
+        if not isinstance(value, bool):  # every field of every model passes here: the common case first
+            return value
         field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and _wants_a_number(cast(Hashable, field.annotation)):
+        if field is not None and _wants_a_number(cast(Hashable, field.annotation)):
             raise ValueError("a number is expected here, not true or false")
         return value
 
