@@ -226,8 +226,9 @@ def add_eval(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                        description="chorus eval [QUESTIONS.jsonl] runs every question through the pipeline and each "
                                    "of its models alone, scores the answers and stores the eval in "
                                    "<sessions_dir>/eval.db. Without a file the bundled basic set is used. "
-                                   "`chorus eval list`, `chorus eval show ID`, `chorus eval resume ID` (a file "
-                                   "named like an action: write ./list).")
+                                   "`chorus eval list`, `chorus eval show ID`, `chorus eval resume ID` (runs what "
+                                   "is missing as the eval was started: only --concurrency may be given; refused "
+                                   "while another process runs it). A file named like an action: write ./list.")
     p.add_argument("target", nargs="?", default=None, metavar="QUESTIONS.jsonl | list | show | resume",
                    help="a JSONL question file (default: the bundled basic set), or an action")
     p.add_argument("id", nargs="?", default=None, help="the eval id for show and resume (e.g. 3 or eval_003)")
